@@ -1,0 +1,197 @@
+//! Opening one HBONE connection (TCP, mTLS, HTTP/2) and one CONNECT on it.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::client::{Connection, SendRequest};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::{HboneConfig, PoolKey, REASON_HEADER, SourceMetadata, TRACEPARENT, TraceParent};
+use crate::tls::{ALPN_H2, TlsError, client_config};
+use crate::{CertStore, SpiffeId};
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("TLS config for {source_id}: {error}")]
+    Config { source_id: SpiffeId, error: TlsError },
+    #[error("TCP connect to {addr}: {error}")]
+    Dial { addr: SocketAddr, error: io::Error },
+    #[error("TLS handshake with {addr}: {error}")]
+    Tls { addr: SocketAddr, error: io::Error },
+    #[error("{addr} did not negotiate ALPN h2")]
+    NoAlpn { addr: SocketAddr },
+    #[error("{step} with {addr} timed out")]
+    Timeout { step: &'static str, addr: SocketAddr },
+    #[error("HTTP/2 with {addr}: {error}")]
+    Http2 { addr: SocketAddr, error: h2::Error },
+    #[error("CONNECT {target} refused by {addr}: {status} {reason}")]
+    Refused {
+        addr: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+        reason: String,
+    },
+}
+
+impl ConnectError {
+    /// The rustls error behind a failed handshake, to tell why a peer was refused.
+    pub fn tls_error(&self) -> Option<&rustls::Error> {
+        match self {
+            Self::Tls { error, .. } => error.get_ref()?.downcast_ref::<rustls::Error>(),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again (on a fresh connection) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Http2 { error, .. } => error.is_go_away() || error.is_io(),
+            Self::Dial { .. } | Self::Timeout { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// What one tunnel asks for.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// The address the tunnel reaches (`:authority`).
+    pub target: SocketAddr,
+    /// Carried in `forwarded` and `baggage`.
+    pub source: SourceMetadata,
+    /// Carried in `traceparent`.
+    pub trace: TraceParent,
+}
+
+impl ConnectRequest {
+    pub fn new(target: SocketAddr) -> Self {
+        Self {
+            target,
+            source: SourceMetadata::default(),
+            trace: TraceParent::new_root(),
+        }
+    }
+}
+
+/// Makes the TCP connection under HBONE; ztunnel's dials from inside the source pod.
+pub trait TcpDialer: Send + Sync + 'static {
+    fn dial(&self, addr: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send;
+}
+
+/// Dials from the current network namespace.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirectDialer;
+
+impl TcpDialer for DirectDialer {
+    async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+pub(crate) type ClientConnection = Connection<TlsStream<TcpStream>, Bytes>;
+
+/// TCP, then TLS as `key.source` expecting one of `key.destinations`, then HTTP/2.
+pub(crate) async fn open_connection<D: TcpDialer>(
+    store: &Arc<CertStore>,
+    key: &PoolKey,
+    config: &HboneConfig,
+    dialer: &D,
+) -> Result<(SendRequest<Bytes>, ClientConnection), ConnectError> {
+    let addr = key.next_hop;
+    let timeout = |step| ConnectError::Timeout { step, addr };
+    let tls = client_config(store.clone(), &key.source, key.destinations.clone()).map_err(
+        |error| ConnectError::Config {
+            source_id: key.source.clone(),
+            error,
+        },
+    )?;
+    let tcp = tokio::time::timeout(config.connect_timeout, dialer.dial(addr))
+        .await
+        .map_err(|_| timeout("TCP connect"))?
+        .map_err(|error| ConnectError::Dial { addr, error })?;
+    let server_name = ServerName::IpAddress(addr.ip().into());
+    let tls = tokio::time::timeout(
+        config.connect_timeout,
+        TlsConnector::from(Arc::new(tls)).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| timeout("TLS handshake"))?
+    .map_err(|error| ConnectError::Tls { addr, error })?;
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        return Err(ConnectError::NoAlpn { addr });
+    }
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(config.stream_window)
+        .initial_connection_window_size(config.connection_window)
+        .max_frame_size(config.max_frame_size)
+        .max_send_buffer_size(config.max_send_buffer)
+        .enable_push(false)
+        .handshake(tls);
+    tokio::time::timeout(config.connect_timeout, handshake)
+        .await
+        .map_err(|_| timeout("HTTP/2 handshake"))?
+        .map_err(|error| ConnectError::Http2 { addr, error })
+}
+
+/// Sends one CONNECT and waits for the answer; 2xx gives the stream halves.
+pub(crate) async fn send_connect(
+    send: &SendRequest<Bytes>,
+    next_hop: SocketAddr,
+    req: &ConnectRequest,
+) -> Result<(h2::SendStream<Bytes>, RecvStream), ConnectError> {
+    let h2_err = |error| ConnectError::Http2 {
+        addr: next_hop,
+        error,
+    };
+    let uri: Uri = super::format_authority(req.target)
+        .parse()
+        .map_err(|_| ConnectError::Refused {
+            addr: next_hop,
+            target: req.target,
+            status: StatusCode::BAD_REQUEST,
+            reason: "target does not form an authority".into(),
+        })?;
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(uri)
+        .body(())
+        .map_err(|_| ConnectError::Refused {
+            addr: next_hop,
+            target: req.target,
+            status: StatusCode::BAD_REQUEST,
+            reason: "request does not build".into(),
+        })?;
+    req.source.write_headers(request.headers_mut());
+    if let Ok(v) = HeaderValue::from_str(&req.trace.to_string()) {
+        request.headers_mut().insert(TRACEPARENT, v);
+    }
+    let mut send = send.clone().ready().await.map_err(h2_err)?;
+    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    if !response.status().is_success() {
+        let reason = response
+            .headers()
+            .get(REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return Err(ConnectError::Refused {
+            addr: next_hop,
+            target: req.target,
+            status: response.status(),
+            reason,
+        });
+    }
+    Ok((stream, response.into_body()))
+}

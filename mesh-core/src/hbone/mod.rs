@@ -1,0 +1,79 @@
+//! HBONE: TCP tunnelled in HTTP/2 CONNECT streams over mutual TLS.
+//!
+//! - [`HbonePool`] opens tunnels, multiplexing them over pooled connections.
+//! - [`HboneServer`] accepts connections, validates each CONNECT and hands it to a
+//!   [`ConnectHandler`] that answers 200 once it has its upstream.
+//! - [`H2Stream`] is one tunnel as a byte stream.
+
+mod authority;
+mod client;
+mod metadata;
+mod pool;
+mod server;
+mod stream;
+
+use std::time::Duration;
+
+pub use authority::{AuthorityError, format_authority, parse_authority};
+pub use client::{ConnectError, ConnectRequest, DirectDialer, TcpDialer};
+pub use metadata::{MetadataError, SourceMetadata, TraceParent, parse_baggage, parse_forwarded_for};
+pub use pool::{HbonePool, PoolKey, PoolStats};
+pub use server::{
+    ConnectHandler, HboneServer, InboundConnect, Refusal, RefusalKind, RefusalRecord, ServerStats,
+};
+pub use stream::H2Stream;
+
+/// The port HBONE listens on.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Source address of the tunnelled connection (RFC 7239).
+pub const FORWARDED: &str = "forwarded";
+/// Source workload metadata (W3C baggage).
+pub const BAGGAGE: &str = "baggage";
+/// Trace context (W3C).
+pub const TRACEPARENT: &str = "traceparent";
+/// Why the server refused a CONNECT, beside its status code.
+pub const REASON_HEADER: &str = "ambit-reason";
+
+/// Tuning shared by the HBONE client and server. The window sizes favour throughput:
+/// a stream may have 4 MiB in flight, a connection 16 MiB.
+#[derive(Clone, Debug)]
+pub struct HboneConfig {
+    /// HTTP/2 stream flow-control window, bytes.
+    pub stream_window: u32,
+    /// HTTP/2 connection flow-control window, bytes.
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept, bytes.
+    pub max_frame_size: u32,
+    /// Bytes h2 buffers per stream before writes wait.
+    pub max_send_buffer: usize,
+    /// Client: tunnels per pooled connection before another connection opens.
+    pub max_streams_per_connection: usize,
+    /// Client: a pooled connection with no tunnel for this long is closed.
+    pub pool_idle_timeout: Duration,
+    /// Client: TCP connect plus TLS and HTTP/2 handshakes, each bounded by this.
+    pub connect_timeout: Duration,
+    /// Server: concurrent tunnels allowed on one connection.
+    pub server_max_streams: u32,
+    /// Server: concurrent connections allowed on one listener.
+    pub server_max_connections: usize,
+    /// Server: TLS and HTTP/2 handshakes must finish within this.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for HboneConfig {
+    fn default() -> Self {
+        Self {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_send_buffer: 1024 * 1024,
+            max_streams_per_connection: 100,
+            pool_idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            server_max_streams: 1000,
+            server_max_connections: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The HBONE client: tunnels multiplexed over pooled HTTP/2 connections.
+//!
+//! Connections are keyed by (source identity, expected destination identities, next
+//! hop). A connection carries up to `max_streams_per_connection` tunnels; only when
+//! all of a key's connections are full does another open, and never two at once for
+//! one key. A connection idle for `pool_idle_timeout` is closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::client::{ClientConnection, open_connection, send_connect};
+use super::{ConnectError, ConnectRequest, DirectDialer, H2Stream, HboneConfig, TcpDialer};
+use crate::{CertStore, SpiffeId};
+
+/// Which connections a tunnel may share.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    /// Sorted, so the same set is the same key.
+    pub destinations: Vec<SpiffeId>,
+    pub next_hop: SocketAddr,
+}
+
+impl PoolKey {
+    pub fn new(source: SpiffeId, mut destinations: Vec<SpiffeId>, next_hop: SocketAddr) -> Self {
+        destinations.sort();
+        destinations.dedup();
+        Self {
+            source,
+            destinations,
+            next_hop,
+        }
+    }
+}
+
+/// Counters of the pool's life, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    connections_opened: AtomicU64,
+    connections_closed: AtomicU64,
+}
+
+impl PoolStats {
+    /// TLS connections opened (one handshake each).
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened.load(Ordering::Relaxed)
+    }
+
+    pub fn connections_closed(&self) -> u64 {
+        self.connections_closed.load(Ordering::Relaxed)
+    }
+}
+
+/// The HBONE client of one proxy. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HbonePool<D: TcpDialer = DirectDialer> {
+    inner: Arc<PoolInner<D>>,
+}
+
+#[derive(Debug)]
+struct PoolInner<D> {
+    store: Arc<CertStore>,
+    config: HboneConfig,
+    dialer: D,
+    keys: Mutex<HashMap<PoolKey, KeyEntry>>,
+    stats: PoolStats,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct KeyEntry {
+    conns: Vec<Arc<PooledConn>>,
+    // Held while a connection for this key is being opened.
+    opening: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct PooledConn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    slots: Mutex<Slots>,
+    changed: Notify,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for PooledConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledConn").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Slots {
+    active: usize,
+    idle_since: Instant,
+}
+
+/// A reserved tunnel slot on a connection; gives it back when the tunnel is dropped.
+struct SlotGuard {
+    conn: Arc<PooledConn>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut slots = lock(&self.conn.slots);
+        slots.active -= 1;
+        if slots.active == 0 {
+            slots.idle_since = Instant::now();
+        }
+        drop(slots);
+        self.conn.changed.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl HbonePool<DirectDialer> {
+    pub fn new(store: Arc<CertStore>, config: HboneConfig) -> Self {
+        Self::with_dialer(store, config, DirectDialer)
+    }
+}
+
+impl<D: TcpDialer> HbonePool<D> {
+    pub fn with_dialer(store: Arc<CertStore>, config: HboneConfig, dialer: D) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                store,
+                config,
+                dialer,
+                keys: Mutex::new(HashMap::new()),
+                stats: PoolStats::default(),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.stats
+    }
+
+    /// Open connections, over all keys.
+    pub fn connection_count(&self) -> usize {
+        lock(&self.inner.keys).values().map(|e| e.conns.len()).sum()
+    }
+
+    /// Opens a tunnel to `req.target` through `key.next_hop`. A connection that turns
+    /// out to be going away (GOAWAY) is retired and the tunnel retried once on a new one.
+    pub async fn connect(&self, key: PoolKey, req: ConnectRequest) -> Result<H2Stream, ConnectError> {
+        let mut retried = false;
+        loop {
+            let guard = self.checkout(&key).await?;
+            match send_connect(&guard.conn.send, key.next_hop, &req).await {
+                Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
+                Err(e) if e.is_retryable() && !retried => {
+                    tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
+                    self.retire(&key, &guard.conn);
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reserves a slot on a connection of `key`, opening one if all are full.
+    async fn checkout(&self, key: &PoolKey) -> Result<SlotGuard, ConnectError> {
+        if let Some(g) = self.try_reserve(key) {
+            return Ok(g);
+        }
+        let opening = lock(&self.inner.keys)
+            .entry(key.clone())
+            .or_default()
+            .opening
+            .clone();
+        let _opening = opening.lock().await;
+        // Someone may have opened a connection while we waited.
+        if let Some(g) = self.try_reserve(key) {
+            return Ok(g);
+        }
+        let (send, connection) =
+            open_connection(&self.inner.store, key, &self.inner.config, &self.inner.dialer)
+                .await?;
+        self.inner.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(PooledConn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            send,
+            slots: Mutex::new(Slots {
+                active: 1,
+                idle_since: Instant::now(),
+            }),
+            changed: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        tracing::debug!(conn = conn.id, next_hop = %key.next_hop, src = %key.source, "opened HBONE connection");
+        lock(&self.inner.keys)
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn.clone());
+        tokio::spawn(drive(
+            Arc::downgrade(&self.inner),
+            key.clone(),
+            conn.clone(),
+            connection,
+        ));
+        Ok(SlotGuard { conn })
+    }
+
+    fn try_reserve(&self, key: &PoolKey) -> Option<SlotGuard> {
+        let keys = lock(&self.inner.keys);
+        let entry = keys.get(key)?;
+        let max = self.inner.config.max_streams_per_connection.max(1);
+        entry.conns.iter().find_map(|conn| {
+            if conn.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            let mut slots = lock(&conn.slots);
+            if slots.active >= max {
+                return None;
+            }
+            slots.active += 1;
+            drop(slots);
+            conn.changed.notify_one();
+            Some(SlotGuard { conn: conn.clone() })
+        })
+    }
+
+    fn retire(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
+        self.inner.remove(key, conn);
+    }
+}
+
+impl<D> PoolInner<D> {
+    /// Takes `conn` out of the pool: no new tunnel will use it.
+    fn remove(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
+        conn.closed.store(true, Ordering::Release);
+        let mut keys = lock(&self.keys);
+        if let Some(entry) = keys.get_mut(key) {
+            let before = entry.conns.len();
+            entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
+            if entry.conns.len() < before {
+                self.stats.connections_closed.fetch_add(1, Ordering::Relaxed);
+            }
+            if entry.conns.is_empty() && Arc::strong_count(&entry.opening) == 1 {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Retires `conn` if it has been idle long enough; under the map lock, so no
+    /// tunnel can reserve it at the same time.
+    fn retire_if_idle(&self, key: &PoolKey, conn: &Arc<PooledConn>, idle: std::time::Duration) -> bool {
+        let _keys = lock(&self.keys);
+        let slots = lock(&conn.slots);
+        let expired = slots.active == 0 && slots.idle_since + idle <= Instant::now();
+        drop(slots);
+        drop(_keys);
+        if expired {
+            self.remove(key, conn);
+        }
+        expired
+    }
+}
+
+/// Drives one connection's HTTP/2 state and closes it once idle past the timeout.
+async fn drive<D>(
+    pool: Weak<PoolInner<D>>,
+    key: PoolKey,
+    conn: Arc<PooledConn>,
+    connection: ClientConnection,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let idle = match pool.upgrade() {
+        Some(p) => p.config.pool_idle_timeout,
+        None => return,
+    };
+    loop {
+        let deadline = {
+            let slots = lock(&conn.slots);
+            (slots.active == 0).then_some(slots.idle_since + idle)
+        };
+        let idle_wait = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = &mut connection => {
+                if let Err(e) = res {
+                    tracing::debug!(conn = conn.id, error = %e, "HBONE connection ended");
+                }
+                if let Some(p) = pool.upgrade() {
+                    p.remove(&key, &conn);
+                }
+                return;
+            }
+            () = idle_wait => {
+                let Some(p) = pool.upgrade() else { return };
+                if p.retire_if_idle(&key, &conn, idle) {
+                    tracing::debug!(conn = conn.id, "closing idle HBONE connection");
+                    return;
+                }
+            }
+            () = conn.changed.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! What Ambit's data plane shares: SPIFFE identities, mutual TLS that verifies them,
+//! HBONE tunnels (HTTP/2 CONNECT over mTLS) with a pooled client and a server, the
+//! byte splice between two streams, the certificate store and the drain primitive.
+
+pub mod cert_store;
+pub mod copy;
+pub mod drain;
+pub mod hbone;
+pub mod identity;
+pub mod tls;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use cert_store::{CertError, CertEvent, CertStore, CertificateSource, WorkloadCertificate};
+pub use identity::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};

@@ -1,0 +1,109 @@
+//! Builds the rustls client and server configs of one mesh identity.
+//!
+//! The certificate is resolved from the [`CertStore`] at each handshake, so rotation
+//! needs no new config; the roots are read when the config is built.
+
+use std::sync::Arc;
+
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use super::{ALPN_H2, SpiffeClientVerifier, SpiffeServerVerifier, TlsError, provider};
+use crate::{CertStore, SpiffeId};
+
+/// The server config of `identity`: requires a client certificate of the same trust
+/// domain verified to the identity's roots.
+pub fn server_config(
+    store: Arc<CertStore>,
+    identity: &SpiffeId,
+) -> Result<ServerConfig, TlsError> {
+    let roots = roots_of(&store, identity)?;
+    let verifier = SpiffeClientVerifier::new(roots, identity.trust_domain(), provider())?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(StoreResolver {
+            store,
+            identity: identity.clone(),
+        }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Resumption would skip the client certificate: every connection shows it anew.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The client config of `source` towards a server expected to be one of `expected`.
+pub fn client_config(
+    store: Arc<CertStore>,
+    source: &SpiffeId,
+    expected: Vec<SpiffeId>,
+) -> Result<ClientConfig, TlsError> {
+    let roots = roots_of(&store, source)?;
+    let verifier = SpiffeServerVerifier::new(roots, expected, provider());
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(StoreResolver {
+            store,
+            identity: source.clone(),
+        }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_sni = false;
+    Ok(config)
+}
+
+fn roots_of(store: &CertStore, identity: &SpiffeId) -> Result<Arc<RootCertStore>, TlsError> {
+    let cert = store
+        .get(identity)
+        .ok_or_else(|| TlsError::NoCertificate(identity.clone()))?;
+    let mut roots = RootCertStore::empty();
+    for root in cert.roots() {
+        roots.add(root.clone()).map_err(TlsError::BadRoot)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots(identity.clone()));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Hands rustls the current certificate of one identity, on both sides.
+#[derive(Debug)]
+struct StoreResolver {
+    store: Arc<CertStore>,
+    identity: SpiffeId,
+}
+
+impl StoreResolver {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        let cert = self.store.get(&self.identity);
+        if cert.is_none() {
+            tracing::warn!(identity = %self.identity, "no certificate to present");
+        }
+        cert.map(|c| c.certified_key())
+    }
+}
+
+impl ResolvesServerCert for StoreResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for StoreResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
