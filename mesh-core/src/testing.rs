@@ -73,7 +73,13 @@ impl TestCa {
         let key = KeyPair::generate().expect("generate CA key");
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::OrganizationName, "Ambit test CA");
-        params.distinguished_name.push(DnType::CommonName, "ambit-test-root");
+        // Each test CA has its own name, as distinct real CAs would.
+        let mut tag = [0u8; 8];
+        let _ = crate::tls::provider().secure_random.fill(&mut tag);
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("ambit-test-root-{tag}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,

@@ -25,7 +25,7 @@ pub enum ConnectError {
     Config { source_id: SpiffeId, error: TlsError },
     #[error("TCP connect to {addr}: {error}")]
     Dial { addr: SocketAddr, error: io::Error },
-    #[error("TLS handshake with {addr}: {error}")]
+    #[error("TLS handshake with {addr}: {}", crate::tls::describe_io_error(error))]
     Tls { addr: SocketAddr, error: io::Error },
     #[error("{addr} did not negotiate ALPN h2")]
     NoAlpn { addr: SocketAddr },

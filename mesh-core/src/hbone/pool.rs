@@ -156,10 +156,12 @@ impl<D: TcpDialer> HbonePool<D> {
     pub async fn connect(&self, key: PoolKey, req: ConnectRequest) -> Result<H2Stream, ConnectError> {
         let mut retried = false;
         loop {
-            let guard = self.checkout(&key).await?;
+            let (guard, fresh) = self.checkout(&key).await?;
             match send_connect(&guard.conn.send, key.next_hop, &req).await {
                 Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
-                Err(e) if e.is_retryable() && !retried => {
+                // Only a reused connection may have gone stale; a fresh one that fails
+                // would fail again.
+                Err(e) if e.is_retryable() && !fresh && !retried => {
                     tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
                     self.retire(&key, &guard.conn);
                     retried = true;
@@ -169,10 +171,11 @@ impl<D: TcpDialer> HbonePool<D> {
         }
     }
 
-    /// Reserves a slot on a connection of `key`, opening one if all are full.
-    async fn checkout(&self, key: &PoolKey) -> Result<SlotGuard, ConnectError> {
+    /// Reserves a slot on a connection of `key`, opening one if all are full; says
+    /// whether the connection is fresh.
+    async fn checkout(&self, key: &PoolKey) -> Result<(SlotGuard, bool), ConnectError> {
         if let Some(g) = self.try_reserve(key) {
-            return Ok(g);
+            return Ok((g, false));
         }
         let opening = lock(&self.inner.keys)
             .entry(key.clone())
@@ -182,7 +185,7 @@ impl<D: TcpDialer> HbonePool<D> {
         let _opening = opening.lock().await;
         // Someone may have opened a connection while we waited.
         if let Some(g) = self.try_reserve(key) {
-            return Ok(g);
+            return Ok((g, false));
         }
         let (send, connection) =
             open_connection(&self.inner.store, key, &self.inner.config, &self.inner.dialer)
@@ -210,7 +213,7 @@ impl<D: TcpDialer> HbonePool<D> {
             conn.clone(),
             connection,
         ));
-        Ok(SlotGuard { conn })
+        Ok((SlotGuard { conn }, true))
     }
 
     fn try_reserve(&self, key: &PoolKey) -> Option<SlotGuard> {

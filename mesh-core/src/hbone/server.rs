@@ -241,7 +241,7 @@ impl<H: ConnectHandler> Connection<H> {
             Err(_) => return refuse(RefusalKind::HandshakeTimeout, "TLS handshake timed out".into(), None),
             Ok(Err(e)) => {
                 let kind = RefusalKind::of_tls_io_error(&e);
-                return refuse(kind, format!("TLS handshake: {e}"), None);
+                return refuse(kind, format!("TLS handshake: {}", crate::tls::describe_io_error(&e)), None);
             }
             Ok(Ok(tls)) => tls,
         };

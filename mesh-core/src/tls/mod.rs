@@ -62,3 +62,16 @@ pub fn identity_error_of(e: &rustls::Error) -> Option<&IdentityError> {
         _ => None,
     }
 }
+
+/// A failed TLS handshake in words. rustls prints a refused identity with `Debug`, so
+/// identity failures are spelled out here.
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    let identity = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .and_then(identity_error_of);
+    match identity {
+        Some(id) => format!("invalid peer certificate: {id}"),
+        None => e.to_string(),
+    }
+}
