@@ -34,7 +34,10 @@ pub enum CertError {
     #[error("leaf certificate: {0}")]
     Identity(#[from] IdentityError),
     #[error("leaf certificate is for {got}, requested {want}")]
-    WrongIdentity { want: SpiffeId, got: SpiffeId },
+    WrongIdentity {
+        want: Box<SpiffeId>,
+        got: Box<SpiffeId>,
+    },
     #[error("certificate authority: {0}")]
     Ca(String),
 }
@@ -151,7 +154,10 @@ fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Id
             SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
         }
     };
-    Ok((at(parsed.validity().not_before), at(parsed.validity().not_after)))
+    Ok((
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
 }
 
 /// Issues certificates for identities: the test CA now, istiod-lite's CA client later.
@@ -208,8 +214,8 @@ impl CertStore {
         let cert = source.issue(identity).await?;
         if cert.identity() != identity {
             return Err(CertError::WrongIdentity {
-                want: identity.clone(),
-                got: cert.identity().clone(),
+                want: Box::new(identity.clone()),
+                got: Box::new(cert.identity().clone()),
             });
         }
         self.insert(cert);

@@ -162,7 +162,11 @@ impl HalfCopy {
                 }
             }
             while self.pos < self.filled {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.filled]))?;
+                let n = ready!(
+                    writer
+                        .as_mut()
+                        .poll_write(cx, &self.buf[self.pos..self.filled])
+                )?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }

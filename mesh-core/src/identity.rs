@@ -35,7 +35,9 @@ pub enum SpiffeIdError {
     EmptyTrustDomain,
     #[error("trust domain is {0} bytes long, over the limit of 255")]
     TrustDomainTooLong(usize),
-    #[error("trust domain holds {0:?}: only lowercase letters, digits, '.', '-' and '_' are allowed")]
+    #[error(
+        "trust domain holds {0:?}: only lowercase letters, digits, '.', '-' and '_' are allowed"
+    )]
     InvalidTrustDomainChar(char),
     #[error("SPIFFE ID has no path: expected /ns/<namespace>/sa/<service-account>")]
     MissingPath,
@@ -189,13 +191,26 @@ mod tests {
     #[test]
     fn valid_forms() {
         let cases = [
-            ("spiffe://cluster.local/ns/default/sa/default", "cluster.local", "default", "default"),
+            (
+                "spiffe://cluster.local/ns/default/sa/default",
+                "cluster.local",
+                "default",
+                "default",
+            ),
             ("spiffe://td/ns/shop/sa/cart-v2", "td", "shop", "cart-v2"),
-            ("spiffe://a_b-c.d/ns/N_s.1/sa/A.b_c", "a_b-c.d", "N_s.1", "A.b_c"),
+            (
+                "spiffe://a_b-c.d/ns/N_s.1/sa/A.b_c",
+                "a_b-c.d",
+                "N_s.1",
+                "A.b_c",
+            ),
         ];
         for (s, td, ns, sa) in cases {
             let id = SpiffeId::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
-            assert_eq!((id.trust_domain(), id.namespace(), id.service_account()), (td, ns, sa));
+            assert_eq!(
+                (id.trust_domain(), id.namespace(), id.service_account()),
+                (td, ns, sa)
+            );
             assert_eq!(id.to_string(), s);
         }
     }
@@ -221,29 +236,50 @@ mod tests {
             ("spiffe://td/ns/a", WrongPathShape("/ns/a".into())),
             ("spiffe://td/ns/a/sa", WrongPathShape("/ns/a/sa".into())),
             ("spiffe://td/sa/b/ns/a", WrongPathShape("/sa/b/ns/a".into())),
-            ("spiffe://td/ns/a/sa/b/", WrongPathShape("/ns/a/sa/b/".into())),
-            ("spiffe://td/ns/a/sa/b/extra", WrongPathShape("/ns/a/sa/b/extra".into())),
+            (
+                "spiffe://td/ns/a/sa/b/",
+                WrongPathShape("/ns/a/sa/b/".into()),
+            ),
+            (
+                "spiffe://td/ns/a/sa/b/extra",
+                WrongPathShape("/ns/a/sa/b/extra".into()),
+            ),
             ("spiffe://td/ns//sa/b", EmptySegment("namespace")),
             ("spiffe://td/ns/a/sa/", EmptySegment("service account")),
             (
                 "spiffe://td/ns/../sa/b",
-                DotSegment { segment: "namespace", value: "..".into() },
+                DotSegment {
+                    segment: "namespace",
+                    value: "..".into(),
+                },
             ),
             (
                 "spiffe://td/ns/a/sa/.",
-                DotSegment { segment: "service account", value: ".".into() },
+                DotSegment {
+                    segment: "service account",
+                    value: ".".into(),
+                },
             ),
             (
                 "spiffe://td/ns/a%20/sa/b",
-                InvalidSegmentChar { segment: "namespace", found: '%' },
+                InvalidSegmentChar {
+                    segment: "namespace",
+                    found: '%',
+                },
             ),
             (
                 "spiffe://td/ns/a/sa/b?x=1",
-                InvalidSegmentChar { segment: "service account", found: '?' },
+                InvalidSegmentChar {
+                    segment: "service account",
+                    found: '?',
+                },
             ),
             (
                 "spiffe://td/ns/a/sa/b#frag",
-                InvalidSegmentChar { segment: "service account", found: '#' },
+                InvalidSegmentChar {
+                    segment: "service account",
+                    found: '#',
+                },
             ),
         ];
         for (input, want) in cases {
@@ -256,9 +292,15 @@ mod tests {
         assert!(SpiffeId::new("cluster.local", "ns", "sa").is_ok());
         assert_eq!(
             SpiffeId::new("cluster.local", "a/b", "sa"),
-            Err(SpiffeIdError::InvalidSegmentChar { segment: "namespace", found: '/' })
+            Err(SpiffeIdError::InvalidSegmentChar {
+                segment: "namespace",
+                found: '/'
+            })
         );
-        assert_eq!(SpiffeId::new("", "a", "b"), Err(SpiffeIdError::EmptyTrustDomain));
+        assert_eq!(
+            SpiffeId::new("", "a", "b"),
+            Err(SpiffeIdError::EmptyTrustDomain)
+        );
     }
 
     fn segment() -> impl Strategy<Value = String> {

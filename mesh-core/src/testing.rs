@@ -72,7 +72,9 @@ impl TestCa {
     pub fn new() -> Self {
         let key = KeyPair::generate().expect("generate CA key");
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::OrganizationName, "Ambit test CA");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Ambit test CA");
         // Each test CA has its own name, as distinct real CAs would.
         let mut tag = [0u8; 8];
         let _ = crate::tls::provider().secure_random.fill(&mut tag);

@@ -1,5 +1,6 @@
 //! HBONE round trips over loopback with real mTLS: bytes both ways, a 256 MiB
 //! transfer checked by hash, and half-close in each direction.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod support;
 
@@ -31,7 +32,10 @@ async fn bytes_arrive_intact_both_ways_with_identities_and_metadata() {
         ..Default::default()
     };
     let mut stream = pool.connect(mesh.key(&server), req.clone()).await.unwrap();
-    assert_eq!(echo_once(&mut stream, b"hello through the tunnel").await, b"hello through the tunnel");
+    assert_eq!(
+        echo_once(&mut stream, b"hello through the tunnel").await,
+        b"hello through the tunnel"
+    );
 
     let (peer, target, meta, trace) = seen_rx.recv().await.unwrap();
     assert_eq!(peer, spiffe("frontend", "client"));
@@ -41,12 +45,22 @@ async fn bytes_arrive_intact_both_ways_with_identities_and_metadata() {
 }
 
 /// Records what the server saw of each CONNECT, then echoes.
-struct Recorder(mpsc::Sender<(mesh_core::SpiffeId, std::net::SocketAddr, SourceMetadata, String)>);
+struct Recorder(
+    mpsc::Sender<(
+        mesh_core::SpiffeId,
+        std::net::SocketAddr,
+        SourceMetadata,
+        String,
+    )>,
+);
 
 impl ConnectHandler for Recorder {
     async fn handle(&self, connect: InboundConnect) {
         let meta = SourceMetadata::from_headers(connect.headers()).unwrap();
-        let trace = connect.headers()["traceparent"].to_str().unwrap().to_string();
+        let trace = connect.headers()["traceparent"]
+            .to_str()
+            .unwrap()
+            .to_string();
         let _ = self
             .0
             .send((connect.peer().clone(), connect.target(), meta, trace))

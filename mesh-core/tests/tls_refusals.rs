@@ -1,6 +1,7 @@
 //! Peers that must not get through, each refused with its reason: the wrong server
 //! identity, a client of another CA or trust domain, expired certificates, a
 //! certificate without a SPIFFE SAN.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod support;
 
@@ -38,7 +39,12 @@ async fn client_refuses_a_server_with_another_identity() {
 }
 
 /// A client whose certificate comes from `issuer` but who trusts the mesh roots.
-fn client_store(issuer: &TestCa, mesh_roots: &TestCa, id: &SpiffeId, opts: LeafOptions) -> Arc<CertStore> {
+fn client_store(
+    issuer: &TestCa,
+    mesh_roots: &TestCa,
+    id: &SpiffeId,
+    opts: LeafOptions,
+) -> Arc<CertStore> {
     let (key, chain) = issuer.issue_raw(id, &opts);
     let cert = WorkloadCertificate::new(key, chain, vec![mesh_roots.root()]).unwrap();
     let store = Arc::new(CertStore::new());
@@ -47,16 +53,22 @@ fn client_store(issuer: &TestCa, mesh_roots: &TestCa, id: &SpiffeId, opts: LeafO
 }
 
 /// Connects with `store`'s identity and returns the reason the server recorded.
-async fn refused_by_server(mesh: &Mesh, store: Arc<CertStore>, id: &SpiffeId) -> (RefusalKind, String) {
+async fn refused_by_server(
+    mesh: &Mesh,
+    store: Arc<CertStore>,
+    id: &SpiffeId,
+) -> (RefusalKind, String) {
     let server = mesh.echo_server(HboneConfig::default()).await;
     let pool = HbonePool::new(store, HboneConfig::default());
     let key = PoolKey::new(id.clone(), vec![mesh.server_id.clone()], server.addr);
     // TLS 1.3 lets the client finish before the server has judged its certificate, so
     // the failure may surface at the handshake or at the first CONNECT.
     assert!(pool.connect(key, request()).await.is_err());
-    wait_until("the server to record a refusal", Duration::from_secs(10), || {
-        server.stats.refusals() == 1
-    })
+    wait_until(
+        "the server to record a refusal",
+        Duration::from_secs(10),
+        || server.stats.refusals() == 1,
+    )
     .await;
     assert_eq!(server.stats.handshakes(), 0);
     let r = server.stats.recent_refusals().pop().unwrap();
@@ -81,7 +93,10 @@ async fn server_refuses_a_client_from_another_trust_domain() {
     let store = client_store(&mesh.ca, &mesh.ca, &id, LeafOptions::default());
     let (kind, reason) = refused_by_server(&mesh, store, &id).await;
     assert_eq!(kind, RefusalKind::BadIdentity, "{reason}");
-    assert!(reason.contains("trust domain other.example, expected cluster.local"), "{reason}");
+    assert!(
+        reason.contains("trust domain other.example, expected cluster.local"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -147,7 +162,11 @@ async fn client_refuses_a_server_certificate_without_a_spiffe_san() {
         .connect(mesh.key(&server), request())
         .await
         .unwrap_err();
-    assert_eq!(identity_error_of(tls_error(&err)), Some(&IdentityError::MissingSan), "{err}");
+    assert_eq!(
+        identity_error_of(tls_error(&err)),
+        Some(&IdentityError::MissingSan),
+        "{err}"
+    );
     assert!(err.to_string().contains("no URI SAN"), "{err}");
 }
 
@@ -161,5 +180,11 @@ async fn a_certificate_with_two_spiffe_sans_is_refused() {
     };
     let (key, chain) = ca.issue_raw(&id, &opts);
     let err = WorkloadCertificate::new(key, chain, vec![ca.root()]).unwrap_err();
-    assert!(matches!(err, mesh_core::CertError::Identity(IdentityError::MultipleSans(2))), "{err}");
+    assert!(
+        matches!(
+            err,
+            mesh_core::CertError::Identity(IdentityError::MultipleSans(2))
+        ),
+        "{err}"
+    );
 }

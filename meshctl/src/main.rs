@@ -3,6 +3,8 @@
 //! Not built yet: this binary only says what it will be.
 
 fn main() {
-    eprintln!("meshctl: not built yet. It will be the command-line tool: waypoints, config dumps, analyze, demo.");
+    eprintln!(
+        "meshctl: not built yet. It will be the command-line tool: waypoints, config dumps, analyze, demo."
+    );
     std::process::exit(2);
 }

@@ -67,10 +67,19 @@ mod tests {
             (Some("example.com:80"), NotIpPort("example.com:80".into())),
             (Some("198.18.0.7"), NotIpPort("198.18.0.7".into())),
             (Some("198.18.0.7:"), NotIpPort("198.18.0.7:".into())),
-            (Some("198.18.0.7:99999"), NotIpPort("198.18.0.7:99999".into())),
+            (
+                Some("198.18.0.7:99999"),
+                NotIpPort("198.18.0.7:99999".into()),
+            ),
             (Some("2001:db8::1:443"), NotIpPort("2001:db8::1:443".into())),
-            (Some("[fe80::1%eth0]:80"), NotIpPort("[fe80::1%eth0]:80".into())),
-            (Some("user@198.18.0.7:80"), NotIpPort("user@198.18.0.7:80".into())),
+            (
+                Some("[fe80::1%eth0]:80"),
+                NotIpPort("[fe80::1%eth0]:80".into()),
+            ),
+            (
+                Some("user@198.18.0.7:80"),
+                NotIpPort("user@198.18.0.7:80".into()),
+            ),
             (Some("198.018.0.7:80"), NotIpPort("198.018.0.7:80".into())),
             (Some("198.18.0.7:0"), ZeroPort("198.18.0.7:0".into())),
         ];

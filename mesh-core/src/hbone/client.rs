@@ -22,7 +22,10 @@ use crate::{CertStore, SpiffeId};
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("TLS config for {source_id}: {error}")]
-    Config { source_id: SpiffeId, error: TlsError },
+    Config {
+        source_id: SpiffeId,
+        error: TlsError,
+    },
     #[error("TCP connect to {addr}: {error}")]
     Dial { addr: SocketAddr, error: io::Error },
     #[error("TLS handshake with {addr}: {}", crate::tls::describe_io_error(error))]
@@ -30,7 +33,10 @@ pub enum ConnectError {
     #[error("{addr} did not negotiate ALPN h2")]
     NoAlpn { addr: SocketAddr },
     #[error("{step} with {addr} timed out")]
-    Timeout { step: &'static str, addr: SocketAddr },
+    Timeout {
+        step: &'static str,
+        addr: SocketAddr,
+    },
     #[error("HTTP/2 with {addr}: {error}")]
     Http2 { addr: SocketAddr, error: h2::Error },
     #[error("CONNECT {target} refused by {addr}: {status} {reason}")]
@@ -54,7 +60,11 @@ impl ConnectError {
     /// Whether trying again (on a fresh connection) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Http2 { error, .. } => error.is_go_away() || error.is_io(),
+            Self::Http2 { error, .. } => {
+                error.is_go_away()
+                    || error.is_io()
+                    || error.reason() == Some(h2::Reason::REFUSED_STREAM)
+            }
             Self::Dial { .. } | Self::Timeout { .. } => true,
             _ => false,
         }
@@ -110,12 +120,13 @@ pub(crate) async fn open_connection<D: TcpDialer>(
 ) -> Result<(SendRequest<Bytes>, ClientConnection), ConnectError> {
     let addr = key.next_hop;
     let timeout = |step| ConnectError::Timeout { step, addr };
-    let tls = client_config(store.clone(), &key.source, key.destinations.clone()).map_err(
-        |error| ConnectError::Config {
-            source_id: key.source.clone(),
-            error,
-        },
-    )?;
+    let tls =
+        client_config(store.clone(), &key.source, key.destinations.clone()).map_err(|error| {
+            ConnectError::Config {
+                source_id: key.source.clone(),
+                error,
+            }
+        })?;
     let tcp = tokio::time::timeout(config.connect_timeout, dialer.dial(addr))
         .await
         .map_err(|_| timeout("TCP connect"))?
@@ -154,14 +165,15 @@ pub(crate) async fn send_connect(
         addr: next_hop,
         error,
     };
-    let uri: Uri = super::format_authority(req.target)
-        .parse()
-        .map_err(|_| ConnectError::Refused {
-            addr: next_hop,
-            target: req.target,
-            status: StatusCode::BAD_REQUEST,
-            reason: "target does not form an authority".into(),
-        })?;
+    let uri: Uri =
+        super::format_authority(req.target)
+            .parse()
+            .map_err(|_| ConnectError::Refused {
+                addr: next_hop,
+                target: req.target,
+                status: StatusCode::BAD_REQUEST,
+                reason: "target does not form an authority".into(),
+            })?;
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(uri)

@@ -82,7 +82,9 @@ impl SourceMetadata {
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, MetadataError> {
         let mut meta = Self::default();
         if let Some(v) = headers.get(FORWARDED) {
-            let v = v.to_str().map_err(|_| MetadataError::NotAscii("forwarded"))?;
+            let v = v
+                .to_str()
+                .map_err(|_| MetadataError::NotAscii("forwarded"))?;
             meta.addr = parse_forwarded_for(v)?;
         }
         if let Some(v) = headers.get(BAGGAGE) {
@@ -267,7 +269,9 @@ impl TraceParent {
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("00-")?;
-        self.trace_id.iter().try_for_each(|b| write!(f, "{b:02x}"))?;
+        self.trace_id
+            .iter()
+            .try_for_each(|b| write!(f, "{b:02x}"))?;
         f.write_str("-")?;
         self.span_id.iter().try_for_each(|b| write!(f, "{b:02x}"))?;
         write!(f, "-{:02x}", self.flags)

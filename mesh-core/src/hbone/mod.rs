@@ -16,7 +16,9 @@ use std::time::Duration;
 
 pub use authority::{AuthorityError, format_authority, parse_authority};
 pub use client::{ConnectError, ConnectRequest, DirectDialer, TcpDialer};
-pub use metadata::{MetadataError, SourceMetadata, TraceParent, parse_baggage, parse_forwarded_for};
+pub use metadata::{
+    MetadataError, SourceMetadata, TraceParent, parse_baggage, parse_forwarded_for,
+};
 pub use pool::{HbonePool, PoolKey, PoolStats};
 pub use server::{
     ConnectHandler, HboneServer, InboundConnect, Refusal, RefusalKind, RefusalRecord, ServerStats,

@@ -91,7 +91,9 @@ struct PooledConn {
 
 impl std::fmt::Debug for PooledConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledConn").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("PooledConn")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,7 +155,11 @@ impl<D: TcpDialer> HbonePool<D> {
 
     /// Opens a tunnel to `req.target` through `key.next_hop`. A connection that turns
     /// out to be going away (GOAWAY) is retired and the tunnel retried once on a new one.
-    pub async fn connect(&self, key: PoolKey, req: ConnectRequest) -> Result<H2Stream, ConnectError> {
+    pub async fn connect(
+        &self,
+        key: PoolKey,
+        req: ConnectRequest,
+    ) -> Result<H2Stream, ConnectError> {
         let mut retried = false;
         loop {
             let (guard, fresh) = self.checkout(&key).await?;
@@ -187,10 +193,17 @@ impl<D: TcpDialer> HbonePool<D> {
         if let Some(g) = self.try_reserve(key) {
             return Ok((g, false));
         }
-        let (send, connection) =
-            open_connection(&self.inner.store, key, &self.inner.config, &self.inner.dialer)
-                .await?;
-        self.inner.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        let (send, connection) = open_connection(
+            &self.inner.store,
+            key,
+            &self.inner.config,
+            &self.inner.dialer,
+        )
+        .await?;
+        self.inner
+            .stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(PooledConn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             send,
@@ -249,7 +262,9 @@ impl<D> PoolInner<D> {
             let before = entry.conns.len();
             entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
             if entry.conns.len() < before {
-                self.stats.connections_closed.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .connections_closed
+                    .fetch_add(1, Ordering::Relaxed);
             }
             if entry.conns.is_empty() && Arc::strong_count(&entry.opening) == 1 {
                 keys.remove(key);
@@ -259,7 +274,12 @@ impl<D> PoolInner<D> {
 
     /// Retires `conn` if it has been idle long enough; under the map lock, so no
     /// tunnel can reserve it at the same time.
-    fn retire_if_idle(&self, key: &PoolKey, conn: &Arc<PooledConn>, idle: std::time::Duration) -> bool {
+    fn retire_if_idle(
+        &self,
+        key: &PoolKey,
+        conn: &Arc<PooledConn>,
+        idle: std::time::Duration,
+    ) -> bool {
         let _keys = lock(&self.keys);
         let slots = lock(&conn.slots);
         let expired = slots.active == 0 && slots.idle_since + idle <= Instant::now();

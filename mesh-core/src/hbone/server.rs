@@ -238,20 +238,40 @@ impl<H: ConnectHandler> Connection<H> {
         };
         let timeout = self.config.handshake_timeout;
         let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
-            Err(_) => return refuse(RefusalKind::HandshakeTimeout, "TLS handshake timed out".into(), None),
+            Err(_) => {
+                return refuse(
+                    RefusalKind::HandshakeTimeout,
+                    "TLS handshake timed out".into(),
+                    None,
+                );
+            }
             Ok(Err(e)) => {
                 let kind = RefusalKind::of_tls_io_error(&e);
-                return refuse(kind, format!("TLS handshake: {}", crate::tls::describe_io_error(&e)), None);
+                return refuse(
+                    kind,
+                    format!("TLS handshake: {}", crate::tls::describe_io_error(&e)),
+                    None,
+                );
             }
             Ok(Ok(tls)) => tls,
         };
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
-            return refuse(RefusalKind::NoAlpn, "client did not negotiate ALPN h2".into(), None);
+            return refuse(
+                RefusalKind::NoAlpn,
+                "client did not negotiate ALPN h2".into(),
+                None,
+            );
         }
         let identity = match session.peer_certificates().and_then(|c| c.first()) {
             Some(cert) => identity_of_cert(cert),
-            None => return refuse(RefusalKind::NoClientCert, "no client certificate".into(), None),
+            None => {
+                return refuse(
+                    RefusalKind::NoClientCert,
+                    "no client certificate".into(),
+                    None,
+                );
+            }
         };
         let peer_id = match identity {
             Ok(id) => id,
@@ -267,8 +287,20 @@ impl<H: ConnectHandler> Connection<H> {
             .handshake::<_, Bytes>(tls);
         let mut h2 = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(h2)) => h2,
-            Ok(Err(e)) => return refuse(RefusalKind::Http2, format!("HTTP/2 handshake: {e}"), Some(peer_id)),
-            Err(_) => return refuse(RefusalKind::HandshakeTimeout, "HTTP/2 handshake timed out".into(), Some(peer_id)),
+            Ok(Err(e)) => {
+                return refuse(
+                    RefusalKind::Http2,
+                    format!("HTTP/2 handshake: {e}"),
+                    Some(peer_id),
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    RefusalKind::HandshakeTimeout,
+                    "HTTP/2 handshake timed out".into(),
+                    Some(peer_id),
+                );
+            }
         };
         let mut draining = false;
         loop {
@@ -280,6 +312,18 @@ impl<H: ConnectHandler> Connection<H> {
                     draining = true;
                 }
                 next = h2.accept() => match next {
+                    Some(Ok((_, mut respond))) if drain.is_draining() => {
+                        // h2's graceful GOAWAY still admits streams for one round trip;
+                        // refuse them so the client retries elsewhere.
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        self.stats.record_refusal(RefusalRecord::new(
+                            RefusalKind::Draining,
+                            self.peer,
+                            Some(peer_id.clone()),
+                            None,
+                            "server is draining".into(),
+                        ));
+                    }
                     Some(Ok((req, respond))) => {
                         let stream = Stream {
                             handler: self.handler.clone(),
@@ -335,12 +379,20 @@ impl<H: ConnectHandler> Stream<H> {
         };
         if parts.method != Method::CONNECT {
             let reason = format!("method {} is not CONNECT", parts.method);
-            return refuse(respond, RefusalKind::BadMethod, Refusal::new(StatusCode::METHOD_NOT_ALLOWED, reason));
+            return refuse(
+                respond,
+                RefusalKind::BadMethod,
+                Refusal::new(StatusCode::METHOD_NOT_ALLOWED, reason),
+            );
         }
         let target = match parse_authority(parts.uri.authority().map(|a| a.as_str())) {
             Ok(t) => t,
             Err(e) => {
-                return refuse(respond, RefusalKind::BadAuthority, Refusal::new(StatusCode::BAD_REQUEST, e.to_string()));
+                return refuse(
+                    respond,
+                    RefusalKind::BadAuthority,
+                    Refusal::new(StatusCode::BAD_REQUEST, e.to_string()),
+                );
             }
         };
         let connect = InboundConnect {

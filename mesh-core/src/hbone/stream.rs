@@ -51,10 +51,14 @@ impl H2Stream {
 
 fn h2_to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
     }
     let kind = match e.reason() {
-        Some(h2::Reason::CANCEL) | Some(h2::Reason::STREAM_CLOSED) => io::ErrorKind::ConnectionReset,
+        Some(h2::Reason::CANCEL) | Some(h2::Reason::STREAM_CLOSED) => {
+            io::ErrorKind::ConnectionReset
+        }
         Some(h2::Reason::REFUSED_STREAM) => io::ErrorKind::ConnectionRefused,
         _ => io::ErrorKind::BrokenPipe,
     };
@@ -135,9 +139,7 @@ impl AsyncWrite for H2Stream {
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.write_closed {
             self.write_closed = true;
-            self.send
-                .send_data(Bytes::new(), true)
-                .map_err(h2_to_io)?;
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         }
         Poll::Ready(Ok(()))
     }

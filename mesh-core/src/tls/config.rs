@@ -15,10 +15,7 @@ use crate::{CertStore, SpiffeId};
 
 /// The server config of `identity`: requires a client certificate of the same trust
 /// domain verified to the identity's roots.
-pub fn server_config(
-    store: Arc<CertStore>,
-    identity: &SpiffeId,
-) -> Result<ServerConfig, TlsError> {
+pub fn server_config(store: Arc<CertStore>, identity: &SpiffeId) -> Result<ServerConfig, TlsError> {
     let roots = roots_of(&store, identity)?;
     let verifier = SpiffeClientVerifier::new(roots, identity.trust_domain(), provider())?;
     let mut config = ServerConfig::builder_with_provider(provider())

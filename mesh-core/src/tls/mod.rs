@@ -25,7 +25,8 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER
         .get_or_init(|| {
             let mut p = rustls::crypto::aws_lc_rs::default_provider();
-            p.cipher_suites.retain(|s| s.version() == &rustls::version::TLS13);
+            p.cipher_suites
+                .retain(|s| s.version() == &rustls::version::TLS13);
             Arc::new(p)
         })
         .clone()

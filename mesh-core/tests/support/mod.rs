@@ -103,7 +103,11 @@ impl Mesh {
     }
 
     pub fn key(&self, server: &Server) -> PoolKey {
-        PoolKey::new(self.client_id.clone(), vec![self.server_id.clone()], server.addr)
+        PoolKey::new(
+            self.client_id.clone(),
+            vec![self.server_id.clone()],
+            server.addr,
+        )
     }
 }
 
@@ -124,7 +128,10 @@ pub async fn echo_once(stream: &mut H2Stream, msg: &[u8]) -> Vec<u8> {
 pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -35,7 +35,10 @@ fn forwarded_forms() {
     let ok = [
         ("for=198.18.0.1", Some("198.18.0.1")),
         ("For=\"198.18.0.1\";proto=https", Some("198.18.0.1")),
-        ("proto=http;for=\"[2001:db8::1]\", for=198.18.9.9", Some("2001:db8::1")),
+        (
+            "proto=http;for=\"[2001:db8::1]\", for=198.18.9.9",
+            Some("2001:db8::1"),
+        ),
         ("for=unknown", None),
         ("for=_hidden", None),
         ("by=198.18.0.1", None),
@@ -44,7 +47,12 @@ fn forwarded_forms() {
         let want = want.map(|s| s.parse::<IpAddr>().unwrap());
         assert_eq!(parse_forwarded_for(input), Ok(want), "{input}");
     }
-    for bad in ["for=example.com", "for=[2001:db8::1", "garbage", "for=198.18.0.1:80"] {
+    for bad in [
+        "for=example.com",
+        "for=[2001:db8::1",
+        "garbage",
+        "for=198.18.0.1:80",
+    ] {
         assert!(parse_forwarded_for(bad).is_err(), "{bad}");
     }
 }
@@ -63,9 +71,15 @@ fn baggage_forms() {
         assert!(parse_baggage(bad).is_err(), "{bad}");
     }
     let long = format!("k={}", "v".repeat(9000));
-    assert_eq!(parse_baggage(&long), Err(MetadataError::BaggageTooLong(long.len())));
+    assert_eq!(
+        parse_baggage(&long),
+        Err(MetadataError::BaggageTooLong(long.len()))
+    );
     let many = vec!["k=v"; 181].join(",");
-    assert_eq!(parse_baggage(&many), Err(MetadataError::BaggageTooManyMembers));
+    assert_eq!(
+        parse_baggage(&many),
+        Err(MetadataError::BaggageTooManyMembers)
+    );
 }
 
 #[test]

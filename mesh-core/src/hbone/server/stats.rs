@@ -40,6 +40,8 @@ pub enum RefusalKind {
     Unknown,
     /// The handler could not reach the upstream.
     Unavailable,
+    /// The server is draining and takes no new tunnels.
+    Draining,
 }
 
 impl RefusalKind {
@@ -60,6 +62,7 @@ impl RefusalKind {
             Self::Denied => "denied",
             Self::Unknown => "unknown_target",
             Self::Unavailable => "unavailable",
+            Self::Draining => "draining",
         }
     }
 
@@ -75,7 +78,10 @@ impl RefusalKind {
             E::NoCertificatesPresented => Self::NoClientCert,
             E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Self::UnknownIssuer,
             E::InvalidCertificate(
-                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. },
             ) => Self::Expired,
             E::InvalidCertificate(C::Other(_)) if crate::tls::identity_error_of(tls).is_some() => {
                 Self::BadIdentity

@@ -1,0 +1,118 @@
+//! The HBONE pool: streams per connection, one connection opened at a time per key,
+//! and idle connections closed (on tokio's paused clock).
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::hbone::HboneConfig;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Barrier;
+
+/// 200 tunnels open at once over one pool: exactly ceil(200 / streams-per-connection)
+/// TLS connections, counted at both ends.
+async fn concurrent_tunnels(streams_per_connection: usize) {
+    const TUNNELS: usize = 200;
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let pool = mesh.pool(HboneConfig {
+        max_streams_per_connection: streams_per_connection,
+        ..HboneConfig::default()
+    });
+    let all_open = Arc::new(Barrier::new(TUNNELS));
+    let tasks: Vec<_> = (0..TUNNELS)
+        .map(|i| {
+            let (pool, key, all_open) = (pool.clone(), mesh.key(&server), all_open.clone());
+            tokio::spawn(async move {
+                let mut s = pool.connect(key, request()).await.unwrap();
+                // Hold every tunnel open until all 200 are, so none frees a slot early.
+                all_open.wait().await;
+                let msg = format!("tunnel {i}");
+                assert_eq!(echo_once(&mut s, msg.as_bytes()).await, msg.as_bytes());
+                s.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let want = TUNNELS.div_ceil(streams_per_connection) as u64;
+    assert_eq!(pool.stats().connections_opened(), want);
+    assert_eq!(server.stats.handshakes(), want);
+    assert_eq!(server.stats.tunnels(), TUNNELS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_streams_use_two_connections_at_the_default_limit() {
+    concurrent_tunnels(HboneConfig::default().max_streams_per_connection).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_streams_use_seven_connections_at_thirty_per_connection() {
+    concurrent_tunnels(30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_tunnels_reuse_one_connection_and_other_keys_get_their_own() {
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let pool = mesh.pool(HboneConfig::default());
+    for _ in 0..5 {
+        let mut s = pool.connect(mesh.key(&server), request()).await.unwrap();
+        assert_eq!(echo_once(&mut s, b"x").await, b"x");
+    }
+    assert_eq!(pool.stats().connections_opened(), 1);
+    // Another expected-identity set is another key, so another connection.
+    let other_key = mesh_core::hbone::PoolKey::new(
+        mesh.client_id.clone(),
+        vec![
+            mesh.server_id.clone(),
+            mesh_core::testing::spiffe("backend", "v2"),
+        ],
+        server.addr,
+    );
+    let mut s = pool.connect(other_key, request()).await.unwrap();
+    assert_eq!(echo_once(&mut s, b"y").await, b"y");
+    assert_eq!(pool.stats().connections_opened(), 2);
+    assert_eq!(pool.connection_count(), 2);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_its_idle_time() {
+    let idle = Duration::from_secs(30);
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let pool = mesh.pool(HboneConfig {
+        pool_idle_timeout: idle,
+        ..HboneConfig::default()
+    });
+    let mut s = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut s, b"x").await, b"x");
+
+    // From here on the clock only moves when the test moves it.
+    tokio::time::pause();
+    // While a tunnel is open, idle time does not count.
+    tokio::time::advance(idle * 2).await;
+    assert_eq!(pool.connection_count(), 1);
+    drop(s);
+    tokio::time::advance(idle - Duration::from_secs(1)).await;
+    assert_eq!(pool.connection_count(), 1, "closed before its idle time");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    wait_until(
+        "the idle connection to close",
+        Duration::from_secs(60),
+        || pool.connection_count() == 0,
+    )
+    .await;
+    assert_eq!(pool.stats().connections_closed(), 1);
+
+    // The next tunnel opens a new connection.
+    let mut s = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut s, b"y").await, b"y");
+    assert_eq!(pool.stats().connections_opened(), 2);
+}
