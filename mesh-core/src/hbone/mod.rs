@@ -16,6 +16,8 @@ use std::time::Duration;
 
 pub use authority::{AuthorityError, format_authority, parse_authority};
 pub use client::{ConnectError, ConnectRequest, DirectDialer, TcpDialer};
+/// Status codes a handler refuses with.
+pub use http::StatusCode;
 pub use metadata::{
     MetadataError, SourceMetadata, TraceParent, parse_baggage, parse_forwarded_for,
 };

@@ -27,6 +27,8 @@ pub enum RefusalKind {
     BadIdentity,
     /// The client sent no certificate.
     NoClientCert,
+    /// The client gave up on the handshake (e.g. it refused our identity).
+    PeerAborted,
     /// Any other TLS failure.
     Tls,
     HandshakeTimeout,
@@ -53,6 +55,7 @@ impl RefusalKind {
             Self::Expired => "expired_certificate",
             Self::BadIdentity => "bad_identity",
             Self::NoClientCert => "no_client_certificate",
+            Self::PeerAborted => "peer_aborted",
             Self::Tls => "tls",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::NoAlpn => "no_alpn",
@@ -76,6 +79,7 @@ impl RefusalKind {
             E::InvalidMessage(_) => Self::NotTls,
             E::PeerIncompatible(_) => Self::TlsVersion,
             E::NoCertificatesPresented => Self::NoClientCert,
+            E::AlertReceived(_) => Self::PeerAborted,
             E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Self::UnknownIssuer,
             E::InvalidCertificate(
                 C::Expired
