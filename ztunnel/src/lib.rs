@@ -1,0 +1,7 @@
+//! ztunnel: the per-node L4 proxy of the Ambit mesh.
+//!
+//! Every enrolled pod's TCP traffic is captured inside the pod's own network
+//! namespace, carried over HBONE with both pods' SPIFFE identities, authorized at the
+//! destination (L4 `policy`) and delivered with the original source address.
+
+pub mod policy;
