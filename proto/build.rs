@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "ambit/security/v1/authorization.proto",
     "ambit/waypoint/v1/l7.proto",
     "ambit/ca/v1/ca.proto",
+    "ambit/zds/v1/zds.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

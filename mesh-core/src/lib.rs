@@ -7,6 +7,8 @@ pub mod copy;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+#[cfg(target_os = "linux")]
+pub mod os;
 pub mod tls;
 
 #[cfg(feature = "testing")]

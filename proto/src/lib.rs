@@ -66,6 +66,9 @@ mod ambit {
     pub mod ca {
         generated! { pub mod v1 => "ambit.ca.v1.rs"; }
     }
+    pub mod zds {
+        generated! { pub mod v1 => "ambit.zds.v1.rs"; }
+    }
 }
 
 /// `ambit.workload.v1`: workloads, services and waypoint addresses (L4 model).
@@ -79,6 +82,9 @@ pub use ambit::waypoint::v1 as waypoint_l7;
 
 /// `ambit.ca.v1`: the certificate service (CSR in, SPIFFE cert chain out).
 pub use ambit::ca::v1 as ca;
+
+/// `ambit.zds.v1`: the node agent <-> ztunnel protocol (pods and their namespaces).
+pub use ambit::zds::v1 as zds;
 
 /// xDS type URL of [`workload::Workload`] resources.
 pub const WORKLOAD_TYPE_URL: &str = "type.googleapis.com/ambit.workload.v1.Workload";
