@@ -2,6 +2,7 @@
 //! HBONE tunnels (HTTP/2 CONNECT over mTLS) with a pooled client and a server, the
 //! byte splice between two streams, the certificate store and the drain primitive.
 
+pub mod ca;
 pub mod cert_store;
 pub mod copy;
 pub mod drain;

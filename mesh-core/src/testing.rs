@@ -5,13 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
+use crate::ca::LocalCa;
 use crate::{CertError, CertStore, CertificateSource, SpiffeId, WorkloadCertificate};
 
 /// What a test wants in a leaf; the defaults make a valid 24 h workload certificate.
@@ -50,10 +47,9 @@ impl Default for LeafOptions {
     }
 }
 
-/// A self-signed root that signs P-256 workload certificates.
+/// A CA for tests: a [`LocalCa`] with a unique name and leaves on demand.
 pub struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
+    ca: LocalCa,
 }
 
 impl std::fmt::Debug for TestCa {
@@ -70,42 +66,30 @@ impl Default for TestCa {
 
 impl TestCa {
     pub fn new() -> Self {
-        let key = KeyPair::generate().expect("generate CA key");
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Ambit test CA");
         // Each test CA has its own name, as distinct real CAs would.
         let mut tag = [0u8; 8];
         let _ = crate::tls::provider().secure_random.fill(&mut tag);
         let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("ambit-test-root-{tag}"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(365);
-        let root = params.self_signed(&key).expect("self-sign CA");
-        Self {
-            root: root.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
+        let ca = LocalCa::generate(
+            &format!("ambit-test-root-{tag}"),
+            Duration::from_secs(24 * 3600),
+        )
+        .expect("generate test CA");
+        Self { ca }
+    }
+
+    /// The CA itself, e.g. to write its root to disk.
+    pub fn local_ca(&self) -> &LocalCa {
+        &self.ca
     }
 
     pub fn root(&self) -> CertificateDer<'static> {
-        self.root.clone()
+        self.ca.root()
     }
 
     /// A valid 24 h certificate for `id`.
     pub fn issue_cert(&self, id: &SpiffeId) -> WorkloadCertificate {
-        let (key, chain) = self.issue_raw(id, &LeafOptions::default());
-        WorkloadCertificate::new(key, chain, vec![self.root()]).expect("valid test certificate")
+        self.ca.issue_for(id).expect("valid test certificate")
     }
 
     /// A leaf as raw DER, for tests that need certificates the store would refuse.
@@ -114,28 +98,10 @@ impl TestCa {
         id: &SpiffeId,
         opts: &LeafOptions,
     ) -> (PrivateKeyDer<'static>, Vec<CertificateDer<'static>>) {
-        let key = KeyPair::generate().expect("generate leaf key");
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
         let uris = opts.uris.clone().unwrap_or_else(|| vec![id.to_string()]);
-        params.subject_alt_names = uris
-            .into_iter()
-            .map(|u| SanType::URI(u.try_into().expect("ASCII URI")))
-            .collect();
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = opts.not_before;
-        params.not_after = opts.not_after;
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (key, vec![cert.der().clone()])
+        self.ca
+            .sign(&uris, opts.not_before, opts.not_after)
+            .expect("sign test leaf")
     }
 
     /// A store holding a valid certificate for each of `ids`.
