@@ -4,4 +4,8 @@
 //! namespace, carried over HBONE with both pods' SPIFFE identities, authorized at the
 //! destination (L4 `policy`) and delivered with the original source address.
 
+pub mod config;
+pub mod metrics;
 pub mod policy;
+pub mod state;
+pub mod why;

@@ -1,0 +1,184 @@
+//! ztunnel's settings: each has a flag, an environment variable, a default and a line
+//! of doc, in this one place. A bad value stops start-up naming the setting; the
+//! effective settings are logged at start and served on the admin endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+
+/// ztunnel: the per-node L4 proxy of the Ambit mesh.
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "ztunnel", version)]
+pub struct Config {
+    /// Name of the node this ztunnel serves; only its pods are proxied.
+    #[arg(long, env = "AMBIT_NODE_NAME", default_value = "node-1")]
+    pub node_name: String,
+
+    /// Trust domain of the mesh's SPIFFE identities.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Local state mode: YAML file of workloads, services and policies, watched.
+    #[arg(long, env = "AMBIT_LOCAL_STATE")]
+    pub local_state: Option<PathBuf>,
+
+    /// How often the local state file is checked for changes.
+    #[arg(long, env = "AMBIT_LOCAL_STATE_POLL", default_value = "250ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "as_text")]
+    pub local_state_poll: Duration,
+
+    /// Local CA mode: PEM root certificate that signs local identities.
+    #[arg(long, env = "AMBIT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Local CA mode: PEM private key of the root certificate (mode 0600).
+    #[arg(long, env = "AMBIT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Lifetime of the workload certificates the local CA signs.
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[serde(serialize_with = "as_text")]
+    pub cert_ttl: Duration,
+
+    /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods.
+    #[arg(
+        long,
+        env = "AMBIT_NODE_AGENT_SOCKET",
+        default_value = "/var/run/ambit/ztunnel.sock"
+    )]
+    pub node_agent_socket: PathBuf,
+
+    /// Admin endpoint (config dump, "why" view); must be a loopback address.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000", value_parser = parse_loopback)]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics endpoint.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// Serve SOCKS5 for explicit (non-captured) use.
+    #[arg(long, env = "AMBIT_SOCKS5", default_value_t = false)]
+    pub socks5: bool,
+
+    /// SOCKS5 listen address; must be a loopback address.
+    #[arg(long, env = "AMBIT_SOCKS5_ADDR", default_value = "127.0.0.1:15080", value_parser = parse_loopback)]
+    pub socks5_addr: SocketAddr,
+
+    /// Packet mark on ztunnel's own sockets, which the redirection rules skip.
+    #[arg(long, env = "AMBIT_PACKET_MARK", default_value_t = 0x539)]
+    pub packet_mark: u32,
+
+    /// HBONE tunnels per pooled connection before another opens.
+    #[arg(long, env = "AMBIT_POOL_MAX_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pool_max_streams: u32,
+
+    /// A pooled HBONE connection idle this long is closed.
+    #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "as_text")]
+    pub pool_idle_timeout: Duration,
+
+    /// On shutdown, open connections get this long to finish before they are closed.
+    #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "as_text")]
+    pub drain_deadline: Duration,
+
+    /// Most connections a pod's listener handles at once.
+    #[arg(long, env = "AMBIT_MAX_CONNECTIONS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+/// `250ms`, `30s`, `5m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 24h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?} has no unit: use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("a duration must be above zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address; this endpoint must stay local"
+        ));
+    }
+    Ok(addr)
+}
+
+fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_istio_ports_and_local_only_admin() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.socks5_addr, "127.0.0.1:15080".parse().unwrap());
+        assert!(!c.socks5);
+        assert_eq!(c.cert_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.pool_max_streams, 100);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_setting() {
+        let err = parse(&["--admin-addr", "0.0.0.0:15000"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--admin-addr") && err.contains("not a loopback"),
+            "{err}"
+        );
+        let err = parse(&["--cert-ttl", "ten"]).unwrap_err().to_string();
+        assert!(err.contains("--cert-ttl"), "{err}");
+        let err = parse(&["--pool-max-streams", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--pool-max-streams"), "{err}");
+        let err = parse(&["--ca-cert", "/x"]).unwrap_err().to_string();
+        assert!(err.contains("--ca-key"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn the_effective_config_serializes_for_the_admin_view() {
+        let json = serde_json::to_value(parse(&["--node-name", "n7"]).unwrap()).unwrap();
+        assert_eq!(json["node_name"], "n7");
+        assert_eq!(json["drain_deadline"], "30s");
+    }
+}

@@ -1,0 +1,219 @@
+//! Local state mode: workloads, services and policies from a YAML file, watched.
+//!
+//! A change applies to new connections within one polling interval; a file that
+//! does not parse or validate is reported (path, item, field) and the last good
+//! state stays.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::drain::DrainWatcher;
+use serde::{Deserialize, Serialize};
+
+use super::{ModelError, ProxyState, Service, StateStore, Workload};
+use crate::policy::Authorization;
+
+/// The file's shape.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalState {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub policies: Vec<Authorization>,
+}
+
+/// Why the file was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStateError {
+    #[error("{path}: cannot read: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: does not parse: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {error}")]
+    Invalid { path: PathBuf, error: ModelError },
+    #[error("{path}: {error}")]
+    InvalidPolicy {
+        path: PathBuf,
+        error: crate::policy::PolicyError,
+    },
+}
+
+impl LocalState {
+    /// Parses and validates the YAML text of the file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, LocalStateError> {
+        let state: LocalState = if text.trim().is_empty() {
+            LocalState::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| LocalStateError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+        };
+        state.validate().map_err(|error| LocalStateError::Invalid {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let mut keys = HashSet::new();
+        for p in &state.policies {
+            p.validate()
+                .map_err(|error| LocalStateError::InvalidPolicy {
+                    path: path.to_path_buf(),
+                    error,
+                })?;
+            if !keys.insert(p.key()) {
+                return Err(LocalStateError::Invalid {
+                    path: path.to_path_buf(),
+                    error: dup(
+                        "authorization policy",
+                        &p.key(),
+                        "name",
+                        "another policy has this name",
+                    ),
+                });
+            }
+        }
+        Ok(state)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        let mut uids = HashSet::new();
+        let mut ips = HashSet::new();
+        for w in &self.workloads {
+            w.validate()?;
+            if !uids.insert(&w.uid) {
+                return Err(dup(
+                    "workload",
+                    &w.uid,
+                    "uid",
+                    "another workload has this uid",
+                ));
+            }
+            if let Some(ip) = w.addresses.iter().find(|ip| !ips.insert(**ip)) {
+                return Err(dup(
+                    "workload",
+                    &w.uid,
+                    "addresses",
+                    &format!("{ip} belongs to another workload"),
+                ));
+            }
+        }
+        let mut keys = HashSet::new();
+        let mut vips = HashSet::new();
+        for s in &self.services {
+            s.validate()?;
+            let name = format!("{}/{}", s.namespace, s.name);
+            if !keys.insert(s.key()) {
+                return Err(dup(
+                    "service",
+                    &name,
+                    "hostname",
+                    "another service has this hostname",
+                ));
+            }
+            if let Some(vip) = s
+                .vips
+                .iter()
+                .find(|v| !vips.insert(**v) || ips.contains(*v))
+            {
+                return Err(dup(
+                    "service",
+                    &name,
+                    "vips",
+                    &format!("{vip} is already in use"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn into_state(self) -> ProxyState {
+        ProxyState::new(self.workloads, self.services, self.policies)
+    }
+}
+
+fn dup(kind: &'static str, name: &str, field: &'static str, problem: &str) -> ModelError {
+    ModelError {
+        kind,
+        name: name.to_string(),
+        field,
+        problem: problem.to_string(),
+    }
+}
+
+/// Reads and validates the file once.
+pub fn load_local_state(path: &Path) -> Result<ProxyState, LocalStateError> {
+    let text = std::fs::read_to_string(path).map_err(|error| LocalStateError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    Ok(LocalState::parse(path, &text)?.into_state())
+}
+
+/// Polls the file every `interval` and applies each valid change to `store`. The
+/// last error (if the current file is bad) is kept in `status` for the admin view.
+pub async fn watch_local_state(
+    path: PathBuf,
+    store: Arc<StateStore>,
+    status: Arc<Mutex<Option<String>>>,
+    interval: Duration,
+    drain: DrainWatcher,
+) {
+    let mut last: Option<Vec<u8>> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = drain.signaled() => return,
+            _ = ticker.tick() => {}
+        }
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(error) => {
+                report(
+                    &status,
+                    Some(
+                        LocalStateError::Read {
+                            path: path.clone(),
+                            error,
+                        }
+                        .to_string(),
+                    ),
+                );
+                continue;
+            }
+        };
+        if last.as_deref() == Some(bytes.as_slice()) {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        match LocalState::parse(&path, &text) {
+            Ok(state) => {
+                let (w, s, p) = (
+                    state.workloads.len(),
+                    state.services.len(),
+                    state.policies.len(),
+                );
+                store.replace(state.into_state());
+                tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, "local state applied");
+                report(&status, None);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "local state refused; keeping the last good state");
+                report(&status, Some(e.to_string()));
+            }
+        }
+        last = Some(bytes);
+    }
+}
+
+fn report(status: &Mutex<Option<String>>, error: Option<String>) {
+    *status.lock().unwrap_or_else(|e| e.into_inner()) = error;
+}

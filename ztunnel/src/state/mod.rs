@@ -1,0 +1,177 @@
+//! What ztunnel knows of the mesh: workloads, services and policies, indexed for the
+//! lookups of the data path, swapped whole when the source changes.
+//!
+//! Readers take an `Arc<ProxyState>` snapshot per connection, so a connection sees
+//! one consistent state and a change applies to the next connection.
+
+mod local;
+mod model;
+mod store;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use local::{LocalState, LocalStateError, load_local_state, watch_local_state};
+pub use model::{ModelError, PortMapping, Protocol, Service, Workload};
+pub use store::StateStore;
+
+use crate::policy::{Authorization, PolicySet};
+
+/// Where an outbound connection goes.
+#[derive(Clone, Debug)]
+pub enum Route {
+    /// A mesh workload, reached over HBONE at `addr` (pod IP, target port).
+    Mesh {
+        workload: Arc<Workload>,
+        addr: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
+    /// A workload outside the mesh, or no workload at all: plain TCP to `addr`.
+    Passthrough { addr: SocketAddr },
+}
+
+/// Why an outbound connection has nowhere to go.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("service {service} has no healthy endpoint")]
+    NoHealthyEndpoint { service: String },
+    #[error("service {service} has no port {port}")]
+    NoServicePort { service: String, port: u16 },
+}
+
+/// One consistent view of the mesh.
+#[derive(Debug, Default)]
+pub struct ProxyState {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Service key -> endpoints (workload uids), sorted for stable round robin.
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    round_robin: HashMap<String, AtomicUsize>,
+    policies: PolicySet,
+}
+
+impl ProxyState {
+    /// Builds the indexes. Items are expected to be validated already.
+    pub fn new(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<Authorization>,
+    ) -> Self {
+        let mut state = ProxyState::default();
+        for w in workloads {
+            let w = Arc::new(w);
+            for ip in &w.addresses {
+                state.by_ip.insert(*ip, w.clone());
+            }
+            for key in w.services.keys() {
+                state
+                    .endpoints
+                    .entry(key.clone())
+                    .or_default()
+                    .push(w.clone());
+            }
+            state.workloads.insert(w.uid.clone(), w);
+        }
+        for eps in state.endpoints.values_mut() {
+            eps.sort_by(|a, b| a.uid.cmp(&b.uid));
+        }
+        for s in services {
+            let s = Arc::new(s);
+            for vip in &s.vips {
+                state.by_vip.insert(*vip, s.clone());
+            }
+            state.round_robin.insert(s.key(), AtomicUsize::new(0));
+            state.services.insert(s.key(), s);
+        }
+        for p in policies {
+            state.policies.insert(p);
+        }
+        state
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Where a connection to `dst` goes: a service VIP picks one of its healthy
+    /// endpoints (round robin), a workload address is that workload, anything else
+    /// passes through.
+    pub fn route(&self, dst: SocketAddr) -> Result<Route, RouteError> {
+        if let Some(svc) = self.by_vip.get(&dst.ip()) {
+            return self.route_service(svc, dst.port());
+        }
+        match self.by_ip.get(&dst.ip()) {
+            Some(w) if w.protocol == Protocol::Hbone => Ok(Route::Mesh {
+                workload: w.clone(),
+                addr: dst,
+                service: None,
+            }),
+            _ => Ok(Route::Passthrough { addr: dst }),
+        }
+    }
+
+    fn route_service(&self, svc: &Arc<Service>, port: u16) -> Result<Route, RouteError> {
+        let key = svc.key();
+        let mapping = svc
+            .ports
+            .iter()
+            .find(|p| p.service_port == port)
+            .ok_or_else(|| RouteError::NoServicePort {
+                service: key.clone(),
+                port,
+            })?;
+        let healthy: Vec<&Arc<Workload>> = self
+            .endpoints
+            .get(&key)
+            .map(|eps| eps.iter().filter(|w| w.healthy).collect())
+            .unwrap_or_default();
+        if healthy.is_empty() {
+            return Err(RouteError::NoHealthyEndpoint { service: key });
+        }
+        let turn = self
+            .round_robin
+            .get(&key)
+            .map(|c| c.fetch_add(1, Ordering::Relaxed))
+            .unwrap_or(0);
+        let w = healthy[turn % healthy.len()];
+        // The workload's own mapping for this service wins over the service's.
+        let target = w
+            .services
+            .get(&key)
+            .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+            .map_or(mapping.target_port, |p| p.target_port);
+        let ip = w.addresses[0];
+        let addr = SocketAddr::new(ip, target);
+        Ok(match w.protocol {
+            Protocol::Hbone => Route::Mesh {
+                workload: w.clone(),
+                addr,
+                service: Some(svc.clone()),
+            },
+            Protocol::None => Route::Passthrough { addr },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,49 @@
+//! The current state, shared by every listener: swapped whole on change, with a
+//! watch channel for whoever must react (pod listeners, the admin view).
+
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use super::ProxyState;
+
+/// Holds the current [`ProxyState`] and announces each new one.
+#[derive(Debug)]
+pub struct StateStore {
+    current: RwLock<Arc<ProxyState>>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        Self::new(ProxyState::default())
+    }
+}
+
+impl StateStore {
+    pub fn new(state: ProxyState) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(state)),
+            version: watch::channel(0).0,
+        }
+    }
+
+    /// The state a new connection uses.
+    pub fn snapshot(&self) -> Arc<ProxyState> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the state; new connections see it at once.
+    pub fn replace(&self, state: ProxyState) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Resolves on each replacement.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}

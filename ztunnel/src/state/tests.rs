@@ -1,0 +1,231 @@
+//! Tests of the state model: routing (VIP round robin, health, port mapping,
+//! passthrough) and the local state file (errors that name path, item and field;
+//! the watcher keeping the last good state).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+
+const FILE: &str = r#"
+workloads:
+  - uid: cart-1
+    name: cart-1
+    namespace: shop
+    serviceAccount: cart
+    node: node-1
+    addresses: ["198.18.1.10"]
+    services:
+      shop/cart.shop.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
+  - uid: cart-2
+    name: cart-2
+    namespace: shop
+    serviceAccount: cart
+    node: node-1
+    addresses: ["198.18.1.11"]
+    services:
+      shop/cart.shop.svc.cluster.local: [{servicePort: 80, targetPort: 9090}]
+  - uid: cart-3
+    name: cart-3
+    namespace: shop
+    serviceAccount: cart
+    node: node-2
+    addresses: ["198.18.2.10"]
+    services:
+      shop/cart.shop.svc.cluster.local: []
+  - uid: legacy
+    name: legacy
+    namespace: old
+    protocol: NONE
+    addresses: ["198.18.2.50"]
+services:
+  - name: cart
+    namespace: shop
+    hostname: cart.shop.svc.cluster.local
+    vips: ["198.18.100.1"]
+    ports: [{servicePort: 80, targetPort: 8000}]
+"#;
+
+fn state(text: &str) -> ProxyState {
+    LocalState::parse(std::path::Path::new("state.yaml"), text)
+        .unwrap()
+        .into_state()
+}
+
+#[test]
+fn a_vip_spreads_round_robin_over_healthy_endpoints_with_their_ports() {
+    let s = state(FILE);
+    let mut seen: HashMap<std::net::SocketAddr, usize> = HashMap::new();
+    for _ in 0..300 {
+        match s.route("198.18.100.1:80".parse().unwrap()).unwrap() {
+            Route::Mesh { addr, service, .. } => {
+                assert_eq!(service.unwrap().name, "cart");
+                *seen.entry(addr).or_default() += 1;
+            }
+            other => panic!("expected a mesh route, got {other:?}"),
+        }
+    }
+    // Each endpoint's own mapping wins; cart-3 has none, so the service's applies.
+    let want: HashMap<std::net::SocketAddr, usize> = [
+        ("198.18.1.10:8080".parse().unwrap(), 100),
+        ("198.18.1.11:9090".parse().unwrap(), 100),
+        ("198.18.2.10:8000".parse().unwrap(), 100),
+    ]
+    .into();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn an_unhealthy_endpoint_gets_nothing_and_none_healthy_is_an_error() {
+    let s = state(&FILE.replace(
+        "    node: node-2\n",
+        "    node: node-2\n    healthy: false\n",
+    ));
+    for _ in 0..20 {
+        let Route::Mesh { workload, .. } = s.route("198.18.100.1:80".parse().unwrap()).unwrap()
+        else {
+            panic!("mesh route expected")
+        };
+        assert_ne!(workload.uid, "cart-3");
+    }
+    let all_down = FILE.replace(
+        "    serviceAccount: cart\n",
+        "    serviceAccount: cart\n    healthy: false\n",
+    );
+    assert_eq!(
+        state(&all_down)
+            .route("198.18.100.1:80".parse().unwrap())
+            .unwrap_err(),
+        RouteError::NoHealthyEndpoint {
+            service: "shop/cart.shop.svc.cluster.local".into()
+        }
+    );
+    assert!(matches!(
+        state(FILE).route("198.18.100.1:81".parse().unwrap()),
+        Err(RouteError::NoServicePort { port: 81, .. })
+    ));
+}
+
+#[test]
+fn workload_addresses_route_to_themselves_and_the_rest_passes_through() {
+    let s = state(FILE);
+    let Route::Mesh {
+        workload,
+        addr,
+        service,
+    } = s.route("198.18.1.10:5000".parse().unwrap()).unwrap()
+    else {
+        panic!("mesh route expected")
+    };
+    assert_eq!(
+        (workload.uid.as_str(), addr.port(), service.is_none()),
+        ("cart-1", 5000, true)
+    );
+    assert!(matches!(
+        s.route("198.18.2.50:80".parse().unwrap()).unwrap(),
+        Route::Passthrough { .. }
+    ));
+    assert!(matches!(
+        s.route("198.18.9.9:80".parse().unwrap()).unwrap(),
+        Route::Passthrough { .. }
+    ));
+    assert_eq!(
+        s.workload_by_ip("198.18.1.11".parse().unwrap())
+            .unwrap()
+            .identity()
+            .unwrap()
+            .to_string(),
+        "spiffe://cluster.local/ns/shop/sa/cart"
+    );
+}
+
+fn parse_err(text: &str) -> String {
+    LocalState::parse(std::path::Path::new("/etc/ambit/state.yaml"), text)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn bad_files_are_refused_naming_path_item_and_field() {
+    let e = parse_err("workloads: [ {uid: a");
+    assert!(
+        e.starts_with("/etc/ambit/state.yaml: does not parse"),
+        "{e}"
+    );
+    let e = parse_err(
+        "workloads:\n  - uid: a\n    name: a\n    namespace: x\n    addresses: [\"not-an-ip\"]\n",
+    );
+    assert!(e.contains("state.yaml") && e.contains("line"), "{e}");
+    let e = parse_err("workloads:\n  - uid: a\n    name: a\n    namespace: x\n    addresses: []\n");
+    assert!(e.contains("workload a: field addresses"), "{e}");
+    let e = parse_err(
+        "workloads:\n  - uid: a\n    name: a\n    namespace: x\n    serviceAccount: \"b/c\"\n    addresses: [\"198.18.0.1\"]\n",
+    );
+    assert!(e.contains("workload a: field serviceAccount"), "{e}");
+    let e = parse_err(
+        "workloads:\n  - {uid: a, name: a, namespace: x, addresses: [\"198.18.0.1\"]}\n  - {uid: b, name: b, namespace: x, addresses: [\"198.18.0.1\"]}\n",
+    );
+    assert!(
+        e.contains("workload b: field addresses: 198.18.0.1 belongs to another workload"),
+        "{e}"
+    );
+    let e = parse_err(
+        "services:\n  - {name: s, namespace: x, hostname: h, vips: [\"198.18.0.1\"], ports: [{servicePort: 0, targetPort: 1}]}\n",
+    );
+    assert!(e.contains("service x/s: field ports"), "{e}");
+    let e = parse_err("workloadz: []\n");
+    assert!(e.contains("unknown field"), "{e}");
+}
+
+#[tokio::test]
+async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.yaml");
+    std::fs::write(&path, FILE).unwrap();
+    let store = Arc::new(StateStore::default());
+    let status = Arc::new(Mutex::new(None));
+    let (trigger, watcher) = mesh_core::drain::channel();
+    let mut versions = store.subscribe();
+    let task = tokio::spawn(watch_local_state(
+        path.clone(),
+        store.clone(),
+        status.clone(),
+        Duration::from_millis(20),
+        watcher,
+    ));
+    versions.changed().await.unwrap();
+    assert_eq!(store.snapshot().workloads().count(), 4);
+
+    // A broken file: reported, and the state stays.
+    std::fs::write(&path, "workloads: [").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status.lock().unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "error never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        status
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .contains("does not parse")
+    );
+    assert_eq!(store.snapshot().workloads().count(), 4);
+
+    // Fixed: applied, and the report clears.
+    std::fs::write(&path, FILE.replace("  - uid: legacy", "  - uid: legacy2")).unwrap();
+    versions.changed().await.unwrap();
+    assert!(store.snapshot().workload("legacy2").is_some());
+    assert!(status.lock().unwrap().is_none());
+
+    assert_eq!(
+        trigger.drain(Duration::from_secs(5)).await,
+        mesh_core::drain::DrainOutcome::Graceful
+    );
+    task.await.unwrap();
+}
