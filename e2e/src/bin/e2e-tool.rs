@@ -1,0 +1,81 @@
+//! `e2e-tool`: the tiny TCP workload e2e tests run inside pod namespaces.
+//!
+//! - `serve <port>`: echo server on `0.0.0.0:<port>`; prints `listening <addr>` once
+//!   bound, then `peer <ip:port>` for each accepted connection (what the server sees
+//!   as the source, so tests can check addresses are preserved).
+//! - `connect <ip:port> <message>`: sends the message, half-closes, prints the reply.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// A client that cannot connect or get its reply within this gives up with an error
+/// instead of hanging the test.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["serve", port] => serve(port.parse().context("port")?),
+        ["connect", addr, message] => connect(addr.parse().context("address")?, message),
+        _ => bail!("usage: e2e-tool serve <port> | e2e-tool connect <ip:port> <message>"),
+    }
+}
+
+fn serve(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).context("bind")?;
+    say(&format!("listening {}", listener.local_addr()?))?;
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                continue;
+            }
+        };
+        let peer = stream.peer_addr()?;
+        say(&format!("peer {peer}"))?;
+        std::thread::spawn(move || {
+            if let Err(e) = echo(stream) {
+                eprintln!("connection from {peer}: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One line on stdout, flushed at once: the test is waiting for it.
+fn say(line: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = stream.try_clone()?;
+    std::io::copy(&mut reader, &mut stream)?;
+    stream.shutdown(Shutdown::Write)
+}
+
+fn connect(addr: SocketAddr, message: &str) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.write_all(message.as_bytes())?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).context("read reply")?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&reply)?;
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Processes run inside a pod's or node's namespace (`ip netns exec`): spawn, wait for
+//! a line on stdout (readiness, events) with a bound instead of a fixed sleep, collect
+//! stderr for error messages, kill. The cluster's teardown also kills anything left
+//! in its namespaces, so a handle that outlives its test leaks nothing.
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::task::JoinHandle;
+
+/// How long helpers wait for a process to get ready or answer: generous, since CI
+/// machines are small and a bound is only hit when something is broken.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Keep at most this much of a process's stderr (the tail) for error messages.
+const STDERR_KEEP: usize = 16 * 1024;
+
+/// A process that did not do what the test waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {label}: {source}")]
+    Spawn {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{label}: I/O error: {source}")]
+    Io {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{label}: no {waited_for} within {timeout:?}; stderr: {stderr}")]
+    Timeout {
+        label: String,
+        waited_for: String,
+        timeout: Duration,
+        stderr: String,
+    },
+    #[error("{label} ended ({status}) before {waited_for}; stderr: {stderr}")]
+    Exited {
+        label: String,
+        waited_for: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{label} failed ({status}); stdout: {stdout}; stderr: {stderr}")]
+    Failed {
+        label: String,
+        status: ExitStatus,
+        stdout: String,
+        stderr: String,
+    },
+}
+
+/// A running process with its stdout read line by line.
+#[derive(Debug)]
+pub struct NsProcess {
+    label: String,
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Arc<Mutex<String>>,
+    stderr_task: Option<JoinHandle<()>>,
+}
+
+impl NsProcess {
+    /// Starts `cmd` (usually from [`crate::Pod::command`]) with stdout and stderr
+    /// piped and kill-on-drop set. Needs a tokio runtime.
+    pub fn spawn(label: impl Into<String>, mut cmd: Command) -> Result<Self, ProcessError> {
+        let label = label.into();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+            label: label.clone(),
+            source,
+        })?;
+        let stdout = child.stdout.take().ok_or_else(|| ProcessError::Spawn {
+            label: label.clone(),
+            source: std::io::Error::other("stdout was not piped"),
+        })?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_task = child
+            .stderr
+            .take()
+            .map(|pipe| tokio::spawn(collect_tail(pipe, Arc::clone(&stderr))));
+        Ok(Self {
+            label,
+            child,
+            stdout: BufReader::new(stdout).lines(),
+            stderr,
+            stderr_task,
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The pid, while the process has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// What the process wrote to stderr so far (its tail).
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The next stdout line, waiting at most `timeout`.
+    pub async fn next_line(&mut self, timeout: Duration) -> Result<String, ProcessError> {
+        self.wait_for_line("a line on stdout", timeout, |_| true)
+            .await
+    }
+
+    /// Reads stdout until a line matches `wanted` (lines before it are dropped) and
+    /// returns that line. `waited_for` names the event in errors.
+    pub async fn wait_for_line(
+        &mut self,
+        waited_for: &str,
+        timeout: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<String, ProcessError> {
+        let read = async {
+            loop {
+                match self.stdout.next_line().await {
+                    Ok(Some(line)) if wanted(&line) => return Ok(Some(line)),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(Some(line))) => Ok(line),
+            Ok(Ok(None)) => {
+                let status = self.finish().await;
+                Err(ProcessError::Exited {
+                    label: self.label.clone(),
+                    waited_for: waited_for.to_owned(),
+                    status,
+                    stderr: self.stderr(),
+                })
+            }
+            Ok(Err(source)) => Err(ProcessError::Io {
+                label: self.label.clone(),
+                source,
+            }),
+            Err(_elapsed) => Err(ProcessError::Timeout {
+                label: self.label.clone(),
+                waited_for: waited_for.to_owned(),
+                timeout,
+                stderr: self.stderr(),
+            }),
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, ProcessError> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(source)) => Err(ProcessError::Io {
+                label: self.label.clone(),
+                source,
+            }),
+            Err(_elapsed) => Err(ProcessError::Timeout {
+                label: self.label.clone(),
+                waited_for: "exit".to_owned(),
+                timeout,
+                stderr: self.stderr(),
+            }),
+        }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub async fn kill(&mut self) -> Result<(), ProcessError> {
+        self.child.kill().await.map_err(|source| ProcessError::Io {
+            label: self.label.clone(),
+            source,
+        })
+    }
+
+    /// After stdout closed: the exit status (if it comes soon) and the rest of stderr.
+    async fn finish(&mut self) -> String {
+        let status = match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(Ok(status)) => status.to_string(),
+            Ok(Err(e)) => format!("wait failed: {e}"),
+            Err(_) => "still running, stdout closed".to_owned(),
+        };
+        if let Some(task) = self.stderr_task.take() {
+            let _drained = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        status
+    }
+}
+
+/// Appends lines of `pipe` to `sink`, keeping the last [`STDERR_KEEP`] bytes.
+async fn collect_tail(pipe: impl AsyncRead + Unpin, sink: Arc<Mutex<String>>) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut text = sink.lock().unwrap_or_else(|e| e.into_inner());
+        text.push_str(&line);
+        text.push('\n');
+        if text.len() > STDERR_KEEP {
+            let mut cut = text.len() - STDERR_KEEP;
+            while !text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            text.drain(..cut);
+        }
+    }
+}
+
+/// Runs `cmd` to completion within `timeout` and returns its stdout; a non-zero exit
+/// is an error carrying both outputs.
+pub async fn run_output(
+    label: &str,
+    mut cmd: Command,
+    timeout: Duration,
+) -> Result<String, ProcessError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        label: label.to_owned(),
+        source,
+    })?;
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(source)) => {
+            return Err(ProcessError::Io {
+                label: label.to_owned(),
+                source,
+            });
+        }
+        Err(_elapsed) => {
+            return Err(ProcessError::Timeout {
+                label: label.to_owned(),
+                waited_for: "exit".to_owned(),
+                timeout,
+                stderr: String::new(),
+            });
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(ProcessError::Failed {
+            label: label.to_owned(),
+            status: out.status,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(stdout)
+}
