@@ -4,8 +4,12 @@
 //! namespace, carried over HBONE with both pods' SPIFFE identities, authorized at the
 //! destination (L4 `policy`) and delivered with the original source address.
 
+pub mod admin;
+pub mod app;
 pub mod config;
+pub mod inpod;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod state;
 pub mod why;

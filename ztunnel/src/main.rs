@@ -1,10 +1,31 @@
-//! `ztunnel`: the per-node L4 proxy: in-pod capture on 15001/15006, HBONE on 15008, L4 policy, metrics on 15020 (issue: ztunnel).
-//!
-//! Not built yet: this binary only says what it will be.
+//! `ztunnel`: parse the settings, start, serve until SIGINT or SIGTERM, drain.
 
-fn main() {
-    eprintln!(
-        "ztunnel: not built yet. It will be the per-node L4 proxy: in-pod capture on 15001/15006, HBONE on 15008, L4 policy, metrics on 15020 (issue: ztunnel)."
-    );
-    std::process::exit(2);
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use ztunnel::app::App;
+use ztunnel::config::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config::parse();
+    let app = Arc::new(App::start(config).await?);
+    tokio::spawn(ztunnel::inpod::run(app.clone()));
+    app.set_ready();
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let outcome = app.shutdown().await;
+    tracing::info!(?outcome, "ztunnel stopped");
+    Ok(())
 }

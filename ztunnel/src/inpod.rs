@@ -1,0 +1,150 @@
+//! The node agent's client: receives the node's pods over the zds protocol (Unix
+//! SOCK_SEQPACKET, one protobuf message per packet, a pod's network namespace
+//! passed as SCM_RIGHTS) and starts or stops their proxies, acking each message.
+//!
+//! If the node agent goes away, running pods keep being served and ztunnel
+//! reconnects with backoff; after a reconnect the agent re-sends every pod and a
+//! snapshot marker, and pods it did not re-send are dropped.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_proto::zds::{
+    Ack, NodeAgentMessage, ZdsHello, ZtunnelMessage, node_agent_message::Payload, ztunnel_message,
+};
+use mesh_core::os::{NetNs, SeqPacket};
+use prost::Message;
+
+use crate::app::App;
+use crate::proxy::{Pod, PodPorts};
+
+/// The zds protocol version ztunnel speaks.
+pub const ZDS_VERSION: u32 = 1;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Connects to the node agent and serves it until the process drains.
+pub async fn run(app: Arc<App>) {
+    let Some(drain) = app.watcher() else { return };
+    let path = app.inputs.config.node_agent_socket.clone();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let session = async {
+            let sock = SeqPacket::connect(&path).await?;
+            tracing::info!(path = %path.display(), "connected to the node agent");
+            backoff = Duration::from_millis(50);
+            serve(&app, &sock).await
+        };
+        tokio::select! {
+            () = drain.signaled() => return,
+            r = session => match r {
+                Ok(()) => tracing::warn!("node agent closed the connection; reconnecting"),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "node agent unreachable; retrying in {backoff:?}"),
+            },
+        }
+        tokio::select! {
+            () = drain.signaled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection: hello, then messages until the agent closes it.
+async fn serve(app: &App, sock: &SeqPacket) -> std::io::Result<()> {
+    let hello = ZtunnelMessage {
+        payload: Some(ztunnel_message::Payload::Hello(ZdsHello {
+            version: ZDS_VERSION,
+        })),
+    };
+    sock.send(&hello.encode_to_vec(), None).await?;
+    let mut resent: HashSet<String> = HashSet::new();
+    loop {
+        let (bytes, fd) = match sock.recv().await {
+            Ok(m) => m,
+            // A truncated packet or too many descriptors: refuse it, keep the session.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                ack(sock, format!("malformed message: {e}")).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if bytes.is_empty() && fd.is_none() {
+            return Ok(());
+        }
+        let result = match NodeAgentMessage::decode(bytes.as_slice()) {
+            Err(e) => Err(format!("malformed message: not a NodeAgentMessage: {e}")),
+            Ok(NodeAgentMessage { payload: None }) => {
+                Err("malformed message: no payload".to_string())
+            }
+            Ok(NodeAgentMessage { payload: Some(p) }) => handle(app, p, fd, &mut resent).await,
+        };
+        let error = result.err().unwrap_or_default();
+        if !error.is_empty() {
+            tracing::warn!(%error, "node agent message refused");
+        }
+        ack(sock, error).await?;
+    }
+}
+
+async fn ack(sock: &SeqPacket, error: String) -> std::io::Result<()> {
+    let msg = ZtunnelMessage {
+        payload: Some(ztunnel_message::Payload::Ack(Ack { error })),
+    };
+    sock.send(&msg.encode_to_vec(), None).await
+}
+
+async fn handle(
+    app: &App,
+    payload: Payload,
+    fd: Option<std::os::fd::OwnedFd>,
+    resent: &mut HashSet<String>,
+) -> Result<(), String> {
+    match payload {
+        Payload::Add(add) => {
+            let fd = fd.ok_or_else(|| {
+                format!("add {}: no network namespace descriptor attached", add.uid)
+            })?;
+            let info = add
+                .info
+                .ok_or_else(|| format!("add {}: no workload info", add.uid))?;
+            if add.uid.is_empty() || info.name.is_empty() || info.namespace.is_empty() {
+                return Err("add: uid, name and namespace are required".into());
+            }
+            let pod = Pod {
+                uid: add.uid.clone(),
+                name: info.name,
+                namespace: info.namespace,
+                service_account: if info.service_account.is_empty() {
+                    "default".into()
+                } else {
+                    info.service_account
+                },
+            };
+            resent.insert(add.uid);
+            app.add_pod(pod, Some(NetNs::from_fd(fd)), PodPorts::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Payload::Del(del) => {
+            if fd.is_some() {
+                return Err(format!("del {}: unexpected descriptor", del.uid));
+            }
+            if !app.remove_pod(&del.uid).await {
+                tracing::info!(uid = %del.uid, "delete of a pod ztunnel does not have");
+            }
+            resent.remove(&del.uid);
+            Ok(())
+        }
+        Payload::SnapshotSent(_) => {
+            for uid in app.pod_uids().await {
+                if !resent.contains(&uid) {
+                    tracing::info!(%uid, "pod not in the node agent's snapshot; removing");
+                    app.remove_pod(&uid).await;
+                }
+            }
+            Ok(())
+        }
+    }
+}

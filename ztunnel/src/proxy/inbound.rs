@@ -1,0 +1,205 @@
+//! Inbound HBONE (15008 inside the pod): the CONNECT must target an address of this
+//! pod, pass L4 policy, and reach the pod's port from inside its namespace with the
+//! caller's own address; then bytes are spliced both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_core::copy::copy_bidirectional;
+use mesh_core::hbone::{
+    ConnectHandler, InboundConnect, Refusal, RefusalKind, SourceMetadata, StatusCode,
+};
+
+use super::conn::{ConnGuard, ConnInfo};
+use super::{Pod, PodNet, ProxyInputs};
+use crate::metrics::ConnLabels;
+use crate::policy::{Connection, Destination};
+use crate::state::ProxyState;
+use crate::why::Refused;
+
+/// Decides each CONNECT reaching one pod.
+#[derive(Debug)]
+pub struct InboundHandler {
+    pod: Pod,
+    net: PodNet,
+    inputs: Arc<ProxyInputs>,
+}
+
+impl InboundHandler {
+    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>) -> Self {
+        Self { pod, net, inputs }
+    }
+}
+
+impl ConnectHandler for InboundHandler {
+    async fn handle(&self, connect: InboundConnect) {
+        let state = self.inputs.state.snapshot();
+        let target = connect.target();
+        let peer = connect.peer().clone();
+        let src = SocketAddr::new(
+            source_ip(&state, &peer, &connect),
+            connect.peer_addr().port(),
+        );
+        let refuse = |connect: InboundConnect,
+                      kind,
+                      status,
+                      reason: &'static str,
+                      explanation: String,
+                      policy: Option<(String, Option<usize>)>| {
+            self.inputs.metrics.deny(reason);
+            let (policy, rule) = policy.map_or((None, None), |(p, r)| (Some(p), r));
+            self.inputs.why.record(Refused {
+                at: Refused::now(),
+                direction: "inbound",
+                source: src.to_string(),
+                source_identity: Some(peer.to_string()),
+                destination: target.to_string(),
+                destination_workload: Some(format!("{}/{}", self.pod.namespace, self.pod.name)),
+                reason,
+                policy,
+                rule,
+                explanation: explanation.clone(),
+            });
+            connect.refuse(kind, Refusal::new(status, explanation));
+        };
+        let Some(workload) = state.workload(&self.pod.uid).cloned() else {
+            let why = format!(
+                "pod {}/{} ({}) is not in ztunnel's state",
+                self.pod.namespace, self.pod.name, self.pod.uid
+            );
+            return refuse(
+                connect,
+                RefusalKind::Unknown,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unknown_destination",
+                why,
+                None,
+            );
+        };
+        if !workload.addresses.contains(&target.ip()) {
+            let why = format!(
+                "{} is not an address of pod {}/{}",
+                target.ip(),
+                workload.namespace,
+                workload.name
+            );
+            return refuse(
+                connect,
+                RefusalKind::Unknown,
+                StatusCode::BAD_REQUEST,
+                "bad_destination",
+                why,
+                None,
+            );
+        }
+        let decision = state.policies().evaluate(
+            &Destination {
+                namespace: &workload.namespace,
+                labels: &workload.labels,
+            },
+            &Connection {
+                src_identity: Some(&peer),
+                src_ip: src.ip(),
+                dst_ip: target.ip(),
+                dst_port: target.port(),
+            },
+        );
+        for dry in &decision.dry_run {
+            tracing::info!(src = %peer, dst = %target, "dry-run: {dry}");
+        }
+        if !decision.allowed {
+            let policy = decision.policy.clone().map(|p| (p, decision.rule));
+            return refuse(
+                connect,
+                RefusalKind::Denied,
+                StatusCode::FORBIDDEN,
+                "policy",
+                decision.to_string(),
+                policy,
+            );
+        }
+        let mut upstream = match self
+            .net
+            .connect(target, self.net.spoof_source().then_some(src.ip()))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!(
+                    "connect to {target} in pod {}/{}: {e}",
+                    workload.namespace, workload.name
+                );
+                return refuse(
+                    connect,
+                    RefusalKind::Unavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_unreachable",
+                    why,
+                    None,
+                );
+            }
+        };
+        let meta = SourceMetadata::from_headers(connect.headers()).unwrap_or_default();
+        let labels = labels(&state, &peer, src, &meta, &workload);
+        let info = ConnInfo {
+            direction: "inbound",
+            source: src,
+            destination: target,
+            labels,
+        };
+        let Ok(mut tunnel) = connect.accept() else {
+            return;
+        };
+        let mut guard =
+            ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        if let Err(e) = copy_bidirectional(&mut tunnel, &mut upstream, guard.stats()).await {
+            tracing::debug!(error = %e, "inbound connection ended with an error");
+            guard.set_end("error");
+        }
+    }
+}
+
+/// The caller's address: the HBONE connection's source, or the `forwarded` address
+/// when that is an address of a workload with the caller's verified identity (a
+/// client ztunnel that could not dial from the pod's own address, e.g. SOCKS5).
+fn source_ip(
+    state: &ProxyState,
+    peer: &mesh_core::SpiffeId,
+    connect: &InboundConnect,
+) -> std::net::IpAddr {
+    let claimed = connect
+        .headers()
+        .get(mesh_core::hbone::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| mesh_core::hbone::parse_forwarded_for(v).ok().flatten());
+    claimed
+        .filter(|ip| {
+            state
+                .workload_by_ip(*ip)
+                .and_then(|w| w.identity().ok())
+                .is_some_and(|id| &id == peer)
+        })
+        .unwrap_or_else(|| connect.peer_addr().ip())
+}
+
+fn labels(
+    state: &ProxyState,
+    peer: &mesh_core::SpiffeId,
+    src: SocketAddr,
+    meta: &SourceMetadata,
+    dst: &crate::state::Workload,
+) -> ConnLabels {
+    let src_workload = state.workload_by_ip(src.ip());
+    ConnLabels {
+        reporter: "destination",
+        source_workload: src_workload
+            .map(|w| w.name.clone())
+            .or_else(|| meta.workload.clone())
+            .unwrap_or_default(),
+        source_workload_namespace: peer.namespace().to_string(),
+        source_principal: peer.to_string(),
+        destination_workload: dst.name.clone(),
+        destination_workload_namespace: dst.namespace.clone(),
+        destination_principal: dst.identity().map(|i| i.to_string()).unwrap_or_default(),
+    }
+}

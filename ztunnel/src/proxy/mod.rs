@@ -1,0 +1,202 @@
+//! The per-pod proxy: for each enrolled pod, listeners inside the pod's network
+//! namespace on 15001 (outbound capture), 15006 (inbound plaintext capture) and
+//! 15008 (inbound HBONE), each tied to the pod's drain.
+
+mod conn;
+mod inbound;
+mod outbound;
+mod passthrough;
+mod pod_net;
+mod socks5;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::ca::LocalCa;
+use mesh_core::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
+use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer};
+use mesh_core::{CertStore, SpiffeId};
+
+pub use conn::{ConnInfo, ConnTable, ConnView};
+pub use inbound::InboundHandler;
+pub use outbound::Outbound;
+pub use passthrough::InboundPassthrough;
+pub use pod_net::{PodNet, original_dst};
+pub use socks5::Socks5;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+use crate::why::WhyLog;
+
+/// What every listener of every pod shares.
+#[derive(Debug)]
+pub struct ProxyInputs {
+    pub config: Arc<Config>,
+    pub state: Arc<StateStore>,
+    pub certs: Arc<CertStore>,
+    pub ca: Arc<LocalCa>,
+    pub metrics: Arc<Metrics>,
+    pub why: Arc<WhyLog>,
+    pub conns: Arc<ConnTable>,
+    pub hbone: HboneConfig,
+}
+
+impl ProxyInputs {
+    /// The certificate of `id`, issued now if the store has none valid.
+    pub async fn ensure_certificate(&self, id: &SpiffeId) -> Result<(), mesh_core::CertError> {
+        let fresh = self
+            .certs
+            .get(id)
+            .is_some_and(|c| std::time::SystemTime::now() < c.refresh_at());
+        if !fresh {
+            self.certs.fetch(self.ca.as_ref(), id).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A pod the node agent handed over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Pod {
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, mesh_core::SpiffeIdError> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// Where a pod's listeners bind, inside its namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct PodPorts {
+    pub outbound: SocketAddr,
+    pub inbound_plaintext: SocketAddr,
+    pub hbone: SocketAddr,
+}
+
+impl Default for PodPorts {
+    fn default() -> Self {
+        Self {
+            outbound: "0.0.0.0:15001".parse().unwrap_or_else(|_| unreachable!()),
+            inbound_plaintext: "0.0.0.0:15006".parse().unwrap_or_else(|_| unreachable!()),
+            hbone: "0.0.0.0:15008".parse().unwrap_or_else(|_| unreachable!()),
+        }
+    }
+}
+
+/// Why a pod's proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("pod {pod}: identity: {error}")]
+    Identity {
+        pod: String,
+        error: mesh_core::SpiffeIdError,
+    },
+    #[error("pod {pod}: certificate: {error}")]
+    Certificate {
+        pod: String,
+        error: Box<mesh_core::CertError>,
+    },
+    #[error("pod {pod}: TLS: {error}")]
+    Tls {
+        pod: String,
+        error: mesh_core::tls::TlsError,
+    },
+    #[error("pod {pod}: listen on {addr}: {error}")]
+    Listen {
+        pod: String,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// A running pod proxy; dropping it without [`PodProxy::stop`] leaves it running.
+#[derive(Debug)]
+pub struct PodProxy {
+    pub pod: Pod,
+    pub addrs: PodPorts,
+    drain: DrainTrigger,
+}
+
+impl PodProxy {
+    /// Opens the pod's listeners in its namespace and starts serving them.
+    pub async fn start(
+        pod: Pod,
+        net: PodNet,
+        ports: PodPorts,
+        inputs: Arc<ProxyInputs>,
+    ) -> Result<Self, StartError> {
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let identity =
+            pod.identity(&inputs.config.trust_domain)
+                .map_err(|error| StartError::Identity {
+                    pod: name.clone(),
+                    error,
+                })?;
+        inputs
+            .ensure_certificate(&identity)
+            .await
+            .map_err(|error| StartError::Certificate {
+                pod: name.clone(),
+                error: Box::new(error),
+            })?;
+        let listen = |addr: SocketAddr| {
+            net.listen(addr).map_err(|error| StartError::Listen {
+                pod: name.clone(),
+                addr,
+                error,
+            })
+        };
+        let hbone_listener = listen(ports.hbone)?;
+        let outbound_listener = listen(ports.outbound)?;
+        let plaintext_listener = listen(ports.inbound_plaintext)?;
+        let addrs = PodPorts {
+            hbone: hbone_listener.local_addr().unwrap_or(ports.hbone),
+            outbound: outbound_listener.local_addr().unwrap_or(ports.outbound),
+            inbound_plaintext: plaintext_listener
+                .local_addr()
+                .unwrap_or(ports.inbound_plaintext),
+        };
+        let tls =
+            mesh_core::tls::server_config(inputs.certs.clone(), &identity).map_err(|error| {
+                StartError::Tls {
+                    pod: name.clone(),
+                    error,
+                }
+            })?;
+        let (trigger, watcher) = drain::channel();
+        let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone());
+        let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
+        tokio::spawn(server.run(watcher.clone()));
+        let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
+        let outbound = Outbound::new(pod.clone(), identity, net.clone(), pool, inputs.clone());
+        tokio::spawn(outbound.clone().run(outbound_listener, watcher.clone()));
+        let passthrough = InboundPassthrough::new(pod.clone(), net, inputs);
+        tokio::spawn(passthrough.run(plaintext_listener, watcher));
+        tracing::info!(pod = %name, hbone = %addrs.hbone, outbound = %addrs.outbound, inbound = %addrs.inbound_plaintext, "pod proxy started");
+        Ok(Self {
+            pod,
+            addrs,
+            drain: trigger,
+        })
+    }
+
+    /// Closes the listeners, lets open connections finish until `deadline`, then
+    /// closes them.
+    pub async fn stop(self, deadline: Duration) -> DrainOutcome {
+        let outcome = self.drain.drain(deadline).await;
+        tracing::info!(pod = %self.pod.name, ?outcome, "pod proxy stopped");
+        outcome
+    }
+
+    /// A watcher of this pod's drain, for tasks started outside `start`.
+    pub fn watcher(&self) -> DrainWatcher {
+        self.drain.watcher()
+    }
+}

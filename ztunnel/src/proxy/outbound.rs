@@ -1,0 +1,229 @@
+//! Outbound (15001 inside the pod): the captured connection's original destination
+//! is routed (service VIP -> one healthy endpoint, workload, or passthrough); mesh
+//! destinations are reached over HBONE with the pod's identity from the pod's own
+//! address, the rest in plain TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_core::SpiffeId;
+use mesh_core::copy::copy_bidirectional;
+use mesh_core::drain::DrainWatcher;
+use mesh_core::hbone::{
+    ConnectError, ConnectRequest, HBONE_PORT, HbonePool, PoolKey, SourceMetadata, TraceParent,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::conn::{ConnGuard, ConnInfo};
+use super::{Pod, PodNet, ProxyInputs, original_dst};
+use crate::metrics::ConnLabels;
+use crate::state::Route;
+use crate::why::Refused;
+
+/// The outbound side of one pod (or of SOCKS5 clients on the node).
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    pod: Pod,
+    identity: SpiffeId,
+    net: PodNet,
+    pool: HbonePool<PodNet>,
+    inputs: Arc<ProxyInputs>,
+}
+
+impl Outbound {
+    pub fn new(
+        pod: Pod,
+        identity: SpiffeId,
+        net: PodNet,
+        pool: HbonePool<PodNet>,
+        inputs: Arc<ProxyInputs>,
+    ) -> Self {
+        Self {
+            pod,
+            identity,
+            net,
+            pool,
+            inputs,
+        }
+    }
+
+    /// Serves captured connections until drained.
+    pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
+        let limit = Arc::new(Semaphore::new(self.inputs.config.max_connections as usize));
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, src) = tokio::select! {
+                () = drain.signaled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbound accept failed");
+                        continue;
+                    }
+                },
+            };
+            let dst = match original_dst(&stream) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(%src, error = %e, "outbound connection without an original destination");
+                    continue;
+                }
+            };
+            let (this, drain) = (self.clone(), drain.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    () = drain.forced() => {}
+                    () = this.proxy(stream, src, dst) => {}
+                }
+            });
+        }
+    }
+
+    /// Carries one connection from this pod to `dst`.
+    pub async fn proxy(&self, mut client: TcpStream, src: SocketAddr, dst: SocketAddr) {
+        let Some((mut upstream, info)) = self.connect(src, dst).await else {
+            return;
+        };
+        let mut guard =
+            ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        let copied = match &mut upstream {
+            Upstream::Tcp(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
+            Upstream::Hbone(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
+        };
+        if copied.is_err() {
+            guard.set_end("error");
+        }
+    }
+
+    /// Opens the upstream of a connection from this pod to `dst`; a refusal is
+    /// counted and recorded in the why log, and gives `None`.
+    pub async fn connect(&self, src: SocketAddr, dst: SocketAddr) -> Option<(Upstream, ConnInfo)> {
+        let state = self.inputs.state.snapshot();
+        let route = match state.route(dst) {
+            Ok(r) => r,
+            Err(e) => return self.refused(src, dst, None, "no_route", e.to_string()),
+        };
+        let src_labels = ConnLabels {
+            reporter: "source",
+            source_workload: self.pod.name.clone(),
+            source_workload_namespace: self.pod.namespace.clone(),
+            source_principal: self.identity.to_string(),
+            ..Default::default()
+        };
+        match route {
+            Route::Passthrough { addr } => {
+                let upstream = match self.net.connect(addr, None).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return self.refused(
+                            src,
+                            addr,
+                            None,
+                            "upstream_unreachable",
+                            format!("connect to {addr}: {e}"),
+                        );
+                    }
+                };
+                let info = ConnInfo {
+                    direction: "outbound",
+                    source: src,
+                    destination: addr,
+                    labels: src_labels,
+                };
+                Some((Upstream::Tcp(upstream), info))
+            }
+            Route::Mesh { workload, addr, .. } => {
+                let dst_id = match workload.identity() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        return self.refused(
+                            src,
+                            addr,
+                            Some(workload.name.clone()),
+                            "bad_destination",
+                            e.to_string(),
+                        );
+                    }
+                };
+                let next_hop = SocketAddr::new(addr.ip(), HBONE_PORT);
+                let key = PoolKey::new(self.identity.clone(), vec![dst_id.clone()], next_hop);
+                let req = ConnectRequest {
+                    target: addr,
+                    source: SourceMetadata {
+                        addr: Some(src.ip()),
+                        namespace: Some(self.pod.namespace.clone()),
+                        workload: Some(self.pod.name.clone()),
+                        ..Default::default()
+                    },
+                    trace: TraceParent::new_root(),
+                };
+                let tunnel = match self.pool.connect(key, req).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let reason = match &e {
+                            ConnectError::Refused { status, .. } if status.as_u16() == 403 => {
+                                "denied_by_destination"
+                            }
+                            _ => "hbone_failed",
+                        };
+                        return self.refused(
+                            src,
+                            addr,
+                            Some(workload.name.clone()),
+                            reason,
+                            e.to_string(),
+                        );
+                    }
+                };
+                let labels = ConnLabels {
+                    destination_workload: workload.name.clone(),
+                    destination_workload_namespace: workload.namespace.clone(),
+                    destination_principal: dst_id.to_string(),
+                    ..src_labels
+                };
+                let info = ConnInfo {
+                    direction: "outbound",
+                    source: src,
+                    destination: addr,
+                    labels,
+                };
+                Some((Upstream::Hbone(tunnel), info))
+            }
+        }
+    }
+
+    fn refused<T>(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        workload: Option<String>,
+        reason: &'static str,
+        explanation: String,
+    ) -> Option<T> {
+        self.inputs.metrics.deny(reason);
+        self.inputs.why.record(Refused {
+            at: Refused::now(),
+            direction: "outbound",
+            source: src.to_string(),
+            source_identity: Some(self.identity.to_string()),
+            destination: dst.to_string(),
+            destination_workload: workload,
+            reason,
+            policy: None,
+            rule: None,
+            explanation,
+        });
+        None
+    }
+}
+
+/// Where an outbound connection's bytes go.
+#[derive(Debug)]
+pub enum Upstream {
+    Tcp(TcpStream),
+    Hbone(mesh_core::hbone::H2Stream),
+}

@@ -1,0 +1,145 @@
+//! Inbound plaintext (15006 inside the pod): traffic from outside the mesh reaches
+//! the pod under the same L4 policy, with no identity.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_core::copy::copy_bidirectional;
+use mesh_core::drain::DrainWatcher;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::conn::{ConnGuard, ConnInfo};
+use super::{Pod, PodNet, ProxyInputs, original_dst};
+use crate::metrics::ConnLabels;
+use crate::policy::{Connection, Destination};
+use crate::why::Refused;
+
+#[derive(Clone, Debug)]
+pub struct InboundPassthrough {
+    pod: Pod,
+    net: PodNet,
+    inputs: Arc<ProxyInputs>,
+}
+
+impl InboundPassthrough {
+    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>) -> Self {
+        Self { pod, net, inputs }
+    }
+
+    pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
+        let limit = Arc::new(Semaphore::new(self.inputs.config.max_connections as usize));
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, src) = tokio::select! {
+                () = drain.signaled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbound plaintext accept failed");
+                        continue;
+                    }
+                },
+            };
+            let (this, drain) = (self.clone(), drain.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    () = drain.forced() => {}
+                    () = this.serve(stream, src) => {}
+                }
+            });
+        }
+    }
+
+    async fn serve(&self, mut client: TcpStream, src: SocketAddr) {
+        let dst = match original_dst(&client) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(%src, error = %e, "inbound plaintext connection without an original destination");
+                return;
+            }
+        };
+        let state = self.inputs.state.snapshot();
+        let refuse = |reason: &'static str,
+                      explanation: String,
+                      policy: Option<String>,
+                      rule: Option<usize>| {
+            self.inputs.metrics.deny(reason);
+            self.inputs.why.record(Refused {
+                at: Refused::now(),
+                direction: "inbound_plaintext",
+                source: src.to_string(),
+                source_identity: None,
+                destination: dst.to_string(),
+                destination_workload: Some(format!("{}/{}", self.pod.namespace, self.pod.name)),
+                reason,
+                policy,
+                rule,
+                explanation,
+            });
+        };
+        let Some(workload) = state.workload(&self.pod.uid).cloned() else {
+            return refuse(
+                "unknown_destination",
+                format!("pod {} is not in ztunnel's state", self.pod.uid),
+                None,
+                None,
+            );
+        };
+        let decision = state.policies().evaluate(
+            &Destination {
+                namespace: &workload.namespace,
+                labels: &workload.labels,
+            },
+            &Connection {
+                src_identity: None,
+                src_ip: src.ip(),
+                dst_ip: dst.ip(),
+                dst_port: dst.port(),
+            },
+        );
+        if !decision.allowed {
+            return refuse(
+                "policy",
+                decision.to_string(),
+                decision.policy.clone(),
+                decision.rule,
+            );
+        }
+        let mut upstream = match self
+            .net
+            .connect(dst, self.net.spoof_source().then_some(src.ip()))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                return refuse(
+                    "upstream_unreachable",
+                    format!("connect to {dst}: {e}"),
+                    None,
+                    None,
+                );
+            }
+        };
+        let info = ConnInfo {
+            direction: "inbound_plaintext",
+            source: src,
+            destination: dst,
+            labels: ConnLabels {
+                reporter: "destination",
+                destination_workload: workload.name.clone(),
+                destination_workload_namespace: workload.namespace.clone(),
+                destination_principal: workload
+                    .identity()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default(),
+                ..Default::default()
+            },
+        };
+        let guard = ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        let _ = copy_bidirectional(&mut client, &mut upstream, guard.stats()).await;
+    }
+}

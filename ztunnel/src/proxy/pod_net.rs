@@ -1,0 +1,114 @@
+//! Sockets of one pod: created inside the pod's network namespace (so the pod's
+//! address is theirs) and marked, so the pod's redirection rules let them through.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_core::hbone::TcpDialer;
+use mesh_core::os::NetNs;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Where a pod's sockets are made. Without a namespace (tests on loopback), they
+/// are made in ztunnel's own.
+#[derive(Clone, Debug)]
+pub struct PodNet {
+    netns: Option<Arc<NetNs>>,
+    mark: u32,
+    spoof_source: bool,
+}
+
+impl PodNet {
+    /// Sockets in `netns` (or ztunnel's own namespace), marked with `mark`; inbound
+    /// delivery keeps the caller's address.
+    pub fn new(netns: Option<NetNs>, mark: u32) -> Self {
+        Self {
+            netns: netns.map(Arc::new),
+            mark,
+            spoof_source: true,
+        }
+    }
+
+    /// Inbound delivery from the pod's own address instead of the caller's: for
+    /// running without CAP_NET_ADMIN (tests on loopback), where IP_TRANSPARENT is
+    /// refused.
+    pub fn without_source_spoofing(mut self) -> Self {
+        self.spoof_source = false;
+        self
+    }
+
+    pub fn spoof_source(&self) -> bool {
+        self.spoof_source
+    }
+
+    fn in_ns<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+        match &self.netns {
+            Some(ns) => ns.run(f)?,
+            None => f(),
+        }
+    }
+
+    /// A listener on `addr` inside the pod.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let mark = self.mark;
+        let std = self.in_ns(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            set_mark(&s, mark)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpListener::from(s))
+        })?;
+        TcpListener::from_std(std)
+    }
+
+    /// Connects to `dst` from inside the pod. With `source`, the connection leaves
+    /// from that address even though it is not the pod's (IP_TRANSPARENT): how
+    /// inbound traffic reaches the app with the caller's own address.
+    pub async fn connect(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+        let mark = self.mark;
+        let std = self.in_ns(|| {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            set_mark(&s, mark)?;
+            s.set_tcp_nodelay(true)?;
+            if let Some(src) = source {
+                match src {
+                    IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+                    IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
+                }
+                s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+            }
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpStream::from(s))
+        })?;
+        TcpSocket::from_std_stream(std).connect(dst).await
+    }
+}
+
+fn set_mark(s: &Socket, mark: u32) -> io::Result<()> {
+    match s.set_mark(mark) {
+        // Without CAP_NET_ADMIN (unprivileged tests on loopback) the mark is moot:
+        // there are no redirection rules to skip.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        other => other,
+    }
+}
+
+/// The destination a captured connection was headed for (SO_ORIGINAL_DST).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("original destination is not an IP address"))
+}
+
+impl TcpDialer for PodNet {
+    async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        self.connect(addr, None).await
+    }
+}

@@ -1,0 +1,158 @@
+//! SOCKS5 (RFC 1928) on 127.0.0.1:15080 in the node's namespace, off by default:
+//! explicit, non-captured use of the outbound path. The caller is the workload whose
+//! address the connection comes from; only CONNECT to an IP address is served (no
+//! DNS), without authentication.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_core::copy::copy_bidirectional;
+use mesh_core::drain::DrainWatcher;
+use mesh_core::hbone::HbonePool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::conn::ConnGuard;
+use super::outbound::Upstream;
+use super::{Outbound, Pod, PodNet, ProxyInputs};
+
+const VERSION: u8 = 5;
+const NO_AUTH: u8 = 0;
+const NO_ACCEPTABLE: u8 = 0xff;
+const CMD_CONNECT: u8 = 1;
+const REP_OK: u8 = 0;
+const REP_FAILURE: u8 = 1;
+const REP_NOT_ALLOWED: u8 = 2;
+const REP_CMD_UNSUPPORTED: u8 = 7;
+const REP_ATYP_UNSUPPORTED: u8 = 8;
+
+#[derive(Clone, Debug)]
+pub struct Socks5 {
+    net: PodNet,
+    pool: HbonePool<PodNet>,
+    inputs: Arc<ProxyInputs>,
+}
+
+impl Socks5 {
+    pub fn new(inputs: Arc<ProxyInputs>) -> Self {
+        let net = PodNet::new(None, inputs.config.packet_mark);
+        let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
+        Self { net, pool, inputs }
+    }
+
+    pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
+        let limit = Arc::new(Semaphore::new(self.inputs.config.max_connections as usize));
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, src) = tokio::select! {
+                () = drain.signaled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SOCKS5 accept failed");
+                        continue;
+                    }
+                },
+            };
+            let (this, drain) = (self.clone(), drain.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    () = drain.forced() => {}
+                    r = this.serve(stream, src) => if let Err(e) = r {
+                        tracing::debug!(%src, error = %e, "SOCKS5 connection failed");
+                    },
+                }
+            });
+        }
+    }
+
+    async fn serve(&self, mut client: TcpStream, src: SocketAddr) -> std::io::Result<()> {
+        // Greeting: version, methods.
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await?;
+        if head[0] != VERSION {
+            return Err(std::io::Error::other(format!(
+                "SOCKS version {} is not 5",
+                head[0]
+            )));
+        }
+        let mut methods = vec![0u8; head[1] as usize];
+        client.read_exact(&mut methods).await?;
+        if !methods.contains(&NO_AUTH) {
+            client.write_all(&[VERSION, NO_ACCEPTABLE]).await?;
+            return Ok(());
+        }
+        client.write_all(&[VERSION, NO_AUTH]).await?;
+        // Request: version, command, reserved, address type, address, port.
+        let mut req = [0u8; 4];
+        client.read_exact(&mut req).await?;
+        let ip: IpAddr = match req[3] {
+            1 => {
+                let mut b = [0u8; 4];
+                client.read_exact(&mut b).await?;
+                Ipv4Addr::from(b).into()
+            }
+            4 => {
+                let mut b = [0u8; 16];
+                client.read_exact(&mut b).await?;
+                Ipv6Addr::from(b).into()
+            }
+            _ => return reply(&mut client, REP_ATYP_UNSUPPORTED).await,
+        };
+        let port = client.read_u16().await?;
+        if req[1] != CMD_CONNECT {
+            return reply(&mut client, REP_CMD_UNSUPPORTED).await;
+        }
+        let dst = SocketAddr::new(ip, port);
+        // The caller must be a workload of this node.
+        let state = self.inputs.state.snapshot();
+        let workload = state
+            .workload_by_ip(src.ip())
+            .filter(|w| w.node == self.inputs.config.node_name)
+            .cloned();
+        let Some(workload) = workload else {
+            tracing::info!(%src, "SOCKS5 caller is not a workload of this node");
+            return reply(&mut client, REP_NOT_ALLOWED).await;
+        };
+        let Ok(identity) = workload.identity() else {
+            return reply(&mut client, REP_NOT_ALLOWED).await;
+        };
+        if self.inputs.ensure_certificate(&identity).await.is_err() {
+            return reply(&mut client, REP_FAILURE).await;
+        }
+        let pod = Pod {
+            uid: workload.uid.clone(),
+            name: workload.name.clone(),
+            namespace: workload.namespace.clone(),
+            service_account: workload.service_account.clone(),
+        };
+        let outbound = Outbound::new(
+            pod,
+            identity,
+            self.net.clone(),
+            self.pool.clone(),
+            self.inputs.clone(),
+        );
+        let Some((mut upstream, info)) = outbound.connect(src, dst).await else {
+            return reply(&mut client, REP_NOT_ALLOWED).await;
+        };
+        reply(&mut client, REP_OK).await?;
+        let guard = ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        let _ = match &mut upstream {
+            Upstream::Tcp(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
+            Upstream::Hbone(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
+        };
+        Ok(())
+    }
+}
+
+async fn reply(client: &mut TcpStream, code: u8) -> std::io::Result<()> {
+    // Bound address: unspecified, as the caller has no use for it.
+    client
+        .write_all(&[VERSION, code, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+}
