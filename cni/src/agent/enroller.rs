@@ -1,0 +1,329 @@
+//! The agent's pods and what happens to them: enroll (redirect, then hand to
+//! ztunnel), un-enroll (tell ztunnel, then un-redirect), check, and the snapshot a
+//! (re)connecting ztunnel gets. One lock orders everything, so a pod is either in a
+//! ztunnel's snapshot or sent to it afterwards, never lost in between; every wait
+//! under it is bounded (tool runs, ztunnel's ack timeout).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mesh_core::os::NetNs;
+use tokio::sync::Mutex;
+
+use super::pod_store::PodStore;
+use super::ztunnel_conn::{ExchangeError, ZdsConnection, ZtunnelHandle};
+use crate::api::{AgentReply, AgentRequest, FailureKind, Pod};
+use crate::redirect::{RedirectError, Redirector};
+use crate::zds;
+
+/// Why a plugin request failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EnrollError {
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("cannot open the network namespace {}: {source}", path.display())]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is the agent's own network namespace; refusing to redirect it", path.display())]
+    HostNetns { path: PathBuf },
+    #[error("redirection for pod {uid}: {source}")]
+    Rules {
+        uid: String,
+        #[source]
+        source: RedirectError,
+    },
+    #[error("ztunnel refused pod {uid}: {reason}")]
+    Refused { uid: String, reason: String },
+    #[error("pod {uid} is not enrolled")]
+    UnknownPod { uid: String },
+    #[error("pod {uid} is enrolled but its redirection is incomplete")]
+    RulesMissing { uid: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EnrollError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::BadRequest(_) => FailureKind::BadRequest,
+            Self::Netns { .. } | Self::HostNetns { .. } => FailureKind::Netns,
+            Self::Rules { .. } | Self::RulesMissing { .. } => FailureKind::Rules,
+            Self::Refused { .. } => FailureKind::Ztunnel,
+            Self::UnknownPod { .. } => FailureKind::UnknownPod,
+            Self::Internal(_) => FailureKind::Internal,
+        }
+    }
+}
+
+/// A pod the agent has enrolled; its namespace stays open while it is enrolled.
+#[derive(Debug)]
+struct EnrolledPod {
+    pod: Pod,
+    netns: NetNs,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pods: BTreeMap<String, EnrolledPod>,
+    ztunnel: Option<ZtunnelHandle>,
+}
+
+/// How telling ztunnel went.
+enum Delivery {
+    Acked,
+    NotConnected,
+    /// The connection broke; the pod is sent again when ztunnel reconnects.
+    Broken(String),
+    Refused(String),
+}
+
+#[derive(Debug)]
+pub(crate) struct Enroller {
+    state: Mutex<State>,
+    redirector: Redirector,
+    /// Inode of the agent's own network namespace, never to be redirected.
+    own_netns: u64,
+    store: Option<PodStore>,
+}
+
+impl Enroller {
+    /// An enroller knowing the pods saved in `store`, if any.
+    pub(crate) fn new(redirector: Redirector, own_netns: u64, store: Option<PodStore>) -> Self {
+        let pods: BTreeMap<String, EnrolledPod> = store
+            .iter()
+            .flat_map(|s| s.load(own_netns))
+            .map(|(pod, netns)| (pod.uid.clone(), EnrolledPod { pod, netns }))
+            .collect();
+        if let Some(store) = &store {
+            tracing::info!(pods = pods.len(), path = %store.path().display(), "loaded saved pods");
+        }
+        Self {
+            state: Mutex::new(State {
+                pods,
+                ztunnel: None,
+            }),
+            redirector,
+            own_netns,
+            store,
+        }
+    }
+
+    /// Saves the pods after a change. A failure is logged: the pods stay served,
+    /// only a restart would forget them.
+    async fn persist(&self, state: &State) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let pods = state.pods.values().map(|p| (&p.pod, &p.netns));
+        if let Err(e) = store.save(pods).await {
+            tracing::error!(path = %store.path().display(), "cannot save the pods: {e}");
+        }
+    }
+
+    /// Answers one plugin request.
+    pub(crate) async fn handle(&self, request: AgentRequest) -> AgentReply {
+        let result = match request {
+            AgentRequest::Add { pod } => self.add(pod).await,
+            AgentRequest::Del { uid, netns } => self.del(&uid, netns.as_deref()).await,
+            AgentRequest::Check { uid } => self.check(&uid).await.map(|()| None),
+            AgentRequest::List => {
+                let state = self.state.lock().await;
+                let pods = state.pods.values().map(|p| p.pod.clone()).collect();
+                return AgentReply::Ok { detail: None, pods };
+            }
+        };
+        match result {
+            Ok(None) => AgentReply::ok(),
+            Ok(Some(detail)) => AgentReply::ok_with(detail),
+            Err(e) => {
+                tracing::warn!("{e}");
+                AgentReply::failed(e.kind(), e.to_string())
+            }
+        }
+    }
+
+    async fn add(&self, pod: Pod) -> Result<Option<String>, EnrollError> {
+        if pod.uid.is_empty() || pod.netns.as_os_str().is_empty() {
+            return Err(EnrollError::BadRequest(
+                "a pod needs a uid and a netns".into(),
+            ));
+        }
+        let netns = self.open_pod_netns(&pod.netns)?;
+        let uid = pod.uid.clone();
+        let mut state = self.state.lock().await;
+        if let Some(old) = state.pods.remove(&uid) {
+            tracing::info!(%uid, "pod added again: replacing its earlier enrollment");
+            self.persist(&state).await;
+            self.retire(&mut state, old).await;
+        }
+        self.redirect(&uid, &netns, Redirector::install).await?;
+        let msg = zds::encode_add(&pod);
+        let attached = clone_netns(&netns)?;
+        tracing::info!(%uid, name = %pod.name, namespace = %pod.namespace, ips = ?pod.ips, "pod redirected");
+        state.pods.insert(uid.clone(), EnrolledPod { pod, netns });
+        self.persist(&state).await;
+        match self.tell_ztunnel(&mut state, msg, Some(attached)).await {
+            Delivery::Acked => Ok(None),
+            Delivery::NotConnected => Ok(Some(
+                "ztunnel is not connected; the pod is sent when it connects".into(),
+            )),
+            Delivery::Broken(reason) => Ok(Some(format!(
+                "ztunnel connection dropped ({reason}); the pod is sent when it reconnects"
+            ))),
+            Delivery::Refused(reason) => {
+                if let Some(gone) = state.pods.remove(&uid) {
+                    self.persist(&state).await;
+                    if let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await {
+                        tracing::warn!("{e}");
+                    }
+                }
+                Err(EnrollError::Refused { uid, reason })
+            }
+        }
+    }
+
+    async fn del(&self, uid: &str, netns: Option<&Path>) -> Result<Option<String>, EnrollError> {
+        let mut state = self.state.lock().await;
+        if let Some(old) = state.pods.remove(uid) {
+            self.persist(&state).await;
+            self.retire(&mut state, old).await;
+            tracing::info!(%uid, "pod removed");
+            return Ok(None);
+        }
+        // Unknown (never enrolled, opted out, or enrolled before an agent restart):
+        // clean what may be left in its namespace, unless another pod owns it.
+        if let Some(ns) = netns.and_then(|p| self.open_pod_netns(p).ok()) {
+            let inode = ns.inode().ok();
+            let shared = state.pods.values().any(|p| p.netns.inode().ok() == inode);
+            if !shared {
+                if let Err(e) = self.redirect(uid, &ns, Redirector::remove).await {
+                    tracing::debug!("cleanup of unknown pod: {e}");
+                }
+            }
+        }
+        Ok(Some(format!("pod {uid} was not enrolled")))
+    }
+
+    async fn check(&self, uid: &str) -> Result<(), EnrollError> {
+        let state = self.state.lock().await;
+        let pod = state.pods.get(uid).ok_or_else(|| EnrollError::UnknownPod {
+            uid: uid.to_owned(),
+        })?;
+        if self
+            .redirect(uid, &pod.netns, Redirector::is_installed)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(EnrollError::RulesMissing {
+                uid: uid.to_owned(),
+            })
+        }
+    }
+
+    /// A new ztunnel connection: every known pod, then `SnapshotSent`; then it
+    /// replaces the previous connection. Returns how many pods were sent.
+    pub(crate) async fn attach(
+        &self,
+        conn: &ZdsConnection,
+        handle: ZtunnelHandle,
+    ) -> Result<usize, ExchangeError> {
+        let mut state = self.state.lock().await;
+        for (uid, pod) in &state.pods {
+            match conn
+                .exchange(&zds::encode_add(&pod.pod), Some(&pod.netns))
+                .await
+            {
+                Ok(()) => {}
+                Err(ExchangeError::Refused(reason)) => {
+                    tracing::warn!(%uid, "ztunnel refused the pod in its snapshot: {reason}")
+                }
+                Err(broken) => return Err(broken),
+            }
+        }
+        match conn.exchange(&zds::encode_snapshot_sent(), None).await {
+            Ok(()) => {}
+            Err(ExchangeError::Refused(reason)) => {
+                tracing::warn!("ztunnel refused the end of the snapshot: {reason}")
+            }
+            Err(broken) => return Err(broken),
+        }
+        if let Some(old) = state.ztunnel.replace(handle) {
+            tracing::info!(old = old.id, "replacing the previous ztunnel connection");
+        }
+        Ok(state.pods.len())
+    }
+
+    /// Tells ztunnel the pod is gone, then removes its redirection.
+    async fn retire(&self, state: &mut State, old: EnrolledPod) {
+        let uid = old.pod.uid.as_str();
+        if let Delivery::Refused(reason) =
+            self.tell_ztunnel(state, zds::encode_del(uid), None).await
+        {
+            tracing::warn!(%uid, "ztunnel refused the removal: {reason}");
+        }
+        if let Err(e) = self.redirect(uid, &old.netns, Redirector::remove).await {
+            tracing::warn!("{e}");
+        }
+    }
+
+    async fn tell_ztunnel(
+        &self,
+        state: &mut State,
+        msg: Vec<u8>,
+        netns: Option<NetNs>,
+    ) -> Delivery {
+        let Some(handle) = state.ztunnel.clone() else {
+            return Delivery::NotConnected;
+        };
+        match handle.exchange(msg, netns).await {
+            Ok(()) => Delivery::Acked,
+            Err(ExchangeError::Refused(reason)) => Delivery::Refused(reason),
+            Err(ExchangeError::Broken(reason)) => {
+                state.ztunnel = None;
+                Delivery::Broken(reason)
+            }
+        }
+    }
+
+    /// Runs one [`Redirector`] operation on a blocking thread.
+    async fn redirect<T: Send + 'static>(
+        &self,
+        uid: &str,
+        netns: &NetNs,
+        op: fn(&Redirector, &NetNs) -> Result<T, RedirectError>,
+    ) -> Result<T, EnrollError> {
+        let redirector = self.redirector.clone();
+        let netns = clone_netns(netns)?;
+        tokio::task::spawn_blocking(move || op(&redirector, &netns))
+            .await
+            .map_err(|e| EnrollError::Internal(format!("redirection task failed: {e}")))?
+            .map_err(|source| EnrollError::Rules {
+                uid: uid.to_owned(),
+                source,
+            })
+    }
+
+    fn open_pod_netns(&self, path: &Path) -> Result<NetNs, EnrollError> {
+        let netns_err = |source| EnrollError::Netns {
+            path: path.to_owned(),
+            source,
+        };
+        let netns = NetNs::open(path).map_err(netns_err)?;
+        if netns.inode().map_err(netns_err)? == self.own_netns {
+            return Err(EnrollError::HostNetns {
+                path: path.to_owned(),
+            });
+        }
+        Ok(netns)
+    }
+}
+
+fn clone_netns(netns: &NetNs) -> Result<NetNs, EnrollError> {
+    netns
+        .try_clone()
+        .map_err(|e| EnrollError::Internal(format!("cannot duplicate a namespace fd: {e}")))
+}

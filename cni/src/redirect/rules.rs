@@ -1,0 +1,195 @@
+//! The redirection as text: the `iptables-restore` input that installs it, the
+//! input that removes exactly what is there (read from `iptables-save`), and the
+//! `ip rule` / `ip route` arguments and checks for the policy routing.
+
+use std::fmt::Write;
+
+use super::RedirectConfig;
+
+/// Our chains, per table: jumped to from PREROUTING and OUTPUT.
+pub const PREROUTING_CHAIN: &str = "AMBIT_PRERT";
+pub const OUTPUT_CHAIN: &str = "AMBIT_OUTPUT";
+const TABLES: [&str; 2] = ["mangle", "nat"];
+const CHAINS: [&str; 2] = [PREROUTING_CHAIN, OUTPUT_CHAIN];
+
+/// The `iptables-restore --noflush` input that installs the redirection.
+pub fn render_install(cfg: &RedirectConfig) -> String {
+    let (pm, cm, mask) = (cfg.proxy_mark, cfg.conn_mark, cfg.mark_mask);
+    let mut out = String::new();
+    let mut line = |l: String| {
+        out.push_str(&l);
+        out.push('\n');
+    };
+    for table in TABLES {
+        line(format!("*{table}"));
+        line(format!(":{PREROUTING_CHAIN} - [0:0]"));
+        line(format!(":{OUTPUT_CHAIN} - [0:0]"));
+        line(format!("-A PREROUTING -j {PREROUTING_CHAIN}"));
+        line(format!("-A OUTPUT -j {OUTPUT_CHAIN}"));
+        if table == "mangle" {
+            // Connections ztunnel opened into the pod (marked sockets) get a
+            // connmark, restored on the pod's replies so they route back to ztunnel.
+            line(format!(
+                "-A {PREROUTING_CHAIN} -m mark --mark {pm}/{mask} -j CONNMARK --set-xmark {cm}/{mask}"
+            ));
+            line(format!(
+                "-A {OUTPUT_CHAIN} -m connmark --mark {cm}/{mask} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+            ));
+        } else {
+            line(format!("-A {PREROUTING_CHAIN} -i lo -j RETURN"));
+            line(format!(
+                "-A {PREROUTING_CHAIN} -m mark --mark {pm}/{mask} -j RETURN"
+            ));
+            line(format!(
+                "-A {PREROUTING_CHAIN} -p tcp --dport {} -j RETURN",
+                cfg.hbone_port
+            ));
+            line(format!(
+                "-A {PREROUTING_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+                cfg.inbound_port
+            ));
+            line(format!(
+                "-A {OUTPUT_CHAIN} -m mark --mark {pm}/{mask} -j RETURN"
+            ));
+            line(format!("-A {OUTPUT_CHAIN} -d 127.0.0.0/8 -j RETURN"));
+            line(format!(
+                "-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+                cfg.outbound_port
+            ));
+        }
+        line("COMMIT".to_owned());
+    }
+    out
+}
+
+/// What of ours one table of an `iptables-save` dump holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TableState {
+    /// Rules elsewhere that jump into our chains, as `iptables-save` wrote them.
+    jumps: Vec<String>,
+    /// Our chains that exist.
+    chains: Vec<&'static str>,
+}
+
+fn our_chain(name: &str) -> Option<&'static str> {
+    CHAINS.into_iter().find(|c| *c == name)
+}
+
+/// Reads `table` of an `iptables-save` dump.
+fn table_state(saved: &str, table: &str) -> TableState {
+    let mut state = TableState::default();
+    let mut inside = false;
+    for line in saved.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('*') {
+            inside = name == table;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if line == "COMMIT" {
+            inside = false;
+        } else if let Some(decl) = line.strip_prefix(':') {
+            if let Some(chain) = decl.split_whitespace().next().and_then(our_chain) {
+                state.chains.push(chain);
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let mut words = rule.split_whitespace();
+            let from = words.next().unwrap_or_default();
+            let target = rule.split(" -j ").nth(1).map(str::trim).and_then(our_chain);
+            if our_chain(from).is_none() && target.is_some() {
+                state.jumps.push(rule.to_owned());
+            }
+        }
+    }
+    state
+}
+
+/// The `iptables-restore --noflush` input that removes our jumps and chains as
+/// found in `saved` (an `iptables-save` dump), leaving every other rule alone.
+/// `None` when nothing of ours is there.
+pub fn render_removal(saved: &str) -> Option<String> {
+    let mut out = String::new();
+    for table in TABLES {
+        let state = table_state(saved, table);
+        if state.jumps.is_empty() && state.chains.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for jump in &state.jumps {
+            let _ = writeln!(out, "-D {jump}");
+        }
+        for chain in &state.chains {
+            let _ = writeln!(out, "-F {chain}");
+            let _ = writeln!(out, "-X {chain}");
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// True when `saved` holds both our chains and their jumps in both tables. The
+/// chains' contents are ours alone, so their presence is what is checked.
+pub fn rules_present(saved: &str) -> bool {
+    TABLES.into_iter().all(|table| {
+        let state = table_state(saved, table);
+        let jumps_into = |chain: &str| {
+            state
+                .jumps
+                .iter()
+                .any(|j| j.split(" -j ").nth(1).map(str::trim) == Some(chain))
+        };
+        CHAINS
+            .into_iter()
+            .all(|c| state.chains.contains(&c) && jumps_into(c))
+    })
+}
+
+/// `ip rule <verb> ...` arguments for our fwmark rule (`verb` is `add` or `del`).
+pub fn ip_rule_args(cfg: &RedirectConfig, verb: &str) -> Vec<String> {
+    vec![
+        "rule".into(),
+        verb.into(),
+        "fwmark".into(),
+        format!("{}/{}", cfg.conn_mark, cfg.mark_mask),
+        "pref".into(),
+        cfg.rule_priority.to_string(),
+        "lookup".into(),
+        cfg.route_table.to_string(),
+    ]
+}
+
+/// `ip route <verb> ...` arguments for our local route (`replace` or `del`).
+pub fn ip_route_args(cfg: &RedirectConfig, verb: &str) -> Vec<String> {
+    ["route", verb, "local", "0.0.0.0/0", "dev", "lo", "table"]
+        .into_iter()
+        .map(String::from)
+        .chain([cfg.route_table.to_string()])
+        .collect()
+}
+
+/// Is our rule in `ip rule show` output?
+pub fn ip_rule_present(cfg: &RedirectConfig, shown: &str) -> bool {
+    let prefix = format!("{}:", cfg.rule_priority);
+    let mark = format!("{}/{}", cfg.conn_mark, cfg.mark_mask);
+    let table = cfg.route_table.to_string();
+    shown.lines().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.first() == Some(&prefix.as_str())
+            && words.windows(2).any(|w| w == ["fwmark", mark.as_str()])
+            && words.ends_with(&["lookup", table.as_str()])
+    })
+}
+
+/// Is our route in `ip route show table <t>` output?
+pub fn ip_route_present(shown: &str) -> bool {
+    shown.lines().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.starts_with(&["local", "default", "dev", "lo"])
+            || words.starts_with(&["local", "0.0.0.0/0", "dev", "lo"])
+    })
+}
+
+#[cfg(test)]
+#[path = "rules_tests.rs"]
+mod tests;

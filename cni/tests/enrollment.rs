@@ -1,0 +1,235 @@
+//! Enrollment end to end, as root, in namespaces the tests create: the plugin
+//! binary against an in-process node agent, with the test playing ztunnel.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use ambit_proto::zds::node_agent_message::Payload;
+use mesh_core::os::NetNs;
+use support::*;
+
+fn iptables(ns: &TestNetns) -> String {
+    ns.exec(&["iptables-save"])
+}
+
+fn assert_redirected(ns: &TestNetns) {
+    let saved = iptables(ns);
+    for line in [
+        "-A PREROUTING -j AMBIT_PRERT",
+        "-A OUTPUT -j AMBIT_OUTPUT",
+        "-A AMBIT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
+        "-A AMBIT_PRERT -p tcp -j REDIRECT --to-ports 15006",
+        "-A AMBIT_OUTPUT -m mark --mark 0x539/0xfff -j RETURN",
+        "-A AMBIT_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+    ] {
+        assert!(saved.contains(line), "missing `{line}` in\n{saved}");
+    }
+    let rules = ns.exec(&["ip", "rule"]);
+    assert!(
+        rules.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
+        "{rules}"
+    );
+    let routes = ns.exec(&["ip", "route", "show", "table", "100"]);
+    assert!(routes.contains("local default dev lo"), "{routes}");
+}
+
+fn assert_not_redirected(ns: &TestNetns) {
+    let saved = iptables(ns);
+    assert!(!saved.contains("AMBIT"), "left over:\n{saved}");
+    assert!(!ns.exec(&["ip", "rule"]).contains("fwmark 0x111"));
+    assert!(
+        ns.exec(&["ip", "route", "show", "table", "100"])
+            .trim()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_redirects_the_pod_and_hands_its_namespace_to_ztunnel_and_del_undoes_it() {
+    if !have_root("add_redirects_the_pod_and_hands_its_namespace_to_ztunnel_and_del_undoes_it") {
+        return;
+    }
+    let ns = TestNetns::new();
+    // Somebody else's rule, which must survive our removal.
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "198.18.0.9/32",
+        "-j",
+        "RETURN",
+    ]);
+    let agent = TestAgent::start();
+    let (zt, snapshot) = FakeZtunnel::attach(&agent.zds_socket).await;
+    assert!(snapshot.is_empty());
+
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.5");
+    let args = pod_args("web-0", "uid-web-0");
+    let plugin = spawn_plugin("ADD", &ns.path(), &args, &conf);
+    let (msg, fd) = zt.recv().await;
+    let Payload::Add(add) = msg else {
+        panic!("expected add, got {msg:?}")
+    };
+    assert_eq!(add.uid, "uid-web-0");
+    let info = add.info.unwrap();
+    assert_eq!(
+        (
+            info.name.as_str(),
+            info.namespace.as_str(),
+            info.service_account.as_str()
+        ),
+        ("web-0", "shop", "web")
+    );
+    let handed = NetNs::from_fd(fd.expect("the add carries the pod's namespace"));
+    assert_eq!(handed.inode().unwrap(), ns.inode());
+    // The redirection is in place before ztunnel hears of the pod.
+    assert_redirected(&ns);
+    zt.ack("").await;
+
+    let printed: serde_json::Value =
+        serde_json::from_str(&success(&plugin.await.unwrap())).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&conf).unwrap();
+    assert_eq!(
+        printed, sent["prevResult"],
+        "ADD must pass prevResult through"
+    );
+
+    success(
+        &spawn_plugin("CHECK", &ns.path(), &args, &conf)
+            .await
+            .unwrap(),
+    );
+
+    let plugin = spawn_plugin("DEL", &ns.path(), &args, &conf);
+    let (msg, fd) = zt.recv().await;
+    assert_eq!(
+        msg,
+        Payload::Del(ambit_proto::zds::DelWorkload {
+            uid: "uid-web-0".into()
+        })
+    );
+    assert!(fd.is_none());
+    zt.ack("").await;
+    assert_eq!(success(&plugin.await.unwrap()), "");
+    assert_not_redirected(&ns);
+    assert!(iptables(&ns).contains("-A OUTPUT -d 198.18.0.9/32 -j RETURN"));
+
+    // DEL again is fine; CHECK now says the container is unknown.
+    assert_eq!(
+        success(&spawn_plugin("DEL", &ns.path(), &args, &conf).await.unwrap()),
+        ""
+    );
+    let out = spawn_plugin("CHECK", &ns.path(), &args, &conf)
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["code"], 3, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnecting_ztunnel_gets_every_known_pod_then_snapshot_sent() {
+    if !have_root("a_reconnecting_ztunnel_gets_every_known_pod_then_snapshot_sent") {
+        return;
+    }
+    let agent = TestAgent::start();
+    let pods: Vec<(TestNetns, String)> = (0..3)
+        .map(|i| (TestNetns::new(), format!("uid-{i}")))
+        .collect();
+    let (first, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    for (ns, uid) in &pods[..2] {
+        let conf = net_conf(&agent.plugin_socket, "198.18.0.10");
+        let plugin = spawn_plugin("ADD", &ns.path(), &pod_args(uid, uid), &conf);
+        assert!(matches!(first.recv().await, (Payload::Add(_), Some(_))));
+        first.ack("").await;
+        success(&plugin.await.unwrap());
+    }
+    // ztunnel goes away; a pod added meanwhile is kept for the next one.
+    drop(first);
+    let (ns, uid) = &pods[2];
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.12");
+    success(
+        &spawn_plugin("ADD", &ns.path(), &pod_args(uid, uid), &conf)
+            .await
+            .unwrap(),
+    );
+    assert_redirected(ns);
+
+    let (second, snapshot) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let got: BTreeMap<String, u64> = snapshot
+        .into_iter()
+        .map(|(uid, fd)| (uid, NetNs::from_fd(fd).inode().unwrap()))
+        .collect();
+    let want: BTreeMap<String, u64> = pods
+        .iter()
+        .map(|(ns, uid)| (uid.clone(), ns.inode()))
+        .collect();
+    assert_eq!(got, want);
+
+    // The new connection is the live one: a DEL reaches it.
+    let plugin = spawn_plugin("DEL", &ns.path(), &pod_args(uid, uid), &conf);
+    assert!(matches!(second.recv().await, (Payload::Del(d), None) if d.uid == *uid));
+    second.ack("").await;
+    success(&plugin.await.unwrap());
+    assert_not_redirected(ns);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_ztunnel_refuses_is_rolled_back_and_the_add_fails() {
+    if !have_root("a_pod_ztunnel_refuses_is_rolled_back_and_the_add_fails") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let agent = TestAgent::start();
+    let (zt, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.20");
+    let plugin = spawn_plugin("ADD", &ns.path(), &pod_args("db-0", "uid-db-0"), &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
+    zt.ack("no certificate for shop/web").await;
+    let out = plugin.await.unwrap();
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("no certificate"),
+        "{err}"
+    );
+    assert_not_redirected(&ns);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_with_a_state_file_still_knows_its_pods() {
+    if !have_root("a_restarted_agent_with_a_state_file_still_knows_its_pods") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let args = pod_args("cart-0", "uid-cart-0");
+
+    let first = TestAgent::start_in(dir.path(), true);
+    let conf = net_conf(&first.plugin_socket, "198.18.0.40");
+    success(&spawn_plugin("ADD", &ns.path(), &args, &conf).await.unwrap());
+    let (zt, _) = FakeZtunnel::attach(&first.zds_socket).await;
+    first.stop().await;
+    zt.expect_closed().await;
+    assert_redirected(&ns);
+
+    let second = TestAgent::start_in(dir.path(), true);
+    let (zt, snapshot) = FakeZtunnel::attach(&second.zds_socket).await;
+    let got: Vec<(String, u64)> = snapshot
+        .into_iter()
+        .map(|(uid, fd)| (uid, NetNs::from_fd(fd).inode().unwrap()))
+        .collect();
+    assert_eq!(got, [("uid-cart-0".to_owned(), ns.inode())]);
+
+    let plugin = spawn_plugin("DEL", &ns.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Del(_), None)));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+    assert_not_redirected(&ns);
+}

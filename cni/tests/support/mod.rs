@@ -1,0 +1,270 @@
+//! What the cni integration tests share: the root gate, network namespaces that
+//! clean up after themselves, an in-process node agent, a test-side ztunnel on the
+//! zds socket, and running the plugin binary as a runtime would.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ambit_cni::agent::{Agent, AgentConfig};
+use ambit_cni::zds;
+use ambit_proto::zds::node_agent_message::Payload;
+use mesh_core::drain::DrainTrigger;
+use mesh_core::os::SeqPacket;
+
+/// Upper bound on any wait for an event; reaching it fails the test.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// True when running as root. Otherwise: a panic under CI=true, else a loud skip.
+pub fn have_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI must run {test} as root"
+    );
+    eprintln!("SKIPPED (needs root): {test}");
+    false
+}
+
+/// A network namespace of the test's own, deleted on drop (even on panic).
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("ambit-cnit-{}-{n}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip netns add {name}: {out:?}");
+        Self { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs a command inside the namespace; its stdout, which must succeed.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?} in {}: {out:?}", self.name);
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn inode(&self) -> u64 {
+        mesh_core::os::NetNs::open(self.path())
+            .unwrap()
+            .inode()
+            .unwrap()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The node agent, in-process, on sockets in a temp dir.
+pub struct TestAgent {
+    pub plugin_socket: PathBuf,
+    pub zds_socket: PathBuf,
+    trigger: DrainTrigger,
+    task: tokio::task::JoinHandle<()>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestAgent {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = Self::start_in(dir.path(), false);
+        agent._dir = Some(dir);
+        agent
+    }
+
+    /// An agent with its sockets (and, if `keep_state`, its pod state file) in
+    /// `dir`, which the caller keeps.
+    pub fn start_in(dir: &Path, keep_state: bool) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("ambit_cni=debug")
+            .with_test_writer()
+            .try_init();
+        let plugin_socket = dir.join("cni-agent.sock");
+        let zds_socket = dir.join("ztunnel.sock");
+        let mut config = AgentConfig::new(&plugin_socket, &zds_socket);
+        config.ack_timeout_ms = 10_000;
+        config.state_file = keep_state.then(|| dir.join("state/pods.json"));
+        let agent = Agent::bind(config).unwrap();
+        let (trigger, watcher) = mesh_core::drain::channel();
+        let task = tokio::spawn(agent.run(watcher));
+        Self {
+            plugin_socket,
+            zds_socket,
+            trigger,
+            task,
+            _dir: None,
+        }
+    }
+
+    /// Shuts the agent down gracefully and waits until it has stopped.
+    pub async fn stop(self) {
+        self.trigger.drain(EVENT_TIMEOUT).await;
+        self.task.await.unwrap();
+    }
+}
+
+/// The test playing ztunnel on the zds socket.
+pub struct FakeZtunnel {
+    sock: SeqPacket,
+}
+
+impl FakeZtunnel {
+    pub async fn connect(path: &Path) -> Self {
+        Self {
+            sock: SeqPacket::connect(path).await.unwrap(),
+        }
+    }
+
+    /// Connects, says hello and acks the snapshot; returns the pods it held.
+    pub async fn attach(path: &Path) -> (Self, Vec<(String, OwnedFd)>) {
+        let zt = Self::connect(path).await;
+        zt.send_raw(&zds::encode_hello(1)).await;
+        let mut pods = Vec::new();
+        loop {
+            match zt.recv().await {
+                (Payload::Add(add), Some(fd)) => pods.push((add.uid, fd)),
+                (Payload::SnapshotSent(_), None) => break,
+                other => panic!("unexpected in the snapshot: {other:?}"),
+            }
+            zt.ack("").await;
+        }
+        zt.ack("").await;
+        (zt, pods)
+    }
+
+    pub async fn send_raw(&self, bytes: &[u8]) {
+        self.sock.send(bytes, None).await.unwrap();
+    }
+
+    pub async fn ack(&self, error: &str) {
+        self.send_raw(&zds::encode_ack(error)).await;
+    }
+
+    /// The next message from the agent, waiting at most [`EVENT_TIMEOUT`].
+    pub async fn recv(&self) -> (Payload, Option<OwnedFd>) {
+        let (bytes, fd) = tokio::time::timeout(EVENT_TIMEOUT, self.sock.recv())
+            .await
+            .expect("no message from the agent")
+            .unwrap();
+        assert!(
+            !bytes.is_empty() || fd.is_some(),
+            "the agent closed the connection"
+        );
+        (zds::decode_node_agent(&bytes).unwrap(), fd)
+    }
+
+    /// Waits until the agent closes this connection.
+    pub async fn expect_closed(&self) {
+        loop {
+            let got = tokio::time::timeout(EVENT_TIMEOUT, self.sock.recv())
+                .await
+                .expect("the agent kept the connection open");
+            match got {
+                Ok((bytes, None)) if bytes.is_empty() => return,
+                Ok(_) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// The CNI config a runtime would pass to our plugin, chained after `bridge`.
+pub fn net_conf(agent_socket: &Path, ip: &str) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "ambit-test",
+        "type": "ambit-cni",
+        "nodeAgentSocket": agent_socket,
+        "timeoutSeconds": 30,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "mac": "02:00:00:00:00:01", "sandbox": "/run/netns/x"}],
+            "ips": [{"address": format!("{ip}/24"), "gateway": "198.18.0.1", "interface": 0}],
+            "dns": {}
+        }
+    })
+    .to_string()
+}
+
+/// Runs the plugin binary with the runtime's environment and `stdin`.
+pub fn run_plugin(command: &str, netns: &Path, cni_args: &str, stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ambit-cni"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "c0ffee")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", cni_args)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("AMBIT_CNI_LOG", "debug")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// [`run_plugin`] on a blocking thread, so the test can play ztunnel meanwhile.
+pub fn spawn_plugin(
+    command: &str,
+    netns: &Path,
+    cni_args: &str,
+    stdin: &str,
+) -> tokio::task::JoinHandle<Output> {
+    let (command, netns, cni_args, stdin) = (
+        command.to_owned(),
+        netns.to_owned(),
+        cni_args.to_owned(),
+        stdin.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || run_plugin(&command, &netns, &cni_args, &stdin))
+}
+
+pub fn pod_args(name: &str, uid: &str) -> String {
+    format!(
+        "K8S_POD_NAME={name};K8S_POD_NAMESPACE=shop;K8S_POD_UID={uid};K8S_POD_SERVICE_ACCOUNT=web"
+    )
+}
+
+/// Asserts the plugin succeeded; its stdout.
+pub fn success(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "plugin failed: stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}

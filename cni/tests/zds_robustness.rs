@@ -1,0 +1,97 @@
+//! A misbehaving ztunnel costs only its own connection: the agent logs it, drops
+//! it, and serves the next ztunnel and the plugin as before. No root needed.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use ambit_cni::api::{AgentReply, AgentRequest};
+use ambit_cni::plugin::AgentClient;
+use ambit_cni::zds;
+use ambit_proto::zds::node_agent_message::Payload;
+use support::*;
+
+const GARBAGE: &[u8] = b"\xff\xff\xff not protobuf";
+
+async fn agent_still_serves_plugins(agent: &TestAgent) {
+    let client = AgentClient::new(&agent.plugin_socket, EVENT_TIMEOUT);
+    let reply = tokio::task::spawn_blocking(move || client.request(&AgentRequest::List))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(reply, AgentReply::Ok { .. }), "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_instead_of_hello_drops_only_that_connection() {
+    let agent = TestAgent::start();
+    let bad = FakeZtunnel::connect(&agent.zds_socket).await;
+    bad.send_raw(GARBAGE).await;
+    bad.expect_closed().await;
+
+    let (_good, pods) = FakeZtunnel::attach(&agent.zds_socket).await;
+    assert!(pods.is_empty());
+    agent_still_serves_plugins(&agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_instead_of_an_ack_or_out_of_turn_drops_only_that_connection() {
+    let agent = TestAgent::start();
+
+    // Garbage where the snapshot's ack belongs.
+    let bad = FakeZtunnel::connect(&agent.zds_socket).await;
+    bad.send_raw(&zds::encode_hello(1)).await;
+    assert!(matches!(bad.recv().await, (Payload::SnapshotSent(_), None)));
+    bad.send_raw(GARBAGE).await;
+    bad.expect_closed().await;
+
+    // Garbage out of turn, on an attached connection.
+    let (bad, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    bad.send_raw(GARBAGE).await;
+    bad.expect_closed().await;
+
+    // A hello of an unknown version.
+    let bad = FakeZtunnel::connect(&agent.zds_socket).await;
+    bad.send_raw(&zds::encode_hello(99)).await;
+    bad.expect_closed().await;
+
+    let (_good, pods) = FakeZtunnel::attach(&agent.zds_socket).await;
+    assert!(pods.is_empty());
+    agent_still_serves_plugins(&agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_connection_replaces_the_older_one() {
+    let agent = TestAgent::start();
+    let (old, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let (_new, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    old.expect_closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_plugin_requests_get_an_error_reply() {
+    use std::io::{Read, Write};
+    let agent = TestAgent::start();
+    let path = agent.plugin_socket.clone();
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+        stream.write_all(b"{\"op\":\"explode\"}").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        reply
+    })
+    .await
+    .unwrap();
+    let reply: AgentReply = serde_json::from_str(&reply).unwrap();
+    assert!(
+        matches!(
+            &reply,
+            AgentReply::Failed {
+                kind: ambit_cni::api::FailureKind::BadRequest,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    agent_still_serves_plugins(&agent).await;
+}
