@@ -198,7 +198,11 @@ impl Cluster {
             .ok_or_else(|| ClusterError::Invalid("cluster already torn down".into()))?
             .join(format!("node-{node}"));
         let chain = CniChain::new(NETWORK_NAME).with(bridge_plugin(node, &state));
-        Ok(self.chained.iter().cloned().fold(chain, CniChain::with))
+        Ok(self
+            .chained
+            .iter()
+            .map(|p| p.for_node(node))
+            .fold(chain, CniChain::with))
     }
 
     /// Creates the pod's namespace and runs CNI ADD for it, as kubelet and the

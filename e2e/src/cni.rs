@@ -99,6 +99,25 @@ impl CniPlugin {
         &self.config
     }
 
+    /// This plugin as node `node` runs it: every `{node}` in the config's strings
+    /// becomes the node's index (e.g. a per-node agent socket path).
+    pub fn for_node(&self, node: u8) -> Self {
+        fn fill(v: &Value, node: &str) -> Value {
+            match v {
+                Value::String(s) => Value::String(s.replace("{node}", node)),
+                Value::Array(a) => Value::Array(a.iter().map(|x| fill(x, node)).collect()),
+                Value::Object(o) => {
+                    Value::Object(o.iter().map(|(k, x)| (k.clone(), fill(x, node))).collect())
+                }
+                other => other.clone(),
+            }
+        }
+        Self {
+            path: self.path.clone(),
+            config: fill(&self.config, &node.to_string()),
+        }
+    }
+
     fn label(&self) -> String {
         self.path.display().to_string()
     }

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod cni;
 pub mod echo;
+pub mod mesh;
 pub mod naming;
 pub mod netns;
 pub mod node;
@@ -21,6 +22,7 @@ use std::io::Write;
 pub use cluster::{Cluster, ClusterBuilder, ClusterError};
 pub use cni::{CniChain, CniError, CniPlugin, CniResult};
 pub use echo::{EchoServer, EchoTool};
+pub use mesh::{MeshCluster, MeshError, NodeMesh, workspace_bin};
 pub use naming::ClusterPrefix;
 pub use netns::{Netns, NetnsError, list_netns};
 pub use node::Node;

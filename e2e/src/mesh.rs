@@ -1,0 +1,214 @@
+//! A meshed cluster: the namespace cluster with Ambit's CNI plugin chained after
+//! `bridge`, and on every node a node agent and a ztunnel (local state file, shared
+//! CA root on disk), all real processes in the node's namespace.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use mesh_core::ca::LocalCa;
+use serde_json::json;
+
+use crate::cluster::{Cluster, ClusterError};
+use crate::cni::CniPlugin;
+use crate::pod::{Pod, PodSpec};
+use crate::process::{NsProcess, ProcessError};
+
+/// How long a mesh process gets to come up.
+pub const MESH_WAIT: Duration = Duration::from_secs(30);
+
+/// The workspace's binaries (`ztunnel`, `ambit-cni`), built once per test process
+/// so a test never runs stale ones.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "ztunnel",
+                "-p",
+                "ambit-cni",
+            ])
+            .status()
+            .map_err(|e| format!("cargo build: {e}"))?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("cargo build failed: {status}"))
+    });
+    if let Err(e) = built {
+        panic!("building the mesh binaries: {e}");
+    }
+    // Tests run from target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found after building",
+        path.display()
+    );
+    path
+}
+
+/// Why the mesh did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One node's mesh processes.
+#[derive(Debug)]
+pub struct NodeMesh {
+    pub agent: NsProcess,
+    pub ztunnel: NsProcess,
+}
+
+/// The cluster, its mesh processes and the files they share.
+#[derive(Debug)]
+pub struct MeshCluster {
+    // Processes go before the cluster so they die before their namespaces do.
+    pub nodes: Vec<NodeMesh>,
+    pub cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl MeshCluster {
+    /// `nodes` nodes, each with a node agent and a ztunnel, serving an empty state.
+    pub async fn start(nodes: u8) -> Result<Self, MeshError> {
+        let dir = tempfile::Builder::new()
+            .prefix("ambit-e2e-mesh-")
+            .tempdir()
+            .map_err(|e| MeshError::Setup(format!("temp dir: {e}")))?;
+        let ca = LocalCa::generate("ambit-e2e-root", Duration::from_secs(24 * 3600))
+            .map_err(|e| MeshError::Setup(e.to_string()))?;
+        let write = |name: &str, text: &str, mode: u32| -> Result<(), MeshError> {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).map_err(|e| MeshError::Setup(format!("{name}: {e}")))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| MeshError::Setup(format!("{name}: {e}")))
+        };
+        write("root-cert.pem", ca.root_pem(), 0o644)?;
+        write("root-key.pem", &ca.root_key_pem(), 0o600)?;
+        write("state.yaml", "", 0o644)?;
+        let plugin = CniPlugin::new(
+            workspace_bin("ambit-cni"),
+            json!({ "nodeAgentSocket": dir.path().join("agent-{node}.sock") }),
+        );
+        let cluster = Cluster::builder()
+            .nodes(nodes)
+            .chain_plugin(plugin)
+            .build()?;
+        let mut mesh = Self {
+            nodes: Vec::new(),
+            cluster,
+            dir,
+        };
+        for n in 1..=nodes {
+            let node = mesh.start_node(n).await?;
+            mesh.nodes.push(node);
+        }
+        Ok(mesh)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn start_node(&self, n: u8) -> Result<NodeMesh, MeshError> {
+        let node = self
+            .cluster
+            .node(n)
+            .ok_or_else(|| MeshError::Setup(format!("no node {n}")))?;
+        let mut agent_cmd = node.command(workspace_bin("ambit-cni"));
+        agent_cmd
+            .arg("agent")
+            .arg("--plugin-socket")
+            .arg(self.path(&format!("agent-{n}.sock")))
+            .arg("--zds-socket")
+            .arg(self.path(&format!("zds-{n}.sock")))
+            .env("NO_COLOR", "1");
+        let agent = NsProcess::spawn(format!("node agent {n}"), agent_cmd)?;
+        let mut zt_cmd = node.command(workspace_bin("ztunnel"));
+        zt_cmd
+            .arg("--node-name")
+            .arg(format!("node-{n}"))
+            .arg("--local-state")
+            .arg(self.path("state.yaml"))
+            .arg("--ca-cert")
+            .arg(self.path("root-cert.pem"))
+            .arg("--ca-key")
+            .arg(self.path("root-key.pem"))
+            .arg("--node-agent-socket")
+            .arg(self.path(&format!("zds-{n}.sock")))
+            .arg("--drain-deadline")
+            .arg("2s")
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info");
+        let mut ztunnel = NsProcess::spawn(format!("ztunnel {n}"), zt_cmd)?;
+        ztunnel
+            .wait_for_line("ztunnel serving", MESH_WAIT, |l| {
+                l.contains("ztunnel serving")
+            })
+            .await?;
+        ztunnel
+            .wait_for_line("connected to the node agent", MESH_WAIT, |l| {
+                l.contains("connected to the node agent")
+            })
+            .await?;
+        Ok(NodeMesh { agent, ztunnel })
+    }
+
+    /// Adds a pod through the CNI chain and waits until its node's ztunnel serves it.
+    pub async fn add_pod(&mut self, spec: PodSpec) -> Result<Pod, MeshError> {
+        let pod = self.cluster.add_pod(spec)?;
+        let want = format!("pod proxy started pod={}/{}", pod.namespace(), pod.name());
+        let zt = &mut self.nodes[usize::from(pod.node()) - 1].ztunnel;
+        zt.wait_for_line(&want, MESH_WAIT, |l| l.contains(&want))
+            .await?;
+        Ok(pod)
+    }
+
+    /// Writes the state file: one workload per pod (its uid is the container id,
+    /// as the plugin reports it), plus `extra` YAML appended at the top level; then
+    /// waits until every ztunnel applied it.
+    pub async fn write_state(&mut self, services_and_policies: &str) -> Result<(), MeshError> {
+        let mut out = String::from("workloads:\n");
+        for pod in self.cluster.pods() {
+            let labels: BTreeMap<&str, &str> = [("app", pod.name())].into();
+            out.push_str(&format!(
+                "  - {{uid: \"{uid}\", name: \"{name}\", namespace: \"{ns}\", serviceAccount: default, node: node-{node}, addresses: [\"{ip}\"], labels: {labels}}}\n",
+                uid = pod.container_id(),
+                name = pod.name(),
+                ns = pod.namespace(),
+                node = pod.node(),
+                ip = pod.ip(),
+                labels = serde_json::to_string(&labels).unwrap_or_default(),
+            ));
+        }
+        out.push_str(services_and_policies);
+        let workloads = self.cluster.pods().count();
+        std::fs::write(self.path("state.yaml"), out)
+            .map_err(|e| MeshError::Setup(format!("state.yaml: {e}")))?;
+        let want = format!("workloads={workloads}");
+        for node in &mut self.nodes {
+            node.ztunnel
+                .wait_for_line("local state applied", MESH_WAIT, |l| {
+                    l.contains("local state applied") && l.contains(&want)
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
