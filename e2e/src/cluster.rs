@@ -231,9 +231,12 @@ impl Cluster {
             container_id: container_id.clone(),
             netns_path: netns.path(),
             ifname: POD_IFNAME.to_owned(),
-            args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
-                spec.namespace, spec.name, container_id
+            args: spec.cni_args.iter().fold(
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                    spec.namespace, spec.name, container_id
+                ),
+                |args, (k, v)| format!("{args};{k}={v}"),
             ),
         };
         let loopback = loopback_invocation(&invocation);
@@ -261,6 +264,7 @@ impl Cluster {
             container_id,
             ip,
             cni_result: result,
+            cni_args: spec.cni_args,
         };
         self.pods.push(PodSlot {
             pod: pod.clone(),

@@ -170,9 +170,13 @@ impl MeshCluster {
         Ok(NodeMesh { agent, ztunnel })
     }
 
-    /// Adds a pod through the CNI chain and waits until its node's ztunnel serves it.
+    /// Adds a pod through the CNI chain and, unless it opted out of the mesh
+    /// (`AMBIT_ENROLL=false`), waits until its node's ztunnel serves it.
     pub async fn add_pod(&mut self, spec: PodSpec) -> Result<Pod, MeshError> {
         let pod = self.cluster.add_pod(spec)?;
+        if !enrolled(&pod) {
+            return Ok(pod);
+        }
         let want = format!("pod proxy started pod={}/{}", pod.namespace(), pod.name());
         let zt = &mut self.nodes[usize::from(pod.node()) - 1].ztunnel;
         zt.wait_for_line(&want, MESH_WAIT, |l| l.contains(&want))
@@ -185,11 +189,12 @@ impl MeshCluster {
     /// waits until every ztunnel applied it.
     pub async fn write_state(&mut self, services_and_policies: &str) -> Result<(), MeshError> {
         let mut out = String::from("workloads:\n");
-        for pod in self.cluster.pods() {
+        for pod in self.cluster.pods().filter(|p| enrolled(p)) {
             let labels: BTreeMap<&str, &str> = [("app", pod.name())].into();
             out.push_str(&format!(
-                "  - {{uid: \"{uid}\", name: \"{name}\", namespace: \"{ns}\", serviceAccount: default, node: node-{node}, addresses: [\"{ip}\"], labels: {labels}}}\n",
+                "  - {{uid: \"{uid}\", name: \"{name}\", namespace: \"{ns}\", serviceAccount: \"{sa}\", node: node-{node}, addresses: [\"{ip}\"], labels: {labels}}}\n",
                 uid = pod.container_id(),
+                sa = pod.cni_arg("K8S_POD_SERVICE_ACCOUNT").unwrap_or("default"),
                 name = pod.name(),
                 ns = pod.namespace(),
                 node = pod.node(),
@@ -198,7 +203,7 @@ impl MeshCluster {
             ));
         }
         out.push_str(services_and_policies);
-        let workloads = self.cluster.pods().count();
+        let workloads = self.cluster.pods().filter(|p| enrolled(p)).count();
         std::fs::write(self.path("state.yaml"), out)
             .map_err(|e| MeshError::Setup(format!("state.yaml: {e}")))?;
         let want = format!("workloads={workloads}");
@@ -210,5 +215,50 @@ impl MeshCluster {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Whether a pod is in the mesh (it did not opt out with `AMBIT_ENROLL=false`).
+pub fn enrolled(pod: &Pod) -> bool {
+    pod.cni_arg("AMBIT_ENROLL") != Some("false")
+}
+
+impl MeshCluster {
+    /// GETs `path` from `addr` inside node `node`'s namespace (the admin endpoint is
+    /// on the node's loopback) and returns the body.
+    pub fn fetch(&self, node: u8, addr: &str, path: &str) -> Result<String, MeshError> {
+        use std::io::{Read, Write};
+        let node = self
+            .cluster
+            .node(node)
+            .ok_or_else(|| MeshError::Setup(format!("no node {node}")))?;
+        let ns = mesh_core::os::NetNs::open(format!("/run/netns/{}", node.netns_name()))
+            .map_err(|e| MeshError::Setup(format!("open node namespace: {e}")))?;
+        let addr = addr.to_string();
+        let path = path.to_string();
+        let text = ns
+            .run(move || -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect(&addr)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .map_err(|e| MeshError::Setup(format!("enter node namespace: {e}")))?
+            .map_err(|e| MeshError::Setup(format!("GET {}: {e}", "admin")))?;
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
+    }
+
+    /// Overwrites the state file with `yaml` as given (bad input tests).
+    pub fn write_raw_state(&self, yaml: &str) -> Result<(), MeshError> {
+        std::fs::write(self.path("state.yaml"), yaml)
+            .map_err(|e| MeshError::Setup(format!("state.yaml: {e}")))
     }
 }

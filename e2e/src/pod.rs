@@ -18,6 +18,7 @@ pub struct PodSpec {
     pub(crate) name: String,
     pub(crate) node: u8,
     pub(crate) namespace: String,
+    pub(crate) cni_args: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -26,11 +27,18 @@ impl PodSpec {
             name: name.into(),
             node,
             namespace: "default".to_owned(),
+            cni_args: Vec::new(),
         }
     }
 
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
+        self
+    }
+
+    /// An extra `K=V` for `CNI_ARGS` (e.g. `K8S_POD_SERVICE_ACCOUNT`).
+    pub fn cni_arg(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.cni_args.push((key.into(), value.into()));
         self
     }
 }
@@ -45,9 +53,18 @@ pub struct Pod {
     pub(crate) container_id: String,
     pub(crate) ip: Ipv4Addr,
     pub(crate) cni_result: CniResult,
+    pub(crate) cni_args: Vec<(String, String)>,
 }
 
 impl Pod {
+    /// The value of an extra `CNI_ARGS` key the pod was created with.
+    pub fn cni_arg(&self, key: &str) -> Option<&str> {
+        self.cni_args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
