@@ -72,3 +72,385 @@ async fn meshed_pods_talk_on_one_node_and_across_nodes_with_identities() {
         .await
         .unwrap();
 }
+
+/// Waits until `cond` holds on the node's Prometheus text, or fails after 10 s.
+async fn wait_metrics(
+    mesh: &MeshCluster,
+    node: u8,
+    what: &str,
+    cond: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = mesh.fetch(node, "127.0.0.1:15020", "/metrics").unwrap();
+        if cond(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|m| l.contains(m)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_between_nodes_carries_only_tls_to_15008() {
+    if !require_root("the_wire_between_nodes_carries_only_tls_to_15008") {
+        return;
+    }
+    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let client = mesh
+        .add_pod(PodSpec::new("client", 1).namespace("shop"))
+        .await
+        .unwrap();
+    let far = mesh
+        .add_pod(PodSpec::new("far", 2).namespace("shop"))
+        .await
+        .unwrap();
+    mesh.write_state("").await.unwrap();
+    let _srv = echo().serve(&far, 8080).await.unwrap();
+
+    // Capture in node 1's namespace everything to or from the far pod.
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("wire.pcap");
+    let mut cmd = mesh.cluster.node(1).unwrap().command("tcpdump");
+    // Immediate mode: packets reach the file as they come, not when a buffer fills.
+    cmd.args(["-i", "any", "-nn", "-U", "--immediate-mode", "-w"])
+        .arg(&pcap)
+        .arg(format!("host {}", far.ip()));
+    let mut dump = ambit_e2e::NsProcess::spawn("tcpdump", cmd).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !dump.stderr().contains("listening on") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tcpdump never started: {}",
+            dump.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let marker = "PLAINTEXT-MARKER-5c1e9a".repeat(40);
+    let reply = echo()
+        .connect(&client, SocketAddr::from((far.ip(), 8080)), &marker)
+        .await
+        .unwrap();
+    assert_eq!(reply.trim(), marker);
+
+    // SIGINT makes tcpdump flush and exit.
+    let pid = nix::unistd::Pid::from_raw(dump.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    dump.wait(Duration::from_secs(10)).await.unwrap();
+
+    let bytes = std::fs::read(&pcap).unwrap();
+    let needle = b"PLAINTEXT-MARKER-5c1e9a";
+    assert!(
+        !bytes.windows(needle.len()).any(|w| w == needle),
+        "the marker crossed the wire in plaintext"
+    );
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(" IP ")).collect();
+    assert!(
+        !lines.is_empty(),
+        "nothing captured ({} bytes): {text} {} / tcpdump: {}",
+        bytes.len(),
+        String::from_utf8_lossy(&out.stderr),
+        dump.stderr()
+    );
+    let hbone = format!("{}.15008", far.ip());
+    let app = format!("{}.8080", far.ip());
+    for l in &lines {
+        assert!(l.contains(&hbone), "a packet not to or from {hbone}: {l}");
+        assert!(
+            !l.contains(&app),
+            "a connection to the server's own port: {l}"
+        );
+    }
+}
+
+const POLICIES: &str = r#"
+policies:
+  - name: server-allow-frontend
+    namespace: shop
+    scope: WORKLOAD_SELECTOR
+    selector: {app: server}
+    action: ALLOW
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/shop/sa/frontend"]
+                destinationPorts: [8080]
+  - name: no-elsewhere
+    namespace: shop
+    scope: NAMESPACE
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - namespaces: ["elsewhere"]
+                notDestinationPorts: [7070]
+  - name: audit-9090
+    namespace: shop
+    scope: NAMESPACE
+    action: DENY
+    dryRun: true
+    rules:
+      - clauses:
+          - matches:
+              - destinationPorts: [9090]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_allows_denies_counts_and_explains() {
+    if !require_root("policy_allows_denies_counts_and_explains") {
+        return;
+    }
+    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let frontend = mesh
+        .add_pod(
+            PodSpec::new("frontend", 1)
+                .namespace("shop")
+                .cni_arg("K8S_POD_SERVICE_ACCOUNT", "frontend"),
+        )
+        .await
+        .unwrap();
+    let scraper = mesh
+        .add_pod(
+            PodSpec::new("scraper", 1)
+                .namespace("elsewhere")
+                .cni_arg("K8S_POD_SERVICE_ACCOUNT", "scraper"),
+        )
+        .await
+        .unwrap();
+    let server = mesh
+        .add_pod(
+            PodSpec::new("server", 2)
+                .namespace("shop")
+                .cni_arg("K8S_POD_SERVICE_ACCOUNT", "cart"),
+        )
+        .await
+        .unwrap();
+    mesh.write_state(POLICIES).await.unwrap();
+    let _s1 = echo().serve(&server, 8080).await.unwrap();
+    let _s2 = echo().serve(&server, 9090).await.unwrap();
+    let to = |port| SocketAddr::from((server.ip(), port));
+
+    // ALLOW by service account, on its port.
+    assert_eq!(
+        echo()
+            .connect(&frontend, to(8080), "allowed")
+            .await
+            .unwrap()
+            .trim(),
+        "allowed"
+    );
+    // The same caller on another port: the port-scoped ALLOW does not match. The
+    // captured connection is closed without a reply.
+    assert_eq!(
+        echo()
+            .connect(&frontend, to(9090), "port")
+            .await
+            .unwrap_or_default(),
+        ""
+    );
+    // Another namespace: the DENY (with its `not` form) refuses first.
+    assert_eq!(
+        echo()
+            .connect(&scraper, to(8080), "denied")
+            .await
+            .unwrap_or_default(),
+        ""
+    );
+
+    let text = wait_metrics(&mesh, 2, "two policy denials", |t| {
+        metric(t, "ambit_connections_denied_total", &["reason=\"policy\""]) == 2.0
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\""]
+        ),
+        1.0,
+        "{text}"
+    );
+    let why = mesh
+        .fetch(2, "127.0.0.1:15000", "/debug/why?format=text")
+        .unwrap();
+    assert!(
+        why.contains("no ALLOW policy matched (considered: shop/server-allow-frontend)"),
+        "{why}"
+    );
+    assert!(
+        why.contains("dry-run DENY policy shop/audit-9090 would deny"),
+        "{why}"
+    );
+    assert!(
+        why.contains("denied by DENY policy shop/no-elsewhere rule 0"),
+        "{why}"
+    );
+    assert!(
+        why.contains("spiffe://cluster.local/ns/elsewhere/sa/scraper"),
+        "{why}"
+    );
+    // The client side counts the refusal too.
+    let text = wait_metrics(&mesh, 1, "denials seen by the source", |t| {
+        metric(
+            t,
+            "ambit_connections_denied_total",
+            &["reason=\"denied_by_destination\""],
+        ) == 2.0
+    })
+    .await;
+    assert!(text.contains("ambit_connections_denied_total"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_policy_applies_within_a_second_and_keeps_established_connections() {
+    if !require_root("a_live_policy_applies_within_a_second_and_keeps_established_connections") {
+        return;
+    }
+    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let frontend = mesh
+        .add_pod(
+            PodSpec::new("frontend", 1)
+                .namespace("shop")
+                .cni_arg("K8S_POD_SERVICE_ACCOUNT", "frontend"),
+        )
+        .await
+        .unwrap();
+    let other = mesh
+        .add_pod(
+            PodSpec::new("other", 1)
+                .namespace("shop")
+                .cni_arg("K8S_POD_SERVICE_ACCOUNT", "other"),
+        )
+        .await
+        .unwrap();
+    let server = mesh
+        .add_pod(PodSpec::new("server", 2).namespace("shop"))
+        .await
+        .unwrap();
+    mesh.write_state("").await.unwrap();
+    let _srv = echo().serve(&server, 8080).await.unwrap();
+    let addr = SocketAddr::from((server.ip(), 8080));
+    assert_eq!(
+        echo().connect(&other, addr, "before").await.unwrap().trim(),
+        "before"
+    );
+
+    // A long-lived connection from frontend.
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let mut cmd = frontend.command(env!("CARGO_BIN_EXE_e2e-tool"));
+    cmd.arg("session").arg(addr.to_string()).arg(&stop);
+    let mut session = ambit_e2e::NsProcess::spawn("session", cmd).unwrap();
+    session
+        .wait_for_line("pong 1", Duration::from_secs(10), |l| l == "pong 1")
+        .await
+        .unwrap();
+
+    // Only frontend may connect now.
+    let policy = r#"
+policies:
+  - name: only-frontend
+    namespace: shop
+    scope: NAMESPACE
+    action: ALLOW
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/shop/sa/frontend"]
+"#;
+    let written = tokio::time::Instant::now();
+    mesh.write_state(policy).await.unwrap();
+    // New connections from `other` are refused within a second of the write.
+    loop {
+        let reply = echo()
+            .connect(&other, addr, "after")
+            .await
+            .unwrap_or_default();
+        if reply.is_empty() {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(1),
+            "policy not enforced within 1 s"
+        );
+    }
+    assert!(
+        written.elapsed() < Duration::from_secs(1),
+        "policy not enforced within 1 s"
+    );
+
+    // The established connection, still allowed, keeps going and ends cleanly.
+    let line = session.next_line(Duration::from_secs(10)).await.unwrap();
+    assert!(line.starts_with("pong "), "{line}");
+    std::fs::write(&stop, "").unwrap();
+    session
+        .wait_for_line("closed cleanly", Duration::from_secs(10), |l| {
+            l == "closed cleanly" || l.starts_with("broken")
+        })
+        .await
+        .map(|l| assert_eq!(l, "closed cleanly"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_state_file_is_reported_and_the_mesh_keeps_working() {
+    if !require_root("a_malformed_state_file_is_reported_and_the_mesh_keeps_working") {
+        return;
+    }
+    let mut mesh = MeshCluster::start(1).await.unwrap();
+    let client = mesh
+        .add_pod(PodSpec::new("client", 1).namespace("shop"))
+        .await
+        .unwrap();
+    let server = mesh
+        .add_pod(PodSpec::new("server", 1).namespace("shop"))
+        .await
+        .unwrap();
+    mesh.write_state("").await.unwrap();
+    let _srv = echo().serve(&server, 8080).await.unwrap();
+    let addr = SocketAddr::from((server.ip(), 8080));
+
+    mesh.write_raw_state("workloads:\n  - uid: x\n    addresses: [not-an-ip\n")
+        .unwrap();
+    mesh.nodes[0]
+        .ztunnel
+        .wait_for_line("the refusal", Duration::from_secs(10), |l| {
+            l.contains("local state refused")
+        })
+        .await
+        .unwrap();
+    let dump = mesh.fetch(1, "127.0.0.1:15000", "/config_dump").unwrap();
+    assert!(
+        dump.contains("\"localStateError\"") && dump.contains("does not parse"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains(&format!("\"{}\"", server.ip())),
+        "the last good state was lost:\n{dump}"
+    );
+    assert_eq!(
+        echo()
+            .connect(&client, addr, "still works")
+            .await
+            .unwrap()
+            .trim(),
+        "still works"
+    );
+}

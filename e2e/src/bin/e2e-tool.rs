@@ -4,6 +4,10 @@
 //!   bound, then `peer <ip:port>` for each accepted connection (what the server sees
 //!   as the source, so tests can check addresses are preserved).
 //! - `connect <ip:port> <message>`: sends the message, half-closes, prints the reply.
+//! - `session <ip:port> <stop-file>`: a long-lived connection; prints `connected`,
+//!   then every 50 ms sends `ping N` and prints `pong N` when its echo returns, until
+//!   `<stop-file>` exists; then half-closes and prints `closed cleanly`. A broken
+//!   connection prints `broken: <why>` and exits non-zero.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -25,7 +29,10 @@ fn main() -> anyhow::Result<()> {
     {
         ["serve", port] => serve(port.parse().context("port")?),
         ["connect", addr, message] => connect(addr.parse().context("address")?, message),
-        _ => bail!("usage: e2e-tool serve <port> | e2e-tool connect <ip:port> <message>"),
+        ["session", addr, stop] => session(addr.parse().context("address")?, stop),
+        _ => bail!(
+            "usage: e2e-tool serve <port> | connect <ip:port> <message> | session <ip:port> <stop-file>"
+        ),
     }
 }
 
@@ -78,4 +85,34 @@ fn connect(addr: SocketAddr, message: &str) -> anyhow::Result<()> {
     out.write_all(&reply)?;
     out.flush()?;
     Ok(())
+}
+
+fn session(addr: SocketAddr, stop: &str) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    say("connected")?;
+    let mut n = 0u64;
+    while !std::path::Path::new(stop).exists() {
+        n += 1;
+        let msg = format!("ping {n}\n");
+        let mut back = vec![0u8; msg.len()];
+        let exchanged = stream
+            .write_all(msg.as_bytes())
+            .and_then(|()| stream.read_exact(&mut back));
+        if let Err(e) = exchanged {
+            say(&format!("broken: {e}"))?;
+            bail!("session broken after {n} pings: {e}");
+        }
+        if back != msg.as_bytes() {
+            say("broken: garbled echo")?;
+            bail!("garbled echo");
+        }
+        say(&format!("pong {n}"))?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    say("closed cleanly")
 }
