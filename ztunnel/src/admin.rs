@@ -120,7 +120,7 @@ fn respond(
         ),
         (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => (
             StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
             state.inputs.metrics.encode(),
         ),
         (Endpoint::Readiness, "/healthz/ready") => {

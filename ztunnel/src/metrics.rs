@@ -94,12 +94,13 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric in the Prometheus text format (0.0.4), what Prometheus, promtool
+    /// and Istio's dashboards read.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        openmetrics_to_prometheus(&out)
     }
 
     pub fn deny(&self, reason: &str) {
@@ -109,6 +110,32 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples
+/// `x_total` and the text ends with `# EOF`. The Prometheus text format names the
+/// family after its samples: rename counter families and drop the EOF marker.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// Process CPU seconds and resident memory, read from /proc at each scrape.
@@ -225,6 +252,12 @@ mod tests {
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("ambit_certificates 1"), "{text}");
         assert!(text.contains("ambit_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/cart\"}"), "{text}");
+        assert!(
+            text.contains("# TYPE istio_tcp_connections_opened_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE ambit_certificates gauge"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
         let (cpu, rss) = process_usage().unwrap();
         assert!(cpu >= 0.0 && rss > 1024 * 1024);
     }

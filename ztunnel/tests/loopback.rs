@@ -233,6 +233,8 @@ async fn a_meshed_client_reaches_the_server_over_hbone_and_metrics_match() {
         "{text}"
     );
 
+    promtool_accepts(&text);
+
     // The admin dump shows the state and certificates, without keys.
     let (status, dump) = http_get(f.app.admin_addr, "/config_dump").await;
     assert_eq!(status, 200);
@@ -323,5 +325,42 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
     assert_eq!(
         f.app.shutdown().await,
         mesh_core::drain::DrainOutcome::Graceful
+    );
+}
+
+/// `promtool check metrics` (Debian package `prometheus`) must accept the exposition.
+/// CI installs it; elsewhere a missing promtool skips this check loudly.
+fn promtool_accepts(text: &str) {
+    let promtool = std::env::var("AMBIT_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must have promtool: {e}"
+            );
+            eprintln!("SKIPPED promtool check ({promtool}: {e})");
+            return;
+        }
+    };
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool refused the metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
