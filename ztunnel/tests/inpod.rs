@@ -1,0 +1,190 @@
+//! ztunnel as the node agent's client, against a test agent speaking zds on a real
+//! SOCK_SEQPACKET socket: malformed messages are refused with an error ack and the
+//! session goes on; pods arrive with their namespace; after a reconnect the snapshot
+//! drops pods the agent no longer has.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_proto::zds::{
+    AddWorkload, DelWorkload, NodeAgentMessage, SnapshotSent, WorkloadInfo, ZtunnelMessage,
+    node_agent_message::Payload, ztunnel_message,
+};
+use clap::Parser;
+use mesh_core::os::{NetNs, SeqPacket, SeqPacketListener};
+use prost::Message;
+use ztunnel::app::App;
+use ztunnel::config::Config;
+
+async fn start(dir: &std::path::Path) -> (Arc<App>, SeqPacketListener) {
+    let sock = dir.join("zds.sock");
+    let listener = SeqPacketListener::bind(&sock).unwrap();
+    let config = Config::try_parse_from([
+        "ztunnel",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--drain-deadline",
+        "1s",
+        "--node-agent-socket",
+        sock.to_str().unwrap(),
+    ])
+    .unwrap();
+    let app = Arc::new(App::start(config).await.unwrap());
+    tokio::spawn(ztunnel::inpod::run(app.clone()));
+    (app, listener)
+}
+
+/// Accepts ztunnel's connection and checks its hello.
+async fn session(listener: &SeqPacketListener) -> SeqPacket {
+    let conn = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("ztunnel never connected")
+        .unwrap();
+    let (hello, _) = conn.recv().await.unwrap();
+    match ZtunnelMessage::decode(hello.as_slice()).unwrap().payload {
+        Some(ztunnel_message::Payload::Hello(h)) => assert_eq!(h.version, 1),
+        other => panic!("expected hello, got {other:?}"),
+    }
+    conn
+}
+
+async fn ack(conn: &SeqPacket) -> String {
+    let (bytes, _) = tokio::time::timeout(Duration::from_secs(10), conn.recv())
+        .await
+        .expect("no ack")
+        .unwrap();
+    match ZtunnelMessage::decode(bytes.as_slice()).unwrap().payload {
+        Some(ztunnel_message::Payload::Ack(a)) => a.error,
+        other => panic!("expected ack, got {other:?}"),
+    }
+}
+
+fn add(uid: &str) -> Vec<u8> {
+    NodeAgentMessage {
+        payload: Some(Payload::Add(AddWorkload {
+            uid: uid.into(),
+            info: Some(WorkloadInfo {
+                name: uid.into(),
+                namespace: "shop".into(),
+                service_account: "cart".into(),
+            }),
+        })),
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_an_error_ack_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, listener) = start(dir.path()).await;
+    let conn = session(&listener).await;
+
+    conn.send(b"\xff\xff not protobuf", None).await.unwrap();
+    let e = ack(&conn).await;
+    assert!(
+        e.starts_with("malformed message: not a NodeAgentMessage"),
+        "{e}"
+    );
+
+    // Only an unknown field (15): valid protobuf, but no payload. (An empty packet
+    // would read as the agent closing the connection.)
+    conn.send(&[0x78, 0x01], None).await.unwrap();
+    assert_eq!(ack(&conn).await, "malformed message: no payload");
+
+    conn.send(&add("pod-a"), None).await.unwrap();
+    assert_eq!(
+        ack(&conn).await,
+        "add pod-a: no network namespace descriptor attached"
+    );
+
+    let del = NodeAgentMessage {
+        payload: Some(Payload::Del(DelWorkload {
+            uid: "nobody".into(),
+        })),
+    };
+    conn.send(&del.encode_to_vec(), None).await.unwrap();
+    assert_eq!(
+        ack(&conn).await,
+        "",
+        "deleting an unknown pod is not an error"
+    );
+    assert!(app.pod_uids().await.is_empty());
+    app.shutdown().await;
+}
+
+/// A network namespace made for the test, removed at the end.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(tag: &str) -> Self {
+        let name = format!("ambit-zdst-{}-{tag}", std::process::id());
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success()
+        );
+        Self(name)
+    }
+
+    fn open(&self) -> NetNs {
+        NetNs::open(format!("/run/netns/{}", self.0)).unwrap()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
+    if !nix::unistd::Uid::effective().is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run this test as root"
+        );
+        eprintln!(
+            "SKIPPED (needs root): pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest"
+        );
+        return;
+    }
+    let (ns_a, ns_b) = (TestNetns::new("a"), TestNetns::new("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let (app, listener) = start(dir.path()).await;
+    let conn = session(&listener).await;
+    for (uid, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
+        conn.send(&add(uid), Some(ns.open().as_fd())).await.unwrap();
+        assert_eq!(ack(&conn).await, "", "add {uid}");
+    }
+    let mut pods = app.pod_uids().await;
+    pods.sort();
+    assert_eq!(pods, ["pod-a", "pod-b"]);
+
+    // The agent goes away: the pods stay, and ztunnel comes back.
+    drop(conn);
+    let conn = session(&listener).await;
+    assert_eq!(app.pod_uids().await.len(), 2);
+
+    // The new session re-sends only pod-a: pod-b is dropped at the snapshot.
+    conn.send(&add("pod-a"), Some(ns_a.open().as_fd()))
+        .await
+        .unwrap();
+    assert_eq!(ack(&conn).await, "");
+    let snap = NodeAgentMessage {
+        payload: Some(Payload::SnapshotSent(SnapshotSent {})),
+    };
+    conn.send(&snap.encode_to_vec(), None).await.unwrap();
+    assert_eq!(ack(&conn).await, "");
+    assert_eq!(app.pod_uids().await, ["pod-a"]);
+    app.shutdown().await;
+}
