@@ -13,8 +13,8 @@ use mesh_core::hbone::{
     ConnectError, ConnectRequest, HBONE_PORT, HbonePool, PoolKey, SourceMetadata, TraceParent,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
+use super::accept::accept_loop;
 use super::conn::{ConnGuard, ConnInfo};
 use super::{Pod, PodNet, ProxyInputs, original_dst};
 use crate::metrics::ConnLabels;
@@ -50,37 +50,17 @@ impl Outbound {
 
     /// Serves captured connections until drained.
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
-        let limit = Arc::new(Semaphore::new(self.inputs.config.max_connections as usize));
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, src) = tokio::select! {
-                () = drain.signaled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbound accept failed");
-                        continue;
-                    }
-                },
-            };
-            let dst = match original_dst(&stream) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(%src, error = %e, "outbound connection without an original destination");
-                    continue;
+        let max = self.inputs.config.max_connections as usize;
+        accept_loop(listener, max, drain, "outbound", |stream, src| {
+            let this = self.clone();
+            async move {
+                match original_dst(&stream) {
+                    Ok(dst) => this.proxy(stream, src, dst).await,
+                    Err(e) => tracing::warn!(%src, error = %e, "outbound connection without an original destination"),
                 }
-            };
-            let (this, drain) = (self.clone(), drain.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                tokio::select! {
-                    () = drain.forced() => {}
-                    () = this.proxy(stream, src, dst) => {}
-                }
-            });
-        }
+            }
+        })
+        .await
     }
 
     /// Carries one connection from this pod to `dst`.

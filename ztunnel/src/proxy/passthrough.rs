@@ -7,8 +7,8 @@ use std::sync::Arc;
 use mesh_core::copy::copy_bidirectional;
 use mesh_core::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
+use super::accept::accept_loop;
 use super::conn::{ConnGuard, ConnInfo};
 use super::{Pod, PodNet, ProxyInputs, original_dst};
 use crate::metrics::ConnLabels;
@@ -28,30 +28,12 @@ impl InboundPassthrough {
     }
 
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
-        let limit = Arc::new(Semaphore::new(self.inputs.config.max_connections as usize));
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, src) = tokio::select! {
-                () = drain.signaled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "inbound plaintext accept failed");
-                        continue;
-                    }
-                },
-            };
-            let (this, drain) = (self.clone(), drain.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                tokio::select! {
-                    () = drain.forced() => {}
-                    () = this.serve(stream, src) => {}
-                }
-            });
-        }
+        let max = self.inputs.config.max_connections as usize;
+        accept_loop(listener, max, drain, "inbound plaintext", |stream, src| {
+            let this = self.clone();
+            async move { this.serve(stream, src).await }
+        })
+        .await
     }
 
     async fn serve(&self, mut client: TcpStream, src: SocketAddr) {

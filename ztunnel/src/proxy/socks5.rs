@@ -11,8 +11,8 @@ use mesh_core::drain::DrainWatcher;
 use mesh_core::hbone::HbonePool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
+use super::accept::accept_loop;
 use super::conn::ConnGuard;
 use super::outbound::Upstream;
 use super::{Outbound, Pod, PodNet, ProxyInputs};
@@ -42,32 +42,16 @@ impl Socks5 {
     }
 
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
-        let limit = Arc::new(Semaphore::new(self.inputs.config.max_connections as usize));
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, src) = tokio::select! {
-                () = drain.signaled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "SOCKS5 accept failed");
-                        continue;
-                    }
-                },
-            };
-            let (this, drain) = (self.clone(), drain.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                tokio::select! {
-                    () = drain.forced() => {}
-                    r = this.serve(stream, src) => if let Err(e) = r {
-                        tracing::debug!(%src, error = %e, "SOCKS5 connection failed");
-                    },
+        let max = self.inputs.config.max_connections as usize;
+        accept_loop(listener, max, drain, "socks5", |stream, src| {
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.serve(stream, src).await {
+                    tracing::debug!(%src, error = %e, "SOCKS5 connection failed");
                 }
-            });
-        }
+            }
+        })
+        .await
     }
 
     async fn serve(&self, mut client: TcpStream, src: SocketAddr) -> std::io::Result<()> {
