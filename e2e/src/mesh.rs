@@ -87,7 +87,8 @@ impl MeshCluster {
     /// `nodes` nodes, each with a node agent and a ztunnel, serving an empty state.
     pub async fn start(nodes: u8) -> Result<Self, MeshError> {
         let dir = tempfile::Builder::new()
-            .prefix("ambit-e2e-mesh-")
+            // The pid lets a later run sweep this directory if this one is killed.
+            .prefix(&format!("ambit-e2e-{}-mesh-", std::process::id()))
             .tempdir()
             .map_err(|e| MeshError::Setup(format!("temp dir: {e}")))?;
         let ca = LocalCa::generate("ambit-e2e-root", Duration::from_secs(24 * 3600))
@@ -203,10 +204,8 @@ impl MeshCluster {
             ));
         }
         out.push_str(services_and_policies);
-        let workloads = self.cluster.pods().filter(|p| enrolled(p)).count();
-        std::fs::write(self.path("state.yaml"), out)
-            .map_err(|e| MeshError::Setup(format!("state.yaml: {e}")))?;
-        let want = format!("workloads={workloads}");
+        let want = format!("digest={:016x}", ztunnel::state::digest(out.as_bytes()));
+        self.write_raw_state(&out)?;
         for node in &mut self.nodes {
             node.ztunnel
                 .wait_for_line("local state applied", MESH_WAIT, |l| {

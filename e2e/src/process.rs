@@ -55,12 +55,35 @@ pub enum ProcessError {
     },
 }
 
+/// Forwards every stdout line until EOF or a read error.
+async fn read_lines(
+    mut lines: Lines<BufReader<ChildStdout>>,
+    tx: tokio::sync::mpsc::UnboundedSender<std::io::Result<String>>,
+) {
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => {
+                if tx.send(Ok(line)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
 /// A running process with its stdout read line by line.
 #[derive(Debug)]
 pub struct NsProcess {
     label: String,
     child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
+    // Filled by a task that reads stdout all the time: a process is never blocked
+    // writing its log because the test is not waiting for a line just then.
+    stdout: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<String>>,
     stderr: Arc<Mutex<String>>,
     stderr_task: Option<JoinHandle<()>>,
 }
@@ -87,10 +110,12 @@ impl NsProcess {
             .stderr
             .take()
             .map(|pipe| tokio::spawn(collect_tail(pipe, Arc::clone(&stderr))));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(read_lines(BufReader::new(stdout).lines(), tx));
         Ok(Self {
             label,
             child,
-            stdout: BufReader::new(stdout).lines(),
+            stdout: rx,
             stderr,
             stderr_task,
         })
@@ -129,11 +154,11 @@ impl NsProcess {
     ) -> Result<String, ProcessError> {
         let read = async {
             loop {
-                match self.stdout.next_line().await {
-                    Ok(Some(line)) if wanted(&line) => return Ok(Some(line)),
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return Ok(None),
-                    Err(e) => return Err(e),
+                match self.stdout.recv().await {
+                    Some(Ok(line)) if wanted(&line) => return Ok(Some(line)),
+                    Some(Ok(_)) => continue,
+                    None => return Ok(None),
+                    Some(Err(e)) => return Err(e),
                 }
             }
         };

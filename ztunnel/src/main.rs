@@ -9,7 +9,14 @@ use ztunnel::config::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go through a bounded in-memory queue: a slow reader of stdout loses log
+    // lines, never stalls traffic.
+    let (log_writer, _log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
+        .with_writer(log_writer)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

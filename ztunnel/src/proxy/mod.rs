@@ -192,7 +192,7 @@ impl PodProxy {
     /// closes them.
     pub async fn stop(self, deadline: Duration) -> DrainOutcome {
         let outcome = self.drain.drain(deadline).await;
-        tracing::info!(pod = %self.pod.name, ?outcome, "pod proxy stopped");
+        tracing::info!(pod = %format!("{}/{}", self.pod.namespace, self.pod.name), ?outcome, "pod proxy stopped");
         outcome
     }
 

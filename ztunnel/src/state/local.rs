@@ -202,7 +202,8 @@ pub async fn watch_local_state(
                     state.policies.len(),
                 );
                 store.replace(state.into_state());
-                tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, "local state applied");
+                let digest = format!("{:016x}", digest(&bytes));
+                tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, %digest, "local state applied");
                 report(&status, None);
             }
             Err(e) => {
@@ -212,6 +213,14 @@ pub async fn watch_local_state(
         }
         last = Some(bytes);
     }
+}
+
+/// FNV-1a of the file's bytes, logged with each applied state so whoever wrote the
+/// file can tell when exactly that content is in force.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn report(status: &Mutex<Option<String>>, error: Option<String>) {

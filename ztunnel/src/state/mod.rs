@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub use local::{LocalState, LocalStateError, load_local_state, watch_local_state};
+pub use local::{LocalState, LocalStateError, digest, load_local_state, watch_local_state};
 pub use model::{ModelError, PortMapping, Protocol, Service, Workload};
 pub use store::StateStore;
 
