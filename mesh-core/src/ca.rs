@@ -103,15 +103,14 @@ impl LocalCa {
         self.ttl
     }
 
-    /// A certificate for `id`, valid from a minute ago for the CA's TTL.
+    /// A certificate for `id`, valid for the CA's TTL from now, backdated a little
+    /// (a tenth of the TTL, at most a minute) for peers whose clocks run behind.
     pub fn issue_for(&self, id: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
         let now = OffsetDateTime::now_utc();
         let ttl = time::Duration::try_from(self.ttl).map_err(|e| ca_err("ttl", e))?;
-        let (key, chain) = self.sign(
-            &[id.to_string()],
-            now - time::Duration::minutes(1),
-            now + ttl,
-        )?;
+        let skew = time::Duration::try_from((self.ttl / 10).min(Duration::from_secs(60)))
+            .map_err(|e| ca_err("ttl", e))?;
+        let (key, chain) = self.sign(&[id.to_string()], now - skew, now + ttl)?;
         WorkloadCertificate::new(key, chain, vec![self.root()])
     }
 
@@ -174,7 +173,7 @@ mod tests {
         assert_eq!(cert.identity(), &id);
         assert_eq!(cert.roots(), &[ca.root()]);
         let life = cert.not_after().duration_since(cert.not_before()).unwrap();
-        assert_eq!(life, Duration::from_secs(60 + 60));
+        assert_eq!(life, Duration::from_secs(60 + 6));
         assert!(format!("{again:?}").find("PRIVATE").is_none());
     }
 

@@ -3,6 +3,7 @@
 //! byte splice between two streams, the certificate store and the drain primitive.
 
 pub mod ca;
+pub mod cert_manager;
 pub mod cert_store;
 pub mod copy;
 pub mod drain;

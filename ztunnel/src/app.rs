@@ -108,6 +108,13 @@ impl App {
             conns: Arc::new(ConnTable::default()),
             hbone,
         });
+        // Renew every identity's certificate at half its life.
+        tokio::spawn(mesh_core::cert_manager::keep_fresh(
+            inputs.certs.clone(),
+            inputs.ca.clone(),
+            mesh_core::cert_manager::RenewalConfig::default(),
+            watcher.clone(),
+        ));
         let admin = Arc::new(AdminState {
             inputs: inputs.clone(),
             local_state_error,

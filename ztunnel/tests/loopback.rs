@@ -52,30 +52,38 @@ struct Fixture {
 }
 
 async fn start(net: u8) -> Fixture {
+    start_with(net, &[]).await
+}
+
+async fn start_with(net: u8, extra: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.yaml");
     std::fs::write(&state, state_yaml(net)).unwrap();
     let loopback = |port: u16| SocketAddr::new(ip(net, 1), port).to_string();
-    let config = Config::try_parse_from([
-        "ztunnel",
-        "--node-name",
-        "node-1",
-        "--local-state",
-        state.to_str().unwrap(),
-        "--admin-addr",
-        &loopback(0),
-        "--metrics-addr",
-        &loopback(0),
-        "--readiness-addr",
-        &loopback(0),
-        "--socks5",
-        "--socks5-addr",
-        &loopback(0),
-        "--node-agent-socket",
-        dir.path().join("none.sock").to_str().unwrap(),
-        "--drain-deadline",
-        "2s",
-    ])
+    let config = Config::try_parse_from(
+        [
+            "ztunnel",
+            "--node-name",
+            "node-1",
+            "--local-state",
+            state.to_str().unwrap(),
+            "--admin-addr",
+            &loopback(0),
+            "--metrics-addr",
+            &loopback(0),
+            "--readiness-addr",
+            &loopback(0),
+            "--socks5",
+            "--socks5-addr",
+            &loopback(0),
+            "--node-agent-socket",
+            dir.path().join("none.sock").to_str().unwrap(),
+            "--drain-deadline",
+            "2s",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied()),
+    )
     .unwrap();
     let app = Arc::new(App::start(config).await.unwrap());
     // cart's proxy, on cart's own address.
@@ -363,4 +371,36 @@ fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_traffic_without_a_failed_connection() {
+    let mut f = start_with(44, &["--cert-ttl", "2s"]).await;
+    let proxy = f.app.socks5_addr.unwrap();
+    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+    let first = f.app.inputs.certs.get(&cart).unwrap().not_after();
+    let mut rotations = f.app.inputs.certs.subscribe();
+    let mut seen_rotations = 0;
+    let mut n = 0;
+    // Keep connecting until cart's certificate has rotated three times.
+    while seen_rotations < 3 {
+        n += 1;
+        let (code, mut s) = socks5(proxy, ip(44, 2), f.app_addr).await;
+        assert_eq!(code, 0, "connection {n} refused");
+        let msg = format!("request {n}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, msg.as_bytes(), "connection {n}");
+        f.app_seen.recv().await.unwrap();
+        while let Ok(ev) = rotations.try_recv() {
+            if ev == mesh_core::CertEvent::Updated(cart.clone()) {
+                seen_rotations += 1;
+            }
+        }
+        assert!(n < 10_000, "no rotation happened");
+    }
+    assert!(f.app.inputs.certs.get(&cart).unwrap().not_after() > first);
+    f.app.shutdown().await;
 }
