@@ -7,6 +7,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use ztunnel::app::App;
 use ztunnel::config::Config;
 
+// See `docs/benchmarks.md`: with glibc's malloc, each HTTP/2 frame's buffer is
+// faulted in anew; mimalloc keeps freed blocks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Logs go through a bounded in-memory queue: a slow reader of stdout loses log
