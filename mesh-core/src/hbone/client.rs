@@ -132,7 +132,7 @@ pub(crate) async fn open_connection<D: TcpDialer>(
         .map_err(|_| timeout("TCP connect"))?
         .map_err(|error| ConnectError::Dial { addr, error })?;
     let server_name = ServerName::IpAddress(addr.ip().into());
-    let tls = tokio::time::timeout(
+    let mut tls = tokio::time::timeout(
         config.connect_timeout,
         TlsConnector::from(Arc::new(tls)).connect(server_name, tcp),
     )
@@ -142,6 +142,9 @@ pub(crate) async fn open_connection<D: TcpDialer>(
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
         return Err(ConnectError::NoAlpn { addr });
     }
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     let handshake = h2::client::Builder::new()
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)

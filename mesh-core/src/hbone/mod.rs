@@ -39,6 +39,10 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Why the server refused a CONNECT, beside its status code.
 pub const REASON_HEADER: &str = "ambit-reason";
 
+/// Plaintext rustls buffers per connection before writes wait (its default is 64
+/// KiB): larger batches of records per `writev` (docs/benchmarks.md).
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
+
 /// Tuning shared by the HBONE client and server. The window sizes favour throughput:
 /// a stream may have 4 MiB in flight, a connection 16 MiB.
 #[derive(Clone, Debug)]

@@ -253,7 +253,12 @@ impl<H: ConnectHandler> Connection<H> {
                     None,
                 );
             }
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(mut tls)) => {
+                tls.get_mut()
+                    .1
+                    .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+                tls
+            }
         };
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
