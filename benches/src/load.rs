@@ -1,0 +1,70 @@
+//! The load both paths carry: a sender that writes one fixed buffer again and again,
+//! and a receiver that reads and discards until EOF, noting when the last byte came.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// What a receiver saw: how many bytes, and when the last one arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub bytes: u64,
+    pub last_byte_at: Instant,
+}
+
+/// Writes `bytes` from a `buffer_size` buffer, then ends the write side (FIN, or
+/// END_STREAM on a tunnel). The buffer is filled once: the sender costs nothing but
+/// the writes.
+pub async fn send<W>(writer: &mut W, bytes: u64, buffer_size: usize) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let buffer: Vec<u8> = (0..buffer_size).map(|i| (i % 251) as u8).collect();
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(buffer.len(), |l| l.min(buffer.len()));
+        writer.write_all(&buffer[..n]).await?;
+        left -= n as u64;
+    }
+    writer.flush().await?;
+    writer.shutdown().await
+}
+
+/// Reads into a `buffer_size` buffer and drops the bytes, until EOF.
+pub async fn receive<R>(reader: &mut R, buffer_size: usize) -> io::Result<Received>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut buffer = vec![0u8; buffer_size];
+    let mut bytes = 0u64;
+    let mut last_byte_at = Instant::now();
+    loop {
+        match reader.read(&mut buffer).await? {
+            0 => {
+                return Ok(Received {
+                    bytes,
+                    last_byte_at,
+                });
+            }
+            n => {
+                bytes += n as u64;
+                last_byte_at = Instant::now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_receiver_counts_what_the_sender_wrote() {
+        let (mut a, mut b) = tokio::io::duplex(64 << 10);
+        let sender = tokio::spawn(async move { send(&mut a, (3 << 20) + 17, 100_000).await });
+        let got = receive(&mut b, 8 << 10).await.unwrap();
+        sender.await.unwrap().unwrap();
+        assert_eq!(got.bytes, (3 << 20) + 17);
+    }
+}
