@@ -11,6 +11,10 @@ use tokio::runtime::Handle;
 
 const SCENARIO: &str = "1 tunnel, bulk one way";
 
+// The allocator ztunnel runs with, so the mesh path is measured as deployed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let settings = match Settings::from_env() {
         Ok(s) => s,
