@@ -21,21 +21,32 @@ pub const MESH_WAIT: Duration = Duration::from_secs(30);
 /// The workspace's binaries (`ztunnel`, `ambit-cni`), built once per test process
 /// so a test never runs stale ones.
 pub fn workspace_bin(name: &str) -> PathBuf {
+    // Tests run from target/<profile>/deps/; benchmarks from target/release/deps/,
+    // and measure release binaries.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let release = dir.file_name().is_some_and(|n| n == "release");
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "ztunnel",
-                "-p",
-                "ambit-cni",
-            ])
-            .status()
-            .map_err(|e| format!("cargo build: {e}"))?;
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "ztunnel",
+            "-p",
+            "ambit-cni",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
         status
             .success()
             .then_some(())
@@ -44,9 +55,6 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     if let Err(e) = built {
         panic!("building the mesh binaries: {e}");
     }
-    // Tests run from target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
     assert!(
         path.is_file(),
