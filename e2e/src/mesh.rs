@@ -18,8 +18,8 @@ use crate::process::{NsProcess, ProcessError};
 /// How long a mesh process gets to come up.
 pub const MESH_WAIT: Duration = Duration::from_secs(30);
 
-/// The workspace's binaries (`ztunnel`, `ambit-cni`, `e2e-tool`), built once per test process
-/// so a test never runs stale ones.
+/// The workspace's binaries (`ztunnel`, `ambit-cni`, `e2e-tool`), built once per
+/// test process so a test never runs stale ones.
 pub fn workspace_bin(name: &str) -> PathBuf {
     // Tests run from target/<profile>/deps/; benchmarks from target/release/deps/,
     // and measure release binaries.
@@ -42,6 +42,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             "ztunnel",
             "-p",
             "ambit-cni",
+            "-p",
+            "ambit-e2e",
         ]);
         if release {
             cmd.arg("--release");
