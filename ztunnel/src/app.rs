@@ -175,7 +175,12 @@ impl App {
         ports: PodPorts,
     ) -> Result<SocketAddr, StartError> {
         let spoof = netns.is_some() || nix::unistd::Uid::effective().is_root();
-        let mut net = PodNet::new(netns, self.inputs.config.packet_mark);
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let mut net = match netns {
+            Some(ns) => PodNet::new(ns, self.inputs.config.packet_mark)
+                .map_err(|error| StartError::Namespace { pod: name, error })?,
+            None => PodNet::local(self.inputs.config.packet_mark),
+        };
         if !spoof {
             net = net.without_source_spoofing();
         }

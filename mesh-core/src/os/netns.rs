@@ -62,6 +62,82 @@ impl NetNs {
     }
 }
 
+/// A thread that stays inside one network namespace and makes sockets there on
+/// request: the per-connection cost is a channel round trip, not a thread start.
+/// The thread ends when the worker is dropped.
+#[derive(Debug)]
+pub struct NetNsWorker {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl NetNs {
+    /// Starts a worker thread inside this namespace.
+    pub fn worker(&self) -> io::Result<NetNsWorker> {
+        let fd = self.fd.try_clone()?;
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("netns-worker".into())
+            .spawn(move || {
+                let entered = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                while let Ok(job) = queue.recv() {
+                    // A job that panics must not take the pod's socket maker with it.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("namespace worker did not start"))??;
+        Ok(NetNsWorker { jobs })
+    }
+}
+
+impl NetNsWorker {
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+        reply: impl FnOnce(T) + Send + 'static,
+    ) -> io::Result<()> {
+        self.jobs
+            .send(Box::new(move || reply(f())))
+            .map_err(|_| io::Error::other("namespace worker is gone"))
+    }
+
+    /// Runs `f` inside the namespace and waits for its result without blocking the
+    /// async runtime.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(f, move |v| {
+            let _ = tx.send(v);
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("namespace worker dropped the job"))
+    }
+
+    /// Runs `f` inside the namespace, blocking the caller until it is done.
+    pub fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.submit(f, move |v| {
+            let _ = tx.send(v);
+        })?;
+        rx.recv()
+            .map_err(|_| io::Error::other("namespace worker dropped the job"))
+    }
+}
+
 impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -119,5 +195,19 @@ mod tests {
         let here = NetNs::current().unwrap().inode().unwrap();
         ns.run(|| ()).unwrap();
         assert_eq!(NetNs::current().unwrap().inode().unwrap(), here);
+
+        // A worker stays inside: every job sees the namespace's inode.
+        let worker = ns.worker().unwrap();
+        let inside_inode = ns.inode().unwrap();
+        for _ in 0..3 {
+            let seen = worker
+                .run_blocking(|| NetNs::current().and_then(|n| n.inode()))
+                .unwrap()
+                .unwrap();
+            assert_eq!(seen, inside_inode);
+        }
+        // A panicking job does not end the worker.
+        assert!(worker.run_blocking(|| panic!("job panics")).is_err());
+        assert!(worker.run_blocking(|| 7).unwrap() == 7);
     }
 }

@@ -109,6 +109,8 @@ pub enum StartError {
         pod: String,
         error: mesh_core::tls::TlsError,
     },
+    #[error("pod {pod}: entering its network namespace: {error}")]
+    Namespace { pod: String, error: std::io::Error },
     #[error("pod {pod}: listen on {addr}: {error}")]
     Listen {
         pod: String,

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_core::hbone::TcpDialer;
-use mesh_core::os::NetNs;
+use mesh_core::os::{NetNs, NetNsWorker};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -14,17 +14,27 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// are made in ztunnel's own.
 #[derive(Clone, Debug)]
 pub struct PodNet {
-    netns: Option<Arc<NetNs>>,
+    // A thread inside the pod's namespace makes its sockets.
+    netns: Option<Arc<NetNsWorker>>,
     mark: u32,
     spoof_source: bool,
 }
 
 impl PodNet {
-    /// Sockets in `netns` (or ztunnel's own namespace), marked with `mark`; inbound
-    /// delivery keeps the caller's address.
-    pub fn new(netns: Option<NetNs>, mark: u32) -> Self {
+    /// Sockets in `netns` (made by a thread that stays there), marked with `mark`;
+    /// inbound delivery keeps the caller's address.
+    pub fn new(netns: NetNs, mark: u32) -> io::Result<Self> {
+        Ok(Self {
+            netns: Some(Arc::new(netns.worker()?)),
+            mark,
+            spoof_source: true,
+        })
+    }
+
+    /// Sockets in ztunnel's own namespace (SOCKS5, and tests on loopback).
+    pub fn local(mark: u32) -> Self {
         Self {
-            netns: netns.map(Arc::new),
+            netns: None,
             mark,
             spoof_source: true,
         }
@@ -42,9 +52,22 @@ impl PodNet {
         self.spoof_source
     }
 
-    fn in_ns<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    async fn in_ns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
         match &self.netns {
-            Some(ns) => ns.run(f)?,
+            Some(ns) => ns.run(f).await?,
+            None => f(),
+        }
+    }
+
+    fn in_ns_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        match &self.netns {
+            Some(ns) => ns.run_blocking(f)?,
             None => f(),
         }
     }
@@ -52,7 +75,7 @@ impl PodNet {
     /// A listener on `addr` inside the pod.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let mark = self.mark;
-        let std = self.in_ns(|| {
+        let std = self.in_ns_blocking(move || {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
             set_mark(&s, mark)?;
@@ -69,20 +92,22 @@ impl PodNet {
     /// inbound traffic reaches the app with the caller's own address.
     pub async fn connect(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
         let mark = self.mark;
-        let std = self.in_ns(|| {
-            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-            set_mark(&s, mark)?;
-            s.set_tcp_nodelay(true)?;
-            if let Some(src) = source {
-                match src {
-                    IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
-                    IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
+        let std = self
+            .in_ns(move || {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                set_mark(&s, mark)?;
+                s.set_tcp_nodelay(true)?;
+                if let Some(src) = source {
+                    match src {
+                        IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+                        IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
+                    }
+                    s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
                 }
-                s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
-            }
-            s.set_nonblocking(true)?;
-            Ok(std::net::TcpStream::from(s))
-        })?;
+                s.set_nonblocking(true)?;
+                Ok(std::net::TcpStream::from(s))
+            })
+            .await?;
         TcpSocket::from_std_stream(std).connect(dst).await
     }
 }

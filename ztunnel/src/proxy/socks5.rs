@@ -36,7 +36,7 @@ pub struct Socks5 {
 
 impl Socks5 {
     pub fn new(inputs: Arc<ProxyInputs>) -> Self {
-        let net = PodNet::new(None, inputs.config.packet_mark);
+        let net = PodNet::local(inputs.config.packet_mark);
         let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
         Self { net, pool, inputs }
     }
