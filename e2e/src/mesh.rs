@@ -32,6 +32,12 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let release = dir.file_name().is_some_and(|n| n == "release");
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
+        // `cargo test --workspace` has built them already; a nested build would
+        // resolve features without dev-dependencies and rebuild half the tree.
+        let names = ["ztunnel", "ambit-cni", "e2e-tool"];
+        if names.iter().all(|n| is_fresh(&dir.join(n))) {
+            return Ok(());
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
         cmd.args([
@@ -64,6 +70,44 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Whether `bin` exists and is newer than every source file it is built from.
+fn is_fresh(bin: &Path) -> bool {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut latest = None;
+        for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+            let path = entry.path();
+            let t = if path.is_dir() {
+                newest(&path)
+            } else {
+                entry.metadata().and_then(|m| m.modified()).ok()
+            };
+            latest = latest.max(t);
+        }
+        latest
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources = [
+        "ztunnel",
+        "cni",
+        "mesh-core",
+        "proto",
+        "e2e/src",
+        "Cargo.lock",
+    ];
+    sources.iter().all(|s| {
+        let path = root.join(s);
+        let newest = if path.is_dir() {
+            newest(&path)
+        } else {
+            std::fs::metadata(&path).and_then(|m| m.modified()).ok()
+        };
+        newest.is_none_or(|t| t <= built)
+    })
 }
 
 /// Why the mesh did not come up.
