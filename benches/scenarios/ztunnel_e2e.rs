@@ -12,7 +12,6 @@
 //!   percentiles, and ztunnel CPU per 1000 requests.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -76,36 +75,6 @@ fn is_root() -> bool {
             line.split_whitespace().nth(2).map(|uid| uid == "0")
         })
         .unwrap_or(false)
-}
-
-/// Builds ztunnel and the CNI plugin in this binary's profile: `workspace_bin` looks
-/// for them next to this binary (`target/release/` for a bench) but builds the dev
-/// profile only.
-fn build_mesh_binaries() -> Result<(), Error> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("no target directory")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "--bins",
-        "-p",
-        "ztunnel",
-        "-p",
-        "ambit-cni",
-    ]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status()?;
-    if !status.success() {
-        return Err(format!("building ztunnel and ambit-cni: {status}").into());
-    }
-    Ok(())
 }
 
 /// A process's resident memory in KiB (`VmRSS` of `/proc/<pid>/status`).
@@ -181,7 +150,7 @@ async fn run() -> Result<(), Error> {
     if !have_iperf {
         return Err("iperf3 not found: apt-get install -y iperf3".into());
     }
-    build_mesh_binaries()?;
+    // Builds ztunnel and the CNI plugin in release first if they are stale.
     let mut mesh = MeshCluster::start(2).await?;
     let ztunnel = [
         mesh.nodes[0].ztunnel.pid().ok_or("ztunnel 1 has no pid")?,
