@@ -1,10 +1,6 @@
-//! `istiod-lite`: the control plane: config sources, mesh model, delta xDS server and CA (issue: istiod-lite).
-//!
-//! Not built yet: this binary only says what it will be.
+//! `istiod-lite`: the control plane binary.
 
 fn main() {
-    eprintln!(
-        "istiod-lite: not built yet. It will be the control plane: config sources, mesh model, delta xDS server and CA (issue: istiod-lite)."
-    );
+    eprintln!("istiod-lite: being built (issue 4)");
     std::process::exit(2);
 }

@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod cert_manager;
 pub mod cert_store;
+pub mod control;
 pub mod copy;
 pub mod drain;
 pub mod hbone;

@@ -1,0 +1,36 @@
+//! Who is calling: xDS and CA clients present a bearer token, and the
+//! authenticator maps it to the node the caller runs on.
+//!
+//! Embedded mode: a token file, one `<node> <token>` per line. Kubernetes mode:
+//! the projected service-account token, checked with a TokenReview.
+
+pub mod review;
+pub mod tokens;
+
+use std::future::Future;
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Caller {
+    /// The node the caller serves (a ztunnel) or runs on.
+    pub node: String,
+    /// What the credential says the caller is, for logs and the debug view
+    /// (`node-token:<node>`, `system:serviceaccount:istio-system:ztunnel`).
+    pub principal: String,
+}
+
+/// Why a caller was refused; the message goes back to the client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token in the `authorization` metadata")]
+    Missing,
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+    #[error("cannot check the token now: {0}")]
+    Unavailable(String),
+}
+
+/// Maps a bearer token to its caller.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, token: &str) -> impl Future<Output = Result<Caller, AuthError>> + Send;
+}

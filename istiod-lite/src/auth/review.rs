@@ -1,0 +1,1 @@
+//! Kubernetes-mode authentication: a projected service-account token checked with a TokenReview.

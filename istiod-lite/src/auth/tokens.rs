@@ -1,0 +1,1 @@
+//! Embedded-mode authentication: a token file of `<node> <token>` lines.

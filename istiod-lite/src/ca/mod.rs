@@ -1,0 +1,1 @@
+//! The CA: the mesh root, and `CreateCertificate` for authenticated callers.

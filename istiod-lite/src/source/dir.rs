@@ -1,0 +1,1 @@
+//! Directory source: a watched directory of multi-document Kubernetes YAML.

@@ -1,0 +1,1 @@
+//! Kubernetes source: `kube` watchers for every kind the model reads.

@@ -1,0 +1,1 @@
+//! Translation: the model to the proxies' resources (workloads, services, authorizations).

@@ -1,0 +1,39 @@
+//! The delta xDS server (Envoy's `DeltaAggregatedResources`): the resources the
+//! translator produced, versioned, pushed to subscribed clients after a debounce,
+//! with ACK/NACK tracked per client and type.
+//!
+//! Flow: [`ResourceStore::apply`] records what changed; the debouncer turns quiet
+//! periods into one [`ChangeBatch`]; the batch is handed to every connected client
+//! (one task per stream, each with a coalescing pending set) which builds its own
+//! responses from the current store contents when its stream has room.
+
+mod client;
+mod debounce;
+mod debug;
+mod metrics;
+mod serve;
+mod server;
+mod session;
+mod settings;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+pub use debug::{AckDebug, ClientDebug, ClientResourcesDebug, HeldDebug, NackDebug, TypeDebug, XdsDebug};
+pub use metrics::{TypeLabel, XdsMetrics};
+pub use serve::{ServeError, ServerIo, serve};
+pub use server::{AdsService, XdsServer};
+pub use settings::{SettingsError, XdsSettings};
+pub use store::{ChangeBatch, ResourceStore, Version, format_version, parse_version, version_of};
+
+/// One resource the translator (re)computed, or removed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResourceUpdate {
+    /// One of `ambit_proto::*_TYPE_URL`.
+    pub type_url: &'static str,
+    /// The xDS resource name (workload uid, `<ns>/<hostname>`, `<ns>/<policy>`).
+    pub name: String,
+    /// The encoded resource; `None` removes it.
+    pub body: Option<bytes::Bytes>,
+}
