@@ -1,0 +1,154 @@
+//! istiod-lite's settings: each has a flag, an environment variable, a default and
+//! a line of doc, in this one place. A bad value stops start-up naming the setting;
+//! the effective settings are logged at start and served on the debug endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback};
+use serde::Serialize;
+
+/// istiod-lite: the control plane of the Ambit mesh.
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "istiod-lite", version)]
+pub struct Config {
+    /// Directory of Kubernetes YAML to serve (the embedded mode), watched.
+    #[arg(
+        long,
+        env = "AMBIT_CONFIG_DIR",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub config_dir: Option<PathBuf>,
+
+    /// Read the cluster from the Kubernetes API (in-cluster or kubeconfig) instead.
+    #[arg(long, env = "AMBIT_KUBE", default_value_t = false)]
+    pub kube: bool,
+
+    /// How often the config directory is checked for changes.
+    #[arg(long, env = "AMBIT_CONFIG_POLL", default_value = "250ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub config_poll: Duration,
+
+    /// Directory of the CA root (generated at first start; the key is written 0600).
+    #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
+    pub ca_dir: PathBuf,
+
+    /// Trust domain of the mesh's SPIFFE identities.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// The mesh's root namespace: policies there apply to the whole mesh, and
+    /// istiod-lite's own identity lives there.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+
+    /// Default lifetime of the workload certificates the CA signs.
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub cert_ttl: Duration,
+
+    /// Longest lifetime a CSR may ask for.
+    #[arg(long, env = "AMBIT_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub max_cert_ttl: Duration,
+
+    /// gRPC over TLS: delta xDS and the CA, for every proxy.
+    #[arg(long, env = "AMBIT_GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    pub grpc_addr: SocketAddr,
+
+    /// Debug endpoint (clients, model, errors); must be a loopback address.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_loopback)]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics endpoint.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    pub metrics_addr: SocketAddr,
+
+    /// Embedded mode: file of `<node> <token>` lines that authenticate node proxies.
+    #[arg(long, env = "AMBIT_NODE_TOKENS", required_unless_present = "kube")]
+    pub node_tokens: Option<PathBuf>,
+
+    /// Kubernetes mode: service accounts (`<ns>/<sa>`) whose tokens may act as node proxies.
+    #[arg(
+        long,
+        env = "AMBIT_PROXY_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "istio-system/ztunnel"
+    )]
+    pub proxy_accounts: Vec<String>,
+
+    /// A push waits for this much quiet after the last change...
+    #[arg(long, env = "AMBIT_DEBOUNCE_QUIET", default_value = "100ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub debounce_quiet: Duration,
+
+    /// ...but never longer than this after the first.
+    #[arg(long, env = "AMBIT_DEBOUNCE_MAX", default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub debounce_max: Duration,
+
+    /// On shutdown, streams get this long to finish before they are closed.
+    #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub drain_deadline: Duration,
+}
+
+impl Config {
+    /// The identity istiod-lite serves under; clients expect it.
+    pub fn identity(&self) -> Result<mesh_core::SpiffeId, mesh_core::SpiffeIdError> {
+        mesh_core::SpiffeId::new(&self.trust_domain, &self.root_namespace, "istiod-lite")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("istiod-lite").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_istiod() {
+        let c = parse(&["--config-dir", "/x", "--node-tokens", "/t"]).unwrap();
+        assert_eq!(c.grpc_addr.port(), 15012);
+        assert_eq!(c.metrics_addr.port(), 15014);
+        assert!(c.admin_addr.ip().is_loopback());
+        assert_eq!(c.debounce_quiet, Duration::from_millis(100));
+        assert_eq!(c.debounce_max, Duration::from_secs(1));
+        assert_eq!(
+            c.identity().unwrap().to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/istiod-lite"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_setting() {
+        let err = parse(&[
+            "--config-dir",
+            "/x",
+            "--node-tokens",
+            "/t",
+            "--admin-addr",
+            "0.0.0.0:1",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--admin-addr") && err.contains("loopback"),
+            "{err}"
+        );
+        let err = parse(&["--node-tokens", "/t"]).unwrap_err().to_string();
+        assert!(err.contains("--config-dir"), "{err}");
+        let err = parse(&["--config-dir", "/x", "--kube"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--kube") || err.contains("--config-dir"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! Parsers and serializers for the settings every Ambit binary shares, so a
+//! duration or an address is written, checked and shown the same way everywhere.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// `250ms`, `30s`, `5m`, `24h`; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 24h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?} has no unit: use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("a duration must be above zero".into());
+    }
+    Ok(d)
+}
+
+/// An address that must stay on the machine (admin endpoints).
+pub fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address; this endpoint must stay local"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Serializes a duration as text (`30s`) for the effective-config views.
+pub fn duration_as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn loopback_only() {
+        assert!(parse_loopback("127.0.0.1:15000").is_ok());
+        assert!(parse_loopback("[::1]:15000").is_ok());
+        assert!(
+            parse_loopback("0.0.0.0:15000")
+                .unwrap_err()
+                .contains("loopback")
+        );
+    }
+}
