@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod config;
 pub mod model;
 pub mod source;
 pub mod translate;

@@ -12,6 +12,7 @@ pub mod hbone;
 pub mod identity;
 #[cfg(target_os = "linux")]
 pub mod os;
+pub mod settings;
 pub mod tls;
 
 #[cfg(feature = "testing")]
