@@ -2,6 +2,7 @@
 //! HBONE tunnels (HTTP/2 CONNECT over mTLS) with a pooled client and a server, the
 //! byte splice between two streams, the certificate store and the drain primitive.
 
+pub mod admin;
 pub mod ca;
 pub mod cert_manager;
 pub mod cert_store;
@@ -10,6 +11,7 @@ pub mod copy;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod os;
 pub mod settings;
