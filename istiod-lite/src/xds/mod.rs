@@ -20,7 +20,9 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use debug::{AckDebug, ClientDebug, ClientResourcesDebug, HeldDebug, NackDebug, TypeDebug, XdsDebug};
+pub use debug::{
+    AckDebug, ClientDebug, ClientResourcesDebug, HeldDebug, NackDebug, TypeDebug, XdsDebug,
+};
 pub use metrics::{TypeLabel, XdsMetrics};
 pub use serve::{ServeError, ServerIo, serve};
 pub use server::{AdsService, XdsServer};

@@ -1,0 +1,280 @@
+//! The xDS server: the handle the rest of istiod-lite holds ([`XdsServer`]: apply
+//! resources, read the debug view) and the tonic service ([`AdsService`]) that
+//! authenticates each delta ADS stream and starts its client task.
+//!
+//! Fan-out is O(clients) per batch: each client gets an `Arc` of the batch in its
+//! inbox and a wake-up; its own task does the per-name work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ambit_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use mesh_core::drain::DrainWatcher;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ResourceUpdate;
+use super::client::{ClientState, Limits};
+use super::debounce::Debounce;
+use super::debug::{ClientResourcesDebug, XdsDebug};
+use super::metrics::XdsMetrics;
+use super::session::Session;
+use super::settings::{SettingsError, XdsSettings};
+use super::store::{ChangeBatch, ResourceStore, lock};
+use crate::auth::{AuthError, Authenticator, Caller};
+
+/// Batches waiting for one client task.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    pub(crate) batches: Vec<Arc<ChangeBatch>>,
+    /// Set when the inbox overflowed: the client re-examines everything; the
+    /// instant is the oldest change it may be missing.
+    pub(crate) resync: Option<Instant>,
+}
+
+/// What the registry keeps of one client: its state (shared with the debug view)
+/// and the inbox its task drains.
+#[derive(Debug)]
+pub(crate) struct ClientHandle {
+    pub(crate) state: std::sync::Mutex<ClientState>,
+    pub(crate) inbox: std::sync::Mutex<Inbox>,
+    pub(crate) wake: Notify,
+}
+
+/// Shared by the handle, the service and every client task.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) store: Arc<ResourceStore>,
+    pub(crate) settings: XdsSettings,
+    pub(crate) metrics: XdsMetrics,
+    clients: std::sync::Mutex<HashMap<u64, Arc<ClientHandle>>>,
+    next_id: AtomicU64,
+    /// Flipped to `true` when the server drains: every client task ends.
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+impl Core {
+    /// Hands a batch to every client: an `Arc` clone and a wake-up each.
+    pub(crate) fn dispatch(&self, batch: Arc<ChangeBatch>) {
+        let clients: Vec<Arc<ClientHandle>> = lock(&self.clients).values().cloned().collect();
+        for client in clients {
+            {
+                let mut inbox = lock(&client.inbox);
+                if inbox.resync.is_some() {
+                    // Already resyncing: the batch is covered by it.
+                } else if inbox.batches.len() >= self.settings.client_inbox {
+                    let oldest = inbox.batches.iter().map(|b| b.first_change).min();
+                    inbox.batches.clear();
+                    inbox.resync =
+                        Some(oldest.map_or(batch.first_change, |o| o.min(batch.first_change)));
+                } else {
+                    inbox.batches.push(batch.clone());
+                }
+            }
+            client.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn register(
+        &self,
+        caller: Caller,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Arc<ClientHandle> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let limits = Limits {
+            max_response_bytes: self.settings.max_response_bytes,
+            max_in_flight: self.settings.max_in_flight,
+        };
+        let handle = Arc::new(ClientHandle {
+            state: std::sync::Mutex::new(ClientState::new(id, caller, peer, limits)),
+            inbox: std::sync::Mutex::new(Inbox::default()),
+            wake: Notify::new(),
+        });
+        lock(&self.clients).insert(id, handle.clone());
+        self.metrics.connected_clients.inc();
+        handle
+    }
+
+    pub(crate) fn deregister(&self, id: u64) {
+        if lock(&self.clients).remove(&id).is_some() {
+            self.metrics.connected_clients.dec();
+        }
+    }
+
+    fn handles(&self) -> Vec<Arc<ClientHandle>> {
+        let mut clients: Vec<(u64, Arc<ClientHandle>)> = lock(&self.clients)
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect();
+        clients.sort_unstable_by_key(|(id, _)| *id);
+        clients.into_iter().map(|(_, c)| c).collect()
+    }
+}
+
+/// The handle to the xDS server: feed it resources, read its debug view.
+#[derive(Clone, Debug)]
+pub struct XdsServer {
+    core: Arc<Core>,
+}
+
+/// The tonic service of the delta ADS endpoint.
+#[derive(Debug)]
+pub struct AdsService<A> {
+    core: Arc<Core>,
+    authenticator: A,
+}
+
+impl XdsServer {
+    /// Builds the server over `store` and starts its debouncer, which runs until
+    /// `drain` signals (then every client stream ends). Must be called inside a
+    /// tokio runtime.
+    pub fn new<A: Authenticator>(
+        store: Arc<ResourceStore>,
+        settings: XdsSettings,
+        authenticator: A,
+        metrics: XdsMetrics,
+        drain: DrainWatcher,
+    ) -> Result<(Self, AggregatedDiscoveryServiceServer<AdsService<A>>), SettingsError> {
+        settings.validate()?;
+        let debounce = Debounce {
+            quiet: settings.debounce_quiet,
+            max: settings.debounce_max,
+        };
+        let (shutdown, _) = watch::channel(false);
+        let core = Arc::new(Core {
+            store,
+            settings,
+            metrics,
+            clients: std::sync::Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            shutdown,
+        });
+        let task_core = core.clone();
+        tokio::spawn(async move {
+            let store = task_core.store.clone();
+            tokio::select! {
+                _ = drain.signaled() => {}
+                _ = debounce.run(store, |batch| task_core.dispatch(batch)) => {}
+            }
+            tracing::info!("xDS server draining: closing client streams");
+            task_core.shutdown.send_replace(true);
+        });
+        let service = AggregatedDiscoveryServiceServer::new(AdsService {
+            core: core.clone(),
+            authenticator,
+        });
+        Ok((Self { core }, service))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// The store the server pushes from.
+    pub fn store(&self) -> &Arc<ResourceStore> {
+        &self.core.store
+    }
+
+    /// Applies the translator's updates (see [`ResourceStore::apply`]).
+    pub fn apply(&self, updates: Vec<ResourceUpdate>) -> usize {
+        self.core.store.apply(updates)
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> &XdsSettings {
+        &self.core.settings
+    }
+
+    /// How many streams are connected.
+    pub fn connected_clients(&self) -> usize {
+        lock(&self.core.clients).len()
+    }
+
+    /// Connected clients and their per-type state.
+    pub fn debug_snapshot(&self) -> XdsDebug {
+        let clients = self
+            .core
+            .handles()
+            .iter()
+            .map(|c| lock(&c.state).debug())
+            .collect();
+        XdsDebug {
+            generation: self.core.store.generation(),
+            resources: self.core.store.counts().into_iter().collect(),
+            clients,
+        }
+    }
+
+    /// Every resource client `id` holds, with versions sent and acknowledged.
+    pub fn client_resources(&self, id: u64) -> Option<ClientResourcesDebug> {
+        let client = lock(&self.core.clients).get(&id).cloned()?;
+        let debug = lock(&client.state).resources_debug();
+        Some(debug)
+    }
+}
+
+/// The bearer token of `authorization: Bearer <token>`.
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, AuthError> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Invalid("the authorization metadata is not text".into()))?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(token.trim())
+}
+
+fn refusal(error: AuthError) -> Status {
+    match error {
+        AuthError::Unavailable(_) => Status::unavailable(error.to_string()),
+        AuthError::Missing | AuthError::Invalid(_) => Status::unauthenticated(error.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl<A: Authenticator> AggregatedDiscoveryService for AdsService<A> {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let caller = match bearer_token(&request) {
+            Ok(token) => self.authenticator.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        let caller = caller.map_err(|error| {
+            tracing::info!(peer = ?peer, %error, "xDS stream refused");
+            refusal(error)
+        })?;
+        if *self.core.shutdown.borrow() {
+            return Err(Status::unavailable("the xDS server is shutting down"));
+        }
+        let (tx, rx) = mpsc::channel(self.core.settings.client_queue);
+        let client = self.core.register(caller.clone(), peer);
+        let id = lock(&client.state).id;
+        tracing::info!(client = id, principal = %caller.principal, node = %caller.node, peer = ?peer, "xDS client connected");
+        let session = Session {
+            core: self.core.clone(),
+            client,
+            id,
+            caller,
+            tx,
+            inbound: request.into_inner(),
+        };
+        tokio::spawn(session.run());
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,172 @@
+//! One delta ADS stream: a task that reads the client's requests, takes the
+//! change batches handed to it, and writes responses when the bounded outgoing
+//! channel has room. Changes that arrive while the client is slow coalesce in its
+//! pending set, so a slow client costs memory bounded by the resources it
+//! subscribes to and never holds up anyone else.
+
+use std::sync::Arc;
+
+use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::client::Feedback;
+use super::metrics::XdsMetrics;
+use super::server::{ClientHandle, Core};
+use super::store::lock;
+use crate::auth::Caller;
+
+/// Everything one stream's task owns.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) core: Arc<Core>,
+    pub(crate) client: Arc<ClientHandle>,
+    pub(crate) id: u64,
+    pub(crate) caller: Caller,
+    pub(crate) tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    pub(crate) inbound: Streaming<DeltaDiscoveryRequest>,
+}
+
+/// Removes the client from the registry however its task ends.
+struct Registered {
+    core: Arc<Core>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.core.deregister(self.id);
+    }
+}
+
+impl Session {
+    pub(crate) async fn run(self) {
+        let Session {
+            core,
+            client,
+            id,
+            caller,
+            tx,
+            mut inbound,
+        } = self;
+        let _registered = Registered {
+            core: core.clone(),
+            id,
+        };
+        let mut shutdown = core.shutdown.subscribe();
+        let reason = loop {
+            let has_work = lock(&client.state).has_work();
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|draining| *draining) => break "server draining".to_string(),
+                _ = client.wake.notified() => take_inbox(&core, &client),
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        if let Err(status) = handle_request(&core, &client, &caller, request) {
+                            let _ = tx.try_send(Err(status.clone()));
+                            break format!("bad request: {}", status.message());
+                        }
+                    }
+                    Ok(None) => break "client closed the stream".to_string(),
+                    Err(status) => break format!("stream error: {}", status.message()),
+                },
+                permit = tx.reserve(), if has_work => match permit {
+                    Ok(permit) => send_next(&core, &client, permit),
+                    Err(_) => break "client went away".to_string(),
+                },
+            }
+        };
+        let node = lock(&client.state).node.clone().unwrap_or_default();
+        tracing::info!(client = id, node = %node, principal = %caller.principal, %reason, "xDS client disconnected");
+    }
+}
+
+/// Merges the batches handed to this client into its pending set.
+fn take_inbox(core: &Core, client: &ClientHandle) {
+    let (batches, resync) = {
+        let mut inbox = lock(&client.inbox);
+        (std::mem::take(&mut inbox.batches), inbox.resync.take())
+    };
+    if batches.is_empty() && resync.is_none() {
+        return;
+    }
+    let store = core.store.read();
+    let mut state = lock(&client.state);
+    for batch in &batches {
+        state.merge_batch(batch);
+    }
+    if let Some(origin) = resync {
+        state.resync(&store, origin);
+    }
+}
+
+fn handle_request(
+    core: &Core,
+    client: &ClientHandle,
+    caller: &Caller,
+    request: DeltaDiscoveryRequest,
+) -> Result<(), Status> {
+    let type_url = request.type_url.clone();
+    let feedback = {
+        let store = core.store.read();
+        let mut state = lock(&client.state);
+        let feedback = state
+            .handle_request(request, &store)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        (feedback, state.id, state.node.clone().unwrap_or_default())
+    };
+    if let (Feedback::Nack { nonce, message }, id, node) = feedback {
+        core.metrics
+            .nacks
+            .get_or_create(&XdsMetrics::label(&type_url))
+            .inc();
+        tracing::warn!(
+            client = id,
+            node = %node,
+            principal = %caller.principal,
+            type_url = %type_url,
+            nonce = %nonce,
+            error = %message,
+            "xDS NACK: the client refused a response"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the client's next response from the current store contents and sends it.
+fn send_next(
+    core: &Core,
+    client: &ClientHandle,
+    permit: mpsc::Permit<'_, Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let outgoing = {
+        let store = core.store.read();
+        let generation = core.store.generation();
+        lock(&client.state).next_response(&store, generation)
+    };
+    let Some(out) = outgoing else {
+        return;
+    };
+    let label = XdsMetrics::label(&out.response.type_url);
+    let metrics = &core.metrics;
+    metrics
+        .resources_sent
+        .get_or_create(&label)
+        .inc_by(out.resources as u64);
+    metrics
+        .bytes_sent
+        .get_or_create(&label)
+        .inc_by(out.bytes as u64);
+    if let Some(origin) = out.push_origin {
+        metrics.pushes.get_or_create(&label).inc();
+        metrics.push_latency.observe(origin.elapsed().as_secs_f64());
+    }
+    tracing::debug!(
+        type_url = %out.response.type_url,
+        nonce = %out.response.nonce,
+        resources = out.resources,
+        removed = out.removed,
+        "xDS response"
+    );
+    permit.send(Ok(out.response));
+}

@@ -1,0 +1,72 @@
+//! The xDS server's settings: every knob with its name, default and meaning, and
+//! the check that refuses a bad value at start with the setting's name.
+
+use std::time::Duration;
+
+/// How the xDS server debounces and bounds its pushes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct XdsSettings {
+    /// `debounce_quiet`: a push waits until no change arrived for this long
+    /// (default 100 ms).
+    pub debounce_quiet: Duration,
+    /// `debounce_max`: ... but never longer than this after the first pending
+    /// change (default 1 s).
+    pub debounce_max: Duration,
+    /// `client_queue`: responses buffered towards one client's gRPC stream
+    /// (default 4). Changes beyond it coalesce in the client's pending set.
+    pub client_queue: usize,
+    /// `max_response_bytes`: a response stops taking resources once it carries
+    /// this many bytes (default 1 MiB); the rest follows in the next response. One
+    /// resource larger than this is still sent, alone.
+    pub max_response_bytes: usize,
+    /// `max_in_flight`: unacknowledged responses remembered per client and type
+    /// (default 16); older ones are forgotten, and their late ACK is only counted.
+    pub max_in_flight: usize,
+    /// `client_inbox`: change batches waiting for a client task before they are
+    /// collapsed into a full resync of that client (default 32).
+    pub client_inbox: usize,
+}
+
+impl Default for XdsSettings {
+    fn default() -> Self {
+        Self {
+            debounce_quiet: Duration::from_millis(100),
+            debounce_max: Duration::from_secs(1),
+            client_queue: 4,
+            max_response_bytes: 1 << 20,
+            max_in_flight: 16,
+            client_inbox: 32,
+        }
+    }
+}
+
+/// A setting with a value the server cannot run with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("xDS setting `{name}`: {reason}")]
+pub struct SettingsError {
+    pub name: &'static str,
+    pub reason: &'static str,
+}
+
+impl XdsSettings {
+    /// Refuses values the server cannot run with, naming the setting.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let refuse = |name, reason| Err(SettingsError { name, reason });
+        if self.debounce_max < self.debounce_quiet {
+            return refuse("debounce_max", "must not be shorter than debounce_quiet");
+        }
+        if self.client_queue == 0 {
+            return refuse("client_queue", "must be at least 1");
+        }
+        if self.max_response_bytes == 0 {
+            return refuse("max_response_bytes", "must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return refuse("max_in_flight", "must be at least 1");
+        }
+        if self.client_inbox == 0 {
+            return refuse("client_inbox", "must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,498 @@
+//! The delta xDS server over loopback TCP, driven by the generated tonic client:
+//! subscriptions, ACK/NACK, resumption with `initial_resource_versions`, a slow
+//! client beside a fast one, authentication and TLS.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_proto::envoy::config::core::v3::Node;
+use ambit_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use ambit_proto::google::rpc;
+use bytes::Bytes;
+use istiod_lite::auth::{AuthError, Authenticator, Caller};
+use istiod_lite::xds::{
+    ResourceStore, ResourceUpdate, XdsDebug, XdsMetrics, XdsServer, XdsSettings, format_version,
+    serve, version_of,
+};
+use mesh_core::drain::{self, DrainTrigger};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+const W: &str = ambit_proto::WORKLOAD_TYPE_URL;
+const S: &str = ambit_proto::SERVICE_TYPE_URL;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Tokens `good-<node>` are valid for `<node>`; nothing else is.
+struct TestAuth;
+
+impl Authenticator for TestAuth {
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let node = token
+            .strip_prefix("good-")
+            .ok_or_else(|| AuthError::Invalid("unknown token".into()))?;
+        Ok(Caller {
+            node: node.into(),
+            principal: format!("test:{node}"),
+        })
+    }
+}
+
+fn put(type_url: &'static str, name: &str, body: &str) -> ResourceUpdate {
+    ResourceUpdate {
+        type_url,
+        name: name.into(),
+        body: Some(Bytes::from(body.to_string())),
+    }
+}
+
+fn del(type_url: &'static str, name: &str) -> ResourceUpdate {
+    ResourceUpdate {
+        type_url,
+        name: name.into(),
+        body: None,
+    }
+}
+
+struct Mesh {
+    server: XdsServer,
+    addr: SocketAddr,
+    registry: prometheus_client::registry::Registry,
+    _trigger: DrainTrigger,
+}
+
+fn fast_settings() -> XdsSettings {
+    XdsSettings {
+        debounce_quiet: Duration::from_millis(10),
+        debounce_max: Duration::from_millis(50),
+        ..Default::default()
+    }
+}
+
+async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Mesh {
+    let (trigger, watcher) = drain::channel();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = XdsMetrics::new(&mut registry);
+    let store = Arc::new(ResourceStore::new());
+    let (server, service) =
+        XdsServer::new(store, fast_settings(), TestAuth, metrics, watcher.clone()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, tls, service, watcher));
+    Mesh {
+        server,
+        addr,
+        registry,
+        _trigger: trigger,
+    }
+}
+
+/// One delta ADS stream seen from the client side.
+struct Stream {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn open(channel: Channel, token: Option<&str>) -> Result<Stream, tonic::Status> {
+    let (tx, rx) = mpsc::channel(16);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let rx = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
+    Ok(Stream { tx, rx })
+}
+
+async fn connect(addr: SocketAddr, node: &str) -> Stream {
+    open(channel(addr).await, Some(&format!("good-{node}")))
+        .await
+        .unwrap()
+}
+
+fn subscribe(type_url: &str, names: &[&str]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "ztunnel~test".into(),
+            ..Default::default()
+        }),
+        type_url: type_url.into(),
+        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+impl Stream {
+    async fn send(&self, req: DeltaDiscoveryRequest) {
+        self.tx.send(req).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("a response in time")
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn ack(&self, resp: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    /// Asserts nothing arrives for a moment (used after the expected responses).
+    async fn quiet(&mut self) {
+        let next = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await;
+        assert!(next.is_err(), "unexpected response: {next:?}");
+    }
+}
+
+fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    let mut n: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
+    n.sort();
+    n
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn client_of<'a>(debug: &'a XdsDebug, node: &str) -> Option<&'a istiod_lite::xds::ClientDebug> {
+    debug.clients.iter().find(|c| c.caller.node == node)
+}
+
+#[tokio::test]
+async fn wildcard_subscription_gets_everything_then_only_changes() {
+    let mesh = start(None).await;
+    mesh.server.apply(vec![
+        put(W, "a", "1"),
+        put(W, "b", "2"),
+        put(W, "c", "3"),
+        put(S, "svc", "s"),
+    ]);
+    let mut c = connect(mesh.addr, "n1").await;
+    c.send(subscribe(W, &[])).await;
+    let first = c.recv().await;
+    assert_eq!(first.type_url, W);
+    assert_eq!(names(&first), ["a", "b", "c"]);
+    assert!(!first.nonce.is_empty() && !first.system_version_info.is_empty());
+    let a = first.resources.iter().find(|r| r.name == "a").unwrap();
+    assert_eq!(a.version, format_version(version_of(b"1")));
+    assert_eq!(a.resource.as_ref().unwrap().type_url, W);
+    assert_eq!(a.resource.as_ref().unwrap().value, b"1");
+    c.ack(&first).await;
+
+    mesh.server.apply(vec![
+        put(W, "a", "1"),
+        put(W, "b", "2b"),
+        del(W, "c"),
+        put(S, "svc", "s2"),
+    ]);
+    let push = c.recv().await;
+    assert_ne!(push.nonce, first.nonce);
+    assert_eq!(names(&push), ["b"]);
+    assert_eq!(push.removed_resources, ["c"]);
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn named_subscription_and_unsubscribe() {
+    let mesh = start(None).await;
+    mesh.server
+        .apply(vec![put(W, "a", "1"), put(W, "b", "2"), put(W, "c", "3")]);
+    let mut c = connect(mesh.addr, "n1").await;
+    c.send(subscribe(W, &["a"])).await;
+    assert_eq!(names(&c.recv().await), ["a"]);
+    c.send(subscribe(W, &["b"])).await;
+    assert_eq!(names(&c.recv().await), ["b"]);
+
+    let mut unsub = subscribe(W, &[]);
+    unsub.resource_names_unsubscribe = vec!["a".into()];
+    c.send(unsub).await;
+    mesh.server.apply(vec![
+        put(W, "a", "1x"),
+        put(W, "b", "2x"),
+        put(W, "c", "3x"),
+    ]);
+    let push = c.recv().await;
+    assert_eq!(names(&push), ["b"]);
+    assert!(push.removed_resources.is_empty());
+    c.quiet().await;
+
+    let debug = mesh.server.debug_snapshot();
+    let types = &client_of(&debug, "n1").unwrap().types;
+    assert_eq!(
+        (types[0].wildcard, types[0].subscribed.clone()),
+        (false, vec!["b".to_string()])
+    );
+}
+
+#[tokio::test]
+async fn ack_and_nack_are_tracked_and_the_nack_is_visible() {
+    let mesh = start(None).await;
+    mesh.server.apply(vec![put(W, "a", "1")]);
+    let mut c = connect(mesh.addr, "n1").await;
+    c.send(subscribe(W, &[])).await;
+    let first = c.recv().await;
+    c.ack(&first).await;
+    mesh.server.apply(vec![put(W, "a", "broken")]);
+    let push = c.recv().await;
+    c.send(DeltaDiscoveryRequest {
+        type_url: W.into(),
+        response_nonce: push.nonce.clone(),
+        error_detail: Some(rpc::Status {
+            code: 3,
+            message: "workload a: bad address".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await;
+    eventually("the NACK in the debug view", || {
+        let debug = mesh.server.debug_snapshot();
+        client_of(&debug, "n1").is_some_and(|c| c.types.iter().any(|t| t.last_nack.is_some()))
+    })
+    .await;
+    let debug = mesh.server.debug_snapshot();
+    let client = client_of(&debug, "n1").unwrap();
+    assert_eq!(client.node.as_deref(), Some("ztunnel~test"));
+    assert_eq!(client.caller.principal, "test:n1");
+    assert!(
+        client
+            .peer
+            .as_deref()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    let t = &client.types[0];
+    assert_eq!((t.acks, t.nacks), (1, 1));
+    assert_eq!(t.last_ack.as_ref().unwrap().nonce, first.nonce);
+    let nack = t.last_nack.as_ref().unwrap();
+    assert_eq!(
+        (nack.nonce.as_str(), nack.message.as_str()),
+        (push.nonce.as_str(), "workload a: bad address")
+    );
+    assert_eq!(nack.resources, ["a"]);
+    // Acked version per resource: the first one, not the refused one.
+    let held = mesh.server.client_resources(client.id).unwrap();
+    assert_eq!(
+        held.types[W]["a"].acked,
+        Some(format_version(version_of(b"1")))
+    );
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &mesh.registry).unwrap();
+    assert!(
+        text.contains(&format!("istiod_xds_nacks_total{{type_url=\"{W}\"}} 1")),
+        "{text}"
+    );
+    assert!(text.contains("istiod_xds_connected_clients 1"), "{text}");
+    assert!(
+        text.contains(&format!("istiod_xds_pushes_total{{type_url=\"{W}\"}} 1")),
+        "{text}"
+    );
+    // Not resent until it changes.
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn reconnect_with_initial_versions_gets_only_the_difference() {
+    let mesh = start(None).await;
+    mesh.server.apply(
+        (0..20)
+            .map(|i| put(W, &format!("w{i}"), &format!("v1-{i}")))
+            .collect(),
+    );
+    let mut c = connect(mesh.addr, "n1").await;
+    c.send(subscribe(W, &[])).await;
+    let first = c.recv().await;
+    assert_eq!(first.resources.len(), 20);
+    c.ack(&first).await;
+    let held: HashMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    drop(c);
+    eventually("the first stream to go", || {
+        mesh.server.connected_clients() == 0
+    })
+    .await;
+
+    // While disconnected: one changed, one removed, one added.
+    mesh.server
+        .apply(vec![put(W, "w3", "v2"), del(W, "w7"), put(W, "w20", "new")]);
+    let mut c = connect(mesh.addr, "n1").await;
+    let mut resume = subscribe(W, &[]);
+    resume.initial_resource_versions = held;
+    c.send(resume).await;
+    let resp = c.recv().await;
+    assert_eq!(names(&resp), ["w20", "w3"]);
+    assert_eq!(resp.removed_resources, ["w7"]);
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_does_not_delay_another() {
+    let mesh = start(None).await;
+    let big = |round: usize| "x".repeat(1 << 20) + &round.to_string();
+    mesh.server.apply(vec![put(W, "big", &big(0))]);
+    // The stalled client subscribes and never reads again.
+    let stalled_stream = connect(mesh.addr, "stalled").await;
+    stalled_stream.send(subscribe(W, &[])).await;
+    let mut fast = connect(mesh.addr, "fast").await;
+    fast.send(subscribe(W, &[])).await;
+    fast.recv().await;
+    // 16 MiB of pushes: far beyond the stalled stream's queue and HTTP/2 windows.
+    for round in 1..=16 {
+        mesh.server.apply(vec![
+            put(W, "big", &big(round)),
+            put(W, &format!("small{round}"), "s"),
+        ]);
+        let mut seen = Vec::new();
+        while !seen.contains(&format!("small{round}")) {
+            seen.extend(names(&fast.recv().await));
+        }
+    }
+    let debug = mesh.server.debug_snapshot();
+    let stalled = &client_of(&debug, "stalled").unwrap().types[0];
+    let fast = &client_of(&debug, "fast").unwrap().types[0];
+    // The stalled client's changes wait, coalesced, in its pending set.
+    assert!(stalled.pending > 0, "{stalled:?}");
+    assert!(
+        stalled.resources_sent < fast.resources_sent,
+        "{stalled:?} {fast:?}"
+    );
+    drop(stalled_stream);
+}
+
+#[tokio::test]
+async fn streams_without_a_valid_token_are_refused() {
+    let mesh = start(None).await;
+    let ch = channel(mesh.addr).await;
+    let err = open(ch.clone(), None).await.err().expect("refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = open(ch.clone(), Some("forged"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(mesh.server.connected_clients(), 0);
+    assert!(open(ch, Some("good-n1")).await.is_ok());
+}
+
+#[tokio::test]
+async fn drain_ends_every_stream() {
+    let (trigger, watcher) = drain::channel();
+    let store = Arc::new(ResourceStore::new());
+    let (server, service) = XdsServer::new(
+        store,
+        fast_settings(),
+        TestAuth,
+        XdsMetrics::unregistered(),
+        watcher.clone(),
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(serve(listener, None, service, watcher));
+    let mut c = connect(addr, "n1").await;
+    c.send(subscribe(W, &[])).await;
+    c.recv().await;
+    let outcome = trigger.drain(Duration::from_secs(5)).await;
+    assert_eq!(outcome, drain::DrainOutcome::Graceful);
+    serving.await.unwrap().unwrap();
+    assert!(matches!(
+        tokio::time::timeout(WAIT, c.rx.message()).await.unwrap(),
+        Ok(None) | Err(_)
+    ));
+    assert_eq!(server.connected_clients(), 0);
+}
+
+mod tls {
+    use hyper_util::rt::TokioIo;
+    use mesh_core::testing::{LeafOptions, TestCa, spiffe};
+    use rustls_pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsConnector;
+    use tonic::transport::Endpoint;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn tls_serving_survives_a_bad_handshake() {
+        let ca = TestCa::new();
+        let istiod = spiffe("istio-system", "istiod");
+        let ztunnel = spiffe("istio-system", "ztunnel");
+        let (key, chain) = ca.issue_raw(&istiod, &LeafOptions::default());
+        let mut server_tls =
+            rustls::ServerConfig::builder_with_provider(mesh_core::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        server_tls.alpn_protocols = vec![b"h2".to_vec()];
+        let mesh = start(Some(Arc::new(server_tls))).await;
+        mesh.server.apply(vec![put(W, "a", "1")]);
+
+        // Garbage instead of a ClientHello: the connection is closed...
+        let mut raw = TcpStream::connect(mesh.addr).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut buf))
+            .await
+            .unwrap();
+
+        // ... and the listener keeps serving TLS clients.
+        let store = ca.store_for(&[&ztunnel]);
+        let client_tls =
+            Arc::new(mesh_core::tls::client_config(store, &ztunnel, vec![istiod]).unwrap());
+        let addr = mesh.addr;
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let client_tls = client_tls.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("istiod.test").map_err(std::io::Error::other)?;
+                let tls = TlsConnector::from(client_tls).connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        });
+        let ch = Endpoint::from_static("http://istiod.test")
+            .connect_with_connector(connector)
+            .await
+            .unwrap();
+        let mut c = open(ch, Some("good-n1")).await.unwrap();
+        c.send(subscribe(W, &[])).await;
+        assert_eq!(names(&c.recv().await), ["a"]);
+    }
+}
