@@ -151,7 +151,7 @@ async fn run() -> Result<(), Error> {
         return Err("iperf3 not found: apt-get install -y iperf3".into());
     }
     // Builds ztunnel and the CNI plugin in release first if they are stale.
-    let mut mesh = MeshCluster::start(2).await?;
+    let mut mesh = MeshCluster::start_local(2).await?;
     let ztunnel = [
         mesh.nodes[0].ztunnel.pid().ok_or("ztunnel 1 has no pid")?,
         mesh.nodes[1].ztunnel.pid().ok_or("ztunnel 2 has no pid")?,

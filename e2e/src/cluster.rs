@@ -265,6 +265,7 @@ impl Cluster {
             ip,
             cni_result: result,
             cni_args: spec.cni_args,
+            labels: spec.labels,
         };
         self.pods.push(PodSlot {
             pod: pod.clone(),

@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod cni;
+pub mod control_plane;
 pub mod echo;
 pub mod mesh;
 pub mod naming;
@@ -21,6 +22,7 @@ use std::io::Write;
 
 pub use cluster::{Cluster, ClusterBuilder, ClusterError};
 pub use cni::{CniChain, CniError, CniPlugin, CniResult};
+pub use control_plane::ControlPlane;
 pub use echo::{EchoServer, EchoTool};
 pub use mesh::{MeshCluster, MeshError, NodeMesh, workspace_bin};
 pub use naming::ClusterPrefix;

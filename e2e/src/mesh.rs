@@ -1,8 +1,11 @@
 //! A meshed cluster: the namespace cluster with Ambit's CNI plugin chained after
-//! `bridge`, and on every node a node agent and a ztunnel (local state file, shared
-//! CA root on disk), all real processes in the node's namespace.
+//! `bridge`, and on every node a node agent and a ztunnel, all real processes in the
+//! node's namespace. State and certificates come from istiod-lite
+//! ([`MeshCluster::start`], see [`crate::control_plane`]) or, in the local mode of
+//! the ztunnel issue, from a state file and a CA root on disk
+//! ([`MeshCluster::start_local`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -12,6 +15,7 @@ use serde_json::json;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::cni::CniPlugin;
+use crate::control_plane::ControlPlane;
 use crate::pod::{Pod, PodSpec};
 use crate::process::{NsProcess, ProcessError};
 
@@ -34,7 +38,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let built = BUILT.get_or_init(|| {
         // `cargo test --workspace` has built them already; a nested build would
         // resolve features without dev-dependencies and rebuild half the tree.
-        let names = ["ztunnel", "ambit-cni", "e2e-tool"];
+        let names = ["ztunnel", "ambit-cni", "e2e-tool", "istiod-lite"];
         if names.iter().all(|n| is_fresh(&dir.join(n))) {
             return Ok(());
         }
@@ -50,6 +54,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             "ambit-cni",
             "-p",
             "ambit-e2e",
+            "-p",
+            "istiod-lite",
         ]);
         if release {
             cmd.arg("--release");
@@ -93,6 +99,7 @@ fn is_fresh(bin: &Path) -> bool {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let sources = [
         "ztunnel",
+        "istiod-lite",
         "cni",
         "mesh-core",
         "proto",
@@ -133,13 +140,29 @@ pub struct NodeMesh {
 pub struct MeshCluster {
     // Processes go before the cluster so they die before their namespaces do.
     pub nodes: Vec<NodeMesh>,
+    /// istiod-lite, unless the cluster runs in the local mode.
+    pub control: Option<ControlPlane>,
     pub cluster: Cluster,
+    /// Namespaces a test declares itself in `config/` (the harness leaves them be).
+    own_namespaces: BTreeSet<String>,
+    declared_namespaces: BTreeSet<String>,
     dir: tempfile::TempDir,
 }
 
 impl MeshCluster {
-    /// `nodes` nodes, each with a node agent and a ztunnel, serving an empty state.
+    /// `nodes` nodes, each with a node agent and a ztunnel, and istiod-lite (in
+    /// node 1's namespace) as the only source of state and certificates.
     pub async fn start(nodes: u8) -> Result<Self, MeshError> {
+        Self::start_mode(nodes, true).await
+    }
+
+    /// The local mode: every ztunnel reads one state file and signs with a CA
+    /// root on disk; no control plane.
+    pub async fn start_local(nodes: u8) -> Result<Self, MeshError> {
+        Self::start_mode(nodes, false).await
+    }
+
+    async fn start_mode(nodes: u8, control: bool) -> Result<Self, MeshError> {
         let dir = tempfile::Builder::new()
             // The pid lets a later run sweep this directory if this one is killed.
             .prefix(&format!("ambit-e2e-{}-mesh-", std::process::id()))
@@ -165,9 +188,17 @@ impl MeshCluster {
             .nodes(nodes)
             .chain_plugin(plugin)
             .build()?;
+        let control = if control {
+            Some(ControlPlane::start(&cluster, &dir.path().join("control"), nodes).await?)
+        } else {
+            None
+        };
         let mut mesh = Self {
             nodes: Vec::new(),
+            control,
             cluster,
+            own_namespaces: BTreeSet::new(),
+            declared_namespaces: BTreeSet::new(),
             dir,
         };
         for n in 1..=nodes {
@@ -196,15 +227,22 @@ impl MeshCluster {
             .env("NO_COLOR", "1");
         let agent = NsProcess::spawn(format!("node agent {n}"), agent_cmd)?;
         let mut zt_cmd = node.command(workspace_bin("ztunnel"));
+        zt_cmd.arg("--node-name").arg(format!("node-{n}"));
+        match &self.control {
+            Some(control) => {
+                zt_cmd.args(control.ztunnel_args(n));
+            }
+            None => {
+                zt_cmd
+                    .arg("--local-state")
+                    .arg(self.path("state.yaml"))
+                    .arg("--ca-cert")
+                    .arg(self.path("root-cert.pem"))
+                    .arg("--ca-key")
+                    .arg(self.path("root-key.pem"));
+            }
+        }
         zt_cmd
-            .arg("--node-name")
-            .arg(format!("node-{n}"))
-            .arg("--local-state")
-            .arg(self.path("state.yaml"))
-            .arg("--ca-cert")
-            .arg(self.path("root-cert.pem"))
-            .arg("--ca-key")
-            .arg(self.path("root-key.pem"))
             .arg("--node-agent-socket")
             .arg(self.path(&format!("zds-{n}.sock")))
             .arg("--drain-deadline")
@@ -226,17 +264,105 @@ impl MeshCluster {
     }
 
     /// Adds a pod through the CNI chain and, unless it opted out of the mesh
-    /// (`AMBIT_ENROLL=false`), waits until its node's ztunnel serves it.
+    /// (`AMBIT_ENROLL=false`), waits until its node's ztunnel serves it. With the
+    /// control plane, the pod is also reported to istiod-lite (its namespace
+    /// declared in the mesh unless the test owns it) and every ztunnel has its
+    /// workload before this returns.
     pub async fn add_pod(&mut self, spec: PodSpec) -> Result<Pod, MeshError> {
         let pod = self.cluster.add_pod(spec)?;
-        if !enrolled(&pod) {
-            return Ok(pod);
+        let enrolled = enrolled(&pod);
+        if let Some(control) = &self.control {
+            let ns = pod.namespace().to_string();
+            if !self.own_namespaces.contains(&ns) && self.declared_namespaces.insert(ns.clone()) {
+                control.write_ambient_namespace(&ns)?;
+            }
+            control.write_pod(&pod, enrolled)?;
         }
-        let want = format!("pod proxy started pod={}/{}", pod.namespace(), pod.name());
-        let zt = &mut self.nodes[usize::from(pod.node()) - 1].ztunnel;
-        zt.wait_for_line(&want, MESH_WAIT, |l| l.contains(&want))
+        if enrolled {
+            let want = format!("pod proxy started pod={}/{}", pod.namespace(), pod.name());
+            let zt = &mut self.nodes[usize::from(pod.node()) - 1].ztunnel;
+            zt.wait_for_line(&want, MESH_WAIT, |l| l.contains(&want))
+                .await?;
+        }
+        if self.control.is_some() {
+            let uid = pod.container_id().to_string();
+            self.wait_for_dump(&format!("workload {uid}"), |dump| {
+                dump["workloads"]
+                    .as_array()
+                    .is_some_and(|ws| ws.iter().any(|w| w["uid"] == uid.as_str()))
+            })
             .await?;
+        }
         Ok(pod)
+    }
+
+    /// Deletes a pod through the CNI chain and, with the control plane, from
+    /// istiod-lite's view, waiting until no ztunnel has its workload.
+    pub async fn delete_pod(&mut self, name: &str) -> Result<(), MeshError> {
+        let pod = self
+            .cluster
+            .pod(name)
+            .cloned()
+            .ok_or_else(|| MeshError::Setup(format!("no pod {name}")))?;
+        self.cluster.delete_pod(name)?;
+        if let Some(control) = &self.control {
+            control.remove_pod(pod.namespace(), pod.name())?;
+            let uid = pod.container_id().to_string();
+            self.wait_for_dump(&format!("workload {uid} removed"), |dump| {
+                dump["workloads"]
+                    .as_array()
+                    .is_some_and(|ws| ws.iter().all(|w| w["uid"] != uid.as_str()))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The test declares namespace `ns` itself (in `config/`): the harness will
+    /// not declare it when a pod is added there.
+    pub fn own_namespace(&mut self, ns: &str) {
+        self.own_namespaces.insert(ns.to_string());
+    }
+
+    /// The control plane; an error in the local mode.
+    pub fn control(&self) -> Result<&ControlPlane, MeshError> {
+        self.control
+            .as_ref()
+            .ok_or_else(|| MeshError::Setup("this cluster runs without a control plane".into()))
+    }
+
+    /// Writes `config/<name>` for istiod-lite (as `kubectl apply` would).
+    pub fn write_config(&self, name: &str, yaml: &str) -> Result<(), MeshError> {
+        self.control()?.write_config(name, yaml)
+    }
+
+    /// Waits until every ztunnel's config dump satisfies `ready` (polled; the
+    /// dump is read from each node's admin endpoint).
+    pub async fn wait_for_dump(
+        &self,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<(), MeshError> {
+        let deadline = std::time::Instant::now() + MESH_WAIT;
+        let nodes = self.nodes.len() as u8;
+        for n in 1..=nodes {
+            loop {
+                let dump = self
+                    .fetch(n, "127.0.0.1:15000", "/config_dump")
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
+                if dump.as_ref().is_some_and(&ready) {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(MeshError::Setup(format!(
+                        "node {n}'s ztunnel did not get {what} within {MESH_WAIT:?}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the state file: one workload per pod (its uid is the container id,

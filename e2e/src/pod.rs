@@ -19,6 +19,7 @@ pub struct PodSpec {
     pub(crate) node: u8,
     pub(crate) namespace: String,
     pub(crate) cni_args: Vec<(String, String)>,
+    pub(crate) labels: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -28,7 +29,14 @@ impl PodSpec {
             node,
             namespace: "default".to_owned(),
             cni_args: Vec::new(),
+            labels: Vec::new(),
         }
+    }
+
+    /// A label on the pod object the control plane reads (`app=<name>` is implied).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
     }
 
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
@@ -54,9 +62,15 @@ pub struct Pod {
     pub(crate) ip: Ipv4Addr,
     pub(crate) cni_result: CniResult,
     pub(crate) cni_args: Vec<(String, String)>,
+    pub(crate) labels: Vec<(String, String)>,
 }
 
 impl Pod {
+    /// The labels asked for in the spec.
+    pub fn labels(&self) -> &[(String, String)] {
+        &self.labels
+    }
+
     /// The value of an extra `CNI_ARGS` key the pod was created with.
     pub fn cni_arg(&self, key: &str) -> Option<&str> {
         self.cni_args

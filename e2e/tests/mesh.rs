@@ -16,7 +16,7 @@ async fn meshed_pods_talk_on_one_node_and_across_nodes_with_identities() {
     if !require_root("meshed_pods_talk_on_one_node_and_across_nodes_with_identities") {
         return;
     }
-    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let mut mesh = MeshCluster::start_local(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace("shop"))
         .await
@@ -106,7 +106,7 @@ async fn the_wire_between_nodes_carries_only_tls_to_15008() {
     if !require_root("the_wire_between_nodes_carries_only_tls_to_15008") {
         return;
     }
-    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let mut mesh = MeshCluster::start_local(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace("shop"))
         .await
@@ -217,7 +217,7 @@ async fn policy_allows_denies_counts_and_explains() {
     if !require_root("policy_allows_denies_counts_and_explains") {
         return;
     }
-    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let mut mesh = MeshCluster::start_local(2).await.unwrap();
     let frontend = mesh
         .add_pod(
             PodSpec::new("frontend", 1)
@@ -323,7 +323,7 @@ async fn a_live_policy_applies_within_a_second_and_keeps_established_connections
     if !require_root("a_live_policy_applies_within_a_second_and_keeps_established_connections") {
         return;
     }
-    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let mut mesh = MeshCluster::start_local(2).await.unwrap();
     let frontend = mesh
         .add_pod(
             PodSpec::new("frontend", 1)
@@ -414,7 +414,7 @@ async fn a_malformed_state_file_is_reported_and_the_mesh_keeps_working() {
     if !require_root("a_malformed_state_file_is_reported_and_the_mesh_keeps_working") {
         return;
     }
-    let mut mesh = MeshCluster::start(1).await.unwrap();
+    let mut mesh = MeshCluster::start_local(1).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace("shop"))
         .await

@@ -243,7 +243,7 @@ async fn service_vip_balances_over_healthy_endpoints_on_two_nodes() {
     if !require_root("service_vip_balances_over_healthy_endpoints_on_two_nodes") {
         return;
     }
-    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let mut mesh = MeshCluster::start_local(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace(NS))
         .await
@@ -319,7 +319,7 @@ async fn plain_tcp_to_and_from_pods_outside_the_mesh_under_policy() {
     if !require_root("plain_tcp_to_and_from_pods_outside_the_mesh_under_policy") {
         return;
     }
-    let mut mesh = MeshCluster::start(2).await.unwrap();
+    let mut mesh = MeshCluster::start_local(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace(NS))
         .await
@@ -442,7 +442,7 @@ async fn pod_deleted_through_cni_leaves_its_node_serving_the_others() {
     if !require_root("pod_deleted_through_cni_leaves_its_node_serving_the_others") {
         return;
     }
-    let mut mesh = MeshCluster::start(1).await.unwrap();
+    let mut mesh = MeshCluster::start_local(1).await.unwrap();
     let a = mesh
         .add_pod(PodSpec::new("alpha", 1).namespace(NS))
         .await
@@ -469,7 +469,7 @@ async fn pod_deleted_through_cni_leaves_its_node_serving_the_others() {
     let peer = srv_victim.next_peer(EVENT_WAIT).await.unwrap();
     assert_eq!(peer.ip(), IpAddr::V4(a.ip()));
 
-    mesh.cluster.delete_pod("victim").unwrap();
+    mesh.delete_pod("victim").await.unwrap();
     let line = mesh.nodes[0]
         .ztunnel
         .wait_for_line("the victim's pod proxy stopped", EVENT_WAIT, |l| {
