@@ -1,1 +1,140 @@
-//! Directory source: a watched directory of multi-document Kubernetes YAML.
+//! Directory source: a watched directory of multi-document Kubernetes YAML, the
+//! embedded default when no cluster runs. The directory is polled (stat, then
+//! re-read and hash only what changed); no inotify, so it works on any
+//! filesystem, including mounted ConfigMaps and network shares.
+//!
+//! Bad input never loses config: see [`state`] for the rules.
+
+mod parse;
+mod state;
+mod walk;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_core::drain::DrainWatcher;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::model::{Object, Report, SourceEvent};
+use state::DirState;
+
+/// The poll interval callers use unless told otherwise.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
+
+/// Why a file or directory could not be read as a whole.
+#[derive(Debug, thiserror::Error)]
+enum DirError {
+    #[error("cannot read directory: {0}")]
+    ListDir(std::io::Error),
+    #[error("cannot read file: {0}")]
+    Read(std::io::Error),
+    #[error("file is larger than {limit} bytes; the objects read from it before are kept")]
+    TooLarge { limit: u64 },
+    #[error("file is not UTF-8 text; the objects read from it before are kept")]
+    NotUtf8,
+    #[error("YAML syntax error: {0}; the objects read from this file before are kept")]
+    Syntax(serde_yaml_ng::Error),
+}
+
+/// A watched directory of Kubernetes YAML.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    poll: Duration,
+}
+
+impl DirSource {
+    /// Watches `dir` (recursively), looking every `poll`.
+    pub fn new(dir: PathBuf, poll: Duration) -> Self {
+        Self { dir, poll }
+    }
+
+    /// Sends the directory's objects, then its changes, until drained (or until
+    /// the receiver is gone). The first scan arrives as one
+    /// [`SourceEvent::Changes`], then every origin's reports, then
+    /// [`SourceEvent::Synced`]; after that only differences are sent.
+    pub async fn run(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
+        let span = tracing::info_span!("dir_source", dir = %self.dir.display());
+        self.watch(tx, drain).instrument(span).await
+    }
+
+    async fn watch(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
+        let mut state = Some(DirState::new(self.dir.clone()));
+        let mut ticker = tokio::time::interval(self.poll.max(Duration::from_millis(1)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = drain.signaled() => return,
+                _ = ticker.tick() => {}
+            }
+            let Some(mut current) = state.take() else {
+                return;
+            };
+            // Reading and parsing files blocks: keep it off the runtime's workers.
+            let scanned = tokio::task::spawn_blocking(move || {
+                let delta = current.scan();
+                (current, delta)
+            })
+            .await;
+            let (current, delta) = match scanned {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(error = %e, "directory scan failed; the source stops");
+                    return;
+                }
+            };
+            state = Some(current);
+
+            let mut events = Vec::new();
+            if first || !delta.changes.is_empty() {
+                log_changes(&delta.changes);
+                events.push(SourceEvent::Changes(delta.changes));
+            }
+            for (origin, reports) in delta.reports {
+                for report in &reports {
+                    tracing::warn!(%report, "config refused");
+                }
+                if reports.is_empty() {
+                    tracing::info!(%origin, "problems cleared");
+                }
+                events.push(SourceEvent::Reports { origin, reports });
+            }
+            if first {
+                events.push(SourceEvent::Synced);
+                first = false;
+            }
+            for event in events {
+                tokio::select! {
+                    biased;
+                    _ = drain.signaled() => return,
+                    sent = tx.send(event) => if sent.is_err() { return },
+                }
+            }
+        }
+    }
+}
+
+fn log_changes(changes: &[crate::model::ObjectChange]) {
+    use crate::model::ObjectChange;
+    for change in changes {
+        match change {
+            ObjectChange::Upsert(o) => tracing::debug!(key = %o.key(), "upsert"),
+            ObjectChange::Delete(k) => tracing::debug!(key = %k, "delete"),
+        }
+    }
+}
+
+/// Reads `dir` once, as the first scan of [`DirSource`] would: the objects
+/// (namespaces first) and every problem found. For tests and `meshctl analyze`.
+pub fn load_dir(dir: &Path) -> (Vec<Object>, Vec<Report>) {
+    let mut state = DirState::new(dir.to_owned());
+    // The first scan's changes are the whole directory, which `objects` returns.
+    let _ = state.scan();
+    (state.objects(), state.reports())
+}

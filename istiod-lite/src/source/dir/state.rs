@@ -1,0 +1,370 @@
+//! What the directory source remembers between polls (each file's stat, hash,
+//! objects and problems) and how one poll turns into changes and reports.
+//!
+//! Nothing is lost to bad input: a file that cannot be read or parsed keeps the
+//! objects last read from it; a document that fails validation keeps the last
+//! good version of its object; a key defined twice is taken from the first file
+//! in path order and the later definition is reported.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use super::DirError;
+use super::parse::{Document, parse_documents};
+use super::walk::{self, Stat};
+use crate::model::{Kind, Object, ObjectChange, ObjectError, ObjectKey, Report};
+
+/// Larger files are refused (and what was read from them before is kept).
+const MAX_FILE_BYTES: u64 = 32 << 20;
+
+/// Writes this close together may share a modification time (filesystem
+/// timestamps are coarse, down to seconds on some network filesystems).
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// The directory source's memory.
+#[derive(Debug)]
+pub(super) struct DirState {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// What the model has been told: the winning definition of every key.
+    published: BTreeMap<ObjectKey, Object>,
+    /// Each file's current reports (parse problems and duplicates), non-empty only.
+    file_reports: BTreeMap<String, Vec<Report>>,
+    /// Every origin's reports as last sent, non-empty only.
+    sent: BTreeMap<String, Vec<Report>>,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    /// `None` until read successfully: a failed read is retried every poll.
+    stat: Option<Stat>,
+    hash: Option<[u8; 32]>,
+    entries: Vec<Entry>,
+    /// Problems found reading the file (not duplicates: those depend on others).
+    problems: Vec<Report>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    document: usize,
+    key: ObjectKey,
+    object: Object,
+}
+
+/// What one poll found.
+#[derive(Debug, Default)]
+pub(super) struct Delta {
+    pub changes: Vec<ObjectChange>,
+    /// Origins whose reports changed, with their new reports (empty clears).
+    pub reports: Vec<(String, Vec<Report>)>,
+}
+
+impl DirState {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            files: BTreeMap::new(),
+            published: BTreeMap::new(),
+            file_reports: BTreeMap::new(),
+            sent: BTreeMap::new(),
+        }
+    }
+
+    /// The objects the model has been told about, namespaces first.
+    pub fn objects(&self) -> Vec<Object> {
+        let mut objects: Vec<Object> = self.published.values().cloned().collect();
+        objects.sort_by_key(|o| (rank(o.kind()), o.key()));
+        objects
+    }
+
+    /// Every current report.
+    pub fn reports(&self) -> Vec<Report> {
+        self.sent.values().flatten().cloned().collect()
+    }
+
+    /// Looks at the directory once: re-reads the files whose stat changed and
+    /// returns what changed since the last scan.
+    pub fn scan(&mut self) -> Delta {
+        let listing = walk::list(&self.root);
+        let mut dirty = false;
+
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listing.files.contains_key(*p) && !listing.hides(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.files.remove(&path);
+            dirty = true;
+        }
+        for (path, stat) in &listing.files {
+            let state = self.files.entry(path.clone()).or_default();
+            if state.stat == Some(*stat) {
+                continue;
+            }
+            match refresh(path, *stat, state) {
+                Refresh::Unchanged => {}
+                Refresh::Changed => dirty = true,
+                Refresh::Gone => {
+                    self.files.remove(path);
+                    dirty = true;
+                }
+            }
+        }
+
+        let mut delta = Delta::default();
+        if dirty {
+            delta.changes = self.merge();
+        }
+        let mut current = self.file_reports.clone();
+        for (dir, error) in listing.unreadable {
+            let origin = dir.display().to_string();
+            current.entry(origin.clone()).or_default().push(dir_report(
+                &origin,
+                None,
+                &DirError::ListDir(error),
+            ));
+        }
+        let origins: BTreeSet<String> = current.keys().chain(self.sent.keys()).cloned().collect();
+        for origin in origins {
+            let now = current.remove(&origin).unwrap_or_default();
+            let before = self
+                .sent
+                .get(&origin)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if now.as_slice() != before {
+                delta.reports.push((origin.clone(), now.clone()));
+                if now.is_empty() {
+                    self.sent.remove(&origin);
+                } else {
+                    self.sent.insert(origin, now);
+                }
+            }
+        }
+        delta
+    }
+
+    /// Recomputes the winning definition of every key and each file's reports,
+    /// and returns the changes against what was published.
+    fn merge(&mut self) -> Vec<ObjectChange> {
+        let mut winners: BTreeMap<&ObjectKey, (&Entry, &Path)> = BTreeMap::new();
+        let mut file_reports = BTreeMap::new();
+        for (path, state) in &self.files {
+            let origin = path.display().to_string();
+            let mut reports = state.problems.clone();
+            for entry in &state.entries {
+                if let Some((first, first_path)) = winners.get(&entry.key) {
+                    reports.push(duplicate_report(&origin, entry, first, first_path));
+                } else {
+                    winners.insert(&entry.key, (entry, path));
+                }
+            }
+            if !reports.is_empty() {
+                reports.sort_by_key(|r| r.document);
+                file_reports.insert(origin, reports);
+            }
+        }
+        let mut upserts = Vec::new();
+        for (key, (entry, _)) in &winners {
+            if self.published.get(*key) != Some(&entry.object) {
+                upserts.push(entry.object.clone());
+            }
+        }
+        let mut deletes: Vec<ObjectKey> = self
+            .published
+            .keys()
+            .filter(|k| !winners.contains_key(k))
+            .cloned()
+            .collect();
+        let published = winners
+            .into_iter()
+            .map(|(k, (e, _))| (k.clone(), e.object.clone()))
+            .collect();
+        self.published = published;
+        self.file_reports = file_reports;
+
+        // Namespaces first on the way in, last on the way out.
+        upserts.sort_by_key(|o| (rank(o.kind()), o.key()));
+        deletes.sort_by_key(|k| (std::cmp::Reverse(rank(k.kind)), k.clone()));
+        upserts
+            .into_iter()
+            .map(ObjectChange::Upsert)
+            .chain(deletes.into_iter().map(ObjectChange::Delete))
+            .collect()
+    }
+}
+
+enum Refresh {
+    Unchanged,
+    Changed,
+    Gone,
+}
+
+/// Re-reads one file whose stat changed.
+fn refresh(path: &Path, stat: Stat, state: &mut FileState) -> Refresh {
+    let origin = path.display().to_string();
+    let bytes = match read(path, stat) {
+        Ok(bytes) => bytes,
+        Err(DirError::Read(e)) if e.kind() == std::io::ErrorKind::NotFound => return Refresh::Gone,
+        Err(error) => {
+            // Keep the objects, report, and read again on the next poll.
+            let report = vec![dir_report(&origin, None, &error)];
+            state.stat = None;
+            state.hash = None;
+            if state.problems == report {
+                return Refresh::Unchanged;
+            }
+            state.problems = report;
+            return Refresh::Changed;
+        }
+    };
+    // A stat taken within the racy window of the last write may not change on
+    // the next write (coarse timestamps, same length): read such a file again on
+    // the next poll; the hash keeps that from producing events.
+    let settled = stat
+        .modified
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .is_some_and(|age| age > RACY_WINDOW);
+    state.stat = settled.then_some(stat);
+    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    if state.hash == Some(hash) {
+        return Refresh::Unchanged;
+    }
+    state.hash = Some(hash);
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(_) => {
+            state.problems = vec![dir_report(&origin, None, &DirError::NotUtf8)];
+            return Refresh::Changed;
+        }
+    };
+    match parse_documents(&text) {
+        Err(syntax) => {
+            // Nothing of the file can be trusted: its objects stay as they were.
+            let error = DirError::Syntax(syntax.error);
+            state.problems = vec![dir_report(&origin, Some(syntax.document), &error)];
+        }
+        Ok(documents) => {
+            let (entries, problems) = apply_documents(&origin, documents, &state.entries);
+            state.entries = entries;
+            state.problems = problems;
+        }
+    }
+    Refresh::Changed
+}
+
+fn read(path: &Path, stat: Stat) -> Result<Vec<u8>, DirError> {
+    if stat.len > MAX_FILE_BYTES {
+        return Err(DirError::TooLarge {
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    let file = std::fs::File::open(path).map_err(DirError::Read)?;
+    let mut bytes = Vec::new();
+    // The file may have grown since its stat: the limit still holds.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(DirError::Read)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(DirError::TooLarge {
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The file's new entries and problems. A document that fails keeps the entry
+/// its key had in this file before, when its key can be read.
+fn apply_documents(
+    origin: &str,
+    documents: Vec<Document>,
+    previous: &[Entry],
+) -> (Vec<Entry>, Vec<Report>) {
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    for Document { index, outcome } in documents {
+        match outcome {
+            Ok(object) => entries.push(Entry {
+                document: index,
+                key: object.key(),
+                object,
+            }),
+            Err(error) => {
+                let kept = key_of(&error).and_then(|key| previous.iter().find(|e| e.key == key));
+                if let Some(old) = kept {
+                    entries.push(Entry {
+                        document: index,
+                        ..old.clone()
+                    });
+                }
+                problems.push(Report {
+                    origin: origin.to_owned(),
+                    document: Some(index),
+                    error,
+                });
+            }
+        }
+    }
+    (entries, problems)
+}
+
+/// The key a refused object would have had, when its kind and name were read.
+fn key_of(error: &ObjectError) -> Option<ObjectKey> {
+    let kind = Kind::ALL.into_iter().find(|k| k.api().1 == error.kind)?;
+    if error.name.is_empty() {
+        return None;
+    }
+    Some(ObjectKey::new(
+        kind,
+        error.namespace.clone(),
+        error.name.clone(),
+    ))
+}
+
+fn duplicate_report(origin: &str, entry: &Entry, first: &Entry, first_path: &Path) -> Report {
+    let key = &entry.key;
+    Report {
+        origin: origin.to_owned(),
+        document: Some(entry.document),
+        error: ObjectError {
+            kind: key.kind.to_string(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            field: "metadata.name".into(),
+            problem: format!(
+                "{key} is already defined in {} (document {}); this definition is ignored",
+                first_path.display(),
+                first.document
+            ),
+        },
+    }
+}
+
+/// A problem with a file or directory as a whole.
+fn dir_report(origin: &str, document: Option<usize>, error: &DirError) -> Report {
+    Report {
+        origin: origin.to_owned(),
+        document,
+        error: ObjectError {
+            kind: "?".into(),
+            namespace: String::new(),
+            name: String::new(),
+            field: ".".into(),
+            problem: error.to_string(),
+        },
+    }
+}
+
+/// Position in [`Kind::ALL`]: the order a model wants objects in.
+fn rank(kind: Kind) -> usize {
+    Kind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(usize::MAX)
+}

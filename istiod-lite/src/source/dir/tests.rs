@@ -1,0 +1,131 @@
+//! Unit tests of parsing and of the scan state (the watch loop is tested in
+//! `tests/dir_source.rs`).
+
+use std::fs;
+
+use super::load_dir;
+use super::parse::parse_documents;
+use super::state::DirState;
+use crate::model::{Kind, Object, ObjectChange};
+
+const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+
+fn sa(name: &str) -> String {
+    format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: shop}}\n")
+}
+
+#[test]
+fn documents_lists_and_empty_documents() {
+    let text = format!(
+        "---\n# only a comment\n---\n{NS}---\n\
+         apiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: ServiceAccount, metadata: {{name: a}}}}\n\
+         - {{apiVersion: v1, kind: ServiceAccount, metadata: {{name: B}}}}\n---\n"
+    );
+    let docs = parse_documents(&text).unwrap();
+    assert_eq!(docs.len(), 3);
+    assert_eq!(docs[0].index, 2);
+    assert!(matches!(docs[0].outcome, Ok(Object::Namespace(_))));
+    assert_eq!(docs[1].index, 3);
+    assert!(docs[1].outcome.is_ok());
+    let e = docs[2].outcome.as_ref().unwrap_err();
+    assert_eq!(docs[2].index, 3);
+    assert_eq!(e.field, "items[1].metadata.name");
+}
+
+#[test]
+fn syntax_errors_carry_the_document_and_line() {
+    let text = format!("{NS}---\nkind: [unclosed\n");
+    let e = parse_documents(&text).unwrap_err();
+    assert_eq!(e.document, 2);
+    assert!(e.error.to_string().contains("line"), "{}", e.error);
+}
+
+#[test]
+fn yaml_oddities_become_json() {
+    // A numeric key and a tagged value are read the way kubectl reads them.
+    let text =
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: !!str x\n  labels: {1: one}\n";
+    let docs = parse_documents(text).unwrap();
+    let Ok(Object::ServiceAccount(sa)) = &docs[0].outcome else {
+        panic!("{:?}", docs[0].outcome)
+    };
+    assert_eq!(sa.meta.labels["1"], "one");
+    let docs = parse_documents("? [a]\n: b\n").unwrap();
+    assert!(docs[0].outcome.is_err());
+}
+
+#[test]
+fn load_dir_reads_everything_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("b.yaml"), format!("{}---\n{NS}", sa("web"))).unwrap();
+    fs::write(
+        dir.path().join("a.yaml"),
+        format!("{}---\nkind: Pod\n", sa("web")),
+    )
+    .unwrap();
+    let (objects, reports) = load_dir(dir.path());
+    // Namespaces first.
+    let kinds: Vec<Kind> = objects.iter().map(Object::kind).collect();
+    assert_eq!(kinds, [Kind::Namespace, Kind::ServiceAccount]);
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let missing_version = reports
+        .iter()
+        .find(|r| r.origin.ends_with("a.yaml"))
+        .unwrap();
+    assert_eq!(missing_version.document, Some(2));
+    assert_eq!(missing_version.error.field, "apiVersion");
+    let duplicate = reports
+        .iter()
+        .find(|r| r.origin.ends_with("b.yaml"))
+        .unwrap();
+    assert_eq!(duplicate.document, Some(1));
+    assert!(duplicate.error.problem.contains("a.yaml"), "{duplicate:?}");
+}
+
+#[test]
+fn scan_reports_only_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("x.yaml");
+    fs::write(&file, format!("{NS}---\n{}", sa("a"))).unwrap();
+    let mut state = DirState::new(dir.path().to_owned());
+    let first = state.scan();
+    assert_eq!(first.changes.len(), 2);
+    assert!(first.reports.is_empty());
+    let again = state.scan();
+    assert!(again.changes.is_empty() && again.reports.is_empty());
+
+    // Same content rewritten: the stat changes, the hash does not.
+    fs::write(&file, format!("{NS}---\n{}", sa("a"))).unwrap();
+    assert!(state.scan().changes.is_empty());
+
+    fs::write(&file, format!("{NS}---\n{}", sa("b"))).unwrap();
+    let delta = state.scan();
+    assert_eq!(delta.changes.len(), 2);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "b"));
+    assert!(matches!(&delta.changes[1], ObjectChange::Delete(k) if k.name == "a"));
+}
+
+#[test]
+fn unreadable_directory_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    fs::create_dir(&sub).unwrap();
+    fs::write(sub.join("x.yaml"), sa("a")).unwrap();
+    let mut state = DirState::new(sub.clone());
+    assert_eq!(state.scan().changes.len(), 1);
+    fs::rename(&sub, dir.path().join("moved")).unwrap();
+    let delta = state.scan();
+    assert!(delta.changes.is_empty(), "{:?}", delta.changes);
+    assert_eq!(delta.reports.len(), 1);
+    assert!(
+        delta.reports[0].1[0]
+            .error
+            .problem
+            .contains("cannot read directory")
+    );
+    fs::rename(dir.path().join("moved"), &sub).unwrap();
+    let delta = state.scan();
+    assert!(delta.changes.is_empty());
+    assert_eq!(delta.reports.len(), 1);
+    assert!(delta.reports[0].1.is_empty(), "cleared");
+}
