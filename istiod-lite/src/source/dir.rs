@@ -3,7 +3,7 @@
 //! re-read and hash only what changed); no inotify, so it works on any
 //! filesystem, including mounted ConfigMaps and network shares.
 //!
-//! Bad input never loses config: see [`state`] for the rules.
+//! Bad input never loses config: the rules are in `dir/state.rs`.
 
 mod parse;
 mod state;

@@ -136,7 +136,9 @@ fn to_json(yaml: Yaml) -> Result<Value, String> {
                         _ => return Err("a mapping key must be a string".into()),
                     },
                     Yaml::Sequence(_) | Yaml::Mapping(_) => {
-                        return Err("a mapping key must be a string, not a list or a mapping".into());
+                        return Err(
+                            "a mapping key must be a string, not a list or a mapping".into()
+                        );
                     }
                 };
                 out.insert(key, to_json(value)?);
