@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod os;
 pub mod settings;
 pub mod tls;
+pub mod xds;
 
 #[cfg(feature = "testing")]
 pub mod testing;

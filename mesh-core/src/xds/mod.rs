@@ -1,0 +1,58 @@
+//! The data plane's delta xDS client: one bidirectional `DeltaAggregatedResources`
+//! stream to the control plane, a wildcard subscription per resource type, every
+//! response ACKed or NACKed, and reconnects that resume from the versions held.
+//!
+//! What the resources mean is the caller's business: a [`Handler`] receives each
+//! response's raw resources and says which it refused.
+
+mod backoff;
+mod client;
+mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use ambit_proto::envoy::config::core::v3::Node;
+pub use backoff::{Backoff, BackoffConfig};
+pub use client::{XdsClient, XdsError};
+pub use status::{Nack, TypeStatus, XdsSnapshot, XdsStatus};
+
+/// One resource of a response, still encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resource {
+    pub name: String,
+    pub version: String,
+    /// The protobuf encoding of the resource (the `Any`'s value).
+    pub body: Bytes,
+}
+
+/// A resource refused by a handler: its name and why.
+pub type Refusal = (String, String);
+
+/// Applies the resources of each response.
+pub trait Handler: Send + Sync + 'static {
+    /// Called once per response of `type_url`: `updated` resources are new or
+    /// changed, `removed` names are gone. A partial apply is allowed: apply what
+    /// can be applied, keep the last good version of the rest, and return the
+    /// refused names with the reason; the response is then NACKed naming them.
+    fn apply(
+        &self,
+        type_url: &str,
+        updated: Vec<Resource>,
+        removed: Vec<String>,
+    ) -> Result<(), Vec<Refusal>>;
+}
+
+impl<T: Handler> Handler for Arc<T> {
+    fn apply(
+        &self,
+        type_url: &str,
+        updated: Vec<Resource>,
+        removed: Vec<String>,
+    ) -> Result<(), Vec<Refusal>> {
+        self.as_ref().apply(type_url, updated, removed)
+    }
+}
