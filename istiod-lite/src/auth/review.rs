@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
@@ -15,6 +16,9 @@ use super::{AuthError, Authenticator, Caller};
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+
+/// How long a TokenReview may take (kube's client retries 429/503 for long).
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Checks bearer tokens with the API server's TokenReview. Cheap to clone.
 #[derive(Clone)]
@@ -68,10 +72,11 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let answer = self
-            .api
-            .create(&PostParams::default(), &review)
+        let params = PostParams::default();
+        let call = self.api.create(&params, &review);
+        let answer = tokio::time::timeout(REVIEW_TIMEOUT, call)
             .await
+            .map_err(|_| AuthError::Unavailable("TokenReview timed out".into()))?
             .map_err(|e| AuthError::Unavailable(format!("TokenReview failed: {e}")))?;
         answer
             .status
