@@ -29,6 +29,7 @@ pub const CONTROL_NODE: u8 = 1;
 pub struct ControlPlane {
     pub process: NsProcess,
     root: PathBuf,
+    config: PathBuf,
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> MeshError {
@@ -56,11 +57,18 @@ fn random_token() -> Result<String, MeshError> {
 
 impl ControlPlane {
     /// Creates the directories and node tokens under `root`, starts istiod-lite
-    /// and waits until it serves.
-    pub async fn start(cluster: &Cluster, root: &Path, nodes: u8) -> Result<Self, MeshError> {
+    /// and waits until it serves. `config` replaces `root/config` as the
+    /// directory of user YAML (the demo serves `examples/` this way).
+    pub async fn start(
+        cluster: &Cluster,
+        root: &Path,
+        nodes: u8,
+        config: Option<PathBuf>,
+    ) -> Result<Self, MeshError> {
         for d in ["config", "pods", "ca"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| setup(d, e))?;
         }
+        let config = config.unwrap_or_else(|| root.join("config"));
         let mut tokens = String::from("# node token, one per line\n");
         for n in 1..=nodes {
             let token = random_token()?;
@@ -73,7 +81,7 @@ impl ControlPlane {
             .ok_or_else(|| MeshError::Setup("no node 1 for the control plane".into()))?;
         let mut cmd = node.command(workspace_bin("istiod-lite"));
         cmd.arg("--config-dir")
-            .arg(root.join("config"))
+            .arg(&config)
             .arg("--config-dir")
             .arg(root.join("pods"))
             .arg("--config-poll")
@@ -101,6 +109,7 @@ impl ControlPlane {
         Ok(Self {
             process,
             root: root.to_path_buf(),
+            config,
         })
     }
 
@@ -121,7 +130,7 @@ impl ControlPlane {
 
     /// Where a test's YAML goes.
     pub fn config_dir(&self) -> PathBuf {
-        self.root.join("config")
+        self.config.clone()
     }
 
     fn pod_file(&self, namespace: &str, name: &str) -> PathBuf {

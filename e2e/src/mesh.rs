@@ -25,14 +25,13 @@ pub const MESH_WAIT: Duration = Duration::from_secs(30);
 /// The workspace's binaries (`ztunnel`, `ambit-cni`, `e2e-tool`), built once per
 /// test process so a test never runs stale ones.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    // Tests run from target/<profile>/deps/; benchmarks from target/release/deps/,
-    // and measure release binaries.
+    // Tests run from target/<profile>/deps/, benchmarks from target/release/deps/
+    // (and measure release binaries), `meshctl demo` from target/<profile>/.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("target dir").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     let release = dir.file_name().is_some_and(|n| n == "release");
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
@@ -153,16 +152,24 @@ impl MeshCluster {
     /// `nodes` nodes, each with a node agent and a ztunnel, and istiod-lite (in
     /// node 1's namespace) as the only source of state and certificates.
     pub async fn start(nodes: u8) -> Result<Self, MeshError> {
-        Self::start_mode(nodes, true).await
+        Self::start_mode(nodes, Some(None)).await
+    }
+
+    /// As [`MeshCluster::start`], with istiod-lite serving the user YAML of
+    /// `config` (watched: edits apply live).
+    pub async fn start_with_config(nodes: u8, config: PathBuf) -> Result<Self, MeshError> {
+        Self::start_mode(nodes, Some(Some(config))).await
     }
 
     /// The local mode: every ztunnel reads one state file and signs with a CA
     /// root on disk; no control plane.
     pub async fn start_local(nodes: u8) -> Result<Self, MeshError> {
-        Self::start_mode(nodes, false).await
+        Self::start_mode(nodes, None).await
     }
 
-    async fn start_mode(nodes: u8, control: bool) -> Result<Self, MeshError> {
+    /// `control`: `None` for the local mode, else the user YAML directory (a
+    /// fresh one when `None`).
+    async fn start_mode(nodes: u8, control: Option<Option<PathBuf>>) -> Result<Self, MeshError> {
         let dir = tempfile::Builder::new()
             // The pid lets a later run sweep this directory if this one is killed.
             .prefix(&format!("ambit-e2e-{}-mesh-", std::process::id()))
@@ -188,10 +195,12 @@ impl MeshCluster {
             .nodes(nodes)
             .chain_plugin(plugin)
             .build()?;
-        let control = if control {
-            Some(ControlPlane::start(&cluster, &dir.path().join("control"), nodes).await?)
-        } else {
-            None
+        let control = match control {
+            Some(config) => {
+                let root = dir.path().join("control");
+                Some(ControlPlane::start(&cluster, &root, nodes, config).await?)
+            }
+            None => None,
         };
         let mut mesh = Self {
             nodes: Vec::new(),

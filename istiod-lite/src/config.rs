@@ -14,14 +14,16 @@ use serde::Serialize;
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "istiod-lite", version)]
 pub struct Config {
-    /// Directory of Kubernetes YAML to serve (the embedded mode), watched.
+    /// Directories of Kubernetes YAML to serve (the embedded mode), watched; repeat
+    /// the flag (or separate with commas) for several. An object may live in one only.
     #[arg(
         long,
         env = "AMBIT_CONFIG_DIR",
+        value_delimiter = ',',
         required_unless_present = "kube",
         conflicts_with = "kube"
     )]
-    pub config_dir: Option<PathBuf>,
+    pub config_dir: Vec<PathBuf>,
 
     /// Read the cluster from the Kubernetes API (in-cluster or kubeconfig) instead.
     #[arg(long, env = "AMBIT_KUBE", default_value_t = false)]
@@ -113,7 +115,8 @@ mod tests {
 
     #[test]
     fn defaults_follow_istiod() {
-        let c = parse(&["--config-dir", "/x", "--node-tokens", "/t"]).unwrap();
+        let c = parse(&["--config-dir", "/x,/y", "--node-tokens", "/t"]).unwrap();
+        assert_eq!(c.config_dir.len(), 2);
         assert_eq!(c.grpc_addr.port(), 15012);
         assert_eq!(c.metrics_addr.port(), 15014);
         assert!(c.admin_addr.ip().is_loopback());

@@ -3,6 +3,8 @@
 //! into the proxies' resources; the delta xDS server pushes them; the CA signs
 //! every identity's certificate.
 
+pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod ca;
 pub mod config;

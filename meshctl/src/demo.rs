@@ -1,221 +1,198 @@
-//! The local demo of what works today: a CA mints SPIFFE identities, an HBONE server
-//! (as a destination node proxy would run) authorizes each CONNECT by the caller's
-//! verified identity and splices it to a real TCP app, and clients tunnel to it.
-//! The terminal gets a plain summary of who talked to whom and what was refused.
+//! `meshctl demo`: the local mesh, as a newcomer first sees it. A two-node cluster
+//! of network namespaces (standard CNI plugins plus Ambit's), a node agent and a
+//! ztunnel per node, istiod-lite serving the YAML of `examples/` (watched: edit a
+//! file and the next requests show it), sample pods talking, and one line per
+//! connection on the terminal: who called whom, with which identities, and what
+//! policy allowed or refused. Ctrl-C removes everything it created.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
-use mesh_core::copy::{CopyStats, copy_bidirectional};
-use mesh_core::drain::{self, DrainOutcome};
-use mesh_core::hbone::{
-    ConnectHandler, ConnectRequest, HboneConfig, HbonePool, HboneServer, InboundConnect, PoolKey,
-    Refusal, RefusalKind, SourceMetadata, StatusCode,
-};
-use mesh_core::testing::{TestCa, spiffe};
-use mesh_core::{SpiffeId, tls};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use ambit_e2e::{EchoTool, MeshCluster, Pod, PodSpec, workspace_bin};
+use anyhow::{Context, bail};
+
+use crate::demo_log::{Event, parse_event};
+
+/// The demo's service VIP (examples/services.yaml).
+const REVIEWS_VIP: &str = "198.19.200.10:9080";
+const SERVER_PORT: u16 = 8080;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Requests each allowed client sends.
-    #[arg(long, default_value_t = 3)]
+    /// The directory of YAML istiod-lite serves (watched).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"))]
+    config_dir: PathBuf,
+    /// Stop after this many rounds of requests (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
     rounds: u32,
-    /// Namespace whose workloads the destination accepts (the demo's policy).
-    #[arg(long, default_value = "shop")]
-    allow_namespace: String,
-}
-
-/// The destination side: only callers from one namespace get through.
-struct NamespacePolicy {
-    allow: String,
-}
-
-impl ConnectHandler for NamespacePolicy {
-    async fn handle(&self, connect: InboundConnect) {
-        if connect.peer().namespace() != self.allow {
-            let reason = format!(
-                "{} is not in namespace {:?}, which the destination allows",
-                connect.peer(),
-                self.allow
-            );
-            return connect.refuse(
-                RefusalKind::Denied,
-                Refusal::new(StatusCode::FORBIDDEN, reason),
-            );
-        }
-        // Answer 200 only once the upstream app has accepted.
-        let mut upstream = match TcpStream::connect(connect.target()).await {
-            Ok(s) => s,
-            Err(e) => {
-                let reason = format!("upstream {}: {e}", connect.target());
-                return connect.refuse(
-                    RefusalKind::Unavailable,
-                    Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason),
-                );
-            }
-        };
-        let Ok(mut tunnel) = connect.accept() else {
-            return;
-        };
-        let stats = CopyStats::default();
-        let _ = copy_bidirectional(&mut tunnel, &mut upstream, &stats).await;
-    }
-}
-
-/// The app behind the destination: answers each line in upper case.
-async fn run_app(listener: TcpListener) {
-    while let Ok((mut conn, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = conn.read(&mut buf).await {
-                if n == 0
-                    || conn
-                        .write_all(&buf[..n].to_ascii_uppercase())
-                        .await
-                        .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
-}
-
-struct Outcome {
-    from: SpiffeId,
-    to: String,
-    result: String,
+    /// Pause between rounds.
+    #[arg(long, default_value = "2s", value_parser = mesh_core::settings::parse_duration)]
+    interval: Duration,
+    /// Run the loopback demo of the HBONE core instead (no root needed).
+    #[arg(long)]
+    loopback: bool,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    println!("Ambit local demo: SPIFFE identities and HBONE tunnels on loopback\n");
-    let ca = TestCa::new();
-    let cart = spiffe("shop", "cart");
-    let frontend = spiffe("shop", "frontend");
-    let intruder = spiffe("elsewhere", "scraper");
-    println!("CA minted identities:\n  {cart}\n  {frontend}\n  {intruder}\n");
-
-    let app = TcpListener::bind("127.0.0.1:0").await?;
-    let app_addr = app.local_addr()?;
-    tokio::spawn(run_app(app));
-
-    let server_store = ca.store_for(&[&cart]);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let server = HboneServer::new(
-        listener,
-        tls::server_config(server_store, &cart)?,
-        NamespacePolicy {
-            allow: args.allow_namespace.clone(),
-        },
-        HboneConfig::default(),
-    );
-    let hbone_addr = server.local_addr()?;
-    let stats = server.stats();
-    let (trigger, watcher) = drain::channel();
-    let server_task = tokio::spawn(server.run(watcher));
-    println!("cart's proxy listens for HBONE on {hbone_addr}; the cart app is {app_addr}\n");
-
-    let client_store = ca.store_for(&[&frontend, &intruder]);
-    let pool = HbonePool::new(client_store, HboneConfig::default());
-    let mut outcomes = Vec::new();
-
-    // 1. frontend -> cart: allowed, several requests over one tunnel.
-    outcomes.push(talk(&pool, &frontend, &cart, hbone_addr, app_addr, args.rounds).await);
-    // 2. frontend expecting another identity at that address: refused by the client.
-    let impostor = spiffe("shop", "payments");
-    outcomes.push(talk(&pool, &frontend, &impostor, hbone_addr, app_addr, 1).await);
-    // 3. a workload of another namespace: refused by the destination's policy.
-    outcomes.push(talk(&pool, &intruder, &cart, hbone_addr, app_addr, 1).await);
-
-    println!("\nSummary");
-    for o in &outcomes {
-        println!("  {} -> {}\n      {}", o.from, o.to, o.result);
+    if args.loopback {
+        let rounds = if args.rounds == 0 { 3 } else { args.rounds };
+        return crate::loopback_demo::run(crate::loopback_demo::DemoArgs {
+            rounds,
+            allow_namespace: "shop".into(),
+        })
+        .await;
     }
-    println!(
-        "\ncart's proxy: {} mTLS connections, {} tunnels, {} refused",
-        stats.handshakes(),
-        stats.tunnels(),
-        stats.refusals()
-    );
-    for r in stats.recent_refusals() {
-        println!("  why refused: [{}] {}", r.kind.as_str(), r.reason);
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the demo builds network namespaces, veths and iptables rules: run it as root \
+             (or `meshctl demo --loopback` for the HBONE core alone)"
+        );
     }
-
-    drop(pool);
-    let outcome = trigger.drain(Duration::from_secs(5)).await;
-    server_task.await.context("server task")?;
-    println!(
-        "\nDrained ({}).",
-        if outcome == DrainOutcome::Graceful {
-            "graceful"
-        } else {
-            "forced"
+    crate::packages::ensure()?;
+    let config_dir = args
+        .config_dir
+        .canonicalize()
+        .with_context(|| format!("--config-dir {}", args.config_dir.display()))?;
+    say("building the mesh binaries (first run: a few minutes)...");
+    let tool = EchoTool::new(workspace_bin("e2e-tool"));
+    say(&format!(
+        "starting istiod-lite on {} and two nodes (node agent + ztunnel each)...",
+        config_dir.display()
+    ));
+    let mut mesh = MeshCluster::start_with_config(2, config_dir.clone())
+        .await
+        .context("starting the mesh")?;
+    // The namespaces come from examples/namespaces.yaml, not from the harness.
+    mesh.own_namespace("shop");
+    mesh.own_namespace("legacy");
+    let pods = add_pods(&mut mesh).await?;
+    let mut servers = Vec::new();
+    for pod in [&pods.reviews_v1, &pods.reviews_v2] {
+        servers.push(tool.serve(pod, SERVER_PORT).await?);
+    }
+    say("");
+    say("The mesh is up. Pods:");
+    for p in [
+        &pods.frontend,
+        &pods.reviews_v1,
+        &pods.reviews_v2,
+        &pods.legacy,
+    ] {
+        say(&format!(
+            "  {:<14} {:<7} node-{}  {}",
+            p.name(),
+            p.namespace(),
+            p.node(),
+            p.ip()
+        ));
+    }
+    say(&format!(
+        "Edit {}/*.yaml while this runs (try policies.yaml); Ctrl-C stops and cleans up.",
+        config_dir.display()
+    ));
+    say("");
+    let reviews_v1 = format!("{}:{SERVER_PORT}", pods.reviews_v1.ip());
+    let mut round = 0u32;
+    loop {
+        round += 1;
+        say(&format!("-- round {round}"));
+        request(&tool, &pods.frontend, REVIEWS_VIP, "reviews (VIP)").await;
+        request(&tool, &pods.legacy, &reviews_v1, "reviews-v1").await;
+        report(&mut mesh).await;
+        if args.rounds != 0 && round >= args.rounds {
+            break;
         }
-    );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            () = tokio::time::sleep(args.interval) => {}
+        }
+    }
+    say("stopping: removing pods, processes and namespaces...");
+    drop(servers);
+    drop(mesh);
+    say("done: nothing left behind.");
     Ok(())
 }
 
-async fn talk(
-    pool: &HbonePool,
-    from: &SpiffeId,
-    expect: &SpiffeId,
-    hbone: SocketAddr,
-    app: SocketAddr,
-    rounds: u32,
-) -> Outcome {
-    let to = format!("{expect} at {hbone} (app {app})");
-    let key = PoolKey::new(from.clone(), vec![expect.clone()], hbone);
-    let mut req = ConnectRequest::new(app);
-    req.source = SourceMetadata {
-        addr: Some(std::net::Ipv4Addr::LOCALHOST.into()),
-        namespace: Some(from.namespace().to_string()),
-        workload: Some(from.service_account().to_string()),
-        ..Default::default()
+struct DemoPods {
+    frontend: Pod,
+    reviews_v1: Pod,
+    reviews_v2: Pod,
+    legacy: Pod,
+}
+
+async fn add_pods(mesh: &mut MeshCluster) -> anyhow::Result<DemoPods> {
+    let sa = "K8S_POD_SERVICE_ACCOUNT";
+    let frontend = PodSpec::new("frontend", 1)
+        .namespace("shop")
+        .cni_arg(sa, "frontend");
+    let v1 = PodSpec::new("reviews-v1", 1)
+        .namespace("shop")
+        .cni_arg(sa, "reviews")
+        .label("app", "reviews")
+        .label("version", "v1");
+    let v2 = PodSpec::new("reviews-v2", 2)
+        .namespace("shop")
+        .cni_arg(sa, "reviews")
+        .label("app", "reviews")
+        .label("version", "v2");
+    // Outside the mesh: no capture, no identity.
+    let legacy = PodSpec::new("legacy-client", 2)
+        .namespace("legacy")
+        .cni_arg(sa, "legacy-client")
+        .cni_arg("AMBIT_ENROLL", "false");
+    Ok(DemoPods {
+        frontend: mesh.add_pod(frontend).await?,
+        reviews_v1: mesh.add_pod(v1).await?,
+        reviews_v2: mesh.add_pod(v2).await?,
+        legacy: mesh.add_pod(legacy).await?,
+    })
+}
+
+/// One request from `from` to `addr`; prints what the client saw.
+async fn request(tool: &EchoTool, from: &Pod, addr: &str, what: &str) {
+    let Ok(target) = addr.parse() else {
+        return;
     };
-    let started = Instant::now();
-    let result = match exchange(pool, key, req, rounds).await {
-        Ok((sent, received)) => format!(
-            "ALLOWED: {rounds} requests, {sent} bytes sent, {received} bytes received, {:.1} ms",
-            started.elapsed().as_secs_f64() * 1000.0
-        ),
-        Err(e) => format!("REFUSED: {e}"),
-    };
-    println!("{from} -> {expect}: {result}");
-    Outcome {
-        from: from.clone(),
-        to,
-        result,
+    let message = format!("hello from {}", from.name());
+    match tool.connect(from, target, &message).await {
+        Ok(reply) if reply == message => {
+            say(&format!("  {} -> {what}: reply received", from.name()))
+        }
+        Ok(reply) => say(&format!(
+            "  {} -> {what}: connection closed without the reply ({} bytes back)",
+            from.name(),
+            reply.len()
+        )),
+        Err(e) => say(&format!("  {} -> {what}: failed ({e})", from.name())),
     }
 }
 
-async fn exchange(
-    pool: &HbonePool,
-    key: PoolKey,
-    req: ConnectRequest,
-    rounds: u32,
-) -> anyhow::Result<(usize, usize)> {
-    let mut tunnel = pool.connect(key, req).await?;
-    let (mut sent, mut received) = (0, 0);
-    for i in 1..=rounds {
-        let msg = format!("hello cart, request {i}\n");
-        tunnel.write_all(msg.as_bytes()).await?;
-        let mut reply = vec![0u8; msg.len()];
-        tunnel.read_exact(&mut reply).await?;
-        anyhow::ensure!(
-            reply == msg.to_ascii_uppercase().as_bytes(),
-            "garbled reply"
-        );
-        println!(
-            "    sent {:?}, got {:?}",
-            msg.trim_end(),
-            String::from_utf8_lossy(&reply).trim_end()
-        );
-        sent += msg.len();
-        received += reply.len();
+/// What the ztunnels logged since the last round: completed inbound connections
+/// with both identities, and refusals with the policy that decided.
+async fn report(mesh: &mut MeshCluster) {
+    for node in &mut mesh.nodes {
+        while let Ok(line) = node.ztunnel.next_line(Duration::from_millis(200)).await {
+            match parse_event(&line) {
+                Some(Event::Completed(c)) if c.direction == "inbound" => say(&format!(
+                    "     ztunnel: {} ({}) -> {} ({}): {} B sent, {} B back",
+                    c.src_workload,
+                    c.src_identity,
+                    c.dst_workload,
+                    c.dst_identity,
+                    c.sent,
+                    c.received
+                )),
+                Some(Event::Refused(r)) => say(&format!(
+                    "     ztunnel REFUSED {} -> {}: {} [policy {}]",
+                    r.src, r.dst, r.explanation, r.policy
+                )),
+                _ => {}
+            }
+        }
     }
-    tunnel.shutdown().await?;
-    Ok((sent, received))
+}
+
+fn say(line: &str) {
+    println!("{line}");
 }

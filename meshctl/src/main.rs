@@ -1,7 +1,11 @@
-//! `meshctl`: the Ambit command-line tool. Today it runs the local demo of the HBONE
-//! core; waypoint management, config dumps and `analyze` come with their issues.
+//! `meshctl`: the Ambit command-line tool. Today it runs the local demo (a mesh on
+//! network namespaces); waypoint management, config dumps and `analyze` come with
+//! their issues.
 
 mod demo;
+mod demo_log;
+mod loopback_demo;
+mod packages;
 
 use clap::{Parser, Subcommand};
 
@@ -14,8 +18,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a local demo: two workloads with SPIFFE identities talk over an HBONE
-    /// tunnel (mTLS + HTTP/2 CONNECT) on loopback, and refused peers are shown why.
+    /// Run the local mesh (as root): istiod-lite on examples/, two nodes of network
+    /// namespaces with sample pods, and who talked to whom, live.
     Demo(demo::DemoArgs),
 }
 

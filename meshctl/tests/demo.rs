@@ -5,7 +5,7 @@ use std::process::Command;
 #[test]
 fn the_demo_shows_an_allowed_tunnel_and_both_refusals() {
     let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["demo", "--rounds", "2"])
+        .args(["demo", "--loopback", "--rounds", "2"])
         .output()
         .expect("run meshctl demo");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -34,3 +34,10 @@ pub enum AuthError {
 pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, token: &str) -> impl Future<Output = Result<Caller, AuthError>> + Send;
 }
+
+/// One authenticator shared by the xDS server and the CA.
+impl<T: Authenticator> Authenticator for std::sync::Arc<T> {
+    fn authenticate(&self, token: &str) -> impl Future<Output = Result<Caller, AuthError>> + Send {
+        self.as_ref().authenticate(token)
+    }
+}

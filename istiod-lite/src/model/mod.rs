@@ -159,6 +159,9 @@ pub struct ObjectError {
 }
 
 /// What a source tells the model.
+// Upserts are the common case and move into the model as they are; boxing them
+// would cost an allocation per object for the rare, small Delete.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum ObjectChange {
     /// Added or changed.
@@ -190,7 +193,10 @@ impl fmt::Display for Report {
 #[derive(Clone, Debug)]
 pub enum SourceEvent {
     Changes(Vec<ObjectChange>),
-    Reports { origin: String, reports: Vec<Report> },
+    Reports {
+        origin: String,
+        reports: Vec<Report>,
+    },
     /// The source has delivered everything it had at start (or after a relist).
     Synced,
 }
