@@ -293,10 +293,18 @@ async fn a_malformed_object_is_reported_while_the_others_apply() {
     })
     .await;
 
-    // Breaking a good one removes it from the model and reports it.
+    // Breaking a good one reports it and keeps its last good version, as the
+    // directory source does; deleting it then removes it.
     h.server.apply(policy("good", "300.1.1.1"));
     h.wait_for("good reported", |s| {
-        s.reports["kube:AuthorizationPolicy"].len() == 1 && !s.objects.contains_key(&good)
+        s.reports["kube:AuthorizationPolicy"].len() == 1
+    })
+    .await;
+    assert!(h.seen.objects.contains_key(&good), "last good version kept");
+    assert!(h.seen.deletes.is_empty());
+    h.server.delete("AuthorizationPolicy", "shop", "good");
+    h.wait_for("good deleted and its report cleared", |s| {
+        s.reports["kube:AuthorizationPolicy"].is_empty() && !s.objects.contains_key(&good)
     })
     .await;
     h.stop().await;

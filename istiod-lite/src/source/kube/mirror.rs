@@ -32,7 +32,8 @@ pub(super) struct KindMirror {
     origin: String,
     /// Every object of the kind the API server last showed us, good or bad.
     versions: HashMap<ObjectKey, String>,
-    /// The objects the model holds (a subset of `versions`).
+    /// The objects the model holds (a subset of `versions`); an object whose
+    /// current version is bad may still be here with its last good version.
     good: HashSet<ObjectKey>,
     bad: BTreeMap<ObjectKey, Report>,
     relist: Option<Relist>,
@@ -98,12 +99,11 @@ impl KindMirror {
                     error,
                 };
                 let changed = self.bad.get(&key) != Some(&report);
-                self.bad.insert(key.clone(), report);
-                // The model mirrors the valid objects of the cluster: a bad new
-                // version removes the old one, as editing a file does in the
-                // directory source.
-                let removed = self.good.remove(&key);
-                (removed.then_some(ObjectChange::Delete(key)), changed)
+                self.bad.insert(key, report);
+                // Bad input loses nothing: the model keeps the last good version
+                // (as the directory source does) until the object is fixed or
+                // deleted.
+                (None, changed)
             }
         };
         self.emit(change.into_iter().collect(), reports_changed)
