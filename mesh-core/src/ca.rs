@@ -103,14 +103,11 @@ impl LocalCa {
         self.ttl
     }
 
-    /// A certificate for `id`, valid for the CA's TTL from now, backdated a little
-    /// (a tenth of the TTL, at most a minute) for peers whose clocks run behind.
+    /// A certificate for `id`, valid for the CA's TTL from now, backdated as
+    /// [`validity_for`] says.
     pub fn issue_for(&self, id: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
-        let now = OffsetDateTime::now_utc();
-        let ttl = time::Duration::try_from(self.ttl).map_err(|e| ca_err("ttl", e))?;
-        let skew = time::Duration::try_from((self.ttl / 10).min(Duration::from_secs(60)))
-            .map_err(|e| ca_err("ttl", e))?;
-        let (key, chain) = self.sign(&[id.to_string()], now - skew, now + ttl)?;
+        let (not_before, not_after) = validity_for(self.ttl)?;
+        let (key, chain) = self.sign(&[id.to_string()], not_before, not_after)?;
         WorkloadCertificate::new(key, chain, vec![self.root()])
     }
 
@@ -123,17 +120,37 @@ impl LocalCa {
         not_after: OffsetDateTime,
     ) -> Result<(PrivateKeyDer<'static>, Vec<CertificateDer<'static>>), CertError> {
         let key = KeyPair::generate().map_err(|e| ca_err("generate leaf key", e))?;
+        let cert = self.sign_public_key(&key, uris, &[], not_before, not_after)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((key, vec![cert.der().clone()]))
+    }
+
+    /// Signs a leaf for a key held elsewhere (a CSR's public key) with exactly these
+    /// URI and DNS SANs and validity: digital-signature use, server and client auth.
+    /// [`LocalCa::sign`] goes through here too: one signing implementation.
+    pub fn sign_public_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        uris: &[String],
+        dns_names: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<rcgen::Certificate, CertError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = uris
-            .iter()
-            .map(|u| {
-                u.clone()
-                    .try_into()
-                    .map(SanType::URI)
-                    .map_err(|e| ca_err("URI SAN", e))
-            })
-            .collect::<Result<_, _>>()?;
+        let uris = uris.iter().map(|u| {
+            u.clone()
+                .try_into()
+                .map(SanType::URI)
+                .map_err(|e| ca_err("URI SAN", e))
+        });
+        let dns = dns_names.iter().map(|d| {
+            d.clone()
+                .try_into()
+                .map(SanType::DnsName)
+                .map_err(|e| ca_err("DNS SAN", e))
+        });
+        params.subject_alt_names = uris.chain(dns).collect::<Result<_, _>>()?;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -145,12 +162,20 @@ impl LocalCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
         params.not_after = not_after;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| ca_err("sign leaf", e))?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((key, vec![cert.der().clone()]))
+        params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| ca_err("sign leaf", e))
     }
+}
+
+/// The validity of a leaf living `ttl` from now, backdated a little (a tenth of the
+/// TTL, at most a minute) for peers whose clocks run behind.
+pub fn validity_for(ttl: Duration) -> Result<(OffsetDateTime, OffsetDateTime), CertError> {
+    let now = OffsetDateTime::now_utc();
+    let life = time::Duration::try_from(ttl).map_err(|e| ca_err("ttl", e))?;
+    let skew = time::Duration::try_from((ttl / 10).min(Duration::from_secs(60)))
+        .map_err(|e| ca_err("ttl", e))?;
+    Ok((now - skew, now + life))
 }
 
 impl CertificateSource for LocalCa {

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod ca_client;
 pub mod cert_manager;
 pub mod cert_store;
 pub mod control;

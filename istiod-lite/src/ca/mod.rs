@@ -1,1 +1,15 @@
-//! The CA: the mesh root, and `CreateCertificate` for authenticated callers.
+//! The CA: the mesh root (loaded or generated at first start), CSR verification,
+//! and `CreateCertificate` for authenticated callers, who may obtain only the
+//! identities their node runs. Also the control plane's own serving certificate.
+
+pub mod csr;
+mod metrics;
+pub mod root;
+pub mod service;
+mod serving;
+
+pub use csr::{CsrError, VerifiedCsr, verify_csr};
+pub use metrics::{CaMetrics, ReasonLabel};
+pub use root::{CaRoot, CertTtl, RootError};
+pub use service::{CaService, IdentityPolicy};
+pub use serving::{SERVING_DNS_NAME, ServingCert};

@@ -1,0 +1,177 @@
+//! `CreateCertificate`: authenticate the caller's bearer token, verify the CSR,
+//! authorize the identity for the caller's node, cap the lifetime, sign. Every
+//! decision is counted and logged; a refusal tells the caller why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_proto::ca::certificate_service_server::{CertificateService, CertificateServiceServer};
+use ambit_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
+use tonic::{Request, Response, Status};
+
+use super::csr::verify_csr;
+use super::metrics::CaMetrics;
+use super::root::CaRoot;
+use crate::auth::{AuthError, Authenticator, Caller};
+
+/// Which identities a node may obtain: in the mesh, those of service accounts
+/// that have a pod on that node.
+pub trait IdentityPolicy: Send + Sync + 'static {
+    fn may_issue(&self, node: &str, namespace: &str, service_account: &str) -> bool;
+}
+
+/// The certificate service: a root, an authenticator and an identity policy.
+pub struct CaService<A: Authenticator, P: IdentityPolicy> {
+    root: Arc<CaRoot>,
+    auth: Arc<A>,
+    policy: Arc<P>,
+    metrics: CaMetrics,
+}
+
+impl<A: Authenticator, P: IdentityPolicy> std::fmt::Debug for CaService<A, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaService")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refused request: the status for the caller, the reason for metrics and logs.
+struct Refusal {
+    reason: &'static str,
+    status: Status,
+    caller: Option<Caller>,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, status: Status) -> Self {
+        Self {
+            reason,
+            status,
+            caller: None,
+        }
+    }
+
+    fn by(mut self, caller: &Caller) -> Self {
+        self.caller = Some(caller.clone());
+        self
+    }
+}
+
+impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
+    pub fn new(root: Arc<CaRoot>, auth: Arc<A>, policy: Arc<P>, metrics: CaMetrics) -> Self {
+        Self {
+            root,
+            auth,
+            policy,
+            metrics,
+        }
+    }
+
+    /// The tonic service to add to a server.
+    pub fn into_server(self) -> CertificateServiceServer<Self> {
+        CertificateServiceServer::new(self)
+    }
+
+    async fn decide(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<CreateCertificateResponse, Refusal> {
+        let caller = match bearer_token(&request) {
+            Ok(token) => self.auth.authenticate(token).await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| match e {
+            AuthError::Unavailable(_) => {
+                Refusal::new("auth_unavailable", Status::unavailable(e.to_string()))
+            }
+            AuthError::Missing | AuthError::Invalid(_) => {
+                Refusal::new("unauthenticated", Status::unauthenticated(e.to_string()))
+            }
+        })?;
+        let request = request.into_inner();
+        let csr = verify_csr(&request.csr, self.root.trust_domain()).map_err(|e| {
+            Refusal::new(e.reason(), Status::invalid_argument(e.to_string())).by(&caller)
+        })?;
+        let requested = u64::try_from(request.validity_seconds).map_err(|_| {
+            let message = format!(
+                "validity_seconds is {}: it must be 0 (the CA's default) or positive",
+                request.validity_seconds
+            );
+            Refusal::new("invalid_ttl", Status::invalid_argument(message)).by(&caller)
+        })?;
+        let id = csr.identity();
+        if !self
+            .policy
+            .may_issue(&caller.node, id.namespace(), id.service_account())
+        {
+            let message = format!(
+                "node {} runs no pod of service account {} in namespace {}: {} may not obtain {id}",
+                caller.node,
+                id.service_account(),
+                id.namespace(),
+                caller.principal,
+            );
+            return Err(
+                Refusal::new("not_on_node", Status::permission_denied(message)).by(&caller),
+            );
+        }
+        let ttl = self.root.ttl().grant(Duration::from_secs(requested));
+        let cert_chain = self.root.sign(&csr, ttl).map_err(|e| {
+            Refusal::new("signing_failed", Status::internal(e.to_string())).by(&caller)
+        })?;
+        self.metrics.signed.inc();
+        tracing::info!(
+            node = %caller.node,
+            principal = %caller.principal,
+            identity = %id,
+            ttl_secs = ttl.as_secs(),
+            "certificate signed"
+        );
+        Ok(CreateCertificateResponse { cert_chain })
+    }
+}
+
+#[tonic::async_trait]
+impl<A: Authenticator, P: IdentityPolicy> CertificateService for CaService<A, P> {
+    async fn create_certificate(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let peer = request.remote_addr();
+        match self.decide(request).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(refusal) => {
+                self.metrics.count_refusal(refusal.reason);
+                let (node, principal) = refusal
+                    .caller
+                    .as_ref()
+                    .map_or(("-", "-"), |c| (c.node.as_str(), c.principal.as_str()));
+                tracing::warn!(
+                    ?peer,
+                    node,
+                    principal,
+                    reason = refusal.reason,
+                    message = refusal.status.message(),
+                    "certificate request refused"
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+}
+
+/// The token of `authorization: Bearer <token>`.
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, AuthError> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Invalid("the authorization metadata is not text".into()))?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(token.trim())
+}
