@@ -1,6 +1,7 @@
 //! ztunnel's HTTP endpoints: admin on 127.0.0.1:15000 (config dump, "why" view),
 //! metrics on 15020, readiness on 15021. Small plain HTTP/1.1 servers, each tied to
-//! the process drain.
+//! the process drain. With xDS configured, readiness waits for the first full sync
+//! and the config dump shows the xDS client's status.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use mesh_core::drain::DrainWatcher;
+use mesh_core::xds::{XdsSnapshot, XdsStatus};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -25,12 +27,19 @@ pub struct AdminState {
     pub inputs: Arc<ProxyInputs>,
     /// The local state file's current error, if it is bad.
     pub local_state_error: Arc<Mutex<Option<String>>>,
+    /// The xDS client's status, when state comes from the control plane.
+    pub xds: Option<XdsStatus>,
     pub ready: AtomicBool,
 }
 
 impl AdminState {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Ready once started and, with xDS, once every resource type has synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.xds.as_ref().is_none_or(|x| x.snapshot().synced)
     }
 
     fn config_dump(&self) -> serde_json::Value {
@@ -62,8 +71,37 @@ impl AdminState {
             "certificates": certs,
             "connections": i.conns.snapshot(),
             "localStateError": *self.local_state_error.lock().unwrap_or_else(|e| e.into_inner()),
+            "xds": self.xds.as_ref().map(|x| xds_dump(&x.snapshot())),
         })
     }
+}
+
+/// The xDS client's status as JSON: connection, then per type counts, last ACK
+/// and last NACK (with the refused resources and why).
+fn xds_dump(s: &XdsSnapshot) -> serde_json::Value {
+    let types: serde_json::Map<String, serde_json::Value> = s
+        .types
+        .iter()
+        .map(|(type_url, t)| {
+            let value = json!({
+                "resources": t.resources,
+                "responses": t.responses,
+                "lastAck": t.last_ack.as_ref().map(|(nonce, at)| json!({"nonce": nonce, "at": unix(*at)})),
+                "lastNack": t.last_nack.as_ref().map(|n| json!({"nonce": n.nonce, "at": unix(n.at), "message": n.message})),
+            });
+            (type_url.clone(), value)
+        })
+        .collect();
+    json!({
+        "address": s.address,
+        "connected": s.connected,
+        "synced": s.synced,
+        "streams": s.streams,
+        "lastError": s.last_error,
+        "failures": s.failures,
+        "retryIn": s.retry_in.map(|d| format!("{d:?}")),
+        "types": types,
+    })
 }
 
 fn unix(t: std::time::SystemTime) -> u64 {
@@ -124,7 +162,7 @@ fn respond(
             state.inputs.metrics.encode(),
         ),
         (Endpoint::Readiness, "/healthz/ready") => {
-            if state.ready.load(Ordering::Acquire) {
+            if state.is_ready() {
                 (StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 (

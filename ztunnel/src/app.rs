@@ -1,24 +1,31 @@
-//! Wires ztunnel together: CA, state source, metrics, admin endpoints, SOCKS5, and
-//! the pods handed over by the node agent. `main` and the tests both start an `App`.
+//! Wires ztunnel together: CA (local or istiod-lite's), state source (local file or
+//! delta xDS), metrics, admin endpoints, SOCKS5, and the pods handed over by the
+//! node agent. `main` and the tests both start an `App`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
-use mesh_core::CertStore;
 use mesh_core::ca::LocalCa;
+use mesh_core::ca_client::RemoteCa;
+use mesh_core::control::{ControlPlane, Token};
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
 use mesh_core::hbone::HboneConfig;
 use mesh_core::os::NetNs;
+use mesh_core::xds::{Node, XdsClient, XdsStatus};
+use mesh_core::{CertError, CertStore, CertificateSource, SpiffeId, WorkloadCertificate};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnTable, Pod, PodNet, PodPorts, PodProxy, ProxyInputs, Socks5, StartError};
-use crate::state::{StateStore, load_local_state, watch_local_state};
+use crate::state::{StateStore, XDS_TYPES, XdsState, load_local_state, watch_local_state};
 use crate::why::WhyLog;
 
 /// A running ztunnel.
@@ -32,6 +39,135 @@ pub struct App {
     pub socks5_addr: Option<SocketAddr>,
     pods: tokio::sync::Mutex<HashMap<String, PodProxy>>,
     drain: Mutex<Option<DrainTrigger>>,
+}
+
+/// How long a connection to the control plane may take to open.
+const CONTROL_PLANE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the node's certificates come from.
+#[derive(Debug)]
+pub enum CaClient {
+    /// A root held by this process (local CA mode).
+    Local(LocalCa),
+    /// istiod-lite's CA (`--ca-address`).
+    Remote(RemoteCa),
+}
+
+impl CertificateSource for CaClient {
+    async fn issue(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
+        match self {
+            CaClient::Local(ca) => ca.issue(identity).await,
+            CaClient::Remote(ca) => ca.issue(identity).await,
+        }
+    }
+}
+
+/// How to reach the control plane at `address`, from the settings.
+fn control_plane(config: &Config, address: &str) -> anyhow::Result<ControlPlane> {
+    let path = config
+        .root_cert
+        .as_ref()
+        .context("--root-cert is required with --xds-address or --ca-address")?;
+    let roots = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("--root-cert {}", path.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--root-cert {}: no PEM certificate in the file",
+        path.display()
+    );
+    Ok(ControlPlane {
+        address: address.to_string(),
+        identity: config
+            .control_plane_identity()
+            .context("--control-plane-identity")?,
+        roots,
+        token: match &config.token_file {
+            Some(path) => Token::File(path.clone()),
+            None => Token::None,
+        },
+        connect_timeout: CONTROL_PLANE_CONNECT_TIMEOUT,
+    })
+}
+
+/// The certificate source the settings name: istiod-lite's CA or a local root.
+fn ca_client(config: &Config) -> anyhow::Result<CaClient> {
+    match &config.ca_address {
+        Some(address) => {
+            let control = control_plane(config, address)?;
+            let ca = RemoteCa::new(&control, config.cert_ttl).context("--ca-address")?;
+            Ok(CaClient::Remote(ca))
+        }
+        None => Ok(CaClient::Local(load_ca(config)?)),
+    }
+}
+
+/// Starts the delta xDS client that feeds `state`; its status for the admin view.
+fn start_xds(
+    config: &Config,
+    address: &str,
+    state: Arc<StateStore>,
+    drain: DrainWatcher,
+) -> anyhow::Result<XdsStatus> {
+    let control = control_plane(config, address)?;
+    let node = Node {
+        id: config.node_name.clone(),
+        cluster: "ztunnel".to_string(),
+        metadata: None,
+    };
+    let handler = XdsState::new(state);
+    let client =
+        XdsClient::new(&control, node, XDS_TYPES.to_vec(), handler).context("--xds-address")?;
+    let status = client.status();
+    tokio::spawn(client.run(drain));
+    Ok(status)
+}
+
+/// Requests, in the background, the certificate of every identity with a workload
+/// on this node, as workloads appear: the node agent's hand-over of the pod then
+/// finds the certificate ready. A failure is retried at the next state change and,
+/// in any case, when the pod is added.
+async fn prefetch_certificates(inputs: Arc<ProxyInputs>, drain: DrainWatcher) {
+    let mut changes = inputs.state.subscribe();
+    let in_flight: Arc<Mutex<HashSet<SpiffeId>>> = Arc::default();
+    loop {
+        let state = inputs.state.snapshot();
+        let node = &inputs.config.node_name;
+        let wanted: HashSet<SpiffeId> = state
+            .workloads()
+            .filter(|w| &w.node == node)
+            .filter_map(|w| w.identity().ok())
+            .collect();
+        for id in wanted {
+            if inputs.certs.get(&id).is_some() {
+                continue;
+            }
+            if !in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone())
+            {
+                continue;
+            }
+            let (inputs, in_flight) = (inputs.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                match inputs.ensure_certificate(&id).await {
+                    Ok(()) => tracing::info!(identity = %id, "certificate prefetched"),
+                    Err(error) => {
+                        tracing::warn!(identity = %id, %error, "certificate prefetch failed")
+                    }
+                }
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+        }
+        tokio::select! {
+            () = drain.signaled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Loads the CA root; the key file must not be readable by group or others.
@@ -70,11 +206,15 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "ztunnel starting");
-        let ca = Arc::new(load_ca(&config)?);
+        let ca = Arc::new(ca_client(&config)?);
         let certs = Arc::new(CertStore::new());
         let state = Arc::new(StateStore::default());
         let local_state_error = Arc::new(Mutex::new(None));
         let (trigger, watcher) = drain::channel();
+        let xds = match &config.xds_address {
+            Some(address) => Some(start_xds(&config, address, state.clone(), watcher.clone())?),
+            None => None,
+        };
         if let Some(path) = &config.local_state {
             match load_local_state(path) {
                 Ok(s) => state.replace(s),
@@ -115,9 +255,13 @@ impl App {
             mesh_core::cert_manager::RenewalConfig::default(),
             watcher.clone(),
         ));
+        if config.uses_xds() {
+            tokio::spawn(prefetch_certificates(inputs.clone(), watcher.clone()));
+        }
         let admin = Arc::new(AdminState {
             inputs: inputs.clone(),
             local_state_error,
+            xds,
             ready: Default::default(),
         });
         let admin_addr = admin::serve(

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use mesh_core::SpiffeId;
 use serde::Serialize;
 
 /// ztunnel: the per-node L4 proxy of the Ambit mesh.
@@ -37,6 +38,33 @@ pub struct Config {
     /// Local CA mode: PEM private key of the root certificate (mode 0600).
     #[arg(long, env = "AMBIT_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+
+    /// Control plane mode: `host:port` of istiod-lite's delta xDS (workloads,
+    /// services, policies); excludes --local-state.
+    #[arg(long, env = "AMBIT_XDS_ADDRESS", value_parser = parse_host_port,
+          conflicts_with = "local_state", requires = "root_cert")]
+    pub xds_address: Option<String>,
+
+    /// Control plane mode: `host:port` of istiod-lite's CA, which then issues every
+    /// certificate; excludes --ca-cert/--ca-key.
+    #[arg(long, env = "AMBIT_CA_ADDRESS", value_parser = parse_host_port,
+          conflicts_with_all = ["ca_cert", "ca_key"], requires = "root_cert")]
+    pub ca_address: Option<String>,
+
+    /// Identity the control plane must prove; default
+    /// `spiffe://<trust-domain>/ns/istio-system/sa/istiod-lite`.
+    #[arg(long, env = "AMBIT_CONTROL_PLANE_IDENTITY", value_parser = parse_spiffe_id)]
+    pub control_plane_identity: Option<String>,
+
+    /// PEM file of the mesh roots the control plane's certificate chains to
+    /// (required with --xds-address or --ca-address).
+    #[arg(long, env = "AMBIT_ROOT_CERT")]
+    pub root_cert: Option<PathBuf>,
+
+    /// File of the bearer token sent to the control plane, read at every call
+    /// (so a rotated token is used); none is sent without it.
+    #[arg(long, env = "AMBIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// Lifetime of the workload certificates the local CA signs.
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
@@ -115,6 +143,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `host:port`, the port 1-65535.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{s:?} has no host; use host:port"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: port {port:?} is not 1-65535")),
+    }
+}
+
+fn parse_spiffe_id(s: &str) -> Result<String, String> {
+    SpiffeId::parse(s)
+        .map(|id| id.to_string())
+        .map_err(|e| e.to_string())
+}
+
+impl Config {
+    /// Whether state comes from the control plane (otherwise the local file).
+    pub fn uses_xds(&self) -> bool {
+        self.xds_address.is_some()
+    }
+
+    /// The identity the control plane must prove.
+    pub fn control_plane_identity(&self) -> Result<SpiffeId, mesh_core::SpiffeIdError> {
+        match &self.control_plane_identity {
+            Some(id) => SpiffeId::parse(id),
+            None => SpiffeId::new(&self.trust_domain, "istio-system", "istiod-lite"),
+        }
+    }
+}
+
 fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     if !addr.ip().is_loopback() {
@@ -164,6 +227,73 @@ mod tests {
         assert!(err.contains("--pool-max-streams"), "{err}");
         let err = parse(&["--ca-cert", "/x"]).unwrap_err().to_string();
         assert!(err.contains("--ca-key"), "{err}");
+    }
+
+    #[test]
+    fn control_plane_mode_excludes_the_local_sources_and_needs_roots() {
+        let err = parse(&[
+            "--xds-address",
+            "istiod:15012",
+            "--local-state",
+            "/s.yaml",
+            "--root-cert",
+            "/r",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--xds-address") && err.contains("--local-state"),
+            "{err}"
+        );
+        let err = parse(&[
+            "--ca-address",
+            "istiod:15012",
+            "--ca-cert",
+            "/c",
+            "--ca-key",
+            "/k",
+            "--root-cert",
+            "/r",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--ca-address") && err.contains("--ca-"),
+            "{err}"
+        );
+        let err = parse(&["--xds-address", "istiod:15012"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--root-cert"), "{err}");
+        let err = parse(&["--xds-address", "istiod", "--root-cert", "/r"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--xds-address") && err.contains("host:port"),
+            "{err}"
+        );
+        let err = parse(&["--control-plane-identity", "istiod"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--control-plane-identity"), "{err}");
+
+        let c = parse(&[
+            "--xds-address",
+            "istiod:15012",
+            "--ca-address",
+            "istiod:15012",
+            "--root-cert",
+            "/r",
+            "--trust-domain",
+            "example.org",
+        ])
+        .unwrap();
+        assert!(c.uses_xds());
+        assert_eq!(
+            c.control_plane_identity().unwrap().to_string(),
+            "spiffe://example.org/ns/istio-system/sa/istiod-lite"
+        );
+        assert!(!parse(&[]).unwrap().uses_xds());
     }
 
     #[test]

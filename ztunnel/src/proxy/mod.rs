@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::ca::LocalCa;
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
 use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer};
 use mesh_core::{CertStore, SpiffeId};
@@ -37,7 +36,7 @@ pub struct ProxyInputs {
     pub config: Arc<Config>,
     pub state: Arc<StateStore>,
     pub certs: Arc<CertStore>,
-    pub ca: Arc<LocalCa>,
+    pub ca: Arc<crate::app::CaClient>,
     pub metrics: Arc<Metrics>,
     pub why: Arc<WhyLog>,
     pub conns: Arc<ConnTable>,

@@ -7,6 +7,7 @@
 mod local;
 mod model;
 mod store;
+mod xds;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub use local::{LocalState, LocalStateError, digest, load_local_state, watch_local_state};
 pub use model::{ModelError, PortMapping, Protocol, Service, Workload};
 pub use store::StateStore;
+pub use xds::{XDS_TYPES, XdsState};
 
 use crate::policy::{Authorization, PolicySet};
 
