@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use http::StatusCode;
 use mesh_core::admin::{Reply, serve};
@@ -95,7 +94,7 @@ impl Admin {
         }
         let (workloads, services, authorizations) = t.counts();
         json!({
-            "synced": self.model.synced.load(Ordering::Acquire),
+            "synced": self.model.is_synced(),
             "resources": {
                 "workloads": workloads,
                 "services": services,
@@ -122,7 +121,7 @@ fn object_json(o: &Object) -> serde_json::Value {
 }
 
 fn ready(model: &ModelState) -> Reply {
-    if model.synced.load(Ordering::Acquire) {
+    if model.is_synced() {
         Reply::text(StatusCode::OK, "ready\n")
     } else {
         Reply::text(

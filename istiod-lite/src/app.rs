@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
@@ -33,11 +32,15 @@ pub struct ModelState {
     pub translator: RwLock<Translator>,
     /// Current problems by origin (file path, `kube:<Kind>`, `translate`).
     pub reports: Mutex<BTreeMap<String, Vec<Report>>>,
-    /// The source has delivered its first full view.
-    pub synced: AtomicBool,
+    /// Becomes true once every source has delivered its first full view.
+    pub synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl ModelState {
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
     /// Every current problem, sorted by origin.
     pub fn all_reports(&self) -> Vec<Report> {
         let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,7 +114,7 @@ impl App {
                 ..TranslateSettings::default()
             })),
             reports: Mutex::default(),
-            synced: AtomicBool::new(false),
+            synced: tokio::sync::watch::channel(false).0,
         });
 
         let settings = XdsSettings {
@@ -165,7 +168,15 @@ impl App {
         let grpc_addr = listener.local_addr()?;
         let routes = tonic::service::Routes::new(ads).add_service(ca.into_server());
         let grpc_drain = watcher.clone();
+        let mut synced = model.synced.subscribe();
         tokio::spawn(async move {
+            // Like istiod, answer proxies only from a complete view: a CA check or a
+            // first push against half a directory would refuse or remove too much.
+            // Until then connections wait in the listen backlog.
+            tokio::select! {
+                () = grpc_drain.signaled() => return,
+                r = synced.wait_for(|s| *s) => if r.is_err() { return },
+            }
             if let Err(e) =
                 crate::xds::serve(listener, Some(Arc::new(tls)), routes, grpc_drain).await
             {
@@ -263,7 +274,7 @@ async fn run_model(
                 }
                 SourceEvent::Synced => {
                     synced += 1;
-                    if synced >= sources && !model.synced.swap(true, Ordering::AcqRel) {
+                    if synced >= sources && !model.synced.send_replace(true) {
                         tracing::info!("config synced");
                     }
                 }
