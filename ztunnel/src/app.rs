@@ -53,6 +53,16 @@ pub enum CaClient {
     Remote(RemoteCa),
 }
 
+impl CaClient {
+    /// The mesh roots: what pods' listeners trust before their certificate arrives.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        match self {
+            CaClient::Local(ca) => vec![ca.root()],
+            CaClient::Remote(ca) => ca.roots().to_vec(),
+        }
+    }
+}
+
 impl CertificateSource for CaClient {
     async fn issue(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
         match self {

@@ -17,6 +17,17 @@ use crate::{CertStore, SpiffeId};
 /// domain verified to the identity's roots.
 pub fn server_config(store: Arc<CertStore>, identity: &SpiffeId) -> Result<ServerConfig, TlsError> {
     let roots = roots_of(&store, identity)?;
+    server_config_with_roots(store, identity, roots)
+}
+
+/// As [`server_config`], with the mesh roots given rather than read from the
+/// identity's certificate, so the config can be built before the certificate
+/// arrives: until it does, handshakes fail and are retried by the peer.
+pub fn server_config_with_roots(
+    store: Arc<CertStore>,
+    identity: &SpiffeId,
+    roots: Arc<RootCertStore>,
+) -> Result<ServerConfig, TlsError> {
     let verifier = SpiffeClientVerifier::new(roots, identity.trust_domain(), provider())?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -52,6 +63,20 @@ pub fn client_config(
     config.resumption = rustls::client::Resumption::disabled();
     config.enable_sni = false;
     Ok(config)
+}
+
+/// A root store of `roots`; an error when there is none.
+pub fn root_store(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).map_err(TlsError::BadRoot)?;
+    }
+    if store.is_empty() {
+        return Err(TlsError::NoRootsGiven);
+    }
+    Ok(Arc::new(store))
 }
 
 fn roots_of(store: &CertStore, identity: &SpiffeId) -> Result<Arc<RootCertStore>, TlsError> {

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 
-pub use config::{client_config, server_config};
+pub use config::{client_config, root_store, server_config, server_config_with_roots};
 pub use identity::{IdentityError, identity_of_cert};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
@@ -39,6 +39,8 @@ pub enum TlsError {
     NoCertificate(crate::SpiffeId),
     #[error("no trusted root certificates for identity {0}")]
     NoRoots(crate::SpiffeId),
+    #[error("no trusted root certificates given")]
+    NoRootsGiven,
     #[error("root certificate rejected: {0}")]
     BadRoot(rustls::Error),
     #[error("TLS configuration refused: {0}")]

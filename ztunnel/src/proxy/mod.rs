@@ -44,16 +44,23 @@ pub struct ProxyInputs {
 }
 
 impl ProxyInputs {
-    /// The certificate of `id`, issued now if the store has none valid.
+    /// The certificate of `id`, issued now if the store has none past half its
+    /// life. A certificate still valid is used while the CA cannot issue a new
+    /// one: it is never dropped early (renewal keeps trying in `keep_fresh`).
     pub async fn ensure_certificate(&self, id: &SpiffeId) -> Result<(), mesh_core::CertError> {
-        let fresh = self
-            .certs
-            .get(id)
-            .is_some_and(|c| std::time::SystemTime::now() < c.refresh_at());
-        if !fresh {
-            self.certs.fetch(self.ca.as_ref(), id).await?;
+        let now = std::time::SystemTime::now();
+        let held = self.certs.get(id);
+        if held.as_ref().is_some_and(|c| now < c.refresh_at()) {
+            return Ok(());
         }
-        Ok(())
+        match self.certs.fetch(self.ca.as_ref(), id).await {
+            Ok(_) => Ok(()),
+            Err(error) if held.is_some_and(|c| !c.is_expired(now)) => {
+                tracing::warn!(identity = %id, %error, "CA unavailable; using the certificate held");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -118,6 +125,26 @@ pub enum StartError {
     },
 }
 
+/// Retries a pod's first certificate (100 ms doubling to 5 s) until it is issued
+/// or the pod is removed; renewals are `keep_fresh`'s.
+async fn fetch_until_issued(inputs: Arc<ProxyInputs>, identity: SpiffeId, drain: DrainWatcher) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            () = drain.signaled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        match inputs.ensure_certificate(&identity).await {
+            Ok(()) => {
+                tracing::info!(%identity, "certificate issued");
+                return;
+            }
+            Err(error) => tracing::debug!(%identity, %error, "certificate still refused"),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// A running pod proxy; dropping it without [`PodProxy::stop`] leaves it running.
 #[derive(Debug)]
 pub struct PodProxy {
@@ -141,13 +168,13 @@ impl PodProxy {
                     pod: name.clone(),
                     error,
                 })?;
-        inputs
-            .ensure_certificate(&identity)
-            .await
-            .map_err(|error| StartError::Certificate {
-                pod: name.clone(),
-                error: Box::new(error),
-            })?;
+        // The certificate is fetched now, and in the background while the CA
+        // refuses or cannot be reached (e.g. it has not yet seen the pod): the
+        // listeners serve meanwhile, and TLS works as soon as it arrives.
+        let first_fetch = inputs.ensure_certificate(&identity).await;
+        if let Err(error) = &first_fetch {
+            tracing::warn!(pod = %name, %identity, %error, "no certificate yet; retrying in the background");
+        }
         let listen = |addr: SocketAddr| {
             net.listen(addr).map_err(|error| StartError::Listen {
                 pod: name.clone(),
@@ -165,14 +192,21 @@ impl PodProxy {
                 .local_addr()
                 .unwrap_or(ports.inbound_plaintext),
         };
-        let tls =
-            mesh_core::tls::server_config(inputs.certs.clone(), &identity).map_err(|error| {
-                StartError::Tls {
-                    pod: name.clone(),
-                    error,
-                }
-            })?;
+        let tls_err = |error| StartError::Tls {
+            pod: name.clone(),
+            error,
+        };
+        let roots = mesh_core::tls::root_store(&inputs.ca.roots()).map_err(tls_err)?;
+        let tls = mesh_core::tls::server_config_with_roots(inputs.certs.clone(), &identity, roots)
+            .map_err(tls_err)?;
         let (trigger, watcher) = drain::channel();
+        if first_fetch.is_err() {
+            tokio::spawn(fetch_until_issued(
+                inputs.clone(),
+                identity.clone(),
+                watcher.clone(),
+            ));
+        }
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone());
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
         tokio::spawn(server.run(watcher.clone()));
