@@ -3,21 +3,16 @@
 //! the process drain. With xDS configured, readiness waits for the first full sync
 //! and the config dump shows the xDS client's status.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use mesh_core::admin::Reply;
 use mesh_core::drain::DrainWatcher;
 use mesh_core::xds::{XdsSnapshot, XdsStatus};
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::proxy::ProxyInputs;
 
@@ -118,18 +113,10 @@ pub enum Endpoint {
     Readiness,
 }
 
-fn respond(
-    state: &AdminState,
-    endpoint: Endpoint,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+fn respond(state: &AdminState, endpoint: Endpoint, req: &Request<Incoming>) -> Reply {
     let path = req.uri().path();
-    let (status, ctype, body) = match (endpoint, path) {
-        (Endpoint::Admin, "/config_dump") => (
-            StatusCode::OK,
-            "application/json",
-            pretty(&state.config_dump()),
-        ),
+    match (endpoint, path) {
+        (Endpoint::Admin, "/config_dump") => Reply::json(&state.config_dump()),
         (Endpoint::Admin, "/debug/why") => {
             let entries = state.inputs.why.entries();
             if req.uri().query() == Some("format=text") {
@@ -146,44 +133,27 @@ fn respond(
                         )
                     })
                     .collect();
-                (StatusCode::OK, "text/plain; charset=utf-8", text)
+                Reply::text(StatusCode::OK, text)
             } else {
-                (StatusCode::OK, "application/json", pretty(&json!(entries)))
+                Reply::json(&entries)
             }
         }
-        (Endpoint::Admin, "/") => (
+        (Endpoint::Admin, "/") => Reply::text(
             StatusCode::OK,
-            "text/plain; charset=utf-8",
-            "/config_dump\n/debug/why\n/debug/why?format=text\n".into(),
+            "/config_dump\n/debug/why\n/debug/why?format=text\n",
         ),
-        (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.inputs.metrics.encode(),
-        ),
+        (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => {
+            Reply::metrics(state.inputs.metrics.encode())
+        }
         (Endpoint::Readiness, "/healthz/ready") => {
             if state.is_ready() {
-                (StatusCode::OK, "text/plain", "ready\n".into())
+                Reply::text(StatusCode::OK, "ready\n")
             } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready\n".into(),
-                )
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    if let Ok(v) = header::HeaderValue::from_str(ctype) {
-        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+        _ => Reply::not_found(),
     }
-    resp
-}
-
-fn pretty(v: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
 }
 
 /// Binds `addr` and serves `endpoint` until drained.
@@ -193,37 +163,10 @@ pub async fn serve(
     state: Arc<AdminState>,
     drain: DrainWatcher,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                () = drain.signaled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?endpoint, "admin accept failed");
-                        continue;
-                    }
-                },
-            };
-            let state = state.clone();
-            let drain = drain.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let resp = respond(&state, endpoint, &req);
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::select! {
-                    () = drain.signaled() => {}
-                    r = conn => if let Err(e) = r {
-                        tracing::debug!(error = %e, "admin connection error");
-                    },
-                }
-            });
-        }
-    });
-    Ok(bound)
+    let name = match endpoint {
+        Endpoint::Admin => "admin",
+        Endpoint::Metrics => "metrics",
+        Endpoint::Readiness => "readiness",
+    };
+    mesh_core::admin::serve(addr, name, move |req| respond(&state, endpoint, req), drain).await
 }

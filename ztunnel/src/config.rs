@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use mesh_core::SpiffeId;
+use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback};
 use serde::Serialize;
 
 /// ztunnel: the per-node L4 proxy of the Ambit mesh.
@@ -28,7 +29,7 @@ pub struct Config {
 
     /// How often the local state file is checked for changes.
     #[arg(long, env = "AMBIT_LOCAL_STATE_POLL", default_value = "250ms", value_parser = parse_duration)]
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "duration_as_text")]
     pub local_state_poll: Duration,
 
     /// Local CA mode: PEM root certificate that signs local identities.
@@ -68,7 +69,7 @@ pub struct Config {
 
     /// Lifetime of the workload certificates the local CA signs.
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "duration_as_text")]
     pub cert_ttl: Duration,
 
     /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods.
@@ -109,38 +110,17 @@ pub struct Config {
 
     /// A pooled HBONE connection idle this long is closed.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "duration_as_text")]
     pub pool_idle_timeout: Duration,
 
     /// On shutdown, open connections get this long to finish before they are closed.
     #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "30s", value_parser = parse_duration)]
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "duration_as_text")]
     pub drain_deadline: Duration,
 
     /// Most connections a pod's listener handles at once.
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
-}
-
-/// `250ms`, `30s`, `5m`, `24h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 24h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?} has no unit: use ms, s, m or h")),
-    };
-    if d.is_zero() {
-        return Err("a duration must be above zero".into());
-    }
-    Ok(d)
 }
 
 /// `host:port`, the port 1-65535.
@@ -176,20 +156,6 @@ impl Config {
             None => SpiffeId::new(&self.trust_domain, "istio-system", "istiod-lite"),
         }
     }
-}
-
-fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if !addr.ip().is_loopback() {
-        return Err(format!(
-            "{addr} is not a loopback address; this endpoint must stay local"
-        ));
-    }
-    Ok(addr)
-}
-
-fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{d:?}"))
 }
 
 #[cfg(test)]
@@ -294,15 +260,6 @@ mod tests {
             "spiffe://example.org/ns/istio-system/sa/istiod-lite"
         );
         assert!(!parse(&[]).unwrap().uses_xds());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]
