@@ -164,7 +164,17 @@ async fn request(tool: &EchoTool, from: &Pod, addr: &str, what: &str) {
             from.name(),
             reply.len()
         )),
-        Err(e) => say(&format!("  {} -> {what}: failed ({e})", from.name())),
+        Err(e) => {
+            // The tool's error ends with the OS's reason (reset, refused...).
+            let text = e.to_string();
+            let reason = text
+                .lines()
+                .map(|l| l.trim().trim_end_matches(')'))
+                .rfind(|l| !l.is_empty())
+                .unwrap_or("failed")
+                .to_string();
+            say(&format!("  {} -> {what}: no reply ({reason})", from.name()));
+        }
     }
 }
 
@@ -183,10 +193,17 @@ async fn report(mesh: &mut MeshCluster) {
                     c.sent,
                     c.received
                 )),
-                Some(Event::Refused(r)) => say(&format!(
-                    "     ztunnel REFUSED {} -> {}: {} [policy {}]",
-                    r.src, r.dst, r.explanation, r.policy
-                )),
+                Some(Event::Refused(r)) => {
+                    let who = if r.src_identity == "-" {
+                        "no identity".to_string()
+                    } else {
+                        r.src_identity.clone()
+                    };
+                    say(&format!(
+                        "     ztunnel REFUSED {} ({who}) -> {}: {}",
+                        r.src, r.dst, r.explanation
+                    ));
+                }
                 _ => {}
             }
         }

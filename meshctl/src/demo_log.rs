@@ -18,6 +18,7 @@ pub struct Completed {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused {
     pub src: String,
+    pub src_identity: String,
     pub dst: String,
     pub policy: String,
     pub explanation: String,
@@ -83,6 +84,7 @@ pub fn parse_event(line: &str) -> Option<Event> {
     let explanation = explanation(line)?;
     Some(Event::Refused(Refused {
         src: field(line, "src"),
+        src_identity: field(line, "src_identity"),
         dst: field(line, "dst"),
         policy: field(line, "policy"),
         explanation,
