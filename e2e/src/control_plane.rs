@@ -213,3 +213,19 @@ impl ControlPlane {
         std::fs::rename(&tmp, path).map_err(|e| setup(&path.display().to_string(), e))
     }
 }
+
+impl ControlPlane {
+    /// Reports `pod`'s `Ready` condition as a kubelet would when a readiness probe
+    /// changes: the Pod written by [`ControlPlane::write_pod`], with only its
+    /// conditions replaced. A pod that is not ready is an unhealthy endpoint.
+    pub fn set_pod_ready(&self, pod: &Pod, ready: bool) -> Result<(), MeshError> {
+        let path = self.pod_file(pod.namespace(), pod.name());
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| setup(&shown, e))?;
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| setup(&shown, e))?;
+        let status = if ready { "True" } else { "False" };
+        doc["status"]["conditions"] = json!([{"type": "Ready", "status": status}]);
+        self.write_file(&path, &doc.to_string())
+    }
+}

@@ -333,6 +333,17 @@ impl MeshCluster {
         self.own_namespaces.insert(ns.to_string());
     }
 
+    /// Reports pod `name` ready or not to istiod-lite (its `Ready` condition); a
+    /// pod that is not ready is an unhealthy endpoint. Returns once written: wait
+    /// for the effect with [`MeshCluster::wait_for_dump`].
+    pub fn set_pod_ready(&self, name: &str, ready: bool) -> Result<(), MeshError> {
+        let pod = self
+            .cluster
+            .pod(name)
+            .ok_or_else(|| MeshError::Setup(format!("no pod {name}")))?;
+        self.control()?.set_pod_ready(pod, ready)
+    }
+
     /// The control plane; an error in the local mode.
     pub fn control(&self) -> Result<&ControlPlane, MeshError> {
         self.control

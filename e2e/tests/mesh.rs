@@ -1,14 +1,37 @@
 //! ztunnel on real network namespaces: pods enrolled through the CNI chain, traffic
 //! captured in each pod's namespace and carried over HBONE with SPIFFE identities.
+//! istiod-lite is the only source of state and certificates: tests write Kubernetes
+//! YAML into its config directory and wait until every ztunnel's config dump shows
+//! the result. (ztunnel's local-file mode is covered by `tests/mesh_local.rs`.)
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ambit_e2e::control_plane::DEBUG_ADDR;
 use ambit_e2e::{EchoTool, MeshCluster, PodSpec, require_root};
+use serde_json::Value;
+
+const ADMIN: &str = "127.0.0.1:15000";
 
 fn echo() -> EchoTool {
     EchoTool::new(env!("CARGO_BIN_EXE_e2e-tool"))
+}
+
+/// The policy `namespace/name` of a ztunnel config dump.
+fn dump_policy<'a>(dump: &'a Value, key: &str) -> Option<&'a Value> {
+    dump["policies"]["policies"].as_array()?.iter().find(|p| {
+        let (ns, name) = (p["namespace"].as_str(), p["name"].as_str());
+        ns.zip(name)
+            .is_some_and(|(ns, name)| format!("{ns}/{name}") == key)
+    })
+}
+
+/// Whether the dump holds a certificate for `identity`.
+fn has_certificate(dump: &Value, identity: &str) -> bool {
+    dump["certificates"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["identity"] == identity))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,7 +39,7 @@ async fn meshed_pods_talk_on_one_node_and_across_nodes_with_identities() {
     if !require_root("meshed_pods_talk_on_one_node_and_across_nodes_with_identities") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(2).await.unwrap();
+    let mut mesh = MeshCluster::start(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace("shop"))
         .await
@@ -29,7 +52,14 @@ async fn meshed_pods_talk_on_one_node_and_across_nodes_with_identities() {
         .add_pod(PodSpec::new("far", 2).namespace("shop"))
         .await
         .unwrap();
-    mesh.write_state("").await.unwrap();
+    // Both ztunnels are synced with istiod-lite and hold the pods' certificate
+    // (issued by istiod-lite's CA: the cluster has no local CA).
+    let id = "spiffe://cluster.local/ns/shop/sa/default";
+    mesh.wait_for_dump("the xDS sync and the shop/default certificate", |d| {
+        d["xds"]["synced"] == true && has_certificate(d, id)
+    })
+    .await
+    .unwrap();
 
     for server in [&near, &far] {
         let mut srv = echo().serve(server, 8080).await.unwrap();
@@ -106,7 +136,7 @@ async fn the_wire_between_nodes_carries_only_tls_to_15008() {
     if !require_root("the_wire_between_nodes_carries_only_tls_to_15008") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(2).await.unwrap();
+    let mut mesh = MeshCluster::start(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace("shop"))
         .await
@@ -115,7 +145,6 @@ async fn the_wire_between_nodes_carries_only_tls_to_15008() {
         .add_pod(PodSpec::new("far", 2).namespace("shop"))
         .await
         .unwrap();
-    mesh.write_state("").await.unwrap();
     let _srv = echo().serve(&far, 8080).await.unwrap();
 
     // Capture in node 1's namespace everything to or from the far pod.
@@ -180,36 +209,44 @@ async fn the_wire_between_nodes_carries_only_tls_to_15008() {
     }
 }
 
+/// The server admits its frontend on 8080 only; nobody from `elsewhere` gets into
+/// `shop` except on 7070; a dry-run DENY audits 9090.
 const POLICIES: &str = r#"
-policies:
-  - name: server-allow-frontend
-    namespace: shop
-    scope: WORKLOAD_SELECTOR
-    selector: {app: server}
-    action: ALLOW
-    rules:
-      - clauses:
-          - matches:
-              - principals: ["cluster.local/ns/shop/sa/frontend"]
-                destinationPorts: [8080]
-  - name: no-elsewhere
-    namespace: shop
-    scope: NAMESPACE
-    action: DENY
-    rules:
-      - clauses:
-          - matches:
-              - namespaces: ["elsewhere"]
-                notDestinationPorts: [7070]
-  - name: audit-9090
-    namespace: shop
-    scope: NAMESPACE
-    action: DENY
-    dryRun: true
-    rules:
-      - clauses:
-          - matches:
-              - destinationPorts: [9090]
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-allow-frontend, namespace: shop}
+spec:
+  selector:
+    matchLabels: {app: server}
+  action: ALLOW
+  rules:
+    - from:
+        - source: {principals: ["cluster.local/ns/shop/sa/frontend"]}
+      to:
+        - operation: {ports: ["8080"]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-elsewhere, namespace: shop}
+spec:
+  action: DENY
+  rules:
+    - from:
+        - source: {namespaces: ["elsewhere"]}
+      to:
+        - operation: {notPorts: ["7070"]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: audit-9090
+  namespace: shop
+  annotations: {istio.io/dry-run: "true"}
+spec:
+  action: DENY
+  rules:
+    - to:
+        - operation: {ports: ["9090"]}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +254,7 @@ async fn policy_allows_denies_counts_and_explains() {
     if !require_root("policy_allows_denies_counts_and_explains") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(2).await.unwrap();
+    let mut mesh = MeshCluster::start(2).await.unwrap();
     let frontend = mesh
         .add_pod(
             PodSpec::new("frontend", 1)
@@ -242,7 +279,19 @@ async fn policy_allows_denies_counts_and_explains() {
         )
         .await
         .unwrap();
-    mesh.write_state(POLICIES).await.unwrap();
+    mesh.write_config("policies.yaml", POLICIES).unwrap();
+    mesh.wait_for_dump("the three policies", |d| {
+        dump_policy(d, "shop/server-allow-frontend").is_some_and(|p| {
+            p["scope"] == "WORKLOAD_SELECTOR"
+                && p["action"] == "ALLOW"
+                && p["selector"]["app"] == "server"
+        }) && dump_policy(d, "shop/no-elsewhere")
+            .is_some_and(|p| p["scope"] == "NAMESPACE" && p["action"] == "DENY")
+            && dump_policy(d, "shop/audit-9090")
+                .is_some_and(|p| p["action"] == "DENY" && p["dryRun"] == true)
+    })
+    .await
+    .unwrap();
     let _s1 = echo().serve(&server, 8080).await.unwrap();
     let _s2 = echo().serve(&server, 9090).await.unwrap();
     let to = |port| SocketAddr::from((server.ip(), port));
@@ -287,9 +336,7 @@ async fn policy_allows_denies_counts_and_explains() {
         1.0,
         "{text}"
     );
-    let why = mesh
-        .fetch(2, "127.0.0.1:15000", "/debug/why?format=text")
-        .unwrap();
+    let why = mesh.fetch(2, ADMIN, "/debug/why?format=text").unwrap();
     assert!(
         why.contains("no ALLOW policy matched (considered: shop/server-allow-frontend)"),
         "{why}"
@@ -323,7 +370,7 @@ async fn a_live_policy_applies_within_a_second_and_keeps_established_connections
     if !require_root("a_live_policy_applies_within_a_second_and_keeps_established_connections") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(2).await.unwrap();
+    let mut mesh = MeshCluster::start(2).await.unwrap();
     let frontend = mesh
         .add_pod(
             PodSpec::new("frontend", 1)
@@ -344,7 +391,6 @@ async fn a_live_policy_applies_within_a_second_and_keeps_established_connections
         .add_pod(PodSpec::new("server", 2).namespace("shop"))
         .await
         .unwrap();
-    mesh.write_state("").await.unwrap();
     let _srv = echo().serve(&server, 8080).await.unwrap();
     let addr = SocketAddr::from((server.ip(), 8080));
     assert_eq!(
@@ -365,18 +411,23 @@ async fn a_live_policy_applies_within_a_second_and_keeps_established_connections
 
     // Only frontend may connect now.
     let policy = r#"
-policies:
-  - name: only-frontend
-    namespace: shop
-    scope: NAMESPACE
-    action: ALLOW
-    rules:
-      - clauses:
-          - matches:
-              - principals: ["cluster.local/ns/shop/sa/frontend"]
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-frontend, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+    - from:
+        - source: {principals: ["cluster.local/ns/shop/sa/frontend"]}
 "#;
     let written = tokio::time::Instant::now();
-    mesh.write_state(policy).await.unwrap();
+    mesh.write_config("only-frontend.yaml", policy).unwrap();
+    mesh.wait_for_dump("the only-frontend policy", |d| {
+        dump_policy(d, "shop/only-frontend").is_some()
+    })
+    .await
+    .unwrap();
+    let in_force = written.elapsed();
     // New connections from `other` are refused within a second of the write.
     loop {
         let reply = echo()
@@ -388,12 +439,16 @@ policies:
         }
         assert!(
             written.elapsed() < Duration::from_secs(1),
-            "policy not enforced within 1 s"
+            "policy not enforced within 1 s (in every ztunnel after {in_force:?})"
         );
     }
+    let refused = written.elapsed();
+    eprintln!(
+        "policy in every ztunnel after {in_force:?}, a new connection refused after {refused:?}"
+    );
     assert!(
-        written.elapsed() < Duration::from_secs(1),
-        "policy not enforced within 1 s"
+        refused < Duration::from_secs(1),
+        "policy not enforced within 1 s (in every ztunnel after {in_force:?})"
     );
 
     // The established connection, still allowed, keeps going and ends cleanly.
@@ -409,12 +464,33 @@ policies:
         .unwrap();
 }
 
+/// A namespace-wide ALLOW policy `shop/callers` for one `source` (an Istio Source,
+/// as YAML flow-mapping entries).
+fn callers_policy(source: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: callers, namespace: shop}}\nspec:\n  action: ALLOW\n  rules:\n    - from:\n        - source: {{{source}}}\n"
+    )
+}
+
+/// The reports of istiod-lite's `/debug/errors` whose origin ends with `file`.
+fn reports_for(errors: &Value, file: &str) -> Vec<Value> {
+    errors
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| r["origin"].as_str().is_some_and(|o| o.ends_with(file)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_state_file_is_reported_and_the_mesh_keeps_working() {
-    if !require_root("a_malformed_state_file_is_reported_and_the_mesh_keeps_working") {
+async fn malformed_config_is_reported_and_the_mesh_keeps_working() {
+    if !require_root("malformed_config_is_reported_and_the_mesh_keeps_working") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(1).await.unwrap();
+    let mut mesh = MeshCluster::start(1).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace("shop"))
         .await
@@ -423,28 +499,103 @@ async fn a_malformed_state_file_is_reported_and_the_mesh_keeps_working() {
         .add_pod(PodSpec::new("server", 1).namespace("shop"))
         .await
         .unwrap();
-    mesh.write_state("").await.unwrap();
-    let _srv = echo().serve(&server, 8080).await.unwrap();
-    let addr = SocketAddr::from((server.ip(), 8080));
-
-    mesh.write_raw_state("workloads:\n  - uid: x\n    addresses: [not-an-ip\n")
-        .unwrap();
-    mesh.nodes[0]
-        .ztunnel
-        .wait_for_line("the refusal", Duration::from_secs(10), |l| {
-            l.contains("local state refused")
-        })
+    let good = callers_policy("principals: [\"cluster.local/ns/shop/sa/default\"]");
+    mesh.write_config("callers.yaml", &good).unwrap();
+    let holds_good = |d: &Value| {
+        dump_policy(d, "shop/callers").is_some_and(|p| p.to_string().contains("ns/shop/sa/default"))
+    };
+    mesh.wait_for_dump("the callers policy", holds_good)
         .await
         .unwrap();
-    let dump = mesh.fetch(1, "127.0.0.1:15000", "/config_dump").unwrap();
-    assert!(
-        dump.contains("\"localStateError\"") && dump.contains("does not parse"),
-        "{dump}"
+    let _srv = echo().serve(&server, 8080).await.unwrap();
+    let addr = SocketAddr::from((server.ip(), 8080));
+    assert_eq!(
+        echo()
+            .connect(&client, addr, "allowed")
+            .await
+            .unwrap()
+            .trim(),
+        "allowed"
     );
+
+    // A file that is not YAML, a document that is YAML but not a valid Service,
+    // and the policy rewritten with an address block that does not parse.
+    mesh.write_config(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
+    )
+    .unwrap();
+    mesh.write_config(
+        "bad-service.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec:\n  clusterIP: 198.19.200.20\n  ports: [{port: 70000}]\n",
+    )
+    .unwrap();
+    mesh.write_config("callers.yaml", &callers_policy("ipBlocks: [\"not-an-ip\"]"))
+        .unwrap();
+    // The rest keeps taking changes: a pod added after the bad files gets in (with
+    // a service account the good policy does not admit).
+    let late = mesh
+        .add_pod(
+            PodSpec::new("late", 1)
+                .namespace("shop")
+                .cni_arg("K8S_POD_SERVICE_ACCOUNT", "late"),
+        )
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let errors = loop {
+        let body = mesh.fetch(1, DEBUG_ADDR, "/debug/errors").unwrap();
+        let errors: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let reported = ["broken.yaml", "bad-service.yaml", "callers.yaml"]
+            .iter()
+            .all(|f| !reports_for(&errors, f).is_empty());
+        if reported {
+            break errors;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "istiod-lite did not report the three bad files: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("/debug/errors: {errors:#}");
+    // Not YAML: the file and the document, with the parser's position.
+    let broken = &reports_for(&errors, "broken.yaml")[0];
+    assert_eq!(broken["document"], 1, "{broken}");
     assert!(
-        dump.contains(&format!("\"{}\"", server.ip())),
-        "the last good state was lost:\n{dump}"
+        broken["error"]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("line"),
+        "{broken}"
     );
+    // Valid YAML, invalid object: file, kind, name and field.
+    let service = &reports_for(&errors, "bad-service.yaml")[0];
+    assert_eq!(service["error"]["kind"], "Service", "{service}");
+    assert_eq!(service["error"]["name"], "cart", "{service}");
+    assert!(
+        service["error"]["field"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.ports[0].port"),
+        "{service}"
+    );
+    // The invalid policy: file, kind, name and the field that is wrong.
+    let policy = &reports_for(&errors, "callers.yaml")[0];
+    assert_eq!(policy["error"]["kind"], "AuthorizationPolicy", "{policy}");
+    assert_eq!(policy["error"]["namespace"], "shop", "{policy}");
+    assert_eq!(policy["error"]["name"], "callers", "{policy}");
+    assert_eq!(
+        policy["error"]["field"], "spec.rules[0].from[0].source.ipBlocks[0]",
+        "{policy}"
+    );
+
+    // The last good policy stays, the invalid Service never appears, and traffic
+    // keeps flowing, to the old pod and to the one added since.
+    let dump: Value = serde_json::from_str(&mesh.fetch(1, ADMIN, "/config_dump").unwrap()).unwrap();
+    assert!(holds_good(&dump), "the last good policy was lost: {dump:#}");
+    assert_eq!(dump["services"], serde_json::json!([]), "{dump:#}");
     assert_eq!(
         echo()
             .connect(&client, addr, "still works")
@@ -453,4 +604,55 @@ async fn a_malformed_state_file_is_reported_and_the_mesh_keeps_working() {
             .trim(),
         "still works"
     );
+    let _late_srv = echo().serve(&late, 8080).await.unwrap();
+    assert_eq!(
+        echo()
+            .connect(
+                &client,
+                SocketAddr::from((late.ip(), 8080)),
+                "to the late pod"
+            )
+            .await
+            .unwrap()
+            .trim(),
+        "to the late pod"
+    );
+    // The kept policy is enforced: the late pod's identity is not admitted.
+    assert_eq!(
+        echo()
+            .connect(&late, addr, "not allowed")
+            .await
+            .unwrap_or_default(),
+        ""
+    );
+    let why = mesh.fetch(1, ADMIN, "/debug/why?format=text").unwrap();
+    assert!(
+        why.contains("spiffe://cluster.local/ns/shop/sa/late")
+            && why.contains("no ALLOW policy matched (considered: shop/callers)"),
+        "{why}"
+    );
+
+    // Fixing the files clears their reports.
+    mesh.write_config("callers.yaml", &good).unwrap();
+    mesh.control()
+        .unwrap()
+        .remove_config("broken.yaml")
+        .unwrap();
+    mesh.control()
+        .unwrap()
+        .remove_config("bad-service.yaml")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = mesh.fetch(1, DEBUG_ADDR, "/debug/errors").unwrap();
+        let errors: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if errors.as_array().is_some_and(|rs| rs.is_empty()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reports not cleared after the fix: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,6 +1,9 @@
 //! Routing through ztunnel on real network namespaces: a service VIP balanced over
 //! its healthy endpoints on two nodes, plain TCP to and from pods outside the mesh
 //! (under L4 policy on the inbound side), and a pod leaving the mesh through CNI DEL.
+//! istiod-lite is the only source of state: Services, policies and pod readiness
+//! are Kubernetes objects, and tests wait until every ztunnel's config dump shows
+//! them.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::future::Future;
@@ -34,60 +37,11 @@ fn service_key() -> String {
     format!("{NS}/{HOSTNAME}")
 }
 
-/// One workload line as `MeshCluster::write_state` writes it, plus the fields it
-/// cannot set: service membership (port 80 -> 8080) and health.
-fn workload_yaml(pod: &Pod, in_service: bool, healthy: bool) -> String {
-    let services = if in_service {
-        format!(
-            "{{\"{}\": [{{servicePort: 80, targetPort: 8080}}]}}",
-            service_key()
-        )
-    } else {
-        "{}".to_owned()
-    };
-    format!(
-        "  - {{uid: \"{uid}\", name: \"{name}\", namespace: \"{ns}\", serviceAccount: \"{sa}\", node: node-{node}, addresses: [\"{ip}\"], labels: {{app: \"{name}\"}}, services: {services}, healthy: {healthy}}}\n",
-        uid = pod.container_id(),
-        name = pod.name(),
-        ns = pod.namespace(),
-        sa = pod.cni_arg("K8S_POD_SERVICE_ACCOUNT").unwrap_or("default"),
-        node = pod.node(),
-        ip = pod.ip(),
-    )
-}
-
+/// The Service `cart`: VIP port 80 to port 8080 of the pods labelled `tier=cart`.
 fn service_yaml() -> String {
     format!(
-        "services:\n  - {{name: cart, namespace: {NS}, hostname: {HOSTNAME}, vips: [\"{VIP}\"], ports: [{{servicePort: 80, targetPort: 8080}}]}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: cart, namespace: {NS}}}\nspec:\n  clusterIP: {VIP}\n  selector: {{tier: cart}}\n  ports: [{{name: tcp, port: 80, targetPort: 8080}}]\n"
     )
-}
-
-/// Waits until every node's ztunnel shows the state `applied` accepts in its
-/// `/config_dump`: checks the dump, and while it does not match yet, waits for the
-/// ztunnel's next "local state applied" (or "refused", for a half-written file) line.
-async fn wait_applied(mesh: &mut MeshCluster, what: &str, applied: impl Fn(&Value) -> bool) {
-    let deadline = Instant::now() + EVENT_WAIT;
-    for i in 0..mesh.nodes.len() {
-        let node = u8::try_from(i + 1).unwrap();
-        loop {
-            let body = mesh.fetch(node, ADMIN, "/config_dump").unwrap();
-            let dump: Value = serde_json::from_str(&body)
-                .unwrap_or_else(|e| panic!("node {node}: config_dump is not JSON ({e}): {body}"));
-            if applied(&dump) {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if let Err(e) = mesh.nodes[i]
-                .ztunnel
-                .wait_for_line("local state applied", left, |l| {
-                    l.contains("local state applied") || l.contains("local state refused")
-                })
-                .await
-            {
-                panic!("node {node}: ztunnel never applied {what}: {e}\nlast config_dump: {body}");
-            }
-        }
-    }
 }
 
 /// The workloads of a config dump by name.
@@ -115,9 +69,9 @@ fn dump_policy_names(dump: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Runs `work` while reading every ztunnel's log. ztunnel logs to a pipe the harness
-/// reads only when a test waits for a line, and logs a line per connection: left
-/// unread through hundreds of connections, the pipe fills and ztunnel stalls.
+/// Runs `work` while reading every ztunnel's log (a line per connection, hundreds
+/// of them, would otherwise pile up in the harness), and fails the test at once
+/// if a ztunnel exits meanwhile.
 async fn draining_logs<T>(nodes: &mut [NodeMesh], work: impl Future<Output = T>) -> T {
     type Drain<'a> = Pin<Box<dyn Future<Output = Result<String, ProcessError>> + Send + 'a>>;
     let mut drains: Vec<Drain<'_>> = nodes
@@ -243,7 +197,7 @@ async fn service_vip_balances_over_healthy_endpoints_on_two_nodes() {
     if !require_root("service_vip_balances_over_healthy_endpoints_on_two_nodes") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(2).await.unwrap();
+    let mut mesh = MeshCluster::start(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace(NS))
         .await
@@ -251,32 +205,31 @@ async fn service_vip_balances_over_healthy_endpoints_on_two_nodes() {
     let mut endpoints = Vec::new();
     for (name, node) in [("ep-a", 1), ("ep-b", 1), ("ep-c", 2)] {
         let pod = mesh
-            .add_pod(PodSpec::new(name, node).namespace(NS))
+            .add_pod(PodSpec::new(name, node).namespace(NS).label("tier", "cart"))
             .await
             .unwrap();
         endpoints.push(pod);
     }
     let names: Vec<&str> = endpoints.iter().map(Pod::name).collect();
-    let state = |unhealthy: Option<&str>| {
-        let mut yaml = String::from("workloads:\n");
-        yaml.push_str(&workload_yaml(&client, false, true));
-        for ep in &endpoints {
-            yaml.push_str(&workload_yaml(ep, true, Some(ep.name()) != unhealthy));
-        }
-        yaml.push_str(&service_yaml());
-        yaml
-    };
     let healthy_is = |dump: &Value, name: &str, healthy: bool| {
         dump_workload(dump, name).is_some_and(|w| w["healthy"] == healthy)
     };
+    let in_service = |dump: &Value, name: &str| {
+        dump_workload(dump, name).is_some_and(|w| w["services"].get(service_key()).is_some())
+    };
 
-    mesh.write_raw_state(&state(None)).unwrap();
-    wait_applied(&mut mesh, "the service and its 3 endpoints", |d| {
-        d["services"].as_array().is_some_and(|s| s.len() == 1)
-            && d["workloads"].as_array().is_some_and(|w| w.len() == 4)
-            && names.iter().all(|n| healthy_is(d, n, true))
+    mesh.write_config("cart.yaml", &service_yaml()).unwrap();
+    mesh.wait_for_dump("the service and its 3 endpoints", |d| {
+        d["services"].as_array().is_some_and(|s| {
+            s.len() == 1 && s[0]["hostname"] == HOSTNAME && s[0]["vips"][0] == VIP.to_string()
+        }) && d["workloads"].as_array().is_some_and(|w| w.len() == 4)
+            && names
+                .iter()
+                .all(|n| healthy_is(d, n, true) && in_service(d, n))
+            && !in_service(d, "client")
     })
-    .await;
+    .await
+    .unwrap();
 
     let mut servers = Vec::new();
     for ep in &endpoints {
@@ -297,11 +250,13 @@ async fn service_vip_balances_over_healthy_endpoints_on_two_nodes() {
     assert_near(&counts, 100, &names);
 
     // ep-b turns unhealthy: it gets no new connection, the other two share them.
-    mesh.write_raw_state(&state(Some("ep-b"))).unwrap();
-    wait_applied(&mut mesh, "ep-b unhealthy", |d| {
+    // (Its readiness probe fails: the kubelet reports Ready=False.)
+    mesh.set_pod_ready("ep-b", false).unwrap();
+    mesh.wait_for_dump("ep-b unhealthy", |d| {
         healthy_is(d, "ep-b", false) && healthy_is(d, "ep-a", true) && healthy_is(d, "ep-c", true)
     })
-    .await;
+    .await
+    .unwrap();
     draining_logs(
         &mut mesh.nodes,
         connect_many(&client, vip, 60, 4, "unhealthy"),
@@ -319,7 +274,7 @@ async fn plain_tcp_to_and_from_pods_outside_the_mesh_under_policy() {
     if !require_root("plain_tcp_to_and_from_pods_outside_the_mesh_under_policy") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(2).await.unwrap();
+    let mut mesh = MeshCluster::start(2).await.unwrap();
     let client = mesh
         .add_pod(PodSpec::new("client", 1).namespace(NS))
         .await
@@ -344,7 +299,6 @@ async fn plain_tcp_to_and_from_pods_outside_the_mesh_under_policy() {
         )
         .await
         .unwrap();
-    mesh.write_state("").await.unwrap();
 
     // Meshed client -> pod outside the mesh: passthrough in plain TCP, from the
     // client's own address.
@@ -395,14 +349,15 @@ async fn plain_tcp_to_and_from_pods_outside_the_mesh_under_policy() {
 
     // A DENY policy for the server's namespace matching the outside client's address.
     let policy = format!(
-        "policies:\n  - name: deny-outside\n    namespace: {NS}\n    scope: NAMESPACE\n    action: DENY\n    rules:\n      - clauses:\n          - matches:\n              - sourceIps: [\"{outside_ip}/32\"]\n"
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-outside, namespace: {NS}}}\nspec:\n  action: DENY\n  rules:\n    - from:\n        - source: {{ipBlocks: [\"{outside_ip}/32\"]}}\n"
     );
-    mesh.write_state(&policy).await.unwrap();
+    mesh.write_config("deny-outside.yaml", &policy).unwrap();
     let policy_key = format!("{NS}/deny-outside");
-    wait_applied(&mut mesh, "the DENY policy", |d| {
+    mesh.wait_for_dump("the DENY policy", |d| {
         dump_policy_names(d).contains(&policy_key)
     })
-    .await;
+    .await
+    .unwrap();
 
     match echo()
         .connect(&plain_client, srv.addr(), "marker-denied-3a7f")
@@ -442,7 +397,7 @@ async fn pod_deleted_through_cni_leaves_its_node_serving_the_others() {
     if !require_root("pod_deleted_through_cni_leaves_its_node_serving_the_others") {
         return;
     }
-    let mut mesh = MeshCluster::start_local(1).await.unwrap();
+    let mut mesh = MeshCluster::start(1).await.unwrap();
     let a = mesh
         .add_pod(PodSpec::new("alpha", 1).namespace(NS))
         .await
@@ -455,7 +410,6 @@ async fn pod_deleted_through_cni_leaves_its_node_serving_the_others() {
         .add_pod(PodSpec::new("victim", 1).namespace(NS))
         .await
         .unwrap();
-    mesh.write_state("").await.unwrap();
 
     let mut srv_a = echo().serve(&a, 8080).await.unwrap();
     let mut srv_b = echo().serve(&b, 8080).await.unwrap();
