@@ -331,15 +331,15 @@ impl Cluster {
                 problems.push(e.to_string());
             }
         }
-        if let Some(mut wire) = self.wire.take() {
-            if let Err(e) = wire.netns_mut().delete() {
-                problems.push(e.to_string());
-            }
+        if let Some(mut wire) = self.wire.take()
+            && let Err(e) = wire.netns_mut().delete()
+        {
+            problems.push(e.to_string());
         }
-        if let Some(dir) = self.state_dir.take() {
-            if let Err(e) = dir.close() {
-                problems.push(format!("removing the cluster's temp dir: {e}"));
-            }
+        if let Some(dir) = self.state_dir.take()
+            && let Err(e) = dir.close()
+        {
+            problems.push(format!("removing the cluster's temp dir: {e}"));
         }
         let leftovers = sweep_prefix(&self.prefix);
         if !leftovers.is_empty() {

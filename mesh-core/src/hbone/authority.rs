@@ -25,10 +25,10 @@ pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, AuthorityE
         .map_err(|_| AuthorityError::NotIpPort(s.to_string()))?;
     // Canonical form only: "[::ffff:1.2.3.4]:80" style spellings that do not print back
     // the same are still addresses, but a zone ID ("%eth0") or scope does not survive.
-    if let SocketAddr::V6(v6) = addr {
-        if v6.scope_id() != 0 || v6.flowinfo() != 0 {
-            return Err(AuthorityError::NotIpPort(s.to_string()));
-        }
+    if let SocketAddr::V6(v6) = addr
+        && (v6.scope_id() != 0 || v6.flowinfo() != 0)
+    {
+        return Err(AuthorityError::NotIpPort(s.to_string()));
     }
     if addr.port() == 0 {
         return Err(AuthorityError::ZeroPort(s.to_string()));

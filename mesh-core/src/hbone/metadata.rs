@@ -71,10 +71,10 @@ impl SourceMetadata {
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
         .collect();
-        if !members.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&members.join(",")) {
-                headers.insert(BAGGAGE, v);
-            }
+        if !members.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&members.join(","))
+        {
+            headers.insert(BAGGAGE, v);
         }
     }
 

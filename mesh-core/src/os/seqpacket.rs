@@ -89,10 +89,10 @@ impl SeqPacket {
         let sock = Self::from_fd(fd)?;
         // Completes (or fails) the non-blocking connect.
         let _ = sock.fd.writable().await?;
-        if let Ok(err) = socket::getsockopt(&sock.fd, socket::sockopt::SocketError) {
-            if err != 0 {
-                return Err(io::Error::from_raw_os_error(err));
-            }
+        if let Ok(err) = socket::getsockopt(&sock.fd, socket::sockopt::SocketError)
+            && err != 0
+        {
+            return Err(io::Error::from_raw_os_error(err));
         }
         Ok(sock)
     }
