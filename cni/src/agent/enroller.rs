@@ -198,10 +198,9 @@ impl Enroller {
         if let Some(ns) = netns.and_then(|p| self.open_pod_netns(p).ok()) {
             let inode = ns.inode().ok();
             let shared = state.pods.values().any(|p| p.netns.inode().ok() == inode);
-            if !shared
-                && let Err(e) = self.redirect(uid, &ns, Redirector::remove).await {
-                    tracing::debug!("cleanup of unknown pod: {e}");
-                }
+            if !shared && let Err(e) = self.redirect(uid, &ns, Redirector::remove).await {
+                tracing::debug!("cleanup of unknown pod: {e}");
+            }
         }
         Ok(Some(format!("pod {uid} was not enrolled")))
     }

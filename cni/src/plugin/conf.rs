@@ -58,12 +58,13 @@ impl NetConf {
             ));
         }
         if let Some(t) = conf.timeout_seconds
-            && !(1..=300).contains(&t) {
-                return Err(CniError::new(
-                    ErrorCode::InvalidConfig,
-                    format!("timeoutSeconds {t} is out of range (1..=300)"),
-                ));
-            }
+            && !(1..=300).contains(&t)
+        {
+            return Err(CniError::new(
+                ErrorCode::InvalidConfig,
+                format!("timeoutSeconds {t} is out of range (1..=300)"),
+            ));
+        }
         Ok(conf)
     }
 

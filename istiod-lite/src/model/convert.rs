@@ -183,12 +183,13 @@ fn deserialize<T: DeserializeOwned>(value: Value, prefix: &str) -> Checked<T> {
         // serde reports an unknown or missing field at its parent: name the field.
         for marker in ["unknown field `", "missing field `"] {
             if let Some(rest) = problem.strip_prefix(marker)
-                && let Some(end) = rest.find('`') {
-                    let key = &rest[..end];
-                    if join("", key) != field && !field.ends_with(&join("x", key)[1..]) {
-                        push_key(&mut field, key);
-                    }
+                && let Some(end) = rest.find('`')
+            {
+                let key = &rest[..end];
+                if join("", key) != field && !field.ends_with(&join("x", key)[1..]) {
+                    push_key(&mut field, key);
                 }
+            }
         }
         if field.is_empty() {
             field.push('.');
