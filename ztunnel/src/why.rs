@@ -1,8 +1,13 @@
 //! The "why" view: the last refused connections, each with what decided it (the
 //! policy and rule, or the routing failure), for `GET /debug/why` on the admin port.
+//! Refusals of each pod's HBONE server before a CONNECT reaches ztunnel's handler
+//! (TLS: unknown issuer, expired or wrong identity, no client certificate; HTTP/2:
+//! not a CONNECT, bad authority) are read from the server's own record and merged in.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use mesh_core::hbone::{RefusalKind, RefusalRecord, ServerStats};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -43,6 +48,36 @@ impl Refused {
 #[derive(Debug, Default)]
 pub struct WhyLog {
     entries: Mutex<VecDeque<Refused>>,
+    /// Each pod's HBONE server, by pod (`namespace/name`).
+    servers: Mutex<HashMap<String, Arc<ServerStats>>>,
+}
+
+/// Whether the server refused before ztunnel's handler saw the CONNECT (the
+/// handler's own refusals are recorded in the log with their policy).
+fn refused_by_server(kind: RefusalKind) -> bool {
+    !matches!(
+        kind,
+        RefusalKind::Denied | RefusalKind::Unknown | RefusalKind::Unavailable
+    )
+}
+
+fn from_server(pod: &str, r: RefusalRecord) -> Refused {
+    Refused {
+        at: r
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        direction: "inbound",
+        source: r.peer_addr.to_string(),
+        source_identity: r.peer_identity.map(|id| id.to_string()),
+        destination: r.target.map_or_else(|| pod.to_string(), |t| t.to_string()),
+        destination_workload: Some(pod.to_string()),
+        reason: r.kind.as_str(),
+        policy: None,
+        rule: None,
+        explanation: r.reason,
+    }
 }
 
 impl WhyLog {
@@ -64,12 +99,37 @@ impl WhyLog {
         entries.push_back(r);
     }
 
+    /// Follows the refusals of `pod`'s HBONE server until [`WhyLog::forget_server`].
+    pub fn watch_server(&self, pod: &str, stats: Arc<ServerStats>) {
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers.insert(pod.to_string(), stats);
+    }
+
+    pub fn forget_server(&self, pod: &str) {
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers.remove(pod);
+    }
+
+    /// Every refusal known, oldest first: ztunnel's own and its servers'.
     pub fn entries(&self) -> Vec<Refused> {
-        self.entries
+        let mut all: Vec<Refused> = self
+            .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .cloned()
-            .collect()
+            .collect();
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        for (pod, stats) in servers.iter() {
+            all.extend(
+                stats
+                    .recent_refusals()
+                    .into_iter()
+                    .filter(|r| refused_by_server(r.kind))
+                    .map(|r| from_server(pod, r)),
+            );
+        }
+        all.sort_by_key(|r| r.at);
+        all
     }
 }

@@ -336,6 +336,45 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_refusal_by_a_pods_hbone_server_shows_in_the_why_view() {
+    let f = start(44).await;
+    // A client whose certificate comes from another CA: cart's HBONE server refuses
+    // the handshake before any CONNECT reaches ztunnel's handler.
+    let stranger_ca = mesh_core::testing::TestCa::new();
+    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+    // It trusts cart's CA, so only the server's check can fail.
+    f.app.inputs.ensure_certificate(&cart).await.unwrap();
+    let (key, chain) = stranger_ca.issue_raw(
+        &frontend,
+        &mesh_core::testing::LeafOptions::valid_for(Duration::from_secs(3600)),
+    );
+    let store = Arc::new(mesh_core::CertStore::new());
+    store.insert(mesh_core::WorkloadCertificate::new(key, chain, f.app.inputs.ca.roots()).unwrap());
+    let pool = mesh_core::hbone::HbonePool::new(store, Default::default());
+    let key =
+        mesh_core::hbone::PoolKey::new(frontend, vec![cart], SocketAddr::new(ip(44, 3), 15008));
+    let _refused = pool
+        .connect(
+            key,
+            mesh_core::hbone::ConnectRequest::new(SocketAddr::new(ip(44, 3), 8080)),
+        )
+        .await
+        .unwrap_err();
+    let mut why = String::new();
+    for _ in 0..100 {
+        why = http_get(f.app.admin_addr, "/debug/why").await.1;
+        if why.contains("unknown_issuer") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(why.contains("\"reason\": \"unknown_issuer\""), "{why}");
+    assert!(why.contains("shop/cart-1"), "{why}");
+    f.app.shutdown().await;
+}
+
 /// `promtool check metrics` (Debian package `prometheus`) must accept the exposition.
 /// CI installs it; elsewhere a missing promtool skips this check loudly.
 fn promtool_accepts(text: &str) {

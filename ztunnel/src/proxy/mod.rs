@@ -151,6 +151,7 @@ pub struct PodProxy {
     pub pod: Pod,
     pub addrs: PodPorts,
     drain: DrainTrigger,
+    why: Arc<WhyLog>,
 }
 
 impl PodProxy {
@@ -209,10 +210,12 @@ impl PodProxy {
         }
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone());
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
+        inputs.why.watch_server(&name, server.stats());
         tokio::spawn(server.run(watcher.clone()));
         let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
         let outbound = Outbound::new(pod.clone(), identity, net.clone(), pool, inputs.clone());
         tokio::spawn(outbound.clone().run(outbound_listener, watcher.clone()));
+        let why = inputs.why.clone();
         let passthrough = InboundPassthrough::new(pod.clone(), net, inputs);
         tokio::spawn(passthrough.run(plaintext_listener, watcher));
         tracing::info!(pod = %name, hbone = %addrs.hbone, outbound = %addrs.outbound, inbound = %addrs.inbound_plaintext, "pod proxy started");
@@ -220,14 +223,17 @@ impl PodProxy {
             pod,
             addrs,
             drain: trigger,
+            why,
         })
     }
 
     /// Closes the listeners, lets open connections finish until `deadline`, then
     /// closes them.
     pub async fn stop(self, deadline: Duration) -> DrainOutcome {
+        let name = format!("{}/{}", self.pod.namespace, self.pod.name);
         let outcome = self.drain.drain(deadline).await;
-        tracing::info!(pod = %format!("{}/{}", self.pod.namespace, self.pod.name), ?outcome, "pod proxy stopped");
+        self.why.forget_server(&name);
+        tracing::info!(pod = %name, ?outcome, "pod proxy stopped");
         outcome
     }
 
