@@ -4,10 +4,14 @@
 //! `pods/`, what a kubelet would report (each pod with its node, service account,
 //! labels and address, plus the namespaces the harness manages).
 //!
-//! Every node proxy authenticates with its own node token.
+//! Every node proxy authenticates with its own node token. A test may stop the
+//! process and start it again in place ([`ControlPlane::stop`],
+//! [`ControlPlane::restart`]): same directories, CA, tokens and port.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -24,12 +28,21 @@ pub const DEBUG_ADDR: &str = "127.0.0.1:8080";
 /// The node whose namespace runs istiod-lite.
 pub const CONTROL_NODE: u8 = 1;
 
+/// istiod-lite's metrics endpoint, on node 1's loopback.
+pub const METRICS_ADDR: &str = "127.0.0.1:15014";
+/// How long a stopped istiod-lite gets to exit (its drain deadline is 2 s).
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
 /// A running istiod-lite and its directories.
 #[derive(Debug)]
 pub struct ControlPlane {
     pub process: NsProcess,
     root: PathBuf,
     config: PathBuf,
+    /// Flags added after the harness's own (`--cert-ttl 30s`, ...), kept for restarts.
+    extra_args: Vec<OsString>,
+    /// Whether [`ControlPlane::stop`] ended the process.
+    stopped: bool,
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> MeshError {
@@ -65,6 +78,18 @@ impl ControlPlane {
         nodes: u8,
         config: Option<PathBuf>,
     ) -> Result<Self, MeshError> {
+        Self::start_with_args(cluster, root, nodes, config, Vec::new()).await
+    }
+
+    /// As [`ControlPlane::start`], with `extra_args` appended to istiod-lite's
+    /// command line (they are kept for [`ControlPlane::restart`]).
+    pub async fn start_with_args(
+        cluster: &Cluster,
+        root: &Path,
+        nodes: u8,
+        config: Option<PathBuf>,
+        extra_args: Vec<OsString>,
+    ) -> Result<Self, MeshError> {
         for d in ["config", "pods", "ca"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| setup(d, e))?;
         }
@@ -76,41 +101,60 @@ impl ControlPlane {
             write_private(&root.join(format!("token-{n}")), &token)?;
         }
         write_private(&root.join("node-tokens"), &tokens)?;
-        let node = cluster
-            .node(CONTROL_NODE)
-            .ok_or_else(|| MeshError::Setup("no node 1 for the control plane".into()))?;
-        let mut cmd = node.command(workspace_bin("istiod-lite"));
-        cmd.arg("--config-dir")
-            .arg(&config)
-            .arg("--config-dir")
-            .arg(root.join("pods"))
-            .arg("--config-poll")
-            .arg("100ms")
-            .arg("--ca-dir")
-            .arg(root.join("ca"))
-            .arg("--node-tokens")
-            .arg(root.join("node-tokens"))
-            .arg("--grpc-addr")
-            .arg(format!("{}:{GRPC_PORT}", node_underlay_ip(CONTROL_NODE)))
-            .arg("--admin-addr")
-            .arg(DEBUG_ADDR)
-            .arg("--metrics-addr")
-            .arg("127.0.0.1:15014")
-            .arg("--drain-deadline")
-            .arg("2s")
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info");
-        let mut process = NsProcess::spawn("istiod-lite", cmd)?;
-        process
-            .wait_for_line("istiod-lite serving", MESH_WAIT, |l| {
-                l.contains("istiod-lite serving")
-            })
-            .await?;
+        let process = spawn(cluster, root, &config, &extra_args).await?;
         Ok(Self {
             process,
             root: root.to_path_buf(),
             config,
+            extra_args,
+            stopped: false,
         })
+    }
+
+    /// Stops istiod-lite as an orchestrator would (SIGTERM) and waits until it
+    /// exited. The directories stay for [`ControlPlane::restart`].
+    pub async fn stop(&mut self) -> Result<(), MeshError> {
+        if self.stopped {
+            return Ok(());
+        }
+        let pid = self
+            .process
+            .pid()
+            .ok_or_else(|| MeshError::Setup("istiod-lite already exited".into()))?;
+        let pid = nix::unistd::Pid::from_raw(
+            i32::try_from(pid).map_err(|e| setup("istiod-lite pid", e))?,
+        );
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .map_err(|e| setup("SIGTERM istiod-lite", e))?;
+        self.process.wait(STOP_WAIT).await?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Starts istiod-lite again in place (after [`ControlPlane::stop`]; stops it
+    /// first otherwise): same directories, CA, node tokens, port and flags.
+    pub async fn restart(&mut self, cluster: &Cluster) -> Result<(), MeshError> {
+        self.stop().await?;
+        self.process = spawn(cluster, &self.root, &self.config, &self.extra_args).await?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// As [`ControlPlane::restart`], with these flags instead of the ones given at
+    /// start (kept for later restarts).
+    pub async fn restart_with_args(
+        &mut self,
+        cluster: &Cluster,
+        extra_args: Vec<OsString>,
+    ) -> Result<(), MeshError> {
+        self.stop().await?;
+        self.extra_args = extra_args;
+        self.restart(cluster).await
+    }
+
+    /// Whether the process was stopped and not restarted.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
     }
 
     /// The flags that point node `n`'s ztunnel at this control plane.
@@ -212,6 +256,48 @@ impl ControlPlane {
         std::fs::write(&tmp, text).map_err(|e| setup(&tmp.display().to_string(), e))?;
         std::fs::rename(&tmp, path).map_err(|e| setup(&path.display().to_string(), e))
     }
+}
+
+/// Starts istiod-lite in node 1's namespace on `root`'s files and waits until it
+/// serves.
+async fn spawn(
+    cluster: &Cluster,
+    root: &Path,
+    config: &Path,
+    extra_args: &[OsString],
+) -> Result<NsProcess, MeshError> {
+    let node = cluster
+        .node(CONTROL_NODE)
+        .ok_or_else(|| MeshError::Setup("no node 1 for the control plane".into()))?;
+    let mut cmd = node.command(workspace_bin("istiod-lite"));
+    cmd.arg("--config-dir")
+        .arg(config)
+        .arg("--config-dir")
+        .arg(root.join("pods"))
+        .arg("--config-poll")
+        .arg("100ms")
+        .arg("--ca-dir")
+        .arg(root.join("ca"))
+        .arg("--node-tokens")
+        .arg(root.join("node-tokens"))
+        .arg("--grpc-addr")
+        .arg(format!("{}:{GRPC_PORT}", node_underlay_ip(CONTROL_NODE)))
+        .arg("--admin-addr")
+        .arg(DEBUG_ADDR)
+        .arg("--metrics-addr")
+        .arg(METRICS_ADDR)
+        .arg("--drain-deadline")
+        .arg("2s")
+        .args(extra_args)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info");
+    let mut process = NsProcess::spawn("istiod-lite", cmd)?;
+    process
+        .wait_for_line("istiod-lite serving", MESH_WAIT, |l| {
+            l.contains("istiod-lite serving")
+        })
+        .await?;
+    Ok(process)
 }
 
 impl ControlPlane {

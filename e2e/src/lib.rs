@@ -11,6 +11,7 @@ pub mod cni;
 pub mod control_plane;
 pub mod echo;
 pub mod mesh;
+pub mod mesh_control;
 pub mod naming;
 pub mod netns;
 pub mod node;
