@@ -1,12 +1,18 @@
 //! What control-plane tests do to a meshed cluster: start it with extra
-//! istiod-lite flags, stop and restart istiod-lite in place, and read what the
-//! control plane and every ztunnel report (debug views, metrics, config dumps).
+//! istiod-lite flags, stop and restart istiod-lite in place, read what the
+//! control plane and every ztunnel report (debug views, metrics, config dumps),
+//! and watch traffic through it all (a long-lived echo session, a wire capture).
 
 use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::control_plane::{CONTROL_NODE, DEBUG_ADDR, METRICS_ADDR};
+use crate::echo::EchoTool;
 use crate::mesh::{MESH_WAIT, MeshCluster, MeshError};
+use crate::pod::Pod;
+use crate::process::{NsProcess, WAIT_TIMEOUT};
 
 /// ztunnel's admin endpoint, on each node's loopback.
 const ZTUNNEL_ADMIN: &str = "127.0.0.1:15000";
@@ -139,4 +145,149 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|m| l.contains(m)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+fn setup(what: &str, e: impl std::fmt::Display) -> MeshError {
+    MeshError::Setup(format!("{what}: {e}"))
+}
+
+/// `e2e-tool session` in a pod: one connection echoing a ping every 50 ms, for
+/// tests that must show an established connection survives something.
+#[derive(Debug)]
+pub struct EchoSession {
+    process: NsProcess,
+    stop: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EchoSession {
+    /// Connects from `from` to `to` and returns after the first echo.
+    pub async fn start(tool: &EchoTool, from: &Pod, to: SocketAddr) -> Result<Self, MeshError> {
+        let dir = tempfile::tempdir().map_err(|e| setup("temp dir", e))?;
+        let stop = dir.path().join("stop");
+        let mut cmd = from.command(tool.path());
+        cmd.arg("session").arg(to.to_string()).arg(&stop);
+        let process = NsProcess::spawn(format!("session {} -> {to}", from.name()), cmd)?;
+        let mut session = Self {
+            process,
+            stop,
+            _dir: dir,
+        };
+        session.next_pong().await?;
+        Ok(session)
+    }
+
+    /// The number of the next echo that came back; an error if the connection broke.
+    pub async fn next_pong(&mut self) -> Result<u64, MeshError> {
+        let line = self
+            .process
+            .wait_for_line("a pong", WAIT_TIMEOUT, |l| {
+                l.starts_with("pong ") || l.starts_with("broken")
+            })
+            .await?;
+        pong(&line)?.ok_or_else(|| MeshError::Setup(format!("no pong in {line:?}")))
+    }
+
+    /// The number of the latest echo that came back (waiting for one if none
+    /// came since the last call); an error if the connection broke.
+    pub async fn latest(&mut self) -> Result<u64, MeshError> {
+        let mut latest = self.next_pong().await?;
+        // A zero timeout still takes what is buffered.
+        while let Ok(line) = self.process.next_line(Duration::ZERO).await {
+            latest = pong(&line)?.unwrap_or(latest);
+        }
+        Ok(latest)
+    }
+
+    /// Stops the session and returns the number of echoes; an error if the
+    /// connection ever broke or did not end cleanly.
+    pub async fn finish(mut self) -> Result<u64, MeshError> {
+        let mut last = self.next_pong().await?;
+        std::fs::write(&self.stop, "").map_err(|e| setup("session stop file", e))?;
+        loop {
+            let line = self.process.next_line(WAIT_TIMEOUT).await?;
+            last = pong(&line)?.unwrap_or(last);
+            if line == "closed cleanly" {
+                return Ok(last);
+            }
+        }
+    }
+}
+
+/// The echo number of a `pong N` line; an error for a `broken` line.
+fn pong(line: &str) -> Result<Option<u64>, MeshError> {
+    if line.starts_with("broken") {
+        return Err(MeshError::Setup(format!("the session broke: {line}")));
+    }
+    line.strip_prefix("pong ")
+        .map(|n| {
+            n.parse()
+                .map_err(|e| setup(&format!("pong line {line:?}"), e))
+        })
+        .transpose()
+}
+
+/// tcpdump in a node's namespace: what crosses the wire to or from one host.
+#[derive(Debug)]
+pub struct WireCapture {
+    process: NsProcess,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WireCapture {
+    /// Starts capturing in node `node` and returns once tcpdump listens.
+    pub async fn start(mesh: &MeshCluster, node: u8, host: Ipv4Addr) -> Result<Self, MeshError> {
+        let dir = tempfile::tempdir().map_err(|e| setup("temp dir", e))?;
+        let file = dir.path().join("wire.pcap");
+        let mut cmd = mesh
+            .cluster
+            .node(node)
+            .ok_or_else(|| MeshError::Setup(format!("no node {node}")))?
+            .command("tcpdump");
+        // Immediate mode: packets reach the file as they come.
+        cmd.args(["-i", "any", "-nn", "-U", "--immediate-mode", "-w"])
+            .arg(&file)
+            .arg(format!("host {host}"));
+        let process = NsProcess::spawn("tcpdump", cmd)?;
+        let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+        while !process.stderr().contains("listening on") {
+            if tokio::time::Instant::now() > deadline {
+                return Err(MeshError::Setup(format!(
+                    "tcpdump never started: {}",
+                    process.stderr()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            process,
+            file,
+            _dir: dir,
+        })
+    }
+
+    /// Stops the capture (SIGINT flushes it); returns the raw capture and the
+    /// decoded IP packet lines.
+    pub async fn finish(mut self) -> Result<(Vec<u8>, Vec<String>), MeshError> {
+        let pid = self.process.pid().ok_or_else(|| {
+            MeshError::Setup(format!("tcpdump exited: {}", self.process.stderr()))
+        })?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).map_err(|e| setup("pid", e))?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
+            .map_err(|e| setup("SIGINT tcpdump", e))?;
+        self.process.wait(WAIT_TIMEOUT).await?;
+        let bytes = std::fs::read(&self.file).map_err(|e| setup("capture", e))?;
+        let out = std::process::Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .map_err(|e| setup("tcpdump -r", e))?;
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(" IP "))
+            .map(str::to_owned)
+            .collect();
+        Ok((bytes, lines))
+    }
 }

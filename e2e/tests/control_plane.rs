@@ -5,13 +5,12 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ambit_e2e::mesh_control::{MeshOptions, metric_sum};
-use ambit_e2e::{EchoTool, MeshCluster, NsProcess, Pod, PodSpec, require_root};
+use ambit_e2e::mesh_control::{EchoSession, MeshOptions, WireCapture, metric_sum};
+use ambit_e2e::{EchoTool, MeshCluster, Pod, PodSpec, require_root};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -66,124 +65,9 @@ async fn access_log(mesh: &mut MeshCluster, node: u8, what: &str, want: &[&str])
         .unwrap()
 }
 
-/// `e2e-tool session`: one long-lived connection pinging every 50 ms.
-struct Session {
-    process: NsProcess,
-    stop: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Session {
-    async fn start(from: &Pod, to: SocketAddr) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let stop = dir.path().join("stop");
-        let mut cmd = from.command(env!("CARGO_BIN_EXE_e2e-tool"));
-        cmd.arg("session").arg(to.to_string()).arg(&stop);
-        let process = NsProcess::spawn(format!("session {} -> {to}", from.name()), cmd).unwrap();
-        let mut session = Self {
-            process,
-            stop,
-            _dir: dir,
-        };
-        session.next_pong().await;
-        session
-    }
-
-    /// The number of the next echo that came back; panics if the connection broke.
-    async fn next_pong(&mut self) -> u64 {
-        let line = self
-            .process
-            .wait_for_line("a pong", WAIT, |l| {
-                l.starts_with("pong ") || l.starts_with("broken")
-            })
-            .await
-            .unwrap();
-        assert!(line.starts_with("pong "), "the session broke: {line}");
-        line["pong ".len()..].parse().unwrap()
-    }
-
-    /// The number of the latest echo that came back (waiting for one if none
-    /// came since the last call); panics if the connection broke.
-    async fn latest(&mut self) -> u64 {
-        let mut latest = self.next_pong().await;
-        // A zero timeout still takes what is buffered.
-        while let Ok(line) = self.process.next_line(Duration::ZERO).await {
-            assert!(!line.starts_with("broken"), "the session broke: {line}");
-            if let Some(n) = line.strip_prefix("pong ") {
-                latest = n.parse().unwrap();
-            }
-        }
-        latest
-    }
-
-    /// Stops the session, asserts it never broke and ended cleanly, and returns
-    /// the number of echoes.
-    async fn finish(mut self) -> u64 {
-        let mut last = self.next_pong().await;
-        std::fs::write(&self.stop, "").unwrap();
-        loop {
-            let line = self.process.next_line(WAIT).await.unwrap();
-            assert!(!line.starts_with("broken"), "the session broke: {line}");
-            if let Some(n) = line.strip_prefix("pong ") {
-                last = n.parse().unwrap();
-            }
-            if line == "closed cleanly" {
-                return last;
-            }
-        }
-    }
-}
-
-/// tcpdump in a node's namespace, for what crosses the wire.
-struct Capture {
-    process: NsProcess,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Capture {
-    async fn start(mesh: &MeshCluster, node: u8, host: std::net::Ipv4Addr) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("wire.pcap");
-        let mut cmd = mesh.cluster.node(node).unwrap().command("tcpdump");
-        cmd.args(["-i", "any", "-nn", "-U", "--immediate-mode", "-w"])
-            .arg(&file)
-            .arg(format!("host {host}"));
-        let process = NsProcess::spawn("tcpdump", cmd).unwrap();
-        let deadline = Instant::now() + WAIT;
-        while !process.stderr().contains("listening on") {
-            assert!(
-                Instant::now() < deadline,
-                "tcpdump never started: {}",
-                process.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            process,
-            file,
-            _dir: dir,
-        }
-    }
-
-    /// Stops the capture; returns the raw file and the decoded packet lines.
-    async fn finish(mut self) -> (Vec<u8>, Vec<String>) {
-        let pid = nix::unistd::Pid::from_raw(self.process.pid().unwrap() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        self.process.wait(WAIT).await.unwrap();
-        let bytes = std::fs::read(&self.file).unwrap();
-        let out = std::process::Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&self.file)
-            .output()
-            .unwrap();
-        let lines = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(" IP "))
-            .map(str::to_owned)
-            .collect();
-        (bytes, lines)
-    }
+/// One long-lived connection from `from` to `to`, pinging every 50 ms.
+async fn session(from: &Pod, to: SocketAddr) -> EchoSession {
+    EchoSession::start(&echo(), from, to).await.unwrap()
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
@@ -228,10 +112,10 @@ async fn labelling_a_namespace_enrolls_its_pods_live() {
     })
     .await
     .unwrap();
-    let capture = Capture::start(&mesh, 1, server.ip()).await;
+    let capture = WireCapture::start(&mesh, 1, server.ip()).await.unwrap();
     let marker = "PLAIN-BEFORE-LABEL-41d7";
     assert_echo(&client, addr, marker).await;
-    let (bytes, lines) = capture.finish().await;
+    let (bytes, lines) = capture.finish().await.unwrap();
     assert!(
         contains(&bytes, marker),
         "not in the mesh yet, the connection should be plaintext: {lines:?}"
@@ -245,10 +129,10 @@ async fn labelling_a_namespace_enrolls_its_pods_live() {
     })
     .await
     .unwrap();
-    let capture = Capture::start(&mesh, 1, server.ip()).await;
+    let capture = WireCapture::start(&mesh, 1, server.ip()).await.unwrap();
     let marker = "HBONE-AFTER-LABEL-41d7";
     assert_echo(&client, addr, marker).await;
-    let (bytes, lines) = capture.finish().await;
+    let (bytes, lines) = capture.finish().await.unwrap();
     assert!(
         !contains(&bytes, marker),
         "the marker crossed the wire in plaintext"
@@ -343,7 +227,7 @@ async fn with_istiod_lite_stopped_traffic_flows_and_a_restart_resyncs_without_re
     let to_left = SocketAddr::from((left.ip(), 8080));
     let to_right = SocketAddr::from((right.ip(), 8080));
     assert_echo(&left, to_right, "warm-up").await;
-    let mut session = Session::start(&left, to_right).await;
+    let mut session = session(&left, to_right).await;
     let sent_before = metric_sum(
         &mesh.control_metrics().unwrap(),
         "istiod_xds_resources_sent_total",
@@ -351,7 +235,7 @@ async fn with_istiod_lite_stopped_traffic_flows_and_a_restart_resyncs_without_re
     );
     assert!(sent_before > 0.0, "istiod-lite never sent a resource");
 
-    let before = session.latest().await;
+    let before = session.latest().await.unwrap();
     mesh.stop_control_plane().await.unwrap();
     mesh.wait_for_xds(false).await.unwrap();
     for round in 0..3 {
@@ -377,7 +261,7 @@ async fn with_istiod_lite_stopped_traffic_flows_and_a_restart_resyncs_without_re
         assert!(held.contains(&want.as_str()), "node {}: {held:?}", n + 1);
     }
 
-    let during = session.latest().await;
+    let during = session.latest().await.unwrap();
     assert!(during > before, "no echo while istiod-lite was down");
     mesh.restart_control_plane().await.unwrap();
     mesh.wait_for_xds(true).await.unwrap();
@@ -418,7 +302,7 @@ async fn with_istiod_lite_stopped_traffic_flows_and_a_restart_resyncs_without_re
         }
     }
     // The session went on through all of it.
-    let last = session.finish().await;
+    let last = session.finish().await.unwrap();
     assert!(
         last > during,
         "no echo after the restart ({during} -> {last})"
@@ -481,7 +365,7 @@ async fn certificates_rotate_three_times_under_traffic_without_a_failed_connecti
     // 30 s, plus the tenth of it the CA backdates notBefore by (and rounding).
     assert!(life <= 34, "the CA ignored --cert-ttl: {first}");
 
-    let session = Session::start(&client, addr).await;
+    let session = session(&client, addr).await;
     let stop = Arc::new(AtomicBool::new(false));
     let churn = tokio::spawn({
         let (client, stop) = (client.clone(), Arc::clone(&stop));
@@ -527,7 +411,7 @@ async fn certificates_rotate_three_times_under_traffic_without_a_failed_connecti
         failed.len() as u32 + ok
     );
     assert!(ok >= 20, "only {ok} new connections in {rotated_in:?}");
-    let pongs = session.finish().await;
+    let pongs = session.finish().await.unwrap();
     assert!(pongs > 100, "only {pongs} echoes in {rotated_in:?}");
     eprintln!(
         "rotations done in {rotated_in:?}: {ok} new connections, {pongs} session echoes; \
