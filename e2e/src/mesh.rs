@@ -152,13 +152,13 @@ impl MeshCluster {
     /// `nodes` nodes, each with a node agent and a ztunnel, and istiod-lite (in
     /// node 1's namespace) as the only source of state and certificates.
     pub async fn start(nodes: u8) -> Result<Self, MeshError> {
-        Self::start_mode(nodes, Some(None)).await
+        Self::start_mode(nodes, Some((None, Vec::new()))).await
     }
 
     /// As [`MeshCluster::start`], with istiod-lite serving the user YAML of
     /// `config` (watched: edits apply live).
     pub async fn start_with_config(nodes: u8, config: PathBuf) -> Result<Self, MeshError> {
-        Self::start_mode(nodes, Some(Some(config))).await
+        Self::start_mode(nodes, Some((Some(config), Vec::new()))).await
     }
 
     /// The local mode: every ztunnel reads one state file and signs with a CA
@@ -168,8 +168,11 @@ impl MeshCluster {
     }
 
     /// `control`: `None` for the local mode, else the user YAML directory (a
-    /// fresh one when `None`).
-    async fn start_mode(nodes: u8, control: Option<Option<PathBuf>>) -> Result<Self, MeshError> {
+    /// fresh one when `None`) and extra istiod-lite flags.
+    pub(crate) async fn start_mode(
+        nodes: u8,
+        control: Option<(Option<PathBuf>, Vec<std::ffi::OsString>)>,
+    ) -> Result<Self, MeshError> {
         let dir = tempfile::Builder::new()
             // The pid lets a later run sweep this directory if this one is killed.
             .prefix(&format!("ambit-e2e-{}-mesh-", std::process::id()))
@@ -196,9 +199,9 @@ impl MeshCluster {
             .chain_plugin(plugin)
             .build()?;
         let control = match control {
-            Some(config) => {
+            Some((config, args)) => {
                 let root = dir.path().join("control");
-                Some(ControlPlane::start(&cluster, &root, nodes, config).await?)
+                Some(ControlPlane::start_with_args(&cluster, &root, nodes, config, args).await?)
             }
             None => None,
         };

@@ -37,23 +37,10 @@ impl MeshOptions {
 }
 
 impl MeshCluster {
-    /// As [`MeshCluster::start`], with `options` applied. istiod-lite's extra
-    /// flags take effect before the first pod exists: the harness's istiod-lite is
-    /// replaced in place (same CA, tokens and port) and every ztunnel has
-    /// reconnected to the new one when this returns.
+    /// As [`MeshCluster::start`], with `options` applied (istiod-lite's extra
+    /// flags are on its command line from the start).
     pub async fn start_with(nodes: u8, options: MeshOptions) -> Result<Self, MeshError> {
-        let mut mesh = Self::start(nodes).await?;
-        if !options.istiod_args.is_empty() {
-            let control = mesh
-                .control
-                .as_mut()
-                .ok_or_else(|| MeshError::Setup("no control plane".into()))?;
-            control
-                .restart_with_args(&mesh.cluster, options.istiod_args)
-                .await?;
-            mesh.wait_for_xds(true).await?;
-        }
-        Ok(mesh)
+        Self::start_mode(nodes, Some((None, options.istiod_args))).await
     }
 
     /// Stops istiod-lite (SIGTERM) and waits until it exited.

@@ -1,15 +1,13 @@
 //! istiod-lite as the mesh's only source of state and certificates, on real
 //! network namespaces: live enrollment, pod removal, the control plane stopped and
-//! restarted, certificate rotation under traffic, bad config reported, and a
-//! resource the ztunnels refuse (NACK) while they keep their last good state.
+//! restarted, bad config reported, and a resource the ztunnels refuse (NACK) while
+//! they keep their last good state. Certificate rotation is in `cert_rotation.rs`.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ambit_e2e::mesh_control::{EchoSession, MeshOptions, WireCapture, metric_sum};
+use ambit_e2e::mesh_control::{EchoSession, WireCapture, metric_sum};
 use ambit_e2e::{EchoTool, MeshCluster, Pod, PodSpec, require_root};
 use serde_json::Value;
 
@@ -308,115 +306,6 @@ async fn with_istiod_lite_stopped_traffic_flows_and_a_restart_resyncs_without_re
         "no echo after the restart ({during} -> {last})"
     );
     assert_echo(&left, to_right, "after the restart").await;
-}
-
-/// Every distinct `notAfter` seen for `identity` in node `node`'s dump.
-fn record_not_after(mesh: &MeshCluster, node: u8, identity: &str, seen: &mut Vec<u64>) {
-    let Ok(dump) = mesh.config_dump(node) else {
-        return;
-    };
-    let not_after = dump["certificates"].as_array().and_then(|cs| {
-        cs.iter()
-            .find(|c| c["identity"] == identity)
-            .and_then(|c| c["notAfter"].as_u64())
-    });
-    if let Some(t) = not_after
-        && !seen.contains(&t)
-    {
-        seen.push(t);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_rotate_three_times_under_traffic_without_a_failed_connection() {
-    if !require_root("certificates_rotate_three_times_under_traffic_without_a_failed_connection") {
-        return;
-    }
-    let options =
-        MeshOptions::default().istiod_args(["--cert-ttl", "30s", "--max-cert-ttl", "30s"]);
-    let mut mesh = MeshCluster::start_with(2, options).await.unwrap();
-    let client = mesh
-        .add_pod(pod("client", 1, "shop", "client"))
-        .await
-        .unwrap();
-    let server = mesh
-        .add_pod(pod("server", 2, "shop", "server"))
-        .await
-        .unwrap();
-    let _srv = echo().serve(&server, 8080).await.unwrap();
-    let addr = SocketAddr::from((server.ip(), 8080));
-    let (client_id, server_id) = (spiffe("shop", "client"), spiffe("shop", "server"));
-    let (mut client_certs, mut server_certs) = (Vec::new(), Vec::new());
-    mesh.poll("both certificates", WAIT, |m| {
-        record_not_after(m, 1, &client_id, &mut client_certs);
-        record_not_after(m, 2, &server_id, &mut server_certs);
-        (!client_certs.is_empty() && !server_certs.is_empty()).then_some(())
-    })
-    .await
-    .unwrap();
-    let dump = mesh.config_dump(1).unwrap();
-    let first = dump["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["identity"] == client_id.as_str())
-        .unwrap();
-    let life = first["notAfter"].as_u64().unwrap() - first["notBefore"].as_u64().unwrap();
-    // 30 s, plus the tenth of it the CA backdates notBefore by (and rounding).
-    assert!(life <= 34, "the CA ignored --cert-ttl: {first}");
-
-    let session = session(&client, addr).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let churn = tokio::spawn({
-        let (client, stop) = (client.clone(), Arc::clone(&stop));
-        async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let message = format!("rotation-{n}");
-                match echo().connect(&client, addr, &message).await {
-                    Ok(reply) if reply.trim() == message => ok += 1,
-                    Ok(reply) => failed.push(format!("{message}: got {reply:?}")),
-                    Err(e) => failed.push(format!("{message}: {e}")),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            (ok, failed)
-        }
-    });
-
-    // The initial certificate plus three renewals, for both identities.
-    let started = Instant::now();
-    mesh.poll(
-        "three rotations of both certificates",
-        Duration::from_secs(150),
-        |m| {
-            record_not_after(m, 1, &client_id, &mut client_certs);
-            record_not_after(m, 2, &server_id, &mut server_certs);
-            (client_certs.len() >= 4 && server_certs.len() >= 4).then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!("{e}: client certificates {client_certs:?}, server certificates {server_certs:?}")
-    });
-    let rotated_in = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = churn.await.unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} new connections failed across the rotations: {failed:#?}",
-        failed.len(),
-        failed.len() as u32 + ok
-    );
-    assert!(ok >= 20, "only {ok} new connections in {rotated_in:?}");
-    let pongs = session.finish().await.unwrap();
-    assert!(pongs > 100, "only {pongs} echoes in {rotated_in:?}");
-    eprintln!(
-        "rotations done in {rotated_in:?}: {ok} new connections, {pongs} session echoes; \
-         client notAfter {client_certs:?}, server notAfter {server_certs:?}"
-    );
 }
 
 const GOOD_POLICY: &str = r#"apiVersion: security.istio.io/v1
