@@ -9,16 +9,22 @@
 //! - [`compare`]: warm-up and interleaved repetitions of both paths.
 //! - [`cpu`]: the cores each transfer used, and what else was busy meanwhile.
 //! - [`report`]: samples, medians and the printed table.
+//! - [`cluster_yaml`], [`istiod`] and [`xds_load`]: the `control_plane` scenario's
+//!   generated cluster config, the istiod-lite process it measures, and its
+//!   simulated delta xDS clients.
 
+pub mod cluster_yaml;
 pub mod compare;
 pub mod cpu;
 pub mod direct;
+pub mod istiod;
 pub mod load;
 pub mod mesh;
 pub mod report;
 pub mod settings;
 mod size;
 pub mod topology;
+pub mod xds_load;
 
 use std::future::Future;
 use std::io;
