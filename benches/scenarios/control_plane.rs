@@ -153,10 +153,15 @@ async fn run(settings: &Settings) -> Result<(), Error> {
     // The changes, alternating: one pod added, one policy rewritten.
     let (mut pod_added, mut policy_changed) = (Vec::new(), Vec::new());
     for rep in 0..settings.repetitions {
+        // Writes at phases spread over the poll period: a run's cycle is otherwise
+        // locked to the poll ticker and every change would wait the same.
+        let phase = CONFIG_POLL.mul_f64(rep as f64 / settings.repetitions.max(1) as f64);
+        sleep(phase).await;
         let m = measure_change(&istiod, &addrs, &fleet, &config, &added_pod(scale, rep)).await?;
         m.print("pod added", rep + 1, fleet.len());
         pod_added.push(m);
         let change = changed_policy(scale, rep);
+        sleep(phase).await;
         let m = measure_change(&istiod, &addrs, &fleet, &config, &change).await?;
         m.print("policy changed", rep + 1, fleet.len());
         policy_changed.push(m);
@@ -170,6 +175,7 @@ async fn run(settings: &Settings) -> Result<(), Error> {
     // What stays once every stream is closed: per-client state, or not.
     sleep(Duration::from_secs(2)).await;
     let left = istiod.status_kib("VmRSS:");
+    let still_connected = metric_sum(&addrs, "istiod_xds_connected_clients").await?;
     let istiod_cpu = istiod.cpu_secs();
     let elapsed = started.elapsed().as_secs_f64();
     drop(istiod);
@@ -218,13 +224,14 @@ async fn run(settings: &Settings) -> Result<(), Error> {
         yes_no(peak < TARGET_RSS_MIB)
     );
     println!(
-        "istiod-lite VmRSS: {:.1} MiB with the config loaded, {:.1} MiB after the initial sync, {:.1} MiB at the end (RssAnon {:.1}, RssFile {:.1}), {:.1} MiB 2 s after the clients left; CPU {:.2} s over the whole run",
+        "istiod-lite VmRSS: {:.1} MiB with the config loaded, {:.1} MiB after the initial sync, {:.1} MiB at the end (RssAnon {:.1}, RssFile {:.1}), {:.1} MiB 2 s after the clients left ({} still connected); CPU {:.2} s over the whole run",
         mib(rss.loaded),
         mib(rss.synced),
         mib(end),
         mib(anon),
         mib(file),
         mib(left),
+        still_connected,
         istiod_cpu
     );
     println!("this process (the load) VmRSS: {:.1} MiB", mib(load_rss));
@@ -298,6 +305,10 @@ impl Rss {
 #[derive(Debug)]
 struct Counters {
     sent_bytes: f64,
+    /// `istiod_xds_push_latency_seconds` sum and count: store change to the
+    /// response handed to a client's stream.
+    push_secs: f64,
+    pushes: f64,
     istiod_cpu: f64,
     own_cpu: f64,
 }
@@ -306,6 +317,8 @@ impl Counters {
     async fn read(istiod: &Istiod, addrs: &Addrs) -> Result<Self, Error> {
         Ok(Self {
             sent_bytes: metric_sum(addrs, SENT_BYTES).await?,
+            push_secs: metric_sum(addrs, "istiod_xds_push_latency_seconds_sum").await?,
+            pushes: metric_sum(addrs, "istiod_xds_push_latency_seconds_count").await?,
             istiod_cpu: istiod.cpu_secs(),
             own_cpu: istiod::cpu_secs(std::process::id()),
         })
@@ -318,6 +331,8 @@ struct ChangeMeasure {
     /// Per client, from the file write to the ACK of the last watched resource; sorted.
     latencies: Vec<Duration>,
     sent_bytes: f64,
+    /// Mean time from istiod-lite's store change to a response on a stream.
+    mean_push: Duration,
     responses: u64,
     istiod_cpu: f64,
     unacked: usize,
@@ -326,10 +341,11 @@ struct ChangeMeasure {
 impl ChangeMeasure {
     fn print(&self, what: &str, rep: usize, clients: usize) {
         println!(
-            "  {what} #{rep}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} pushed ({} per client, {} responses); istiod CPU {:.3} s{}",
+            "  {what} #{rep}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (istiod store change to stream: mean {:.0} ms); {} pushed ({} per client, {} responses); istiod CPU {:.3} s{}",
             ms(percentile(&self.latencies, 0.50)),
             ms(percentile(&self.latencies, 0.99)),
             ms(self.latencies.last().copied().unwrap_or_default()),
+            ms(self.mean_push),
             format_bytes(self.sent_bytes),
             format_bytes(self.sent_bytes / clients.max(1) as f64),
             self.responses,
@@ -387,6 +403,9 @@ async fn measure_change(
     Ok(ChangeMeasure {
         latencies,
         sent_bytes: after.sent_bytes - before.sent_bytes,
+        mean_push: Duration::from_secs_f64(
+            (after.push_secs - before.push_secs) / (after.pushes - before.pushes).max(1.0),
+        ),
         responses: fleet.totals().responses - responses_before,
         istiod_cpu: after.istiod_cpu - before.istiod_cpu,
         unacked,
