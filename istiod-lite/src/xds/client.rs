@@ -373,6 +373,11 @@ impl ClientState {
             }
         }
         ts.dirty.extend(names.into_iter().skip(used));
+        if ts.dirty.is_empty() {
+            // A full sync leaves a set sized for every resource; with a thousand
+            // clients that capacity is hundreds of megabytes held for nothing.
+            ts.dirty.shrink_to(0);
+        }
         let push_origin = if ts.dirty.is_empty() {
             ts.push_origin.take()
         } else {

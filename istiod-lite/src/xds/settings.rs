@@ -16,8 +16,9 @@ pub struct XdsSettings {
     /// (default 4). Changes beyond it coalesce in the client's pending set.
     pub client_queue: usize,
     /// `max_response_bytes`: a response stops taking resources once it carries
-    /// this many bytes (default 1 MiB); the rest follows in the next response. One
-    /// resource larger than this is still sent, alone.
+    /// this many bytes (default 128 KiB); the rest follows in the next response.
+    /// One resource larger than this is still sent, alone. Each stream keeps an
+    /// encode buffer the size of its largest response: this bounds it per client.
     pub max_response_bytes: usize,
     /// `max_in_flight`: unacknowledged responses remembered per client and type
     /// (default 16); older ones are forgotten, and their late ACK is only counted.
@@ -33,7 +34,7 @@ impl Default for XdsSettings {
             debounce_quiet: Duration::from_millis(100),
             debounce_max: Duration::from_secs(1),
             client_queue: 4,
-            max_response_bytes: 1 << 20,
+            max_response_bytes: 128 << 10,
             max_in_flight: 16,
             client_inbox: 32,
         }
