@@ -11,19 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Logs go through a bounded in-memory queue, as in ztunnel.
-    let (log_writer, _log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(64 * 1024)
-        .finish(std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_writer(log_writer)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let _log_flush = mesh_core::logging::init();
     let config = Config::parse();
     let app = App::start(config).await?;
     let mut term = signal(SignalKind::terminate())?;

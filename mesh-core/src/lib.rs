@@ -12,6 +12,7 @@ pub mod copy;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod os;

@@ -41,3 +41,18 @@ impl<T: Authenticator> Authenticator for std::sync::Arc<T> {
         self.as_ref().authenticate(token)
     }
 }
+
+/// The token of a gRPC call's `authorization: Bearer <token>` metadata.
+pub fn bearer_token<T>(request: &tonic::Request<T>) -> Result<&str, AuthError> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Invalid("the authorization metadata is not text".into()))?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(token.trim())
+}

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::csr::verify_csr;
 use super::metrics::CaMetrics;
 use super::root::CaRoot;
-use crate::auth::{AuthError, Authenticator, Caller};
+use crate::auth::{AuthError, Authenticator, Caller, bearer_token};
 
 /// Which identities a node may obtain: in the mesh, those of service accounts
 /// that have a pod on that node.
@@ -159,19 +159,4 @@ impl<A: Authenticator, P: IdentityPolicy> CertificateService for CaService<A, P>
             }
         }
     }
-}
-
-/// The token of `authorization: Bearer <token>`.
-fn bearer_token<T>(request: &Request<T>) -> Result<&str, AuthError> {
-    let value = request
-        .metadata()
-        .get("authorization")
-        .ok_or(AuthError::Missing)?
-        .to_str()
-        .map_err(|_| AuthError::Invalid("the authorization metadata is not text".into()))?;
-    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(AuthError::Missing);
-    }
-    Ok(token.trim())
 }

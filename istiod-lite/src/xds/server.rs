@@ -27,7 +27,7 @@ use super::metrics::XdsMetrics;
 use super::session::Session;
 use super::settings::{SettingsError, XdsSettings};
 use super::store::{ChangeBatch, ResourceStore, lock};
-use crate::auth::{AuthError, Authenticator, Caller};
+use crate::auth::{AuthError, Authenticator, Caller, bearer_token};
 
 /// Batches waiting for one client task.
 #[derive(Debug, Default)]
@@ -218,21 +218,6 @@ impl XdsServer {
         let debug = lock(&client.state).resources_debug();
         Some(debug)
     }
-}
-
-/// The bearer token of `authorization: Bearer <token>`.
-fn bearer_token<T>(request: &Request<T>) -> Result<&str, AuthError> {
-    let value = request
-        .metadata()
-        .get("authorization")
-        .ok_or(AuthError::Missing)?
-        .to_str()
-        .map_err(|_| AuthError::Invalid("the authorization metadata is not text".into()))?;
-    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(AuthError::Missing);
-    }
-    Ok(token.trim())
 }
 
 fn refusal(error: AuthError) -> Status {
