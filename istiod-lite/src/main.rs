@@ -4,7 +4,6 @@
 use clap::Parser;
 use istiod_lite::app::App;
 use istiod_lite::config::Config;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -14,11 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let _log_flush = mesh_core::logging::init();
     let config = Config::parse();
     let app = App::start(config).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
+    mesh_core::drain::stop_requested().await?;
     tracing::info!("shutting down");
     let outcome = app.shutdown().await;
     tracing::info!(?outcome, "istiod-lite stopped");

@@ -124,6 +124,17 @@ impl DrainWatcher {
     }
 }
 
+/// Resolves when the process is asked to stop (SIGINT or SIGTERM): what every
+/// binary waits for before draining.
+pub async fn stop_requested() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
 use ztunnel::app::App;
 use ztunnel::config::Config;
 
@@ -19,11 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let app = Arc::new(App::start(config).await?);
     tokio::spawn(ztunnel::inpod::run(app.clone()));
     app.set_ready();
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
+    mesh_core::drain::stop_requested().await?;
     tracing::info!("shutting down");
     let outcome = app.shutdown().await;
     tracing::info!(?outcome, "ztunnel stopped");
