@@ -338,7 +338,7 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_refusal_by_a_pods_hbone_server_shows_in_the_why_view() {
-    let f = start(44).await;
+    let f = start(45).await;
     // A client whose certificate comes from another CA: cart's HBONE server refuses
     // the handshake before any CONNECT reaches ztunnel's handler.
     let stranger_ca = mesh_core::testing::TestCa::new();
@@ -354,11 +354,11 @@ async fn a_tls_refusal_by_a_pods_hbone_server_shows_in_the_why_view() {
     store.insert(mesh_core::WorkloadCertificate::new(key, chain, f.app.inputs.ca.roots()).unwrap());
     let pool = mesh_core::hbone::HbonePool::new(store, Default::default());
     let key =
-        mesh_core::hbone::PoolKey::new(frontend, vec![cart], SocketAddr::new(ip(44, 3), 15008));
+        mesh_core::hbone::PoolKey::new(frontend, vec![cart], SocketAddr::new(ip(45, 3), 15008));
     let _refused = pool
         .connect(
             key,
-            mesh_core::hbone::ConnectRequest::new(SocketAddr::new(ip(44, 3), 8080)),
+            mesh_core::hbone::ConnectRequest::new(SocketAddr::new(ip(45, 3), 8080)),
         )
         .await
         .unwrap_err();
