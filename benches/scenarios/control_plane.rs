@@ -4,7 +4,8 @@
 //! clients in this process ([`ambit_benches::xds_load`]), one connection each.
 //!
 //! `cargo bench -p ambit-benches --bench control_plane` (`AMBIT_BENCH_QUICK=1`: 50
-//! nodes). Measures the initial sync, then per change (one pod added, one policy
+//! nodes; `AMBIT_BENCH_NODES=<n>`: the full config on `n` nodes, for per-client
+//! costs). Measures the initial sync, then per change (one pod added, one policy
 //! rewritten) the time from the file write until every client has ACKed it, the
 //! bytes pushed, and istiod-lite's memory and CPU. There is no direct path for a
 //! control plane: the reference is the floor set by the poll and debounce times.
@@ -37,6 +38,8 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The aims.
 const TARGET_P99: Duration = Duration::from_secs(1);
 const TARGET_RSS_MIB: f64 = 300.0;
+/// Overrides the number of nodes (one client each), keeping the rest of the scale.
+const NODES: &str = "AMBIT_BENCH_NODES";
 /// Bytes pushed, all types: resource bodies and names, as istiod-lite counts them.
 const SENT_BYTES: &str = "istiod_xds_sent_bytes_total";
 
@@ -69,11 +72,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: &Settings) -> Result<(), Error> {
-    let scale = if settings.quick {
+    let mut scale = if settings.quick {
         Scale::QUICK
     } else {
         Scale::FULL
     };
+    // Fewer nodes (and so clients) over the same config: per-client costs.
+    if let Ok(nodes) = std::env::var(NODES) {
+        scale.nodes = nodes
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{NODES}={nodes}: not a positive number"))?;
+    }
     println!("control_plane");
     println!(
         "istiod-lite with {} pods, {} services, {} policies in {} namespaces on {} nodes; {} delta xDS clients in this process",

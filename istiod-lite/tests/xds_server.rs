@@ -300,12 +300,13 @@ async fn ack_and_nack_are_tracked_and_the_nack_is_visible() {
         (push.nonce.as_str(), "workload a: bad address")
     );
     assert_eq!(nack.resources, ["a"]);
-    // Acked version per resource: the first one, not the refused one.
+    // Per resource: the refused version is the one sent, and it is not acked.
     let held = mesh.server.client_resources(client.id).unwrap();
     assert_eq!(
-        held.types[W]["a"].acked,
-        Some(format_version(version_of(b"1")))
+        held.types[W]["a"].sent,
+        Some(format_version(version_of(b"broken")))
     );
+    assert_eq!(held.types[W]["a"].acked, None);
 
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &mesh.registry).unwrap();

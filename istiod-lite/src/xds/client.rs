@@ -2,6 +2,10 @@
 //! subscriptions per type URL, what the client holds, what is pending for it, and
 //! its ACK/NACK history. The stream task feeds it requests and change batches and
 //! asks it for the next response when the stream has room.
+//!
+//! A wildcard subscription is a [`Walk`] through the type's change log (constant
+//! state per client); only named subscriptions keep a version per resource and a
+//! set of changed names, fed by the debouncer's batches.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -17,7 +21,9 @@ use tokio::time::Instant;
 use super::debug::{
     AckDebug, ClientDebug, ClientResourcesDebug, HeldDebug, NackDebug, TypeDebug, unix_ms,
 };
+use super::entries::{LogKey, TypeEntries};
 use super::store::{ChangeBatch, Resources, Version, format_version, parse_version};
+use super::walk::{Step, Walk};
 use crate::auth::Caller;
 
 /// The wildcard resource name.
@@ -38,20 +44,25 @@ struct Held {
 struct InFlight {
     nonce: String,
     resources: Vec<(Arc<str>, Version)>,
+    /// Where the wildcard walk stood after it.
+    end: Option<LogKey>,
 }
 
 #[derive(Debug, Default)]
 struct TypeState {
     /// Whether the first request of the type has been seen.
     started: bool,
-    wildcard: bool,
+    /// Named subscriptions.
     names: HashSet<String>,
+    /// The wildcard subscription, if any: it covers every name.
+    walk: Option<Walk>,
+    /// Without a wildcard subscription: what the client holds of its names.
     held: HashMap<Arc<str>, Held>,
-    /// Names to look at in the next response.
+    /// Without a wildcard subscription: names to look at in the next response.
     dirty: HashSet<Arc<str>>,
     /// A response is owed even if it carries nothing (a new subscription).
     must_respond: bool,
-    /// When the oldest change behind `dirty` was applied.
+    /// When the oldest change behind `dirty` was applied (named subscriptions).
     push_origin: Option<Instant>,
     in_flight: VecDeque<InFlight>,
     responses_sent: u64,
@@ -63,18 +74,91 @@ struct TypeState {
 }
 
 impl TypeState {
-    fn has_work(&self) -> bool {
-        self.must_respond || !self.dirty.is_empty()
+    fn has_work(&self, released: u64) -> bool {
+        self.must_respond
+            || !self.dirty.is_empty()
+            || self.walk.as_ref().is_some_and(|w| w.has_work(released))
     }
 
-    fn subscribes(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    /// Turns on the wildcard subscription: the walk starts from the beginning
+    /// and skips what the client already holds.
+    fn start_wildcard(
+        &mut self,
+        store: &Resources,
+        entries: Option<&TypeEntries>,
+        claimed: HashMap<Arc<str>, Option<Version>>,
+    ) {
+        let mut claimed = claimed;
+        claimed.extend(self.held.drain().map(|(name, held)| (name, held.sent)));
+        self.held = HashMap::new();
+        self.dirty = HashSet::new();
+        // Late answers to the responses before are only counted.
+        self.in_flight.clear();
+        self.walk = Some(Walk::begin(store.generation(), claimed, entries));
     }
 
-    fn mark_all(&mut self, entries: Option<&super::store::TypeEntries>) {
-        if let Some(entries) = entries {
-            self.dirty.extend(entries.keys().cloned());
+    /// Turns off the wildcard subscription: the client keeps its named resources
+    /// (and forgets the rest itself).
+    fn end_wildcard(&mut self, entries: Option<&TypeEntries>) {
+        let Some(walk) = self.walk.take() else {
+            return;
+        };
+        self.in_flight.clear();
+        for name in &self.names {
+            match walk.holds(name, entries) {
+                Some((version, acked)) => {
+                    let held = Held {
+                        sent: Some(version),
+                        acked: acked.then_some(version),
+                    };
+                    self.held.insert(Arc::from(name.as_str()), held);
+                }
+                None => {
+                    self.dirty.insert(Arc::from(name.as_str()));
+                }
+            }
         }
+    }
+
+    /// The next named resources to send, up to `budget` bytes.
+    fn named_step(&mut self, entries: Option<&TypeEntries>, budget: usize) -> Step {
+        let mut names: Vec<Arc<str>> = self.dirty.drain().collect();
+        names.sort_unstable();
+        let mut step = Step::default();
+        let mut used = 0;
+        for name in &names {
+            if step.bytes >= budget {
+                break;
+            }
+            used += 1;
+            match entries.and_then(|e| e.get(name)) {
+                Some(entry) if self.names.contains(name.as_ref()) => {
+                    let held = self.held.entry(name.clone()).or_insert(Held {
+                        sent: None,
+                        acked: None,
+                    });
+                    if held.sent == Some(entry.version) {
+                        continue;
+                    }
+                    held.sent = Some(entry.version);
+                    step.bytes += entry.body.len() + name.len();
+                    step.sent
+                        .push((name.clone(), entry.version, entry.body.clone()));
+                }
+                Some(_) => {}
+                None => {
+                    if self.held.remove(name).is_some() {
+                        step.bytes += name.len();
+                        step.removed.push(name.clone());
+                    }
+                }
+            }
+        }
+        self.dirty.extend(names.into_iter().skip(used));
+        if self.dirty.is_empty() {
+            self.dirty.shrink_to(0);
+        }
+        step
     }
 }
 
@@ -165,42 +249,47 @@ impl ClientState {
         if !ts.started {
             ts.started = true;
             ts.must_respond = true;
-            for (name, version) in req.initial_resource_versions {
-                let name: Arc<str> = Arc::from(name);
-                let version = parse_version(&version);
-                ts.held.insert(
-                    name.clone(),
-                    Held {
+            let claimed: HashMap<Arc<str>, Option<Version>> = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(name, version)| (Arc::from(name), parse_version(&version)))
+                .collect();
+            let subscribe = &req.resource_names_subscribe;
+            if subscribe.is_empty() || subscribe.iter().any(|n| n == WILDCARD) {
+                ts.start_wildcard(store, entries, claimed);
+            } else {
+                for (name, version) in claimed {
+                    let held = Held {
                         sent: version,
                         acked: version,
-                    },
-                );
-                ts.dirty.insert(name);
-            }
-            if req.resource_names_subscribe.is_empty() {
-                ts.wildcard = true;
-                ts.mark_all(entries);
+                    };
+                    ts.held.insert(name.clone(), held);
+                    ts.dirty.insert(name);
+                }
             }
         }
         for name in req.resource_names_subscribe {
             ts.must_respond = true;
             if name == WILDCARD {
-                ts.wildcard = true;
-                ts.mark_all(entries);
+                if ts.walk.is_none() {
+                    ts.start_wildcard(store, entries, HashMap::new());
+                }
             } else {
-                ts.dirty.insert(Arc::from(name.as_str()));
+                if ts.walk.is_none() {
+                    ts.dirty.insert(Arc::from(name.as_str()));
+                }
                 ts.names.insert(name);
             }
         }
         for name in req.resource_names_unsubscribe {
             if name == WILDCARD {
-                ts.wildcard = false;
+                ts.end_wildcard(entries);
                 let names = &ts.names;
                 ts.held.retain(|held, _| names.contains(held.as_ref()));
                 ts.dirty.retain(|d| names.contains(d.as_ref()));
             } else {
                 ts.names.remove(&name);
-                if !ts.wildcard {
+                if ts.walk.is_none() {
                     // The client forgets it; no removal is sent.
                     ts.held.remove(name.as_str());
                     ts.dirty.remove(name.as_str());
@@ -219,6 +308,9 @@ impl ClientState {
         match req.error_detail {
             Some(error) => {
                 ts.nacks += 1;
+                if let (Some(f), Some(walk)) = (&flight, ts.walk.as_mut()) {
+                    walk.answered(f.end.as_ref(), &f.resources, true);
+                }
                 let resources = flight
                     .map(|f| f.resources.iter().map(|(n, _)| n.to_string()).collect())
                     .unwrap_or_default();
@@ -243,6 +335,9 @@ impl ClientState {
                         held.acked = Some(*version);
                     }
                 }
+                if let (Some(f), Some(walk)) = (&flight, ts.walk.as_mut()) {
+                    walk.answered(f.end.as_ref(), &f.resources, false);
+                }
                 ts.last_ack = Some(AckDebug {
                     nonce: req.response_nonce,
                     at_unix_ms: now,
@@ -258,9 +353,13 @@ impl ClientState {
             let Some(ts) = self.types.get_mut(type_url) else {
                 continue;
             };
+            if ts.walk.is_some() {
+                // The walk finds the changes in the log.
+                continue;
+            }
             let mut relevant = false;
             for name in names {
-                if ts.subscribes(name) || ts.held.contains_key(name) {
+                if ts.names.contains(name.as_ref()) || ts.held.contains_key(name) {
                     ts.dirty.insert(name.clone());
                     relevant = true;
                 }
@@ -274,12 +373,12 @@ impl ClientState {
         }
     }
 
-    /// Re-examines everything the client subscribes to or holds (after its
+    /// Re-examines every name the client subscribes to or holds (after its
     /// batches were collapsed because it fell behind).
-    pub(crate) fn resync(&mut self, store: &Resources, origin: Instant) {
-        for (type_url, ts) in &mut self.types {
-            if ts.wildcard {
-                ts.mark_all(store.get(type_url));
+    pub(crate) fn resync(&mut self, origin: Instant) {
+        for ts in self.types.values_mut() {
+            if ts.walk.is_some() {
+                continue;
             }
             ts.dirty
                 .extend(ts.names.iter().map(|n| Arc::from(n.as_str())));
@@ -288,31 +387,42 @@ impl ClientState {
         }
     }
 
-    /// Whether a response may be owed.
-    pub(crate) fn has_work(&self) -> bool {
-        self.types.values().any(TypeState::has_work)
+    /// Whether a response may be owed, with generation `released` let out.
+    pub(crate) fn has_work(&self, released: u64) -> bool {
+        self.types.values().any(|ts| ts.has_work(released))
+    }
+
+    /// Removal tombstones before this generation are no use to this client.
+    pub(crate) fn needs_removals_from(&self) -> u64 {
+        self.types
+            .values()
+            .filter_map(|ts| ts.walk.as_ref())
+            .map(Walk::needs_removals_from)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Builds the next response from the current store contents, taking types
     /// in turn; `None` when nothing is owed.
-    pub(crate) fn next_response(&mut self, store: &Resources, generation: u64) -> Option<Outgoing> {
+    pub(crate) fn next_response(&mut self, store: &Resources) -> Option<Outgoing> {
+        let released = store.released();
         let order: Vec<String> = match &self.last_type {
             Some(last) => self
                 .types
                 .range::<String, _>((Bound::Excluded(last), Bound::Unbounded))
                 .chain(self.types.range::<String, _>(..=last))
-                .filter(|(_, ts)| ts.has_work())
+                .filter(|(_, ts)| ts.has_work(released))
                 .map(|(t, _)| t.clone())
                 .collect(),
             None => self
                 .types
                 .iter()
-                .filter(|(_, ts)| ts.has_work())
+                .filter(|(_, ts)| ts.has_work(released))
                 .map(|(t, _)| t.clone())
                 .collect(),
         };
         for type_url in order {
-            if let Some(out) = self.response_for(&type_url, store, generation) {
+            if let Some(out) = self.response_for(&type_url, store) {
                 self.last_type = Some(type_url);
                 return Some(out);
             }
@@ -320,102 +430,75 @@ impl ClientState {
         None
     }
 
-    fn response_for(
-        &mut self,
-        type_url: &str,
-        store: &Resources,
-        generation: u64,
-    ) -> Option<Outgoing> {
+    fn response_for(&mut self, type_url: &str, store: &Resources) -> Option<Outgoing> {
         let limits = self.limits;
         let ts = self.types.get_mut(type_url)?;
         let entries = store.get(type_url);
-        let mut names: Vec<Arc<str>> = ts.dirty.drain().collect();
-        names.sort_unstable();
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
-        let mut sent = Vec::new();
-        let mut bytes = 0usize;
-        let mut used = 0;
-        for name in &names {
-            if bytes >= limits.max_response_bytes {
-                break;
+        let (step, push_origin) = match ts.walk.as_mut() {
+            Some(walk) => {
+                let step = walk.step(entries, store.released(), limits.max_response_bytes);
+                let origin = step
+                    .completed_after
+                    .and_then(|after| store.first_change_after(after));
+                (step, origin)
             }
-            used += 1;
-            match entries.and_then(|e| e.get(name)) {
-                Some(entry) if ts.subscribes(name) => {
-                    let held = ts.held.entry(name.clone()).or_insert(Held {
-                        sent: None,
-                        acked: None,
-                    });
-                    if held.sent == Some(entry.version) {
-                        continue;
-                    }
-                    held.sent = Some(entry.version);
-                    bytes += entry.body.len() + name.len();
-                    resources.push(Resource {
-                        version: format_version(entry.version),
-                        resource: Some(prost_types::Any {
-                            type_url: type_url.to_string(),
-                            value: entry.body.to_vec(),
-                        }),
-                        name: name.to_string(),
-                        ..Default::default()
-                    });
-                    sent.push((name.clone(), entry.version));
-                }
-                Some(_) => {}
-                None => {
-                    if ts.held.remove(name).is_some() {
-                        bytes += name.len();
-                        removed.push(name.to_string());
-                    }
-                }
+            None => {
+                let step = ts.named_step(entries, limits.max_response_bytes);
+                let origin = if ts.dirty.is_empty() {
+                    ts.push_origin.take()
+                } else {
+                    None
+                };
+                (step, origin)
             }
-        }
-        ts.dirty.extend(names.into_iter().skip(used));
-        if ts.dirty.is_empty() {
-            // A full sync leaves a set sized for every resource; with a thousand
-            // clients that capacity is hundreds of megabytes held for nothing.
-            ts.dirty.shrink_to(0);
-        }
-        let push_origin = if ts.dirty.is_empty() {
-            ts.push_origin.take()
-        } else {
-            None
         };
-        if resources.is_empty() && removed.is_empty() && !ts.must_respond {
+        if step.is_empty() && !ts.must_respond {
             return None;
         }
         ts.must_respond = false;
         self.nonces += 1;
         let nonce = format!("{:x}-{:x}", self.id, self.nonces);
+        let resources: Vec<Resource> = step
+            .sent
+            .iter()
+            .map(|(name, version, body)| Resource {
+                version: format_version(*version),
+                resource: Some(prost_types::Any {
+                    type_url: type_url.to_string(),
+                    value: body.to_vec(),
+                }),
+                name: name.to_string(),
+                ..Default::default()
+            })
+            .collect();
         ts.in_flight.push_back(InFlight {
             nonce: nonce.clone(),
-            resources: sent,
+            resources: step.sent.iter().map(|(n, v, _)| (n.clone(), *v)).collect(),
+            end: step.end,
         });
         while ts.in_flight.len() > limits.max_in_flight {
             ts.in_flight.pop_front();
         }
         ts.responses_sent += 1;
         ts.resources_sent += resources.len() as u64;
-        let (resources_count, removed_count) = (resources.len(), removed.len());
+        let (resources_count, removed_count) = (resources.len(), step.removed.len());
         Some(Outgoing {
             response: DeltaDiscoveryResponse {
-                system_version_info: generation.to_string(),
+                system_version_info: store.generation().to_string(),
                 resources,
                 type_url: type_url.to_string(),
                 nonce,
-                removed_resources: removed,
+                removed_resources: step.removed.iter().map(|n| n.to_string()).collect(),
             },
             resources: resources_count,
             removed: removed_count,
-            bytes,
+            bytes: step.bytes,
             push_origin,
         })
     }
 
     /// The summary the debug view shows.
-    pub(crate) fn debug(&self) -> ClientDebug {
+    pub(crate) fn debug(&self, store: &Resources) -> ClientDebug {
         ClientDebug {
             id: self.id,
             node: self.node.clone(),
@@ -428,19 +511,29 @@ impl ClientState {
                 .map(|(type_url, ts)| {
                     let mut subscribed: Vec<String> = ts.names.iter().cloned().collect();
                     subscribed.sort_unstable();
+                    let entries = store.get(type_url);
+                    let named_acked = ts
+                        .held
+                        .values()
+                        .filter(|h| h.acked.is_some() && h.acked == h.sent)
+                        .count();
+                    let (held, acked, walking) = match &ts.walk {
+                        Some(walk) => (
+                            walk.held(entries),
+                            walk.acked(entries),
+                            walk.pending(entries, store.released()),
+                        ),
+                        None => (ts.held.len(), named_acked, 0),
+                    };
                     TypeDebug {
                         type_url: type_url.clone(),
-                        wildcard: ts.wildcard,
+                        wildcard: ts.walk.is_some(),
                         subscribed,
-                        held: ts.held.len(),
-                        acked: ts
-                            .held
-                            .values()
-                            .filter(|h| h.acked.is_some() && h.acked == h.sent)
-                            .count(),
+                        held,
+                        acked,
                         responses_sent: ts.responses_sent,
                         resources_sent: ts.resources_sent,
-                        pending: ts.dirty.len(),
+                        pending: ts.dirty.len() + walking,
                         in_flight: ts.in_flight.len(),
                         acks: ts.acks,
                         nacks: ts.nacks,
@@ -453,12 +546,12 @@ impl ClientState {
     }
 
     /// Every resource the client holds, with the versions sent and acknowledged.
-    pub(crate) fn resources_debug(&self) -> ClientResourcesDebug {
+    pub(crate) fn resources_debug(&self, store: &Resources) -> ClientResourcesDebug {
         let types = self
             .types
             .iter()
             .map(|(type_url, ts)| {
-                let held = ts
+                let mut held: BTreeMap<String, HeldDebug> = ts
                     .held
                     .iter()
                     .map(|(name, h)| {
@@ -469,6 +562,19 @@ impl ClientState {
                         (name.to_string(), held)
                     })
                     .collect();
+                if let Some(walk) = &ts.walk {
+                    for (name, version, acked) in walk.holdings(store.get(type_url)) {
+                        let version = version.map(format_version);
+                        let acked = if acked { version.clone() } else { None };
+                        held.insert(
+                            name.to_string(),
+                            HeldDebug {
+                                sent: version,
+                                acked,
+                            },
+                        );
+                    }
+                }
                 (type_url.clone(), held)
             })
             .collect();

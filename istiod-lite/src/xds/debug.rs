@@ -19,6 +19,8 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
 pub struct XdsDebug {
     /// The store generation (`system_version_info` of the next response).
     pub generation: u64,
+    /// The newest generation the debouncer released: clients are pushed up to it.
+    pub released: u64,
     /// Resource count per type URL.
     pub resources: BTreeMap<String, usize>,
     pub clients: Vec<ClientDebug>,

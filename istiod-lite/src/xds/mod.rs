@@ -10,15 +10,19 @@
 mod client;
 mod debounce;
 mod debug;
+mod entries;
 mod metrics;
 mod serve;
 mod server;
 mod session;
 mod settings;
 mod store;
+mod walk;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod walk_tests;
 
 pub use debug::{
     AckDebug, ClientDebug, ClientResourcesDebug, HeldDebug, NackDebug, TypeDebug, XdsDebug,

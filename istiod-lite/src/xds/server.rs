@@ -45,6 +45,17 @@ pub(crate) struct ClientHandle {
     pub(crate) state: std::sync::Mutex<ClientState>,
     pub(crate) inbox: std::sync::Mutex<Inbox>,
     pub(crate) wake: Notify,
+    /// `ClientState::needs_removals_from`, published by the client's task after
+    /// every change to its state, for the tombstone collection.
+    pub(crate) removals_from: AtomicU64,
+}
+
+impl ClientHandle {
+    /// Publishes what the state now needs of the removal log.
+    pub(crate) fn publish(&self, state: &ClientState) {
+        self.removals_from
+            .store(state.needs_removals_from(), Ordering::Release);
+    }
 }
 
 /// Shared by the handle, the service and every client task.
@@ -60,9 +71,16 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Hands a batch to every client: an `Arc` clone and a wake-up each.
+    /// Hands a batch to every client (an `Arc` clone and a wake-up each), then
+    /// forgets the removals every client has walked past.
     pub(crate) fn dispatch(&self, batch: Arc<ChangeBatch>) {
         let clients: Vec<Arc<ClientHandle>> = lock(&self.clients).values().cloned().collect();
+        let needed = clients
+            .iter()
+            .map(|c| c.removals_from.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX);
+        self.store.drop_tombstones_before(needed);
         for client in clients {
             {
                 let mut inbox = lock(&client.inbox);
@@ -95,6 +113,7 @@ impl Core {
             state: std::sync::Mutex::new(ClientState::new(id, caller, peer, limits)),
             inbox: std::sync::Mutex::new(Inbox::default()),
             wake: Notify::new(),
+            removals_from: AtomicU64::new(u64::MAX),
         });
         lock(&self.clients).insert(id, handle.clone());
         self.metrics.connected_clients.inc();
@@ -199,14 +218,16 @@ impl XdsServer {
 
     /// Connected clients and their per-type state.
     pub fn debug_snapshot(&self) -> XdsDebug {
-        let clients = self
-            .core
-            .handles()
+        let handles = self.core.handles();
+        let store = self.core.store.read();
+        let clients = handles
             .iter()
-            .map(|c| lock(&c.state).debug())
+            .map(|c| lock(&c.state).debug(&store))
             .collect();
+        drop(store);
         XdsDebug {
             generation: self.core.store.generation(),
+            released: self.core.store.released(),
             resources: self.core.store.counts().into_iter().collect(),
             clients,
         }
@@ -215,7 +236,8 @@ impl XdsServer {
     /// Every resource client `id` holds, with versions sent and acknowledged.
     pub fn client_resources(&self, id: u64) -> Option<ClientResourcesDebug> {
         let client = lock(&self.core.clients).get(&id).cloned()?;
-        let debug = lock(&client.state).resources_debug();
+        let store = self.core.store.read();
+        let debug = lock(&client.state).resources_debug(&store);
         Some(debug)
     }
 }

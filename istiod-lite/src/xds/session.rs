@@ -55,11 +55,11 @@ impl Session {
         };
         let mut shutdown = core.shutdown.subscribe();
         let reason = loop {
-            let has_work = lock(&client.state).has_work();
+            let has_work = lock(&client.state).has_work(core.store.released());
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|draining| *draining) => break "server draining".to_string(),
-                _ = client.wake.notified() => take_inbox(&core, &client),
+                _ = client.wake.notified() => take_inbox(&client),
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
                         if let Err(status) = handle_request(&core, &client, &caller, request) {
@@ -82,7 +82,7 @@ impl Session {
 }
 
 /// Merges the batches handed to this client into its pending set.
-fn take_inbox(core: &Core, client: &ClientHandle) {
+fn take_inbox(client: &ClientHandle) {
     let (batches, resync) = {
         let mut inbox = lock(&client.inbox);
         (std::mem::take(&mut inbox.batches), inbox.resync.take())
@@ -90,13 +90,12 @@ fn take_inbox(core: &Core, client: &ClientHandle) {
     if batches.is_empty() && resync.is_none() {
         return;
     }
-    let store = core.store.read();
     let mut state = lock(&client.state);
     for batch in &batches {
         state.merge_batch(batch);
     }
     if let Some(origin) = resync {
-        state.resync(&store, origin);
+        state.resync(origin);
     }
 }
 
@@ -113,6 +112,7 @@ fn handle_request(
         let feedback = state
             .handle_request(request, &store)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        client.publish(&state);
         (feedback, state.id, state.node.clone().unwrap_or_default())
     };
     if let (Feedback::Nack { nonce, message }, id, node) = feedback {
@@ -141,8 +141,10 @@ fn send_next(
 ) {
     let outgoing = {
         let store = core.store.read();
-        let generation = core.store.generation();
-        lock(&client.state).next_response(&store, generation)
+        let mut state = lock(&client.state);
+        let out = state.next_response(&store);
+        client.publish(&state);
+        out
     };
     let Some(out) = outgoing else {
         return;

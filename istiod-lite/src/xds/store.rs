@@ -4,7 +4,7 @@
 //! Identical bytes give the same version, so re-applying an unchanged resource is
 //! not a change and nobody is pushed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
@@ -40,18 +40,58 @@ pub fn parse_version(text: &str) -> Option<Version> {
     u64::from_str_radix(text, 16).ok()
 }
 
-/// One stored resource.
-#[derive(Clone, Debug)]
-pub(crate) struct Entry {
-    pub(crate) version: Version,
-    pub(crate) body: Bytes,
+pub(crate) use super::entries::TypeEntries;
+
+/// How many releases the store remembers for push latency (older ones count as
+/// the oldest remembered).
+const RELEASES_KEPT: usize = 256;
+
+/// Every resource by type URL, the generation counters, and when the released
+/// generations' changes were first applied. Behind the store's lock.
+#[derive(Debug, Default)]
+pub(crate) struct Resources {
+    types: HashMap<String, TypeEntries>,
+    /// Bumped by every apply that changed something.
+    generation: u64,
+    /// The newest generation the debouncer let out: clients push changes up to it.
+    released: u64,
+    /// (generation, first change of its batch) of recent releases, oldest first.
+    releases: VecDeque<(u64, Instant)>,
 }
 
-/// Resources of one type, by name.
-pub(crate) type TypeEntries = HashMap<Arc<str>, Entry>;
+impl Resources {
+    pub(crate) fn get(&self, type_url: &str) -> Option<&TypeEntries> {
+        self.types.get(type_url)
+    }
 
-/// Every resource, by type URL.
-pub(crate) type Resources = HashMap<String, TypeEntries>;
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// When the oldest change released after generation `after` was applied.
+    pub(crate) fn first_change_after(&self, after: u64) -> Option<Instant> {
+        self.releases
+            .iter()
+            .find(|(g, _)| *g > after)
+            .or(self.releases.front())
+            .map(|(_, first)| *first)
+    }
+
+    fn release(&mut self, generation: u64, first_change: Instant) {
+        if generation <= self.released {
+            return;
+        }
+        self.released = generation;
+        if self.releases.len() == RELEASES_KEPT {
+            self.releases.pop_front();
+        }
+        self.releases.push_back((generation, first_change));
+    }
+}
 
 /// What changed (or was removed) since the last push, per type URL.
 #[derive(Debug)]
@@ -80,6 +120,8 @@ struct PendingChanges {
     changes: HashMap<String, HashSet<Arc<str>>>,
     first: Option<Instant>,
     last: Option<Instant>,
+    /// The generation of the newest pending change.
+    generation: u64,
 }
 
 /// The current resources and the changes not yet pushed.
@@ -88,7 +130,9 @@ pub struct ResourceStore {
     resources: RwLock<Resources>,
     pending: Mutex<PendingChanges>,
     changed: Notify,
+    /// Mirrors of `Resources::generation` and `released`, readable without the lock.
     generation: AtomicU64,
+    released: AtomicU64,
 }
 
 /// Locks a mutex, ignoring poisoning: the data stays consistent between calls
@@ -106,57 +150,51 @@ impl ResourceStore {
     /// update whose bytes equal the stored ones, or a removal of a missing
     /// resource, is no change.
     pub fn apply(&self, updates: Vec<ResourceUpdate>) -> usize {
+        let mut resources = self
+            .resources
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let generation = resources.generation + 1;
         let mut changed: Vec<(&'static str, Arc<str>)> = Vec::new();
-        {
-            let mut resources = self
-                .resources
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            for update in updates {
-                let entries = resources.entry(update.type_url.to_string()).or_default();
-                match update.body {
-                    Some(body) => {
-                        let version = version_of(&body);
-                        if let Some((name, entry)) = entries.get_key_value(update.name.as_str()) {
-                            if entry.version == version {
-                                continue;
-                            }
-                            let name = name.clone();
-                            entries.insert(name.clone(), Entry { version, body });
-                            changed.push((update.type_url, name));
-                        } else {
-                            let name: Arc<str> = Arc::from(update.name);
-                            entries.insert(name.clone(), Entry { version, body });
-                            changed.push((update.type_url, name));
-                        }
-                    }
-                    None => {
-                        if let Some((name, _)) = entries.remove_entry(update.name.as_str()) {
-                            changed.push((update.type_url, name));
-                        }
-                    }
+        for update in updates {
+            let entries = resources
+                .types
+                .entry(update.type_url.to_string())
+                .or_default();
+            let name = match update.body {
+                Some(body) => {
+                    let version = version_of(&body);
+                    entries.put(&update.name, body, version, generation)
                 }
-            }
-            if !changed.is_empty() {
-                self.generation.fetch_add(1, Ordering::AcqRel);
+                None => entries.remove(&update.name, generation),
+            };
+            if let Some(name) = name {
+                changed.push((update.type_url, name));
             }
         }
         let count = changed.len();
-        if count > 0 {
-            let now = Instant::now();
-            let mut pending = lock(&self.pending);
-            for (type_url, name) in changed {
-                pending
-                    .changes
-                    .entry(type_url.to_string())
-                    .or_default()
-                    .insert(name);
-            }
-            pending.first.get_or_insert(now);
-            pending.last = Some(now);
-            drop(pending);
-            self.changed.notify_one();
+        if count == 0 {
+            return 0;
         }
+        resources.generation = generation;
+        self.generation.store(generation, Ordering::Release);
+        // Recorded before the write lock goes, so a batch taken later covers every
+        // change up to its generation.
+        let now = Instant::now();
+        let mut pending = lock(&self.pending);
+        for (type_url, name) in changed {
+            pending
+                .changes
+                .entry(type_url.to_string())
+                .or_default()
+                .insert(name);
+        }
+        pending.first.get_or_insert(now);
+        pending.last = Some(now);
+        pending.generation = generation;
+        drop(pending);
+        drop(resources);
+        self.changed.notify_one();
         count
     }
 
@@ -169,12 +207,13 @@ impl ResourceStore {
 
     /// How many resources of `type_url` exist.
     pub fn len(&self, type_url: &str) -> usize {
-        self.read().get(type_url).map_or(0, HashMap::len)
+        self.read().get(type_url).map_or(0, TypeEntries::len)
     }
 
     /// Resource counts per type URL.
     pub fn counts(&self) -> HashMap<String, usize> {
         self.read()
+            .types
             .iter()
             .map(|(t, e)| (t.clone(), e.len()))
             .collect()
@@ -183,6 +222,11 @@ impl ResourceStore {
     /// Bumped by every apply that changed something; sent as `system_version_info`.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The newest generation the debouncer released to the clients.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Acquire)
     }
 
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Resources> {
@@ -197,20 +241,49 @@ impl ResourceStore {
         Some((pending.first?, pending.last?))
     }
 
-    /// Takes every pending change as one batch.
+    /// Takes every pending change as one batch and releases its generation:
+    /// clients push changes up to it.
     pub(crate) fn take_pending(&self) -> Option<ChangeBatch> {
-        let mut pending = lock(&self.pending);
-        let first_change = pending.first.take()?;
-        pending.last = None;
-        let changes = std::mem::take(&mut pending.changes)
-            .into_iter()
-            .map(|(t, names)| (t, names.into_iter().collect()))
-            .collect();
-        Some(ChangeBatch {
-            changes,
-            first_change,
-            generation: self.generation(),
-        })
+        let batch = {
+            let mut pending = lock(&self.pending);
+            let first_change = pending.first.take()?;
+            pending.last = None;
+            let changes = std::mem::take(&mut pending.changes)
+                .into_iter()
+                .map(|(t, names)| (t, names.into_iter().collect()))
+                .collect();
+            ChangeBatch {
+                changes,
+                first_change,
+                generation: pending.generation,
+            }
+        };
+        // The pending lock is gone: `apply` takes the two locks in the other order.
+        let mut resources = self
+            .resources
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        resources.release(batch.generation, batch.first_change);
+        self.released.store(resources.released, Ordering::Release);
+        Some(batch)
+    }
+
+    /// Forgets removals older than `generation` (every client is past them) and
+    /// returns how many tombstones are left.
+    pub(crate) fn drop_tombstones_before(&self, generation: u64) -> usize {
+        let mut resources = self
+            .resources
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let limit = generation.min(resources.released + 1);
+        resources
+            .types
+            .values_mut()
+            .map(|entries| {
+                entries.drop_tombstones_before(limit);
+                entries.tombstones()
+            })
+            .sum()
     }
 
     /// Resolves after the next apply that changed something (or at once if one

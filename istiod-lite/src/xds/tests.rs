@@ -17,9 +17,9 @@ use super::store::lock;
 use super::*;
 use crate::auth::Caller;
 
-const T: &str = ambit_proto::WORKLOAD_TYPE_URL;
+pub(super) const T: &str = ambit_proto::WORKLOAD_TYPE_URL;
 
-fn put(name: &str, body: &str) -> ResourceUpdate {
+pub(super) fn put(name: &str, body: &str) -> ResourceUpdate {
     ResourceUpdate {
         type_url: T,
         name: name.into(),
@@ -27,7 +27,7 @@ fn put(name: &str, body: &str) -> ResourceUpdate {
     }
 }
 
-fn del(name: &str) -> ResourceUpdate {
+pub(super) fn del(name: &str) -> ResourceUpdate {
     ResourceUpdate {
         type_url: T,
         name: name.into(),
@@ -42,7 +42,7 @@ fn caller() -> Caller {
     }
 }
 
-fn client(max_response_bytes: usize) -> ClientState {
+pub(super) fn client(max_response_bytes: usize) -> ClientState {
     ClientState::new(
         7,
         caller(),
@@ -54,7 +54,7 @@ fn client(max_response_bytes: usize) -> ClientState {
     )
 }
 
-fn req(subscribe: &[&str]) -> DeltaDiscoveryRequest {
+pub(super) fn req(subscribe: &[&str]) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         node: Some(Node {
             id: "ztunnel~node-a".into(),
@@ -66,16 +66,19 @@ fn req(subscribe: &[&str]) -> DeltaDiscoveryRequest {
     }
 }
 
-fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
+pub(super) fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
     let mut n: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
     n.sort();
     n
 }
 
 /// Every response the client is owed now.
-fn drain_responses(client: &mut ClientState, store: &ResourceStore) -> Vec<DeltaDiscoveryResponse> {
+pub(super) fn drain_responses(
+    client: &mut ClientState,
+    store: &ResourceStore,
+) -> Vec<DeltaDiscoveryResponse> {
     let mut out = Vec::new();
-    while let Some(o) = client.next_response(&store.read(), store.generation()) {
+    while let Some(o) = client.next_response(&store.read()) {
         out.push(o.response);
     }
     out
@@ -300,7 +303,7 @@ fn nacked_resources_are_not_resent_until_they_change() {
     });
     let fb = c.handle_request(nack, &store.read()).unwrap();
     assert!(matches!(fb, Feedback::Nack { ref message, .. } if message == "cannot parse a"));
-    let debug = c.debug();
+    let debug = c.debug(&store.read());
     let nack = debug.types[0].last_nack.clone().unwrap();
     assert_eq!(
         (nack.message.as_str(), nack.resources.clone()),
@@ -309,7 +312,7 @@ fn nacked_resources_are_not_resent_until_they_change() {
     assert_eq!(debug.types[0].acks, 1);
 
     // A resync (or an unrelated batch) does not resend the refused version...
-    c.resync(&store.read(), Instant::now());
+    c.resync(Instant::now());
     assert!(drain_responses(&mut c, &store).is_empty());
     // ... a new version is sent.
     store.apply(vec![put("a", "fixed")]);
@@ -330,7 +333,7 @@ fn large_pushes_are_split_and_nonces_are_fresh() {
     let mut nonces: Vec<&str> = r.iter().map(|r| r.nonce.as_str()).collect();
     nonces.dedup();
     assert_eq!(nonces.len(), 4);
-    assert_eq!(c.debug().types[0].in_flight, 4);
+    assert_eq!(c.debug(&store.read()).types[0].in_flight, 4);
 }
 
 #[test]
@@ -348,5 +351,5 @@ fn changes_to_unsubscribed_types_are_ignored() {
         },
     ]);
     c.merge_batch(&store.take_pending().unwrap());
-    assert!(!c.has_work());
+    assert!(!c.has_work(store.released()));
 }
