@@ -120,6 +120,8 @@ impl App {
         let settings = XdsSettings {
             debounce_quiet: config.debounce_quiet,
             debounce_max: config.debounce_max,
+            max_response_bytes: config.xds_max_response,
+            push_budget_bytes: config.xds_push_budget,
             ..XdsSettings::default()
         };
         let (xds, ads) = XdsServer::new(

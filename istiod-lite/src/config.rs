@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback};
+use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback, parse_size};
 use serde::Serialize;
 
 /// istiod-lite: the control plane of the Ambit mesh.
@@ -91,6 +91,16 @@ pub struct Config {
     #[arg(long, env = "AMBIT_DEBOUNCE_MAX", default_value = "1s", value_parser = parse_duration)]
     #[serde(serialize_with = "duration_as_text")]
     pub debounce_max: Duration,
+
+    /// An xDS response stops taking resources at this size; the rest follows in
+    /// the next one. Each stream keeps an encode buffer of its largest response.
+    #[arg(long, env = "AMBIT_XDS_MAX_RESPONSE", default_value = "32KiB", value_parser = parse_size)]
+    pub xds_max_response: usize,
+
+    /// Bytes of xDS responses sent and not yet answered by their client, across
+    /// all clients: bounds memory when every proxy syncs at once.
+    #[arg(long, env = "AMBIT_XDS_PUSH_BUDGET", default_value = "16MiB", value_parser = parse_size)]
+    pub xds_push_budget: usize,
 
     /// On shutdown, streams get this long to finish before they are closed.
     #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]

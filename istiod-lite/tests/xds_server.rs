@@ -77,12 +77,16 @@ fn fast_settings() -> XdsSettings {
 }
 
 async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Mesh {
+    start_with(fast_settings(), tls).await
+}
+
+async fn start_with(settings: XdsSettings, tls: Option<Arc<rustls::ServerConfig>>) -> Mesh {
     let (trigger, watcher) = drain::channel();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = XdsMetrics::new(&mut registry);
     let store = Arc::new(ResourceStore::new());
     let (server, service) =
-        XdsServer::new(store, fast_settings(), TestAuth, metrics, watcher.clone()).unwrap();
+        XdsServer::new(store, settings, TestAuth, metrics, watcher.clone()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, tls, service, watcher));
@@ -370,7 +374,8 @@ async fn a_client_that_does_not_read_does_not_delay_another() {
     stalled_stream.send(subscribe(W, &[])).await;
     let mut fast = connect(mesh.addr, "fast").await;
     fast.send(subscribe(W, &[])).await;
-    fast.recv().await;
+    let first = fast.recv().await;
+    fast.ack(&first).await;
     // 16 MiB of pushes: far beyond the stalled stream's queue and HTTP/2 windows.
     for round in 1..=16 {
         mesh.server.apply(vec![
@@ -379,7 +384,9 @@ async fn a_client_that_does_not_read_does_not_delay_another() {
         ]);
         let mut seen = Vec::new();
         while !seen.contains(&format!("small{round}")) {
-            seen.extend(names(&fast.recv().await));
+            let resp = fast.recv().await;
+            fast.ack(&resp).await;
+            seen.extend(names(&resp));
         }
     }
     let debug = mesh.server.debug_snapshot();
@@ -392,6 +399,50 @@ async fn a_client_that_does_not_read_does_not_delay_another() {
         "{stalled:?} {fast:?}"
     );
     drop(stalled_stream);
+}
+
+#[tokio::test]
+async fn clients_that_do_not_answer_cannot_hold_the_push_budget() {
+    let settings = XdsSettings {
+        max_response_bytes: 4096,
+        push_budget_bytes: 8192,
+        push_budget_hold: Duration::from_millis(500),
+        ..fast_settings()
+    };
+    let mesh = start_with(settings, None).await;
+    // Eight resources just over 4 KiB: one per response.
+    let body = "x".repeat(4100);
+    mesh.server
+        .apply((0..8).map(|i| put(W, &format!("r{i}"), &body)).collect());
+
+    // The silent client reads but never answers: two responses fill the budget,
+    // the next two come only as the budget they hold expires, then nothing.
+    let mut silent = connect(mesh.addr, "silent").await;
+    silent.send(subscribe(W, &[])).await;
+    for _ in 0..4 {
+        assert_eq!(silent.recv().await.resources.len(), 1);
+    }
+    // The answering client gets everything meanwhile, as budget comes back.
+    let mut answering = connect(mesh.addr, "answering").await;
+    answering.send(subscribe(W, &[])).await;
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let resp = answering.recv().await;
+        answering.ack(&resp).await;
+        got.extend(names(&resp));
+    }
+    silent.quiet().await;
+    eventually("every byte of the budget back", || {
+        let debug = mesh.server.debug_snapshot();
+        debug.push_budget_available == debug.push_budget_bytes
+    })
+    .await;
+    let debug = mesh.server.debug_snapshot();
+    let silent_state = &client_of(&debug, "silent").unwrap().types[0];
+    assert_eq!(
+        (silent_state.in_flight, silent_state.resources_sent),
+        (4, 4)
+    );
 }
 
 #[tokio::test]

@@ -21,6 +21,10 @@ pub struct XdsDebug {
     pub generation: u64,
     /// The newest generation the debouncer released: clients are pushed up to it.
     pub released: u64,
+    /// Response bytes that may be unanswered across all clients, and how many of
+    /// them are free now.
+    pub push_budget_bytes: usize,
+    pub push_budget_available: usize,
     /// Resource count per type URL.
     pub resources: BTreeMap<String, usize>,
     pub clients: Vec<ClientDebug>,

@@ -7,6 +7,7 @@
 //! (one task per stream, each with a coalescing pending set) which builds its own
 //! responses from the current store contents when its stream has room.
 
+mod budget;
 mod client;
 mod debounce;
 mod debug;

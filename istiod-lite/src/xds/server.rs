@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ResourceUpdate;
+use super::budget::SendBudget;
 use super::client::{ClientState, Limits};
 use super::debounce::Debounce;
 use super::debug::{ClientResourcesDebug, XdsDebug};
@@ -64,6 +65,7 @@ pub(crate) struct Core {
     pub(crate) store: Arc<ResourceStore>,
     pub(crate) settings: XdsSettings,
     pub(crate) metrics: XdsMetrics,
+    pub(crate) budget: SendBudget,
     clients: std::sync::Mutex<HashMap<u64, Arc<ClientHandle>>>,
     next_id: AtomicU64,
     /// Flipped to `true` when the server drains: every client task ends.
@@ -166,8 +168,10 @@ impl XdsServer {
             max: settings.debounce_max,
         };
         let (shutdown, _) = watch::channel(false);
+        let budget = SendBudget::new(settings.push_budget_bytes, settings.max_response_bytes);
         let core = Arc::new(Core {
             store,
+            budget,
             settings,
             metrics,
             clients: std::sync::Mutex::new(HashMap::new()),
@@ -228,6 +232,8 @@ impl XdsServer {
         XdsDebug {
             generation: self.core.store.generation(),
             released: self.core.store.released(),
+            push_budget_bytes: self.core.budget.total(),
+            push_budget_available: self.core.budget.available(),
             resources: self.core.store.counts().into_iter().collect(),
             clients,
         }

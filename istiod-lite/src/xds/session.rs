@@ -4,12 +4,15 @@
 //! pending set, so a slow client costs memory bounded by the resources it
 //! subscribes to and never holds up anyone else.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
+use super::budget::{self, Unanswered};
 use super::client::Feedback;
 use super::metrics::XdsMetrics;
 use super::server::{ClientHandle, Core};
@@ -26,6 +29,9 @@ pub(crate) struct Session {
     pub(crate) tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     pub(crate) inbound: Streaming<DeltaDiscoveryRequest>,
 }
+
+/// Room in the push budget for one response, once granted.
+type Reservation = dyn Future<Output = Option<OwnedSemaphorePermit>> + Send;
 
 /// Removes the client from the registry however its task ends.
 struct Registered {
@@ -54,15 +60,24 @@ impl Session {
             id,
         };
         let mut shutdown = core.shutdown.subscribe();
+        let mut unanswered = Unanswered::default();
+        // Waiting for room in the push budget; kept across turns of the loop so
+        // the client keeps its place in the budget's queue.
+        let mut reserving: Option<Pin<Box<Reservation>>> = None;
         let reason = loop {
             let has_work = lock(&client.state).has_work(core.store.released());
+            if reserving.is_none() && has_work && unanswered.len() < core.settings.client_queue {
+                reserving = Some(Box::pin(core.budget.acquire()));
+            }
+            let expiry = unanswered.next_expiry(core.settings.push_budget_hold);
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|draining| *draining) => break "server draining".to_string(),
+                // The guard `wait_for` returns is not `Send`: drop it in the branch.
+                _ = async { shutdown.wait_for(|draining| *draining).await.is_ok() } => break "server draining".to_string(),
                 _ = client.wake.notified() => take_inbox(&client),
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
-                        if let Err(status) = handle_request(&core, &client, &caller, request) {
+                        if let Err(status) = handle_request(&core, &client, &caller, request, &mut unanswered) {
                             let _ = tx.try_send(Err(status.clone()));
                             break format!("bad request: {}", status.message());
                         }
@@ -70,9 +85,20 @@ impl Session {
                     Ok(None) => break "client closed the stream".to_string(),
                     Err(status) => break format!("stream error: {}", status.message()),
                 },
-                permit = tx.reserve(), if has_work => match permit {
-                    Ok(permit) => send_next(&core, &client, permit),
-                    Err(_) => break "client went away".to_string(),
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    unanswered.expire(core.settings.push_budget_hold);
+                },
+                budget = async { reserving.as_mut().expect("guarded").await }, if reserving.is_some() => {
+                    reserving = None;
+                    let Some(budget) = budget else {
+                        break "push budget closed".to_string();
+                    };
+                    // Never waits: the queue holds at most `client_queue` responses
+                    // and every one of them is unanswered.
+                    let Ok(permit) = tx.reserve().await else {
+                        break "client went away".to_string();
+                    };
+                    send_next(&core, &client, permit, budget, &mut unanswered);
                 },
             }
         };
@@ -104,8 +130,12 @@ fn handle_request(
     client: &ClientHandle,
     caller: &Caller,
     request: DeltaDiscoveryRequest,
+    unanswered: &mut Unanswered,
 ) -> Result<(), Status> {
     let type_url = request.type_url.clone();
+    if !request.response_nonce.is_empty() {
+        unanswered.answered(&type_url, &request.response_nonce);
+    }
     let feedback = {
         let store = core.store.read();
         let mut state = lock(&client.state);
@@ -138,6 +168,8 @@ fn send_next(
     core: &Core,
     client: &ClientHandle,
     permit: mpsc::Permit<'_, Result<DeltaDiscoveryResponse, Status>>,
+    budget: OwnedSemaphorePermit,
+    unanswered: &mut Unanswered,
 ) {
     let outgoing = {
         let store = core.store.read();
@@ -169,6 +201,11 @@ fn send_next(
         resources = out.resources,
         removed = out.removed,
         "xDS response"
+    );
+    unanswered.push(
+        &out.response.type_url,
+        &out.response.nonce,
+        budget::keep(budget, out.bytes),
     );
     permit.send(Ok(out.response));
 }

@@ -12,14 +12,23 @@ pub struct XdsSettings {
     /// `debounce_max`: ... but never longer than this after the first pending
     /// change (default 1 s).
     pub debounce_max: Duration,
-    /// `client_queue`: responses buffered towards one client's gRPC stream
-    /// (default 4). Changes beyond it coalesce in the client's pending set.
+    /// `client_queue`: responses sent to one client and not yet answered (ACK or
+    /// NACK) (default 4); the next waits for an answer. Changes meanwhile
+    /// coalesce in the client's pending state.
     pub client_queue: usize,
     /// `max_response_bytes`: a response stops taking resources once it carries
-    /// this many bytes (default 128 KiB); the rest follows in the next response.
+    /// this many bytes (default 32 KiB); the rest follows in the next response.
     /// One resource larger than this is still sent, alone. Each stream keeps an
     /// encode buffer the size of its largest response: this bounds it per client.
     pub max_response_bytes: usize,
+    /// `push_budget_bytes`: response bytes sent and not yet answered, across all
+    /// clients (default 16 MiB). A response reserves `max_response_bytes` of it
+    /// before it is built and keeps its own size until its client answers.
+    pub push_budget_bytes: usize,
+    /// `push_budget_hold`: how long an unanswered response keeps its share of
+    /// the push budget (default 10 s); the client still gets nothing more until
+    /// it answers.
+    pub push_budget_hold: Duration,
     /// `max_in_flight`: unacknowledged responses remembered per client and type
     /// (default 16); older ones are forgotten, and their late ACK is only counted.
     pub max_in_flight: usize,
@@ -34,7 +43,9 @@ impl Default for XdsSettings {
             debounce_quiet: Duration::from_millis(100),
             debounce_max: Duration::from_secs(1),
             client_queue: 4,
-            max_response_bytes: 128 << 10,
+            max_response_bytes: 32 << 10,
+            push_budget_bytes: 16 << 20,
+            push_budget_hold: Duration::from_secs(10),
             max_in_flight: 16,
             client_inbox: 32,
         }
@@ -61,6 +72,9 @@ impl XdsSettings {
         }
         if self.max_response_bytes == 0 {
             return refuse("max_response_bytes", "must be at least 1");
+        }
+        if self.push_budget_bytes < self.max_response_bytes {
+            return refuse("push_budget_bytes", "must hold at least max_response_bytes");
         }
         if self.max_in_flight == 0 {
             return refuse("max_in_flight", "must be at least 1");
