@@ -40,10 +40,13 @@ fn main() -> Result<(), Box<dyn Error>> {
     )?;
     let descriptors = compiler.file_descriptor_set();
 
-    // Well-known types (Any, Struct, Duration) map to `prost_types` by default.
+    // Well-known types (Struct, Duration) map to `prost_types`; `Any` maps to
+    // this crate's own, whose value is `Bytes`: a resource body goes into every
+    // client's response without a copy.
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .extern_path(".google.protobuf.Any", "crate::Any")
         .compile_fds(descriptors)?;
     Ok(())
 }

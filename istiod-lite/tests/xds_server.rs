@@ -211,7 +211,7 @@ async fn wildcard_subscription_gets_everything_then_only_changes() {
     let a = first.resources.iter().find(|r| r.name == "a").unwrap();
     assert_eq!(a.version, format_version(version_of(b"1")));
     assert_eq!(a.resource.as_ref().unwrap().type_url, W);
-    assert_eq!(a.resource.as_ref().unwrap().value, b"1");
+    assert_eq!(a.resource.as_ref().unwrap().value, &b"1"[..]);
     c.ack(&first).await;
 
     mesh.server.apply(vec![

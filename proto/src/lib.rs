@@ -86,6 +86,19 @@ pub use ambit::ca::v1 as ca;
 /// `ambit.zds.v1`: the node agent <-> ztunnel protocol (pods and their namespaces).
 pub use ambit::zds::v1 as zds;
 
+/// `google.protobuf.Any`, wire-identical to `prost_types::Any`, with the value
+/// held as [`bytes::Bytes`]: an xDS server puts one stored resource body into
+/// many responses by reference instead of copying it into each.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct Any {
+    /// `type.googleapis.com/<package>.<Message>`.
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    /// The encoded message.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: bytes::Bytes,
+}
+
 /// xDS type URL of [`workload::Workload`] resources.
 pub const WORKLOAD_TYPE_URL: &str = "type.googleapis.com/ambit.workload.v1.Workload";
 

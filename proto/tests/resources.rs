@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use ambit_proto::Any;
 use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
 use ambit_proto::security::{
     Action, Authorization, Clause, IpBlock, Match, Rule, Scope, StringMatch, string_match,
@@ -18,7 +19,7 @@ use ambit_proto::{
     SERVICE_TYPE_URL, WORKLOAD_TYPE_URL,
 };
 use prost::Message;
-use prost_types::{Any, FileDescriptorSet};
+use prost_types::FileDescriptorSet;
 
 fn waypoint() -> GatewayAddress {
     GatewayAddress {
@@ -138,7 +139,7 @@ fn through_xds<M: Message + Default>(type_url: &str, name: &str, message: &M) ->
             version: "v1".to_owned(),
             resource: Some(Any {
                 type_url: type_url.to_owned(),
-                value: message.encode_to_vec(),
+                value: message.encode_to_vec().into(),
             }),
             ..Resource::default()
         }],
@@ -151,7 +152,7 @@ fn through_xds<M: Message + Default>(type_url: &str, name: &str, message: &M) ->
     assert_eq!(resource.name, name);
     let any = resource.resource.expect("resource body");
     assert_eq!(any.type_url, type_url);
-    M::decode(any.value.as_slice()).expect("resource decodes")
+    M::decode(&any.value[..]).expect("resource decodes")
 }
 
 #[test]

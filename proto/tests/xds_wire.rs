@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use ambit_proto::Any;
 use ambit_proto::envoy::config::core::v3::Node;
 use ambit_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use ambit_proto::google::rpc::Status;
 use prost::Message;
-use prost_types::{Any, Duration, Struct, Value, value::Kind};
+use prost_types::{Duration, Struct, Value, value::Kind};
 
 /// A request with every field the mesh uses set, each to a one-byte value, so the
 /// expected encoding stays small enough to check by hand.
@@ -39,7 +40,7 @@ fn full_request() -> DeltaDiscoveryRequest {
             message: "m".to_owned(),
             details: vec![Any {
                 type_url: "u".to_owned(),
-                value: vec![0x01],
+                value: vec![0x01].into(),
             }],
         }),
     }
@@ -88,7 +89,7 @@ fn delta_response_matches_envoy_field_numbers() {
             version: "1".to_owned(),
             resource: Some(Any {
                 type_url: "u".to_owned(),
-                value: Vec::new(),
+                value: Default::default(),
             }),
             name: "w".to_owned(),
             aliases: vec!["z".to_owned()],

@@ -463,9 +463,9 @@ impl ClientState {
             .iter()
             .map(|(name, version, body)| Resource {
                 version: format_version(*version),
-                resource: Some(prost_types::Any {
+                resource: Some(ambit_proto::Any {
                     type_url: type_url.to_string(),
-                    value: body.to_vec(),
+                    value: body.clone(),
                 }),
                 name: name.to_string(),
                 ..Default::default()

@@ -7,7 +7,6 @@ use std::time::SystemTime;
 use ambit_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use ambit_proto::google::rpc;
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -240,7 +239,7 @@ impl<H: Handler> XdsClient<H> {
                 Some(any) => updated.push(Resource {
                     name: r.name,
                     version: r.version,
-                    body: Bytes::from(any.value),
+                    body: any.value,
                 }),
             }
         }

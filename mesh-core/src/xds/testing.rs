@@ -128,7 +128,7 @@ pub fn response(
                 };
                 if let Some(any) = pb.resource.as_mut() {
                     any.type_url = type_url.to_string();
-                    any.value = r.body.to_vec();
+                    any.value = r.body.clone();
                 }
                 pb
             })
