@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ambit_benches::report::{Summary, verdict};
 use ambit_benches::{Row, Sample, Series, Table};
 use ambit_e2e::process::run_output;
 use ambit_e2e::{MeshCluster, NsProcess, Pod, PodSpec, WAIT_TIMEOUT};
@@ -38,6 +39,14 @@ const LOAD_PORT: u16 = 9000;
 const IPERF_PORT: u16 = 5201;
 
 const LOAD: &str = env!("CARGO_BIN_EXE_bench-load");
+/// Runs only the scenarios named here (`stream,conns,rr`; all when unset): one
+/// scenario at a time under `perf record`.
+const ONLY_ENV: &str = "AMBIT_BENCH_ONLY";
+
+/// Whether `AMBIT_BENCH_ONLY` lets `scenario` run.
+fn selected(scenario: &str) -> bool {
+    std::env::var(ONLY_ENV).map_or(true, |only| only.split(',').any(|s| s.trim() == scenario))
+}
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -226,27 +235,53 @@ async fn run() -> Result<(), Error> {
         servers.push(start_load_server(&pods.server).await?);
     }
 
-    let (throughput, rss_bulk) = throughput(&bench).await?;
-    let conns = conn_rate(&bench).await?;
-    let rr = request_response(&bench).await?;
+    let stream = if selected("stream") {
+        Some(throughput(&bench).await?)
+    } else {
+        None
+    };
+    let conns = if selected("conns") {
+        Some(conn_rate(&bench).await?)
+    } else {
+        None
+    };
+    let rr = if selected("rr") {
+        Some(request_response(&bench).await?)
+    } else {
+        None
+    };
     drop(servers);
     // The cluster goes last: every process above runs in its namespaces.
     drop(mesh);
 
     println!();
-    let table = Table {
-        rows: vec![throughput],
-    };
-    print!("{table}");
-    println!();
     let mut summary = Summary::default();
-    summary.ratio_row(
-        "1 stream node 1 -> 2, Gbit/s",
-        table.rows[0].direct.median(),
-        table.rows[0].mesh.median(),
-        ">= 0.40 x direct",
-        |r| r >= 0.40,
-    );
+    if let Some((row, rss_bulk)) = stream {
+        let table = Table { rows: vec![row] };
+        print!("{table}");
+        println!();
+        summary.ratio_row(
+            "1 stream node 1 -> 2, Gbit/s",
+            table.rows[0].direct.median(),
+            table.rows[0].mesh.median(),
+            ">= 0.40 x direct",
+            |r| r >= 0.40,
+        );
+        summary.line(
+            "ztunnel 1 VmRSS max, 1 stream",
+            "-".into(),
+            format!("{:.2} MiB", mib(rss_bulk[0])),
+            "< 20 MB".into(),
+            verdict(rss_bulk[0] as f64 * 1024.0 < 20e6),
+        );
+        summary.line(
+            "ztunnel 2 VmRSS max, 1 stream",
+            "-".into(),
+            format!("{:.2} MiB", mib(rss_bulk[1])),
+            "-".into(),
+            String::new(),
+        );
+    }
     summary.line(
         "ztunnel 1 VmRSS idle, 10 pods",
         "-".into(),
@@ -254,27 +289,25 @@ async fn run() -> Result<(), Error> {
         "< 8 MB".into(),
         verdict(rss_idle as f64 * 1024.0 < 8e6),
     );
-    summary.line(
-        "ztunnel 1 VmRSS max, 1 stream",
-        "-".into(),
-        format!("{:.2} MiB", mib(rss_bulk[0])),
-        "< 20 MB".into(),
-        verdict(rss_bulk[0] as f64 * 1024.0 < 20e6),
-    );
-    summary.line(
-        "ztunnel 2 VmRSS max, 1 stream",
-        "-".into(),
-        format!("{:.2} MiB", mib(rss_bulk[1])),
-        "-".into(),
-        String::new(),
-    );
-    summary.ratio_row(
-        "new connections / s",
-        Some(conns.0),
-        Some(conns.1),
-        ">= 0.45 x direct",
-        |r| r >= 0.45,
-    );
+    if let Some(conns) = conns {
+        summary.ratio_row(
+            "new connections / s",
+            Some(conns.0),
+            Some(conns.1),
+            ">= 0.45 x direct",
+            |r| r >= 0.45,
+        );
+    }
+    if let Some(rr) = rr {
+        rr_lines(&mut summary, &rr);
+    }
+    print!("{summary}");
+    Ok(())
+}
+
+/// The request/response lines of the summary: added latency against the targets,
+/// and ztunnel CPU per 1000 requests.
+fn rr_lines(summary: &mut Summary, rr: &RrResult) {
     let [d, m] = &rr.latency;
     for (label, i, limit) in [("p50", 0, 60.0), ("p99", 2, 150.0)] {
         let added = m[i] - d[i];
@@ -296,8 +329,6 @@ async fn run() -> Result<(), Error> {
             rr.cpu_split[0], rr.cpu_split[1]
         ),
     );
-    print!("{summary}");
-    Ok(())
 }
 
 fn workspace_profile() -> &'static str {
@@ -305,71 +336,6 @@ fn workspace_profile() -> &'static str {
         "debug build"
     } else {
         "release build"
-    }
-}
-
-fn verdict(met: bool) -> String {
-    if met { "met" } else { "MISSED" }.to_owned()
-}
-
-/// The scenarios beside each other, as text.
-#[derive(Default)]
-struct Summary {
-    lines: Vec<[String; 6]>,
-}
-
-impl Summary {
-    fn line(&mut self, scenario: &str, direct: String, mesh: String, target: String, note: String) {
-        self.lines
-            .push([scenario.to_owned(), direct, mesh, "-".into(), target, note]);
-    }
-
-    fn ratio_row(
-        &mut self,
-        scenario: &str,
-        direct: Option<f64>,
-        mesh: Option<f64>,
-        target: &str,
-        met: impl Fn(f64) -> bool,
-    ) {
-        let ratio = direct.zip(mesh).map(|(d, m)| m / d);
-        let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
-        self.lines.push([
-            scenario.to_owned(),
-            show(direct),
-            show(mesh),
-            show(ratio),
-            target.to_owned(),
-            ratio.map_or_else(String::new, |r| verdict(met(r))),
-        ]);
-    }
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let header = ["scenario", "direct", "mesh", "ratio", "target", "result"];
-        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-        for line in &self.lines {
-            for (w, c) in widths.iter_mut().zip(line) {
-                *w = (*w).max(c.len());
-            }
-        }
-        let row = |f: &mut std::fmt::Formatter<'_>, cells: &[&str]| -> std::fmt::Result {
-            for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-                if i == 0 {
-                    write!(f, "{c:<w$}")?;
-                } else {
-                    write!(f, "  {c:>w$}")?;
-                }
-            }
-            writeln!(f)
-        };
-        row(f, &header)?;
-        for line in &self.lines {
-            let cells: Vec<&str> = line.iter().map(String::as_str).collect();
-            row(f, &cells)?;
-        }
-        Ok(())
     }
 }
 

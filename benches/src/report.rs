@@ -1,6 +1,6 @@
 //! What a run measured: one [`Sample`] per transfer, a [`Series`] of them per path,
 //! a [`Row`] per scenario (direct beside mesh, with the ratio of their medians), and
-//! the [`Table`] printed at the end.
+//! the [`Table`] printed at the end; [`Summary`] for the figures that are not transfers.
 
 use std::fmt;
 use std::time::Duration;
@@ -193,6 +193,82 @@ impl fmt::Display for Table {
                 "warning: other processes used up to {others:.2} cores during a transfer; \
                  rerun on a quiet machine before recording these numbers"
             )?;
+        }
+        Ok(())
+    }
+}
+
+/// `met` or `MISSED`, for a target.
+pub fn verdict(met: bool) -> String {
+    if met { "met" } else { "MISSED" }.to_owned()
+}
+
+/// Scenarios that are not transfers (a rate, a latency, a memory figure), one
+/// line each beside their target: `ztunnel_e2e`'s closing table.
+#[derive(Debug, Default)]
+pub struct Summary {
+    lines: Vec<[String; 6]>,
+}
+
+impl Summary {
+    /// A line with no ratio.
+    pub fn line(
+        &mut self,
+        scenario: &str,
+        direct: String,
+        mesh: String,
+        target: String,
+        note: String,
+    ) {
+        self.lines
+            .push([scenario.to_owned(), direct, mesh, "-".into(), target, note]);
+    }
+
+    /// A line with the ratio mesh / direct, `met` when `met(ratio)`.
+    pub fn ratio_row(
+        &mut self,
+        scenario: &str,
+        direct: Option<f64>,
+        mesh: Option<f64>,
+        target: &str,
+        met: impl Fn(f64) -> bool,
+    ) {
+        let ratio = direct.zip(mesh).map(|(d, m)| m / d);
+        let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+        self.lines.push([
+            scenario.to_owned(),
+            show(direct),
+            show(mesh),
+            show(ratio),
+            target.to_owned(),
+            ratio.map_or_else(String::new, |r| verdict(met(r))),
+        ]);
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header = ["scenario", "direct", "mesh", "ratio", "target", "result"];
+        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+        for line in &self.lines {
+            for (w, c) in widths.iter_mut().zip(line) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let row = |f: &mut fmt::Formatter<'_>, cells: &[&str]| -> fmt::Result {
+            for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+                if i == 0 {
+                    write!(f, "{c:<w$}")?;
+                } else {
+                    write!(f, "  {c:>w$}")?;
+                }
+            }
+            writeln!(f)
+        };
+        row(f, &header)?;
+        for line in &self.lines {
+            let cells: Vec<&str> = line.iter().map(String::as_str).collect();
+            row(f, &cells)?;
         }
         Ok(())
     }
