@@ -6,5 +6,5 @@
 mod netns;
 mod seqpacket;
 
-pub use netns::{NetNs, NetNsWorker};
+pub use netns::NetNs;
 pub use seqpacket::{MAX_PACKET, SeqPacket, SeqPacketListener};

@@ -1,8 +1,9 @@
 //! Network namespaces: a handle to one, and running code inside it.
 //!
 //! A socket belongs to the namespace of the thread that created it, for its whole
-//! life. So ztunnel creates a pod's sockets on a thread that has entered the pod's
-//! namespace, then serves them from the ordinary tokio runtime.
+//! life. So ztunnel creates a pod's sockets while the thread is inside the pod's
+//! namespace (entering and leaving around the few calls that make the socket), then
+//! serves them from the ordinary tokio runtime.
 
 use std::fs::File;
 use std::io;
@@ -62,79 +63,31 @@ impl NetNs {
     }
 }
 
-/// A thread that stays inside one network namespace and makes sockets there on
-/// request: the per-connection cost is a channel round trip, not a thread start.
-/// The thread ends when the worker is dropped.
-#[derive(Debug)]
-pub struct NetNsWorker {
-    jobs: std::sync::mpsc::Sender<Job>,
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
 impl NetNs {
-    /// Starts a worker thread inside this namespace.
-    pub fn worker(&self) -> io::Result<NetNsWorker> {
-        let fd = self.fd.try_clone()?;
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("netns-worker".into())
-            .spawn(move || {
-                let entered = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
-                let ok = entered.is_ok();
-                let _ = ready_tx.send(entered);
-                if !ok {
-                    return;
-                }
-                while let Ok(job) = queue.recv() {
-                    // A job that panics must not take the pod's socket maker with it.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("namespace worker did not start"))??;
-        Ok(NetNsWorker { jobs })
+    /// Runs `f` on the calling thread inside this namespace, then moves the thread
+    /// back into `home` (the namespace it was in: the caller's [`NetNs::current`]).
+    /// For making sockets on an async runtime's worker: two `setns` calls instead
+    /// of a hand-off to another thread and back. `f` must not block or yield: no
+    /// other work may run on the thread while it is inside. If the thread cannot
+    /// return to `home`, the process aborts rather than keep a worker in a pod's
+    /// namespace, where every later socket would be made.
+    pub fn run_here<T>(&self, home: &NetNs, f: impl FnOnce() -> T) -> io::Result<T> {
+        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        // Returns on drop, so a panicking `f` also leaves the namespace.
+        let _back = ReturnTo(home);
+        Ok(f())
     }
 }
 
-impl NetNsWorker {
-    fn submit<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-        reply: impl FnOnce(T) + Send + 'static,
-    ) -> io::Result<()> {
-        self.jobs
-            .send(Box::new(move || reply(f())))
-            .map_err(|_| io::Error::other("namespace worker is gone"))
-    }
+/// Moves the current thread back into its namespace when dropped.
+struct ReturnTo<'a>(&'a NetNs);
 
-    /// Runs `f` inside the namespace and waits for its result without blocking the
-    /// async runtime.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> io::Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(f, move |v| {
-            let _ = tx.send(v);
-        })?;
-        rx.await
-            .map_err(|_| io::Error::other("namespace worker dropped the job"))
-    }
-
-    /// Runs `f` inside the namespace, blocking the caller until it is done.
-    pub fn run_blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> io::Result<T> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.submit(f, move |v| {
-            let _ = tx.send(v);
-        })?;
-        rx.recv()
-            .map_err(|_| io::Error::other("namespace worker dropped the job"))
+impl Drop for ReturnTo<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+            eprintln!("fatal: cannot return a thread to its network namespace: {e}");
+            std::process::abort();
+        }
     }
 }
 
@@ -196,18 +149,21 @@ mod tests {
         ns.run(|| ()).unwrap();
         assert_eq!(NetNs::current().unwrap().inode().unwrap(), here);
 
-        // A worker stays inside: every job sees the namespace's inode.
-        let worker = ns.worker().unwrap();
+        // `run_here` enters on this very thread, and comes back, also after a panic.
+        let home = NetNs::current().unwrap();
         let inside_inode = ns.inode().unwrap();
         for _ in 0..3 {
-            let seen = worker
-                .run_blocking(|| NetNs::current().and_then(|n| n.inode()))
+            let seen = ns
+                .run_here(&home, || NetNs::current().and_then(|n| n.inode()))
                 .unwrap()
                 .unwrap();
             assert_eq!(seen, inside_inode);
+            assert_eq!(NetNs::current().unwrap().inode().unwrap(), here);
         }
-        // A panicking job does not end the worker.
-        assert!(worker.run_blocking(|| panic!("job panics")).is_err());
-        assert!(worker.run_blocking(|| 7).unwrap() == 7);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ns.run_here(&home, || panic!("inside the namespace"))
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(NetNs::current().unwrap().inode().unwrap(), here);
     }
 }

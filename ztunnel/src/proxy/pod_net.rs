@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_core::hbone::TcpDialer;
-use mesh_core::os::{NetNs, NetNsWorker};
+use mesh_core::os::NetNs;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -14,18 +14,29 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// are made in ztunnel's own.
 #[derive(Clone, Debug)]
 pub struct PodNet {
-    // A thread inside the pod's namespace makes its sockets.
-    netns: Option<Arc<NetNsWorker>>,
+    netns: Option<Arc<PodNs>>,
     mark: u32,
     spoof_source: bool,
 }
 
+/// A pod's namespace, and the one to come back to after making a socket there.
+#[derive(Debug)]
+struct PodNs {
+    pod: NetNs,
+    home: NetNs,
+}
+
 impl PodNet {
-    /// Sockets in `netns` (made by a thread that stays there), marked with `mark`;
-    /// inbound delivery keeps the caller's address.
+    /// Sockets in `netns`, marked with `mark`; inbound delivery keeps the caller's
+    /// address. Each socket is made by the calling thread, which enters the pod's
+    /// namespace for the few calls that make it and returns to the namespace it is
+    /// in now (ztunnel's own) at once: no hand-off to another thread per connection.
     pub fn new(netns: NetNs, mark: u32) -> io::Result<Self> {
         Ok(Self {
-            netns: Some(Arc::new(netns.worker()?)),
+            netns: Some(Arc::new(PodNs {
+                pod: netns,
+                home: NetNs::current()?,
+            })),
             mark,
             spoof_source: true,
         })
@@ -52,22 +63,11 @@ impl PodNet {
         self.spoof_source
     }
 
-    async fn in_ns<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> io::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
+    /// Runs `f` inside the pod's namespace on this thread; `f` only makes a socket
+    /// (no blocking call, no await).
+    fn in_ns<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         match &self.netns {
-            Some(ns) => ns.run(f).await?,
-            None => f(),
-        }
-    }
-
-    fn in_ns_blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> io::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
-        match &self.netns {
-            Some(ns) => ns.run_blocking(f)?,
+            Some(ns) => ns.pod.run_here(&ns.home, f)?,
             None => f(),
         }
     }
@@ -75,7 +75,7 @@ impl PodNet {
     /// A listener on `addr` inside the pod.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let mark = self.mark;
-        let std = self.in_ns_blocking(move || {
+        let std = self.in_ns(|| {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
             set_mark(&s, mark)?;
@@ -92,22 +92,20 @@ impl PodNet {
     /// inbound traffic reaches the app with the caller's own address.
     pub async fn connect(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
         let mark = self.mark;
-        let std = self
-            .in_ns(move || {
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                set_mark(&s, mark)?;
-                s.set_tcp_nodelay(true)?;
-                if let Some(src) = source {
-                    match src {
-                        IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
-                        IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
-                    }
-                    s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+        let std = self.in_ns(|| {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            set_mark(&s, mark)?;
+            s.set_tcp_nodelay(true)?;
+            if let Some(src) = source {
+                match src {
+                    IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+                    IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
                 }
-                s.set_nonblocking(true)?;
-                Ok(std::net::TcpStream::from(s))
-            })
-            .await?;
+                s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+            }
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpStream::from(s))
+        })?;
         TcpSocket::from_std_stream(std).connect(dst).await
     }
 }
