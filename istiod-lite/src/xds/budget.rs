@@ -7,6 +7,11 @@
 //! queues, encode buffers, HTTP/2 and TLS send buffers stay under the budget; the
 //! clients take turns (the semaphore is FIFO) instead of all growing at once.
 //!
+//! A client in the middle of a sync keeps the budget its answered responses free
+//! for its next ones, rather than queueing again behind every other client: when
+//! a thousand proxies sync at once they finish one group after another (half of
+//! them have everything at about half the total time) instead of all at the end.
+//!
 //! A client that does not answer keeps its place in the budget only for
 //! `push_budget_hold`: after that its responses stop counting (their bytes are
 //! in the kernel's or the client's hands by then), so a few broken clients cannot
@@ -73,6 +78,8 @@ pub(crate) fn nonce_seq(nonce: &str) -> Option<u64> {
 #[derive(Debug, Default)]
 pub(crate) struct Unanswered {
     entries: VecDeque<Pending>,
+    /// Budget freed by answers, for the client's next responses.
+    spare: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -117,13 +124,44 @@ impl Unanswered {
     }
 
     /// The client answered `nonce` of `type_url`: that response and the earlier
-    /// ones of the type are settled (a client may answer only the latest).
+    /// ones of the type are settled (a client may answer only the latest); their
+    /// budget becomes the client's spare.
     pub(crate) fn answered(&mut self, type_url: &str, nonce: &str) {
         let Some(seq) = nonce_seq(nonce) else {
             return;
         };
-        self.entries
-            .retain(|p| p.type_url != type_url || p.seq > seq);
+        let mut freed = Vec::new();
+        self.entries.retain_mut(|p| {
+            let settled = p.type_url == type_url && p.seq <= seq;
+            if settled {
+                freed.extend(p.budget.take());
+            }
+            !settled
+        });
+        for permit in freed {
+            match self.spare.as_mut() {
+                Some(spare) => spare.merge(permit),
+                None => self.spare = Some(permit),
+            }
+        }
+    }
+
+    /// `n` bytes of the spare budget, if it has that many; a smaller spare goes
+    /// back to everyone.
+    pub(crate) fn take_spare(&mut self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let mut spare = self.spare.take()?;
+        if spare.num_permits() < n {
+            return None;
+        }
+        if spare.num_permits() > n {
+            self.spare = spare.split(spare.num_permits() - n);
+        }
+        Some(spare)
+    }
+
+    /// Gives the spare budget back to everyone (the client has nothing to send).
+    pub(crate) fn drop_spare(&mut self) {
+        self.spare = None;
     }
 }
 
@@ -154,16 +192,28 @@ mod tests {
                 .await
                 .is_err()
         );
+        // Freed budget goes to the waiting response first.
         drop(held);
+        let waited = waiting.await.unwrap();
+        assert_eq!(budget.available(), 99);
 
-        // Answering 7-2 settles 7-1 too, not the other type's.
+        // Answering 7-2 settles 7-1 too, not the other type's; their budget is
+        // the client's spare until it has nothing more to send.
         unanswered.answered("t1", "7-2");
         assert_eq!(unanswered.len(), 1);
-        assert!(waiting.await.is_some());
+        assert_eq!(budget.available(), 99);
+        let next = unanswered.take_spare(400).unwrap();
+        assert_eq!((next.num_permits(), budget.available()), (400, 99));
+        unanswered.drop_spare();
+        assert_eq!(budget.available(), 199, "the 100 left of the spare");
+        drop(next);
+        drop(waited);
+        assert_eq!(budget.available(), 999);
         unanswered.answered("t2", "not-a-nonce");
         assert_eq!(unanswered.len(), 1);
         unanswered.answered("t2", "7-a");
         assert_eq!(unanswered.len(), 0);
+        assert!(unanswered.take_spare(400).is_none(), "1 byte is not enough");
     }
 
     #[tokio::test(start_paused = true)]

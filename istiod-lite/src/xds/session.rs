@@ -66,8 +66,18 @@ impl Session {
         let mut reserving: Option<Pin<Box<Reservation>>> = None;
         let reason = loop {
             let has_work = lock(&client.state).has_work(core.store.released());
-            if reserving.is_none() && has_work && unanswered.len() < core.settings.client_queue {
-                reserving = Some(Box::pin(core.budget.acquire()));
+            if !has_work {
+                unanswered.drop_spare();
+            }
+            if has_work && unanswered.len() < core.settings.client_queue {
+                // Budget the client's answers freed goes first, even instead of
+                // a place in the queue: waiting there while holding a spare
+                // could wait for the spare itself.
+                if let Some(spare) = unanswered.take_spare(core.budget.per_response) {
+                    reserving = Some(Box::pin(std::future::ready(Some(spare))));
+                } else if reserving.is_none() {
+                    reserving = Some(Box::pin(core.budget.acquire()));
+                }
             }
             let expiry = unanswered.next_expiry(core.settings.push_budget_hold);
             tokio::select! {
