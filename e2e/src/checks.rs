@@ -1,0 +1,76 @@
+//! Checks the e2e tests share: traffic that must pass or be refused, a ztunnel's
+//! access log, and lookups in config dumps.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{EchoTool, MeshCluster, Pod};
+
+/// `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
+pub fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+}
+
+/// The workload with uid `uid` in a ztunnel config dump.
+pub fn workload<'a>(dump: &'a Value, uid: &str) -> Option<&'a Value> {
+    dump["workloads"]
+        .as_array()?
+        .iter()
+        .find(|w| w["uid"] == uid)
+}
+
+/// Sends one message from `from` to `to` and asserts it came back.
+pub async fn assert_echo(tool: &EchoTool, from: &Pod, to: SocketAddr, message: &str) {
+    let reply = tool
+        .connect(from, to, message)
+        .await
+        .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.name()));
+    assert_eq!(reply.trim(), message, "{} -> {to}", from.name());
+}
+
+/// A connection the destination refused: the captured connection is closed
+/// without a reply (or the client fails).
+pub async fn assert_refused(tool: &EchoTool, from: &Pod, to: SocketAddr) {
+    let reply = tool
+        .connect(from, to, "should-be-refused")
+        .await
+        .unwrap_or_default();
+    assert_eq!(reply, "", "{} -> {to} was not refused", from.name());
+}
+
+/// Waits up to `wait` for node `node`'s ztunnel to log a completed connection
+/// whose line holds every string of `want`; returns the line.
+pub async fn access_log(
+    mesh: &mut MeshCluster,
+    node: u8,
+    what: &str,
+    want: &[&str],
+    wait: Duration,
+) -> String {
+    mesh.nodes[usize::from(node) - 1]
+        .ztunnel
+        .wait_for_line(what, wait, |l| {
+            l.contains("connection complete") && want.iter().all(|w| l.contains(w))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Whether `needle` occurs in `haystack` (a packet capture, a log).
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// A Namespace document, enrolled in the mesh or not.
+pub fn namespace_yaml(name: &str, ambient: bool) -> String {
+    let labels = if ambient {
+        "\n  labels:\n    istio.io/dataplane-mode: ambient"
+    } else {
+        ""
+    };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
+}
