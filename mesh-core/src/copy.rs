@@ -5,13 +5,14 @@
 //! node) and doubles it each time a few reads in a row fill it, up to a cap, so bulk
 //! transfers move large chunks per syscall and per HTTP/2 frame.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 /// First buffer of a direction.
 pub const INITIAL_BUFFER: usize = 16 * 1024;
@@ -92,9 +93,12 @@ where
 
 /// One direction's state.
 struct HalfCopy {
-    buf: Vec<u8>,
+    // Bytes read and not yet all written; reads fill its spare capacity, which is
+    // never zeroed (a connection that moves 64 bytes touches one page, not 16 KiB).
+    buf: BytesMut,
+    // What `buf` holds now: `INITIAL_BUFFER`, doubling up to `MAX_BUFFER`.
+    size: usize,
     pos: usize,
-    filled: usize,
     full_reads: u8,
     read_done: bool,
     need_flush: bool,
@@ -105,9 +109,9 @@ struct HalfCopy {
 impl HalfCopy {
     fn new() -> Self {
         Self {
-            buf: vec![0; INITIAL_BUFFER],
+            buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            size: INITIAL_BUFFER,
             pos: 0,
-            filled: 0,
             full_reads: 0,
             read_done: false,
             need_flush: false,
@@ -124,7 +128,7 @@ impl HalfCopy {
         counter: &AtomicU64,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + ?Sized,
+        R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         if self.done {
@@ -132,23 +136,21 @@ impl HalfCopy {
         }
         let mut turns = 0;
         loop {
-            if self.pos == self.filled && !self.read_done {
+            if self.pos == self.buf.len() && !self.read_done {
                 self.grow_if_saturated();
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
+                self.buf.clear();
+                self.pos = 0;
+                // Reclaims the same allocation: nothing else holds it.
+                self.buf.reserve(self.size);
+                let read = pin!(reader.as_mut().get_mut().read_buf(&mut self.buf));
+                match read.poll(cx) {
+                    Poll::Ready(Ok(0)) => self.read_done = true,
+                    Poll::Ready(Ok(n)) => {
+                        self.full_reads = if n >= self.size {
+                            self.full_reads.saturating_add(1)
                         } else {
-                            self.full_reads = if n == self.buf.len() {
-                                self.full_reads.saturating_add(1)
-                            } else {
-                                0
-                            };
-                        }
-                        self.pos = 0;
-                        self.filled = n;
+                            0
+                        };
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
@@ -161,12 +163,8 @@ impl HalfCopy {
                     }
                 }
             }
-            while self.pos < self.filled {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.pos..self.filled])
-                )?;
+            while self.pos < self.buf.len() {
+                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -191,9 +189,8 @@ impl HalfCopy {
     }
 
     fn grow_if_saturated(&mut self) {
-        if self.full_reads >= FULL_READS_TO_GROW && self.buf.len() < MAX_BUFFER {
-            let len = (self.buf.len() * 2).min(MAX_BUFFER);
-            self.buf.resize(len, 0);
+        if self.full_reads >= FULL_READS_TO_GROW && self.size < MAX_BUFFER {
+            self.size = (self.size * 2).min(MAX_BUFFER);
             self.full_reads = 0;
         }
     }
@@ -240,11 +237,11 @@ mod tests {
         let mut h = HalfCopy::new();
         h.full_reads = 1;
         h.grow_if_saturated();
-        assert_eq!(h.buf.len(), INITIAL_BUFFER);
+        assert_eq!(h.size, INITIAL_BUFFER);
         for _ in 0..20 {
             h.full_reads = FULL_READS_TO_GROW;
             h.grow_if_saturated();
         }
-        assert_eq!(h.buf.len(), MAX_BUFFER);
+        assert_eq!(h.size, MAX_BUFFER);
     }
 }
