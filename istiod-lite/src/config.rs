@@ -99,7 +99,7 @@ pub struct Config {
 
     /// Bytes of xDS responses sent and not yet answered by their client, across
     /// all clients: bounds memory when every proxy syncs at once.
-    #[arg(long, env = "AMBIT_XDS_PUSH_BUDGET", default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, env = "AMBIT_XDS_PUSH_BUDGET", default_value = "8MiB", value_parser = parse_size)]
     pub xds_push_budget: usize,
 
     /// On shutdown, streams get this long to finish before they are closed.

@@ -22,7 +22,7 @@ pub struct XdsSettings {
     /// encode buffer the size of its largest response: this bounds it per client.
     pub max_response_bytes: usize,
     /// `push_budget_bytes`: response bytes sent and not yet answered, across all
-    /// clients (default 16 MiB). A response reserves `max_response_bytes` of it
+    /// clients (default 8 MiB). A response reserves `max_response_bytes` of it
     /// before it is built and keeps its own size until its client answers.
     pub push_budget_bytes: usize,
     /// `push_budget_hold`: how long an unanswered response keeps its share of
@@ -44,7 +44,7 @@ impl Default for XdsSettings {
             debounce_max: Duration::from_secs(1),
             client_queue: 4,
             max_response_bytes: 32 << 10,
-            push_budget_bytes: 16 << 20,
+            push_budget_bytes: 8 << 20,
             push_budget_hold: Duration::from_secs(10),
             max_in_flight: 16,
             client_inbox: 32,
