@@ -40,6 +40,52 @@ pub async fn assert_refused(tool: &EchoTool, from: &Pod, to: SocketAddr) {
     assert_eq!(reply, "", "{} -> {to} was not refused", from.name());
 }
 
+/// `client` reaches `near` (same node) and `far` (node 2) on port 8080 through
+/// the mesh with a marker message; each server sees the client pod's own address,
+/// and both ztunnels logged both identities (`identity`) for the cross-node
+/// connection.
+pub async fn assert_talk_with_identities(
+    tool: &EchoTool,
+    mesh: &mut MeshCluster,
+    client: &Pod,
+    [near, far]: [&Pod; 2],
+    identity: &str,
+) {
+    const MARKER: &str = "marker-7f3a through the mesh";
+    for server in [near, far] {
+        let mut srv = tool.serve(server, 8080).await.expect("echo server");
+        let addr = SocketAddr::from((server.ip(), 8080));
+        assert_echo(tool, client, addr, MARKER).await;
+        let peer = srv
+            .next_peer(Duration::from_secs(10))
+            .await
+            .expect("the server saw a connection");
+        assert_eq!(
+            peer.ip(),
+            client.ip(),
+            "server {} saw {peer}",
+            server.name()
+        );
+    }
+    let ids = |l: &str| {
+        l.contains("connection complete")
+            && l.contains(&format!("src_identity={identity}"))
+            && l.contains(&format!("dst_identity={identity}"))
+    };
+    let far_ip = far.ip().to_string();
+    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
+        mesh.nodes[node - 1]
+            .ztunnel
+            .wait_for_line(
+                &format!("node {node} {direction} access log"),
+                Duration::from_secs(10),
+                |l| ids(l) && l.contains(direction) && l.contains(&far_ip),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("node {node}: {e}"));
+    }
+}
+
 /// Waits up to `wait` for node `node`'s ztunnel to log a completed connection
 /// whose line holds every string of `want`; returns the line.
 pub async fn access_log(

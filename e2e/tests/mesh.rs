@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ambit_e2e::checks;
 use ambit_e2e::{EchoTool, MeshCluster, PodSpec, require_root};
 use serde_json::Value;
 
@@ -60,46 +61,7 @@ async fn meshed_pods_talk_on_one_node_and_across_nodes_with_identities() {
     .await
     .unwrap();
 
-    for server in [&near, &far] {
-        let mut srv = echo().serve(server, 8080).await.unwrap();
-        let addr = SocketAddr::from((server.ip(), 8080));
-        let reply = echo()
-            .connect(&client, addr, "marker-7f3a through the mesh")
-            .await
-            .unwrap();
-        assert_eq!(reply.trim(), "marker-7f3a through the mesh");
-        // The server sees the client pod's own address.
-        let peer = srv.next_peer(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(
-            peer.ip(),
-            client.ip(),
-            "server {} saw {peer}",
-            server.name()
-        );
-    }
-
-    // Both ztunnels logged both identities for the cross-node connection.
-    let ids = |l: &str| {
-        l.contains("connection complete")
-            && l.contains("src_identity=spiffe://cluster.local/ns/shop/sa/default")
-            && l.contains("dst_identity=spiffe://cluster.local/ns/shop/sa/default")
-    };
-    let far_ip = far.ip().to_string();
-    let (n1, n2) = mesh.nodes.split_at_mut(1);
-    n1[0]
-        .ztunnel
-        .wait_for_line("node 1 outbound access log", Duration::from_secs(10), |l| {
-            ids(l) && l.contains("outbound") && l.contains(&far_ip)
-        })
-        .await
-        .unwrap();
-    n2[0]
-        .ztunnel
-        .wait_for_line("node 2 inbound access log", Duration::from_secs(10), |l| {
-            ids(l) && l.contains("inbound") && l.contains(&far_ip)
-        })
-        .await
-        .unwrap();
+    checks::assert_talk_with_identities(&echo(), &mut mesh, &client, [&near, &far], id).await;
 }
 
 /// Waits until `cond` holds on the node's Prometheus text, or fails after 10 s.

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ambit_e2e::checks;
 use ambit_e2e::{EchoTool, MeshCluster, PodSpec, require_root};
 
 fn echo() -> EchoTool {
@@ -32,52 +33,8 @@ async fn local_mode_pods_talk_on_one_node_and_across_nodes_with_identities() {
         .unwrap();
     mesh.write_state("").await.unwrap();
 
-    for server in [&near, &far] {
-        let mut srv = echo().serve(server, 8080).await.unwrap();
-        let addr = SocketAddr::from((server.ip(), 8080));
-        let reply = echo()
-            .connect(&client, addr, "marker-7f3a through the mesh")
-            .await
-            .unwrap();
-        assert_eq!(reply.trim(), "marker-7f3a through the mesh");
-        // The server sees the client pod's own address.
-        let peer = srv.next_peer(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(
-            peer.ip(),
-            client.ip(),
-            "server {} saw {peer}",
-            server.name()
-        );
-    }
-
-    // State and certificates came from the local file and CA: no xDS client.
-    let dump: serde_json::Value =
-        serde_json::from_str(&mesh.fetch(1, "127.0.0.1:15000", "/config_dump").unwrap()).unwrap();
-    assert!(dump["xds"].is_null(), "{dump}");
-    assert!(dump["localStateError"].is_null(), "{dump}");
-
-    // Both ztunnels logged both identities for the cross-node connection.
-    let ids = |l: &str| {
-        l.contains("connection complete")
-            && l.contains("src_identity=spiffe://cluster.local/ns/shop/sa/default")
-            && l.contains("dst_identity=spiffe://cluster.local/ns/shop/sa/default")
-    };
-    let far_ip = far.ip().to_string();
-    let (n1, n2) = mesh.nodes.split_at_mut(1);
-    n1[0]
-        .ztunnel
-        .wait_for_line("node 1 outbound access log", Duration::from_secs(10), |l| {
-            ids(l) && l.contains("outbound") && l.contains(&far_ip)
-        })
-        .await
-        .unwrap();
-    n2[0]
-        .ztunnel
-        .wait_for_line("node 2 inbound access log", Duration::from_secs(10), |l| {
-            ids(l) && l.contains("inbound") && l.contains(&far_ip)
-        })
-        .await
-        .unwrap();
+    let id = "spiffe://cluster.local/ns/shop/sa/default";
+    checks::assert_talk_with_identities(&echo(), &mut mesh, &client, [&near, &far], id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
