@@ -67,22 +67,15 @@ pub async fn assert_talk_with_identities(
             server.name()
         );
     }
-    let ids = |l: &str| {
-        l.contains("connection complete")
-            && l.contains(&format!("src_identity={identity}"))
-            && l.contains(&format!("dst_identity={identity}"))
-    };
+    let (src, dst) = (
+        format!("src_identity={identity}"),
+        format!("dst_identity={identity}"),
+    );
     let far_ip = far.ip().to_string();
     for (node, direction) in [(1, "outbound"), (2, "inbound")] {
-        mesh.nodes[node - 1]
-            .ztunnel
-            .wait_for_line(
-                &format!("node {node} {direction} access log"),
-                Duration::from_secs(10),
-                |l| ids(l) && l.contains(direction) && l.contains(&far_ip),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("node {node}: {e}"));
+        let what = format!("node {node} {direction} access log");
+        let want = [src.as_str(), dst.as_str(), direction, far_ip.as_str()];
+        access_log(mesh, node, &what, &want, Duration::from_secs(10)).await;
     }
 }
 

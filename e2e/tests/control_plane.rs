@@ -4,33 +4,15 @@
 //! `control_plane_bad_input.rs`, certificate rotation in `cert_rotation.rs`.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use ambit_e2e::checks::{self, contains, namespace_yaml, spiffe, workload};
+use ambit_e2e::checks::{contains, namespace_yaml, spiffe, workload};
 use ambit_e2e::mesh_control::{EchoSession, WireCapture, metric_sum};
-use ambit_e2e::{EchoTool, MeshCluster, Pod, PodSpec, require_root};
+use ambit_e2e::{MeshCluster, Pod, require_root};
+use common::{WAIT, access_log, assert_echo, echo, pod};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn echo() -> EchoTool {
-    EchoTool::new(env!("CARGO_BIN_EXE_e2e-tool"))
-}
-
-fn pod(name: &str, node: u8, ns: &str, sa: &str) -> PodSpec {
-    PodSpec::new(name, node)
-        .namespace(ns)
-        .cni_arg("K8S_POD_SERVICE_ACCOUNT", sa)
-}
-
-async fn assert_echo(from: &Pod, to: SocketAddr, message: &str) {
-    checks::assert_echo(&echo(), from, to, message).await;
-}
-
-async fn access_log(mesh: &mut MeshCluster, node: u8, what: &str, want: &[&str]) -> String {
-    checks::access_log(mesh, node, what, want, WAIT).await
-}
 
 /// One long-lived connection from `from` to `to`, pinging every 50 ms.
 async fn session(from: &Pod, to: SocketAddr) -> EchoSession {

@@ -4,37 +4,15 @@
 //! istiod-lite's debug view, and the last good state kept.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use ambit_e2e::checks::{self, spiffe, workload};
+use ambit_e2e::checks::{spiffe, workload};
 use ambit_e2e::mesh_control::metric_sum;
-use ambit_e2e::{EchoTool, MeshCluster, Pod, PodSpec, require_root};
+use ambit_e2e::{MeshCluster, require_root};
+use common::{WAIT, access_log, assert_echo, assert_refused, echo, pod};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn echo() -> EchoTool {
-    EchoTool::new(env!("CARGO_BIN_EXE_e2e-tool"))
-}
-
-fn pod(name: &str, node: u8, ns: &str, sa: &str) -> PodSpec {
-    PodSpec::new(name, node)
-        .namespace(ns)
-        .cni_arg("K8S_POD_SERVICE_ACCOUNT", sa)
-}
-
-async fn assert_echo(from: &Pod, to: SocketAddr, message: &str) {
-    checks::assert_echo(&echo(), from, to, message).await;
-}
-
-async fn assert_refused(from: &Pod, to: SocketAddr) {
-    checks::assert_refused(&echo(), from, to).await;
-}
-
-async fn access_log(mesh: &mut MeshCluster, node: u8, what: &str, want: &[&str]) -> String {
-    checks::access_log(mesh, node, what, want, WAIT).await
-}
 
 const WORKLOAD_TYPE: &str = "type.googleapis.com/ambit.workload.v1.Workload";
 
