@@ -4,11 +4,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// `250ms`, `30s`, `5m`, `24h`; zero is refused.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// The trimmed text, its leading digits, and the unit after them.
+fn number_and_unit(s: &str) -> (&str, &str, &str) {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
+    (s, num, unit)
+}
+
+/// `250ms`, `30s`, `5m`, `24h`; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (s, num, unit) = number_and_unit(s);
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 24h"))?;
@@ -27,9 +33,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// A size in bytes: `65536`, `64KiB`, `32MiB`, `1GiB`; zero is refused.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
+    let (s, num, unit) = number_and_unit(s);
     let n: usize = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size like 65536, 64KiB, 32MiB or 1GiB"))?;

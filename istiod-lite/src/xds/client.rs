@@ -86,9 +86,8 @@ impl TypeState {
         &mut self,
         store: &Resources,
         entries: Option<&TypeEntries>,
-        claimed: HashMap<Arc<str>, Option<Version>>,
+        mut claimed: HashMap<Arc<str>, Option<Version>>,
     ) {
-        let mut claimed = claimed;
         claimed.extend(self.held.drain().map(|(name, held)| (name, held.sent)));
         self.held = HashMap::new();
         self.dirty = HashSet::new();

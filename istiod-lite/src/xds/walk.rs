@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::entries::{LogKey, Logged, TypeEntries};
+use super::entries::{Entry, LogKey, Logged, TypeEntries};
 use super::store::Version;
 
 /// A resource to send: name, version, encoded body.
@@ -162,7 +162,7 @@ impl Walk {
         step
     }
 
-    /// The client acknowledged (`refused` empty) or refused the response that
+    /// The client acknowledged (`refused` false) or refused the response that
     /// ended at `end` and carried `carried`.
     pub(crate) fn answered(
         &mut self,
@@ -194,17 +194,13 @@ impl Walk {
         let Some(entries) = entries else {
             return 0;
         };
+        // Live entries up to the acknowledged position, less those refused there.
         let refused = self
             .nacked
-            .iter()
-            .filter(|(name, version)| {
-                entries.get(name).is_some_and(|e| {
-                    e.version == **version
-                        && self
-                            .acked
-                            .as_ref()
-                            .is_some_and(|a| (e.generation, (*name).clone()) <= *a)
-                })
+            .keys()
+            .filter_map(|name| Some((name, entries.get(name)?)))
+            .filter(|(name, entry)| {
+                self.acked_through(name, entry) && !self.acknowledged(name, entry)
             })
             .count();
         entries.live_through(self.acked.as_ref()) - refused + self.claimed.len()
@@ -228,14 +224,13 @@ impl Walk {
             .iter()
             .map(|(name, version)| (name.clone(), *version, true))
             .collect();
-        if let Some(entries) = entries {
-            for (name, entry) in entries.iter() {
-                let key = (entry.generation, name.clone());
-                if self.pos.as_ref().is_some_and(|p| key <= *p) {
-                    let acked = self.acked.as_ref().is_some_and(|a| key <= *a)
-                        && self.nacked.get(name) != Some(&entry.version);
-                    out.push((name.clone(), Some(entry.version), acked));
-                }
+        for (name, entry) in entries.into_iter().flat_map(TypeEntries::iter) {
+            if self.sent(name, entry) {
+                out.push((
+                    name.clone(),
+                    Some(entry.version),
+                    self.acknowledged(name, entry),
+                ));
             }
         }
         out
@@ -251,12 +246,26 @@ impl Walk {
             return version.map(|v| (v, true));
         }
         let entry = entries?.get(name)?;
-        let key = (entry.generation, Arc::from(name));
-        if self.pos.as_ref().is_none_or(|p| key > *p) {
-            return None;
-        }
-        let acked = self.acked.as_ref().is_some_and(|a| key <= *a)
-            && self.nacked.get(name) != Some(&entry.version);
-        Some((entry.version, acked))
+        self.sent(name, entry)
+            .then(|| (entry.version, self.acknowledged(name, entry)))
+    }
+
+    /// Whether the walk has sent `entry` (it is at or before the position).
+    fn sent(&self, name: &str, entry: &Entry) -> bool {
+        self.pos
+            .as_ref()
+            .is_some_and(|p| (entry.generation, Arc::from(name)) <= *p)
+    }
+
+    /// Whether `entry` is at or before the newest answered response's end.
+    fn acked_through(&self, name: &str, entry: &Entry) -> bool {
+        self.acked
+            .as_ref()
+            .is_some_and(|a| (entry.generation, Arc::from(name)) <= *a)
+    }
+
+    /// Whether the client acknowledged `entry` at its current version.
+    fn acknowledged(&self, name: &str, entry: &Entry) -> bool {
+        self.acked_through(name, entry) && self.nacked.get(name) != Some(&entry.version)
     }
 }
