@@ -1,9 +1,11 @@
 //! The load both paths carry: a sender that writes one fixed buffer again and again,
 //! and a receiver that reads and discards until EOF, noting when the last byte came.
 
+use std::future::poll_fn;
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use mesh_core::copy::SpliceIo;
 use tokio::time::Instant;
 
 /// What a receiver saw: how many bytes, and when the last one arrived.
@@ -15,43 +17,46 @@ pub struct Received {
 
 /// Writes `bytes` from a `buffer_size` buffer, then ends the write side (FIN, or
 /// END_STREAM on a tunnel). The buffer is filled once: the sender costs nothing but
-/// the writes.
+/// the writes. Writes go through [`SpliceIo`], as ztunnel's splice writes: a socket
+/// copies the buffer into the kernel, a tunnel takes it as it is.
 pub async fn send<W>(writer: &mut W, bytes: u64, buffer_size: usize) -> io::Result<()>
 where
-    W: AsyncWrite + Unpin + ?Sized,
+    W: SpliceIo + ?Sized,
 {
-    let buffer: Vec<u8> = (0..buffer_size).map(|i| (i % 251) as u8).collect();
+    let buffer: Bytes = (0..buffer_size).map(|i| (i % 251) as u8).collect();
     let mut left = bytes;
     while left > 0 {
         let n = usize::try_from(left).map_or(buffer.len(), |l| l.min(buffer.len()));
-        writer.write_all(&buffer[..n]).await?;
+        let mut chunk = buffer.slice(..n);
+        while !chunk.is_empty() {
+            poll_fn(|cx| writer.poll_write_chunk(cx, &mut chunk)).await?;
+        }
         left -= n as u64;
     }
-    writer.flush().await?;
-    writer.shutdown().await
+    poll_fn(|cx| writer.poll_flush_chunks(cx)).await?;
+    poll_fn(|cx| writer.poll_shutdown_chunks(cx)).await
 }
 
-/// Reads into a `buffer_size` buffer and drops the bytes, until EOF.
+/// Reads chunks of up to `buffer_size` (a socket: into one reused buffer) and drops
+/// them, until EOF.
 pub async fn receive<R>(reader: &mut R, buffer_size: usize) -> io::Result<Received>
 where
-    R: AsyncRead + Unpin + ?Sized,
+    R: SpliceIo + ?Sized,
 {
-    let mut buffer = vec![0u8; buffer_size];
+    let mut buffer = BytesMut::with_capacity(buffer_size);
     let mut bytes = 0u64;
     let mut last_byte_at = Instant::now();
     loop {
-        match reader.read(&mut buffer).await? {
-            0 => {
-                return Ok(Received {
-                    bytes,
-                    last_byte_at,
-                });
-            }
-            n => {
-                bytes += n as u64;
-                last_byte_at = Instant::now();
-            }
+        buffer.reserve(buffer_size);
+        let chunk = poll_fn(|cx| reader.poll_read_chunk(cx, &mut buffer)).await?;
+        if chunk.is_empty() {
+            return Ok(Received {
+                bytes,
+                last_byte_at,
+            });
         }
+        bytes += chunk.len() as u64;
+        last_byte_at = Instant::now();
     }
 }
 

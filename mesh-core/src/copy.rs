@@ -1,6 +1,11 @@
 //! The splice between two byte streams: both directions at once, with backpressure,
 //! half-close, live byte counts, and buffers that grow with the flow.
 //!
+//! Bytes move as owned chunks ([`Bytes`]): a socket is read into the direction's
+//! buffer and the filled part handed on, an HBONE tunnel hands over its HTTP/2
+//! frames' bytes and takes chunks as frames, so a tunnel end copies nothing in user
+//! space ([`SpliceIo`]).
+//!
 //! A direction starts with a small buffer (cheap for the many idle connections of a
 //! node) and doubles it each time a few reads in a row fill it, up to a cap, so bulk
 //! transfers move large chunks per syscall and per HTTP/2 frame.
@@ -11,7 +16,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 /// First buffer of a direction.
@@ -22,6 +27,128 @@ pub const MAX_BUFFER: usize = 256 * 1024;
 const FULL_READS_TO_GROW: u8 = 2;
 /// Loop turns without a pending read or write before yielding to other tasks.
 const TURNS_BEFORE_YIELD: u32 = 32;
+
+/// One end of a splice: reads give owned chunks, writes take them.
+///
+/// Sockets and pipes copy through the direction's buffer (the `by_copy` impls and
+/// [`Copying`]); an HBONE tunnel passes chunks through as HTTP/2 DATA frames.
+pub trait SpliceIo {
+    /// Reads the next chunk; an empty chunk is the end of the stream. A reader that
+    /// copies reads into `buf`'s spare capacity (the splice reserves what this
+    /// direction may take) and returns the filled part split off `buf`.
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<Bytes>>;
+
+    /// Writes from the front of `chunk` and advances it past what was written: at
+    /// least one byte when ready with `Ok`.
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes)
+    -> Poll<io::Result<()>>;
+
+    /// Pushes out what was written.
+    fn poll_flush_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Ends the write side (FIN, or END_STREAM on a tunnel).
+    fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// Reads into `buf`'s spare capacity and splits off what arrived.
+pub fn poll_read_by_copy<R>(
+    reader: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<Bytes>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    ready!(pin!(reader.read_buf(buf)).poll(cx))?;
+    Poll::Ready(Ok(buf.split().freeze()))
+}
+
+/// Writes from the front of `chunk`, advancing it.
+pub fn poll_write_by_copy<W>(
+    writer: &mut W,
+    cx: &mut Context<'_>,
+    chunk: &mut Bytes,
+) -> Poll<io::Result<()>>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let n = ready!(Pin::new(writer).poll_write(cx, chunk))?;
+    if n == 0 && !chunk.is_empty() {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    chunk.advance(n);
+    Poll::Ready(Ok(()))
+}
+
+/// Any `AsyncRead + AsyncWrite` as a splice end that copies through the buffer.
+#[derive(Debug)]
+pub struct Copying<T>(pub T);
+
+macro_rules! by_copy {
+    ($($t:ty),* $(,)?) => {$(
+        impl SpliceIo for $t {
+            fn poll_read_chunk(
+                &mut self,
+                cx: &mut Context<'_>,
+                buf: &mut BytesMut,
+            ) -> Poll<io::Result<Bytes>> {
+                poll_read_by_copy(self, cx, buf)
+            }
+
+            fn poll_write_chunk(
+                &mut self,
+                cx: &mut Context<'_>,
+                chunk: &mut Bytes,
+            ) -> Poll<io::Result<()>> {
+                poll_write_by_copy(self, cx, chunk)
+            }
+
+            fn poll_flush_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(self).poll_flush(cx)
+            }
+
+            fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(self).poll_shutdown(cx)
+            }
+        }
+    )*};
+}
+
+by_copy!(
+    tokio::net::TcpStream,
+    tokio::net::UnixStream,
+    tokio::io::DuplexStream,
+);
+
+impl<T: AsyncRead + AsyncWrite + Unpin> SpliceIo for Copying<T> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<Bytes>> {
+        poll_read_by_copy(&mut self.0, cx, buf)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        poll_write_by_copy(&mut self.0, cx, chunk)
+    }
+
+    fn poll_flush_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
 
 /// Live byte counts of a splice, readable while it runs (metrics, admin view).
 #[derive(Debug, Default)]
@@ -67,14 +194,14 @@ pub async fn copy_bidirectional<A, B>(
     stats: &CopyStats,
 ) -> Result<(u64, u64), CopyError>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: SpliceIo + ?Sized,
+    B: SpliceIo + ?Sized,
 {
     let mut ab = HalfCopy::new();
     let mut ba = HalfCopy::new();
     poll_fn(|cx| {
-        let ab_state = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), &stats.a_to_b);
-        let ba_state = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), &stats.b_to_a);
+        let ab_state = ab.poll(cx, &mut *a, &mut *b, &stats.a_to_b);
+        let ba_state = ba.poll(cx, &mut *b, &mut *a, &stats.b_to_a);
         match (ab_state, ba_state) {
             (Poll::Ready(Err(source)), _) => Poll::Ready(Err(CopyError {
                 direction: Direction::AToB,
@@ -93,12 +220,14 @@ where
 
 /// One direction's state.
 struct HalfCopy {
-    // Bytes read and not yet all written; reads fill its spare capacity, which is
-    // never zeroed (a connection that moves 64 bytes touches one page, not 16 KiB).
+    // Where a copying reader puts its bytes. Its spare capacity is never zeroed (a
+    // connection that moves 64 bytes touches one page, not 16 KiB), and once the
+    // chunks split off it are written and dropped, it reuses the same allocation.
     buf: BytesMut,
-    // What `buf` holds now: `INITIAL_BUFFER`, doubling up to `MAX_BUFFER`.
+    // What a read may take now: `INITIAL_BUFFER`, doubling up to `MAX_BUFFER`.
     size: usize,
-    pos: usize,
+    // Read and not yet all written.
+    chunk: Bytes,
     full_reads: u8,
     read_done: bool,
     need_flush: bool,
@@ -109,9 +238,9 @@ struct HalfCopy {
 impl HalfCopy {
     fn new() -> Self {
         Self {
-            buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            buf: BytesMut::new(),
             size: INITIAL_BUFFER,
-            pos: 0,
+            chunk: Bytes::new(),
             full_reads: 0,
             read_done: false,
             need_flush: false,
@@ -123,59 +252,54 @@ impl HalfCopy {
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
+        reader: &mut R,
+        writer: &mut W,
         counter: &AtomicU64,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: SpliceIo + ?Sized,
+        W: SpliceIo + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(self.total));
         }
         let mut turns = 0;
         loop {
-            if self.pos == self.buf.len() && !self.read_done {
+            if self.chunk.is_empty() && !self.read_done {
                 self.grow_if_saturated();
-                self.buf.clear();
-                self.pos = 0;
-                // Reclaims the same allocation: nothing else holds it.
                 self.buf.reserve(self.size);
-                let read = pin!(reader.as_mut().get_mut().read_buf(&mut self.buf));
-                match read.poll(cx) {
-                    Poll::Ready(Ok(0)) => self.read_done = true,
-                    Poll::Ready(Ok(n)) => {
-                        self.full_reads = if n >= self.size {
+                match reader.poll_read_chunk(cx, &mut self.buf) {
+                    Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.read_done = true,
+                    Poll::Ready(Ok(chunk)) => {
+                        self.full_reads = if chunk.len() >= self.size {
                             self.full_reads.saturating_add(1)
                         } else {
                             0
                         };
+                        self.chunk = chunk;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Nothing more to read now: push out what was written.
                         if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
+                            ready!(writer.poll_flush_chunks(cx))?;
                             self.need_flush = false;
                         }
                         return Poll::Pending;
                     }
                 }
             }
-            while self.pos < self.buf.len() {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.pos += n;
-                self.total += n as u64;
-                counter.fetch_add(n as u64, Ordering::Relaxed);
+            while !self.chunk.is_empty() {
+                let before = self.chunk.len();
+                ready!(writer.poll_write_chunk(cx, &mut self.chunk))?;
+                let n = (before - self.chunk.len()) as u64;
+                self.total += n;
+                counter.fetch_add(n, Ordering::Relaxed);
                 self.need_flush = true;
             }
             if self.read_done {
-                ready!(writer.as_mut().poll_flush(cx))?;
-                ready!(writer.as_mut().poll_shutdown(cx))?;
+                ready!(writer.poll_flush_chunks(cx))?;
+                ready!(writer.poll_shutdown_chunks(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
@@ -243,5 +367,37 @@ mod tests {
             h.grow_if_saturated();
         }
         assert_eq!(h.size, MAX_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn a_copying_reader_reuses_its_buffer_once_the_chunk_is_gone() {
+        let (mut tx, mut rx) = duplex(64 * 1024);
+        let mut buf = BytesMut::new();
+        tx.write_all(b"first").await.unwrap();
+        buf.reserve(INITIAL_BUFFER);
+        let first = poll_fn(|cx| poll_read_by_copy(&mut rx, cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(&first[..], b"first");
+        let at = first.as_ptr();
+
+        // While the chunk lives (a tunnel still sending it), the next read goes to
+        // other memory; once it is dropped, reads land in the first allocation again.
+        tx.write_all(b"second").await.unwrap();
+        buf.reserve(INITIAL_BUFFER);
+        let second = poll_fn(|cx| poll_read_by_copy(&mut rx, cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(&second[..], b"second");
+        assert_ne!(second.as_ptr(), at);
+        let second_at = second.as_ptr();
+        drop((first, second));
+        tx.write_all(b"third").await.unwrap();
+        buf.reserve(INITIAL_BUFFER);
+        let third = poll_fn(|cx| poll_read_by_copy(&mut rx, cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(&third[..], b"third");
+        assert_eq!(third.as_ptr(), second_at, "the third read allocated anew");
     }
 }

@@ -1,14 +1,21 @@
 //! HBONE round trips over loopback with real mTLS: bytes both ways, a 256 MiB
-//! transfer checked by hash, and half-close in each direction.
+//! transfer checked by hash, half-close in each direction, and the splice between
+//! sockets and a tunnel.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::copy::{CopyStats, copy_bidirectional};
 use mesh_core::hbone::{ConnectHandler, HboneConfig, InboundConnect, SourceMetadata};
 use mesh_core::testing::spiffe;
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,5 +189,100 @@ impl ConnectHandler for GreetThenListen {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         let _ = self.0.send(got).await;
+    }
+}
+
+/// The splice ztunnel runs on each end: app socket <-> tunnel on the client side,
+/// tunnel <-> upstream socket on the server side; 64 MiB each way, checked by hash,
+/// each direction ending with a half-close the other side still answers after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_splice_between_sockets_and_a_tunnel_moves_bytes_intact_both_ways() {
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let mesh = Mesh::new();
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    // Upstream: reads to EOF (hashing), then answers with its own stream.
+    let upstream_task = tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        let got = hash_to_eof(&mut s).await;
+        let sent = send_hashed(&mut s, TOTAL, 7).await;
+        (got, sent)
+    });
+    let server_stats = Arc::new(CopyStats::default());
+    let server = Server::start(
+        mesh.server_store.clone(),
+        &mesh.server_id,
+        SpliceTo(upstream_addr, server_stats.clone()),
+        HboneConfig::default(),
+    )
+    .await;
+    let pool = mesh.pool(HboneConfig::default());
+    let mut tunnel = pool.connect(mesh.key(&server), request()).await.unwrap();
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(app_side.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut accepted, _) = app_side.accept().await.unwrap();
+    let client_stats = Arc::new(CopyStats::default());
+    let stats = client_stats.clone();
+    let client_splice =
+        tokio::spawn(async move { copy_bidirectional(&mut accepted, &mut tunnel, &stats).await });
+
+    let sent = send_hashed(&mut app, TOTAL, 3).await;
+    let got = hash_to_eof(&mut app).await;
+    let (upstream_got, upstream_sent) = upstream_task.await.unwrap();
+    assert_eq!(upstream_got, (TOTAL, sent.1));
+    assert_eq!(got, (TOTAL, upstream_sent.1));
+    let moved = client_splice.await.unwrap().unwrap();
+    assert_eq!(moved, (TOTAL as u64, TOTAL as u64));
+    assert_eq!((client_stats.a_to_b(), client_stats.b_to_a()), moved);
+    wait_until("the server's splice counts", Duration::from_secs(5), || {
+        (server_stats.a_to_b(), server_stats.b_to_a()) == (TOTAL as u64, TOTAL as u64)
+    })
+    .await;
+}
+
+/// Splices each tunnel to a TCP upstream, as ztunnel's inbound side does.
+struct SpliceTo(SocketAddr, Arc<CopyStats>);
+
+impl ConnectHandler for SpliceTo {
+    async fn handle(&self, connect: InboundConnect) {
+        let mut upstream = TcpStream::connect(self.0).await.unwrap();
+        let mut tunnel = connect.accept().unwrap();
+        copy_bidirectional(&mut tunnel, &mut upstream, &self.1)
+            .await
+            .unwrap();
+    }
+}
+
+/// Writes `total` pseudo-random bytes then half-closes; returns (bytes, hash).
+async fn send_hashed(s: &mut TcpStream, total: usize, seed: u64) -> (usize, Vec<u8>) {
+    let mut hash = Sha256::new();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+    let mut buf = vec![0u8; 100_000];
+    let mut sent = 0;
+    while sent < total {
+        let n = buf.len().min(total - sent);
+        fill(&mut state, &mut buf[..n]);
+        hash.update(&buf[..n]);
+        s.write_all(&buf[..n]).await.unwrap();
+        sent += n;
+    }
+    s.shutdown().await.unwrap();
+    (sent, hash.finalize().to_vec())
+}
+
+/// Reads to EOF; returns (bytes, hash).
+async fn hash_to_eof(s: &mut TcpStream) -> (usize, Vec<u8>) {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return (got, hash.finalize().to_vec());
+        }
+        hash.update(&buf[..n]);
+        got += n;
     }
 }

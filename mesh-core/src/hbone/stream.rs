@@ -1,15 +1,22 @@
 //! One HBONE tunnel as a byte stream: an HTTP/2 stream adapted to `AsyncRead` and
 //! `AsyncWrite`, with half-close (`shutdown` ends our side with END_STREAM; the
 //! peer's END_STREAM reads as EOF) and HTTP/2 flow control as backpressure.
+//!
+//! The splice ([`crate::copy`]) moves owned chunks through it instead: a received
+//! DATA frame's bytes are handed on as they are, a chunk to send becomes DATA frames
+//! as it is, so the tunnel's ends copy nothing.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::BytesMut;
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::copy::SpliceIo;
 
 /// Released when the tunnel is dropped, e.g. to return a pooled connection's slot.
 pub(crate) type DropGuard = Box<dyn Send + Sync + 'static>;
@@ -47,6 +54,112 @@ impl H2Stream {
     pub fn reset(&mut self) {
         self.send.send_reset(h2::Reason::CANCEL);
     }
+
+    /// The next received bytes as they arrived (one DATA frame's, or what a partial
+    /// read left of it); empty at the end of the stream.
+    pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.pending)));
+        }
+        loop {
+            match ready!(self.recv.poll_data(cx)) {
+                // An empty DATA frame without END_STREAM is not the end.
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => {
+                    // The window reopens as soon as a frame is taken; at most one
+                    // frame per stream waits unread on our side.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Ok(data));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => return Poll::Ready(Ok(Bytes::new())),
+            }
+        }
+    }
+
+    /// Sends from the front of `data` as far as the flow-control window allows,
+    /// without copying, and advances `data` past what was sent (at least one byte
+    /// when ready with `Ok`).
+    pub fn poll_send_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_with(cx, data.len(), |n| data.split_to(n)))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits for window for up to `len` bytes, then sends the `make(n)` bytes it allows.
+    fn poll_send_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        make: impl FnOnce(usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let sent = loop {
+            self.send.reserve_capacity(len);
+            match ready!(self.send.poll_capacity(cx)) {
+                // Capacity was taken back before we used it: wait for more.
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(len);
+                    break self.send.send_data(make(n), false).ok().map(|()| n);
+                }
+                Some(Err(_)) | None => break None,
+            }
+        };
+        if let Some(n) = sent {
+            return Poll::Ready(Ok(n));
+        }
+        // The stream is gone; its reset says why.
+        let reason = ready!(self.send.poll_reset(cx));
+        Poll::Ready(Err(match reason {
+            Ok(r) => io::Error::new(io::ErrorKind::ConnectionReset, format!("stream reset: {r}")),
+            Err(e) => h2_to_io(e),
+        }))
+    }
+
+    /// Ends our side with END_STREAM (half-close).
+    pub fn close_write(&mut self) -> io::Result<()> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        Ok(())
+    }
+}
+
+impl SpliceIo for H2Stream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buf: &mut BytesMut,
+    ) -> Poll<io::Result<Bytes>> {
+        self.poll_recv_bytes(cx)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        self.poll_send_bytes(cx, chunk)
+    }
+
+    fn poll_flush_chunks(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Data handed to h2 is written by the connection task.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown_chunks(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.close_write())
+    }
 }
 
 fn h2_to_io(e: h2::Error) -> io::Error {
@@ -71,24 +184,15 @@ impl AsyncRead for H2Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // The window reopens as soon as a frame is taken; at most one
-                    // frame per stream waits here unread.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.pending = data;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => return Poll::Ready(Ok(())),
-            }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
+        let mut data = ready!(self.poll_recv_bytes(cx))?;
+        let n = data.len().min(buf.remaining());
+        buf.put_slice(&data[..n]);
+        data.advance(n);
+        self.pending = data;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -98,37 +202,8 @@ impl AsyncWrite for H2Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if self.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        let sent = loop {
-            self.send.reserve_capacity(buf.len());
-            match ready!(self.send.poll_capacity(cx)) {
-                // Capacity was taken back before we used it: wait for more.
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    break self
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .ok()
-                        .map(|()| n);
-                }
-                Some(Err(_)) | None => break None,
-            }
-        };
-        if let Some(n) = sent {
-            return Poll::Ready(Ok(n));
-        }
-        // The stream is gone; its reset says why.
-        let reason = ready!(self.send.poll_reset(cx));
-        Poll::Ready(Err(match reason {
-            Ok(r) => io::Error::new(io::ErrorKind::ConnectionReset, format!("stream reset: {r}")),
-            Err(e) => h2_to_io(e),
-        }))
+        // Copies only what the window takes now.
+        self.poll_send_with(cx, buf.len(), |n| Bytes::copy_from_slice(&buf[..n]))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -137,10 +212,6 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.write_closed {
-            self.write_closed = true;
-            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-        }
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.close_write())
     }
 }

@@ -129,3 +129,57 @@ impl ResolvesClientCert for StoreResolver {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::testing::{TestCa, spiffe};
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConnection, ServerConnection};
+
+    /// Runs a handshake between two in-memory connections.
+    fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
+        let mut wire = Vec::new();
+        for _ in 0..10 {
+            wire.clear();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return;
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn mesh_peers_agree_on_tls13_with_aes_128_gcm() {
+        let ca = TestCa::new();
+        let (client_id, server_id) = (spiffe("a", "client"), spiffe("b", "server"));
+        let store = ca.store_for(&[&client_id, &server_id]);
+        let client = client_config(store.clone(), &client_id, vec![server_id.clone()]).unwrap();
+        let server = server_config(store, &server_id).unwrap();
+        let name = ServerName::try_from("198.18.0.1").unwrap();
+        let mut client = ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut server = ServerConnection::new(Arc::new(server)).unwrap();
+        handshake(&mut client, &mut server);
+        for suite in [
+            client.negotiated_cipher_suite(),
+            server.negotiated_cipher_suite(),
+        ] {
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
+        assert_eq!(
+            client.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+    }
+}
