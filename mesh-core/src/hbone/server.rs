@@ -337,11 +337,14 @@ impl<H: ConnectHandler> Connection<H> {
                             peer: self.peer,
                         };
                         let drain = drain.clone();
+                        // Boxed: spawning and finishing the task then move a pointer,
+                        // not the handler's whole future.
+                        let serve = Box::pin(stream.serve(req, respond));
                         tokio::spawn(async move {
                             tokio::select! {
                                 biased;
                                 () = drain.forced() => {}
-                                () = stream.serve(req, respond) => {}
+                                () = serve => {}
                             }
                         });
                     }

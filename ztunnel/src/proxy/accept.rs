@@ -37,7 +37,9 @@ pub(crate) async fn accept_loop<F, Fut>(
                 }
             },
         };
-        let conn = handle(stream, src);
+        // Boxed: the task then holds a pointer, not the whole connection's state, so
+        // spawning and finishing it do not copy kilobytes of future around.
+        let conn = Box::pin(handle(stream, src));
         let drain = drain.clone();
         tokio::spawn(async move {
             let _permit = permit;
