@@ -43,6 +43,10 @@ const LOAD: &str = env!("CARGO_BIN_EXE_bench-load");
 /// scenario at a time under `perf record`.
 const ONLY_ENV: &str = "AMBIT_BENCH_ONLY";
 
+/// A file to copy node 1's idle ztunnel's `/proc/<pid>/smaps` to, for a closer look
+/// than the per-mapping summary.
+const SMAPS_ENV: &str = "AMBIT_BENCH_SMAPS";
+
 /// Whether `AMBIT_BENCH_ONLY` lets `scenario` run.
 fn selected(scenario: &str) -> bool {
     std::env::var(ONLY_ENV).map_or(true, |only| only.split(',').any(|s| s.trim() == scenario))
@@ -217,6 +221,16 @@ async fn run() -> Result<(), Error> {
         split("RssShmem:"),
         status_kib(ztunnel[0], "Threads:").unwrap_or(0),
     );
+    if let Some(maps) = ambit_benches::smaps::rss_by_mapping(ztunnel[0]) {
+        let maps: Vec<String> = maps.iter().map(ToString::to_string).collect();
+        println!(
+            "ztunnel 1 idle, RSS per mapping (count): {}",
+            maps.join(", ")
+        );
+    }
+    if let Some(path) = std::env::var_os(SMAPS_ENV) {
+        std::fs::copy(format!("/proc/{}/smaps", ztunnel[0]), &path)?;
+    }
     if let Some(busy) = idle_busy {
         println!("machine busy while the cluster was idle: {busy:.2} cores");
         if busy > 0.1 {

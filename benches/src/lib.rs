@@ -12,6 +12,7 @@
 //! - [`cluster_yaml`], [`istiod`] and [`xds_load`]: the `control_plane` scenario's
 //!   generated cluster config, the istiod-lite process it measures, and its
 //!   simulated delta xDS clients.
+//! - [`smaps`]: a process's resident memory per mapping (`ztunnel_e2e`'s idle figure).
 
 pub mod cluster_yaml;
 pub mod compare;
@@ -23,6 +24,7 @@ pub mod mesh;
 pub mod report;
 pub mod settings;
 mod size;
+pub mod smaps;
 pub mod topology;
 pub mod xds_load;
 
