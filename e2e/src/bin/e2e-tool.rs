@@ -19,7 +19,24 @@ use anyhow::{Context, bail};
 /// instead of hanging the test.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error and its causes, the OS's reason last, and never a backtrace
+            // (RUST_BACKTRACE in the caller's environment must not change what the
+            // demo and the tests read).
+            eprintln!("Error: {e}");
+            let causes: Vec<String> = e.chain().skip(1).map(|c| format!("    {c}")).collect();
+            if !causes.is_empty() {
+                eprintln!("\nCaused by:\n{}", causes.join("\n"));
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
         .iter()
