@@ -30,8 +30,8 @@ const TURNS_BEFORE_YIELD: u32 = 32;
 
 /// One end of a splice: reads give owned chunks, writes take them.
 ///
-/// Sockets and pipes copy through the direction's buffer (the `by_copy` impls and
-/// [`Copying`]); an HBONE tunnel passes chunks through as HTTP/2 DATA frames.
+/// Sockets and pipes copy through the direction's buffer (the `by_copy` impls); an
+/// HBONE tunnel passes chunks through as HTTP/2 DATA frames.
 pub trait SpliceIo {
     /// Reads the next chunk; an empty chunk is the end of the stream. A reader that
     /// copies reads into `buf`'s spare capacity (the splice reserves what this
@@ -55,7 +55,7 @@ pub trait SpliceIo {
 }
 
 /// Reads into `buf`'s spare capacity and splits off what arrived.
-pub fn poll_read_by_copy<R>(
+fn poll_read_by_copy<R>(
     reader: &mut R,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
@@ -68,7 +68,7 @@ where
 }
 
 /// Writes from the front of `chunk`, advancing it.
-pub fn poll_write_by_copy<W>(
+fn poll_write_by_copy<W>(
     writer: &mut W,
     cx: &mut Context<'_>,
     chunk: &mut Bytes,
@@ -83,10 +83,6 @@ where
     chunk.advance(n);
     Poll::Ready(Ok(()))
 }
-
-/// Any `AsyncRead + AsyncWrite` as a splice end that copies through the buffer.
-#[derive(Debug)]
-pub struct Copying<T>(pub T);
 
 macro_rules! by_copy {
     ($($t:ty),* $(,)?) => {$(
@@ -123,32 +119,6 @@ by_copy!(
     tokio::net::UnixStream,
     tokio::io::DuplexStream,
 );
-
-impl<T: AsyncRead + AsyncWrite + Unpin> SpliceIo for Copying<T> {
-    fn poll_read_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-    ) -> Poll<io::Result<Bytes>> {
-        poll_read_by_copy(&mut self.0, cx, buf)
-    }
-
-    fn poll_write_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-        chunk: &mut Bytes,
-    ) -> Poll<io::Result<()>> {
-        poll_write_by_copy(&mut self.0, cx, chunk)
-    }
-
-    fn poll_flush_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
 
 /// Live byte counts of a splice, readable while it runs (metrics, admin view).
 #[derive(Debug, Default)]

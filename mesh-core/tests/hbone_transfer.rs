@@ -14,7 +14,7 @@ use mesh_core::hbone::{ConnectHandler, HboneConfig, InboundConnect, SourceMetada
 use mesh_core::testing::spiffe;
 use sha2::{Digest, Sha256};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -94,34 +94,10 @@ async fn a_256_mib_transfer_is_intact_both_ways() {
     let pool = mesh.pool(HboneConfig::default());
     let stream = pool.connect(mesh.key(&server), request()).await.unwrap();
     let (mut rd, mut wr) = tokio::io::split(stream);
-
-    let writer = tokio::spawn(async move {
-        let mut hash = Sha256::new();
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut sent = 0;
-        while sent < TOTAL {
-            fill(&mut state, &mut buf);
-            hash.update(&buf);
-            wr.write_all(&buf).await.unwrap();
-            sent += buf.len();
-        }
-        wr.shutdown().await.unwrap();
-        hash.finalize()
-    });
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut received = 0;
-    loop {
-        let n = rd.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        received += n;
-    }
-    assert_eq!(received, TOTAL);
-    assert_eq!(hash.finalize(), writer.await.unwrap());
+    let writer = tokio::spawn(async move { send_hashed(&mut wr, TOTAL, 0).await });
+    let received = hash_to_eof(&mut rd).await;
+    assert_eq!(received.0, TOTAL);
+    assert_eq!(received, writer.await.unwrap());
 }
 
 /// Client half-closes first: the server reads to EOF, then still answers.
@@ -256,7 +232,11 @@ impl ConnectHandler for SpliceTo {
 }
 
 /// Writes `total` pseudo-random bytes then half-closes; returns (bytes, hash).
-async fn send_hashed(s: &mut TcpStream, total: usize, seed: u64) -> (usize, Vec<u8>) {
+async fn send_hashed<W: AsyncWrite + Unpin>(
+    s: &mut W,
+    total: usize,
+    seed: u64,
+) -> (usize, Vec<u8>) {
     let mut hash = Sha256::new();
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
     let mut buf = vec![0u8; 100_000];
@@ -273,7 +253,7 @@ async fn send_hashed(s: &mut TcpStream, total: usize, seed: u64) -> (usize, Vec<
 }
 
 /// Reads to EOF; returns (bytes, hash).
-async fn hash_to_eof(s: &mut TcpStream) -> (usize, Vec<u8>) {
+async fn hash_to_eof<R: AsyncRead + Unpin>(s: &mut R) -> (usize, Vec<u8>) {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0;
