@@ -10,6 +10,12 @@
 //! - connections per second: connect, one 64-byte exchange, close, in a closed loop.
 //! - request/response: 64 bytes over one held connection at a fixed rate; latency
 //!   percentiles, and ztunnel CPU per 1000 requests.
+//!
+//! The ztunnels read their state from a local file and sign with a CA root on disk;
+//! `AMBIT_BENCH_CONTROL=istiod` runs them against istiod-lite (xDS and CSRs)
+//! instead. Under `AMBIT_E2E_ZTUNNEL_WRAPPER` (a profiler, `benches/code-order.sh`)
+//! the ztunnels are stopped with SIGTERM at the end, so the profiler writes out
+//! everything they ran.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -46,6 +52,9 @@ const ONLY_ENV: &str = "AMBIT_BENCH_ONLY";
 /// A file to copy node 1's idle ztunnel's `/proc/<pid>/smaps` to, for a closer look
 /// than the per-mapping summary.
 const SMAPS_ENV: &str = "AMBIT_BENCH_SMAPS";
+
+/// Where the ztunnels get state and certificates: `local` (default) or `istiod`.
+const CONTROL_ENV: &str = "AMBIT_BENCH_CONTROL";
 
 /// Whether `AMBIT_BENCH_ONLY` lets `scenario` run.
 fn selected(scenario: &str) -> bool {
@@ -163,14 +172,24 @@ async fn run() -> Result<(), Error> {
     if !have_iperf {
         return Err("iperf3 not found: apt-get install -y iperf3".into());
     }
+    let istiod = match std::env::var(CONTROL_ENV).as_deref() {
+        Err(_) | Ok("local") => false,
+        Ok("istiod") => true,
+        Ok(other) => return Err(format!("{CONTROL_ENV}={other}: local or istiod").into()),
+    };
+    let wrapped = ambit_e2e::mesh::ztunnel_wrapper().is_some();
     // Builds ztunnel and the CNI plugin in release first if they are stale.
-    let mut mesh = MeshCluster::start_local(2).await?;
+    let mut mesh = if istiod {
+        MeshCluster::start(2).await?
+    } else {
+        MeshCluster::start_local(2).await?
+    };
     let ztunnel = [
         mesh.nodes[0].ztunnel.pid().ok_or("ztunnel 1 has no pid")?,
         mesh.nodes[1].ztunnel.pid().ok_or("ztunnel 2 has no pid")?,
     ];
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", ztunnel[0])).unwrap_or_default();
-    if comm.trim() != "ztunnel" {
+    if comm.trim() != "ztunnel" && !wrapped {
         return Err(format!("pid {} is {comm:?}, not ztunnel", ztunnel[0]).into());
     }
     let rss_empty = rss_kib(ztunnel[0]).ok_or("no VmRSS for ztunnel 1")?;
@@ -198,7 +217,9 @@ async fn run() -> Result<(), Error> {
         mesh.add_pod(PodSpec::new(format!("idle-{i}"), 1).namespace("bench"))
             .await?;
     }
-    mesh.write_state("").await?;
+    if !istiod {
+        mesh.write_state("").await?;
+    }
     let busy_before = machine_busy();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_busy = busy_before.zip(machine_busy()).map(|((b0, t0), (b1, t1))| {
@@ -206,9 +227,14 @@ async fn run() -> Result<(), Error> {
     });
     let rss_idle = rss_kib(ztunnel[0]).ok_or("no VmRSS for ztunnel 1")?;
     println!(
-        "ztunnel {} ({}), node 1 VmRSS: {:.2} MiB with no pods, {:.2} MiB idle with {IDLE_PODS} enrolled pods",
+        "ztunnel {} ({}, state from {}), node 1 VmRSS: {:.2} MiB with no pods, {:.2} MiB idle with {IDLE_PODS} enrolled pods",
         workspace_profile(),
         ambit_e2e::workspace_bin("ztunnel").display(),
+        if istiod {
+            "istiod-lite"
+        } else {
+            "a local file"
+        },
         mib(rss_empty),
         mib(rss_idle),
     );
@@ -265,6 +291,11 @@ async fn run() -> Result<(), Error> {
         None
     };
     drop(servers);
+    if wrapped {
+        for node in &mut mesh.nodes {
+            node.ztunnel.terminate(Duration::from_secs(120)).await?;
+        }
+    }
     // The cluster goes last: every process above runs in its namespaces.
     drop(mesh);
 

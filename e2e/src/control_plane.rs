@@ -117,16 +117,7 @@ impl ControlPlane {
         if self.stopped {
             return Ok(());
         }
-        let pid = self
-            .process
-            .pid()
-            .ok_or_else(|| MeshError::Setup("istiod-lite already exited".into()))?;
-        let pid = nix::unistd::Pid::from_raw(
-            i32::try_from(pid).map_err(|e| setup("istiod-lite pid", e))?,
-        );
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-            .map_err(|e| setup("SIGTERM istiod-lite", e))?;
-        self.process.wait(STOP_WAIT).await?;
+        self.process.terminate(STOP_WAIT).await?;
         self.stopped = true;
         Ok(())
     }

@@ -77,6 +77,18 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// Names a program (with its arguments, split at whitespace) that every ztunnel
+/// runs under, such as a profiler: `benches/code-order.sh` runs ztunnel under
+/// callgrind this way to learn which functions start-up and the data path run.
+pub const ZTUNNEL_WRAPPER_ENV: &str = "AMBIT_E2E_ZTUNNEL_WRAPPER";
+
+/// The command line of [`ZTUNNEL_WRAPPER_ENV`], when set and not empty.
+pub fn ztunnel_wrapper() -> Option<Vec<String>> {
+    let wrapper = std::env::var(ZTUNNEL_WRAPPER_ENV).ok()?;
+    let words: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+    (!words.is_empty()).then_some(words)
+}
+
 /// Whether `bin` exists and is newer than every source file it is built from.
 fn is_fresh(bin: &Path) -> bool {
     fn newest(dir: &Path) -> Option<std::time::SystemTime> {
@@ -238,7 +250,14 @@ impl MeshCluster {
             .arg(self.path(&format!("zds-{n}.sock")))
             .env("NO_COLOR", "1");
         let agent = NsProcess::spawn(format!("node agent {n}"), agent_cmd)?;
-        let mut zt_cmd = node.command(workspace_bin("ztunnel"));
+        let mut zt_cmd = match ztunnel_wrapper() {
+            Some(wrapper) => {
+                let mut cmd = node.command(&wrapper[0]);
+                cmd.args(&wrapper[1..]).arg(workspace_bin("ztunnel"));
+                cmd
+            }
+            None => node.command(workspace_bin("ztunnel")),
+        };
         zt_cmd.arg("--node-name").arg(format!("node-{n}"));
         match &self.control {
             Some(control) => {

@@ -203,6 +203,25 @@ impl NsProcess {
         }
     }
 
+    /// Stops the process as an orchestrator would (SIGTERM) and waits until it
+    /// exited.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, ProcessError> {
+        let io = |source| ProcessError::Io {
+            label: self.label.clone(),
+            source,
+        };
+        let pid = self
+            .pid()
+            .ok_or_else(|| io(std::io::Error::other("already exited")))?;
+        let pid = i32::try_from(pid).map_err(|e| io(std::io::Error::other(e)))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .map_err(|e| io(e.into()))?;
+        self.wait(timeout).await
+    }
+
     /// SIGKILLs the process and reaps it.
     pub async fn kill(&mut self) -> Result<(), ProcessError> {
         self.child.kill().await.map_err(|source| ProcessError::Io {

@@ -1,0 +1,27 @@
+//! Links the `ztunnel` binary with `code-order.ld` and `code-order.txt`: the
+//! functions that start-up, an idle node and the data path run are laid out
+//! together at the front of the code, in the order they first run, so an idle
+//! ztunnel has a fraction of its code resident instead of most of it
+//! (docs/benchmarks.md, "Idle memory"). `benches/code-order.sh` regenerates both; a
+//! function neither names keeps the linker's default place.
+
+fn main() {
+    println!("cargo:rerun-if-changed=code-order.ld");
+    println!("cargo:rerun-if-changed=code-order.txt");
+    let cfg = |key: &str, value: &str| std::env::var(key).is_ok_and(|v| v == value);
+    // The profile is of x86_64 Linux, where Rust links with its own lld by default
+    // (GNU ld knows no --symbol-ordering-file); elsewhere the default layout stays.
+    let profiled_target = cfg("CARGO_CFG_TARGET_ARCH", "x86_64")
+        && cfg("CARGO_CFG_TARGET_OS", "linux")
+        && cfg("CARGO_CFG_TARGET_ENV", "gnu");
+    let Ok(dir) = std::env::var("CARGO_MANIFEST_DIR") else {
+        return;
+    };
+    if profiled_target {
+        // A linker script with INSERT adds to the default layout; the symbol order
+        // sorts the sections it gathers.
+        println!("cargo:rustc-link-arg-bin=ztunnel=-Wl,-T,{dir}/code-order.ld");
+        println!("cargo:rustc-link-arg-bin=ztunnel=-Wl,--symbol-ordering-file={dir}/code-order.txt");
+        println!("cargo:rustc-link-arg-bin=ztunnel=-Wl,--no-warn-symbol-ordering");
+    }
+}
