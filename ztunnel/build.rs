@@ -21,7 +21,9 @@ fn main() {
         // A linker script with INSERT adds to the default layout; the symbol order
         // sorts the sections it gathers.
         println!("cargo:rustc-link-arg-bin=ztunnel=-Wl,-T,{dir}/code-order.ld");
-        println!("cargo:rustc-link-arg-bin=ztunnel=-Wl,--symbol-ordering-file={dir}/code-order.txt");
+        println!(
+            "cargo:rustc-link-arg-bin=ztunnel=-Wl,--symbol-ordering-file={dir}/code-order.txt"
+        );
         println!("cargo:rustc-link-arg-bin=ztunnel=-Wl,--no-warn-symbol-ordering");
     }
 }
