@@ -22,7 +22,8 @@ pub struct ConnTable {
 
 #[derive(Clone, Debug)]
 struct LiveConn {
-    info: ConnInfo,
+    /// Shared with the connection's guard: no copy of the labels per connection.
+    info: Arc<ConnInfo>,
     stats: Arc<CopyStats>,
     started: u64,
 }
@@ -61,7 +62,7 @@ impl ConnTable {
                 bytes_sent: c.stats.a_to_b(),
                 bytes_received: c.stats.b_to_a(),
                 started: c.started,
-                info: c.info.clone(),
+                info: ConnInfo::clone(&c.info),
             })
             .collect()
     }
@@ -70,7 +71,7 @@ impl ConnTable {
 /// Held for a connection's life; counts it open, and closed when dropped.
 pub struct ConnGuard {
     id: u64,
-    info: ConnInfo,
+    info: Arc<ConnInfo>,
     stats: Arc<CopyStats>,
     metrics: Arc<Metrics>,
     table: Arc<ConnTable>,
@@ -88,6 +89,7 @@ impl ConnGuard {
             })
             .inc();
         let id = table.next.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(info);
         let stats = Arc::new(CopyStats::default());
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
