@@ -31,7 +31,12 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+for tool in valgrind perf gcc iperf3; do
+    command -v "$tool" >/dev/null || { echo "code-order: needs $tool (apt-get install -y valgrind linux-perf gcc iperf3)" >&2; exit 1; }
+done
 if [ $# -gt 0 ]; then
+    # The profiler's command line is split at whitespace (AMBIT_E2E_ZTUNNEL_WRAPPER).
+    case "$1" in *[[:space:]]*) echo "code-order: DIR must not contain whitespace" >&2; exit 1 ;; esac
     mkdir -p "$1"
     work=$(cd "$1" && pwd)
 else
@@ -43,7 +48,7 @@ profile() { # name, then the benchmark's environment
     local name=$1
     shift
     [ -d "$work/$name" ] && return
-    command -v valgrind >/dev/null || { echo "code-order: needs valgrind (apt-get install -y valgrind)" >&2; exit 1; }
+    rm -rf "$work/partial-$name"
     mkdir "$work/partial-$name"
     env AMBIT_E2E_ZTUNNEL_WRAPPER="valgrind --tool=callgrind --demangle=no --dump-instr=no --compress-strings=no --compress-pos=no --dump-every-bb=100000 --callgrind-out-file=$work/partial-$name/cg.%p" \
         "$@" cargo bench -p ambit-benches --bench ztunnel_e2e
@@ -56,12 +61,12 @@ profile 3-traffic AMBIT_BENCH_ONLY=stream,conns,rr
 # The same traffic without valgrind, sampled: the CPU variants valgrind cannot run
 # (AES-GCM with AVX-512, say) that this machine picks.
 if [ ! -f "$work/4-native.txt" ]; then
-    command -v perf >/dev/null || { echo "code-order: needs perf (apt-get install -y linux-perf)" >&2; exit 1; }
     perf record -o "$work/native.data" -e cpu-clock -F 4999 -a -- \
         env AMBIT_BENCH_ONLY=stream,conns,rr cargo bench -p ambit-benches --bench ztunnel_e2e
     perf script -i "$work/native.data" --no-demangle -F ip,sym,dso 2>/dev/null |
-        awk '$NF ~ /\/ztunnel\)$/ && NF == 3 { n[$2]++ } END { for (s in n) print n[s], s }' |
-        sort -rn | awk '{ print $2 }' >"$work/4-native.txt"
+        awk '$NF ~ /\/ztunnel\)$/ && NF == 3 && $2 != "[unknown]" { n[$2]++ } END { for (s in n) print n[s], s }' |
+        sort -rn | awk '{ print $2 }' >"$work/4-native.partial"
+    mv "$work/4-native.partial" "$work/4-native.txt"
     rm -f "$work/native.data"
 fi
 
@@ -77,7 +82,9 @@ done | xargs -r sed -n 's/^c\{0,1\}fn=//p' | sed "s/'[0-9]*$//" | grep -v '^0x\|
 
 # Archive members of the C code without a section per function.
 libc=$(gcc -print-file-name=libc.a)
-awslc=$(find target/x86_64-unknown-linux-gnu/release/build -name 'libaws_lc_*_crypto.a' | head -n 1)
+# The newest build of aws-lc, the one the profiled binary linked.
+awslc=$(find target/x86_64-unknown-linux-gnu/release/build -name 'libaws_lc_*_crypto.a' -printf '%T@ %p\n' |
+    sort -rn | sed -n '1s/^[^ ]* //p')
 members() { # archive, kind
     nm -A --defined-only "$1" 2>/dev/null | awk -v kind="$2" '$2 ~ /^[TtWi]$/ { n = split($1, a, ":"); print $3, kind, a[n - 1] }'
 }
@@ -100,7 +107,7 @@ awk '
             sub(/^[0-9a-f]+-/, "*-", m)
             add("*:" m "(.text)")
         }
-        if (name ~ /^_ZN/) sub(/17h[0-9a-f]+E$/, "17h*", name)
+        if (name ~ /^_ZN/) sub(/17h[0-9a-f]+E(\.[0-9]+)?$/, "17h*", name)
         if (name ~ /^_R/) gsub(/Cs[0-9A-Za-z]+_/, "Cs*_", name)
         add(".text." name " .text.unlikely." name)
     }

@@ -11,7 +11,6 @@
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -21,12 +20,16 @@ use tracing_subscriber::fmt::MakeWriter;
 /// Allocated as lines arrive, not up front.
 pub const BUFFER_LIMIT: usize = 1024 * 1024;
 
-/// How long the writer lets lines gather after the first one of a burst: the
-/// delay a line may see before it is written.
+/// How long the writer lets lines gather after the first one of a burst (less
+/// when the buffer is half full): the delay a line sees before it is written,
+/// when stdout keeps up.
 pub const LINGER: Duration = Duration::from_millis(10);
 
+/// How long exit waits for the buffered lines to be written.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 /// Installs the global subscriber; keep the guard alive until exit, its drop
-/// writes what is buffered.
+/// writes what is buffered (giving up after [`FLUSH_WAIT`] if stdout is stuck).
 pub fn init() -> LogFlush {
     let (writer, flush) = spawn(Box::new(io::stdout()), BUFFER_LIMIT, LINGER);
     tracing_subscriber::fmt()
@@ -40,11 +43,12 @@ pub fn init() -> LogFlush {
 }
 
 /// Starts the writer thread draining into `out`; lines beyond `limit` buffered
-/// bytes are dropped and counted. The [`LineWriter`] is the subscriber's writer.
-pub fn spawn(out: Box<dyn Write + Send>, limit: usize, linger: Duration) -> (LineWriter, LogFlush) {
+/// bytes are dropped and counted. The [`LogWriter`] is the subscriber's writer.
+pub fn spawn(out: Box<dyn Write + Send>, limit: usize, linger: Duration) -> (LogWriter, LogFlush) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         wake: Condvar::new(),
+        finished: Condvar::new(),
         limit,
     });
     let thread = {
@@ -53,55 +57,88 @@ pub fn spawn(out: Box<dyn Write + Send>, limit: usize, linger: Duration) -> (Lin
             .name("log-writer".into())
             .spawn(move || drain(&shared, out, linger))
     };
-    let writer = LineWriter {
+    if thread.is_err() {
+        // No writer: lines are dropped (and counted), never waited on.
+        shared.lock().finished = true;
+    }
+    let writer = LogWriter {
         shared: shared.clone(),
     };
-    // Without a writer thread (cannot spawn), lines are dropped, not blocked on.
-    let flush = LogFlush {
-        shared,
-        thread: thread.ok(),
-    };
-    (writer, flush)
+    (writer, LogFlush { shared })
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// The writer waits here for lines, and for the end of its linger.
     wake: Condvar,
+    /// Exit waits here for the writer's last write.
+    finished: Condvar,
     limit: usize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
 }
 
 #[derive(Default)]
 struct State {
     pending: Vec<u8>,
     dropped: u64,
-    /// The writer waits for a line: the next one wakes it.
+    /// The writer waits for a line: the next one (or a dropped one) wakes it.
     idle: bool,
     closing: bool,
+    finished: bool,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Appends one line, or counts it dropped when it does not fit; wakes the
+    /// writer when it waits for a first line or the buffer passes half full.
+    fn push(&self, line: &[u8]) {
+        let mut state = self.lock();
+        let before = state.pending.len();
+        let wake = if before + line.len() > self.limit {
+            state.dropped += 1;
+            std::mem::take(&mut state.idle)
+        } else {
+            // Grow at most to the limit: the bound is the buffer's size.
+            if state.pending.capacity() < before + line.len() {
+                let target = (2 * state.pending.capacity()).clamp(before + line.len(), self.limit);
+                state.pending.reserve_exact(target - before);
+            }
+            state.pending.extend_from_slice(line);
+            let half = self.limit / 2;
+            std::mem::take(&mut state.idle) || (before < half && before + line.len() >= half)
+        };
+        drop(state);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
 }
 
 /// The subscriber's writer: each `write` is one formatted line.
 #[derive(Clone)]
-pub struct LineWriter {
+pub struct LogWriter {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for LineWriter {
+impl std::fmt::Debug for LogWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LineWriter").finish_non_exhaustive()
+        f.debug_struct("LogWriter").finish_non_exhaustive()
     }
 }
 
 /// One event's handle on the buffer.
 #[derive(Debug)]
-pub struct Line<'a>(&'a LineWriter);
+pub struct Line<'a>(&'a LogWriter);
 
-impl<'a> MakeWriter<'a> for LineWriter {
+impl<'a> MakeWriter<'a> for LogWriter {
     type Writer = Line<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
@@ -111,17 +148,7 @@ impl<'a> MakeWriter<'a> for LineWriter {
 
 impl Write for Line<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let shared = &self.0.shared;
-        let mut state = shared.lock();
-        if state.pending.len() + buf.len() > shared.limit {
-            state.dropped += 1;
-        } else {
-            state.pending.extend_from_slice(buf);
-            if std::mem::take(&mut state.idle) {
-                drop(state);
-                shared.wake.notify_one();
-            }
-        }
+        self.0.shared.push(buf);
         Ok(buf.len())
     }
 
@@ -139,11 +166,14 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>, linger: Duration) {
             state.idle = true;
             state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        if !state.closing {
-            drop(state);
-            std::thread::sleep(linger);
-            state = shared.lock();
-        }
+        // The burst gathers until the linger ends, the buffer is half full or
+        // the process exits.
+        let half = shared.limit / 2;
+        state = shared
+            .wake
+            .wait_timeout_while(state, linger, |s| !s.closing && s.pending.len() < half)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
         std::mem::swap(&mut state.pending, &mut batch);
         let dropped = std::mem::take(&mut state.dropped);
         let closing = state.closing && state.pending.is_empty();
@@ -161,181 +191,32 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>, linger: Duration) {
             batch = Vec::new();
         }
         if closing {
+            shared.lock().finished = true;
+            shared.finished.notify_all();
             return;
         }
     }
 }
 
-/// Writes what is buffered when dropped (at exit).
+/// Writes what is buffered when dropped (at exit), waiting at most
+/// [`FLUSH_WAIT`]: a stuck stdout must not keep the process from exiting.
 #[derive(Debug)]
 pub struct LogFlush {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
-    }
 }
 
 impl Drop for LogFlush {
     fn drop(&mut self) {
-        self.shared.lock().closing = true;
+        let mut state = self.shared.lock();
+        state.closing = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let _written = self
+            .shared
+            .finished
+            .wait_timeout_while(state, FLUSH_WAIT, |s| !s.finished)
+            .unwrap_or_else(|e| e.into_inner());
     }
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-    use std::sync::mpsc;
-    use std::time::Instant;
-
-    use super::*;
-
-    /// A sink that records each `write` call, and can be held shut.
-    #[derive(Clone, Default)]
-    struct Sink {
-        writes: Arc<Mutex<Vec<Vec<u8>>>>,
-        gate: Arc<Mutex<()>>,
-    }
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let _open = self.gate.lock().unwrap();
-            self.writes.lock().unwrap().push(buf.to_vec());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Sink {
-        fn text(&self) -> String {
-            String::from_utf8(self.writes.lock().unwrap().concat()).unwrap()
-        }
-        fn calls(&self) -> usize {
-            self.writes.lock().unwrap().len()
-        }
-    }
-
-    /// Waits until the writer thread waits for lines.
-    fn wait_idle(writer: &LineWriter) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !writer.shared.lock().idle {
-            assert!(Instant::now() < deadline, "the writer thread never waited");
-            std::thread::yield_now();
-        }
-    }
-
-    fn line(writer: &LineWriter, text: &str) {
-        writer.make_writer().write_all(text.as_bytes()).unwrap();
-    }
-
-    #[test]
-    fn lines_from_many_threads_arrive_whole_and_in_order_per_thread() {
-        let sink = Sink::default();
-        let (writer, flush) = spawn(Box::new(sink.clone()), BUFFER_LIMIT, LINGER);
-        wait_idle(&writer);
-        std::thread::scope(|s| {
-            for t in 0..4 {
-                let writer = &writer;
-                s.spawn(move || {
-                    for i in 0..500 {
-                        line(
-                            writer,
-                            &format!("thread {t} line {i} {}\n", "x".repeat(i % 97)),
-                        );
-                    }
-                });
-            }
-        });
-        drop(flush);
-        let text = sink.text();
-        let mut next = [0usize; 4];
-        for l in text.lines() {
-            let words: Vec<&str> = l.split(' ').collect();
-            let (t, i): (usize, usize) = (words[1].parse().unwrap(), words[3].parse().unwrap());
-            assert_eq!(i, next[t], "thread {t}'s lines out of order: {l}");
-            assert_eq!(words[4].len(), i % 97, "line cut: {l}");
-            next[t] += 1;
-        }
-        assert_eq!(next, [500; 4], "every line arrives once");
-    }
-
-    #[test]
-    fn a_burst_of_lines_is_written_in_a_few_calls() {
-        let sink = Sink::default();
-        // A long linger, so that a slow test machine still fits the burst in it.
-        let (writer, flush) = spawn(
-            Box::new(sink.clone()),
-            BUFFER_LIMIT,
-            Duration::from_millis(300),
-        );
-        wait_idle(&writer);
-        for i in 0..2000 {
-            line(&writer, &format!("line {i}\n"));
-        }
-        // Written by the writer on its own, not by the flush at the end.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sink.text().lines().count() < 2000 {
-            assert!(Instant::now() < deadline, "the lines were not written");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        drop(flush);
-        // The first line wakes the writer; the rest land within its linger.
-        assert!(sink.calls() <= 2, "2000 lines took {} writes", sink.calls());
-    }
-
-    #[test]
-    fn a_stalled_reader_costs_lines_not_time_and_the_loss_is_reported() {
-        let sink = Sink::default();
-        let shut = sink.gate.lock().unwrap();
-        let (writer, flush) = spawn(Box::new(sink.clone()), 4096, Duration::from_millis(1));
-        // The first line goes to the (blocked) writer thread; wait until it has it.
-        line(&writer, "first\n");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !writer.shared.lock().pending.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "the writer never took the first line"
-            );
-            std::thread::yield_now();
-        }
-        // Writing 1 MiB into a 4 KiB buffer returns at once: lines are dropped.
-        let (done_tx, done_rx) = mpsc::channel();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for i in 0..10_000 {
-                    line(&writer, &format!("line {i:05} {}\n", "y".repeat(90)));
-                }
-                done_tx.send(()).unwrap();
-            });
-            done_rx
-                .recv_timeout(Duration::from_secs(10))
-                .expect("writing lines blocked on a stalled reader");
-        });
-        drop(shut);
-        drop(flush);
-        let text = sink.text();
-        let kept = text.lines().filter(|l| l.starts_with("line ")).count();
-        assert!(
-            kept > 0 && kept < 100,
-            "{kept} lines kept of 10,000 in 4 KiB"
-        );
-        let notice = text
-            .lines()
-            .find(|l| l.starts_with("log: "))
-            .expect("a notice of the dropped lines");
-        assert_eq!(
-            notice,
-            format!("log: {} lines dropped, stdout too slow", 10_000 - kept)
-        );
-    }
-}
+mod tests;

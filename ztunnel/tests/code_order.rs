@@ -77,6 +77,12 @@ impl Elf<'_> {
 
 #[test]
 fn start_up_code_is_gathered_at_the_front_of_the_binary() {
+    if option_env!("AMBIT_DEFAULT_CODE_LAYOUT").is_some() {
+        eprintln!(
+            "SKIPPED: built with AMBIT_DEFAULT_CODE_LAYOUT (build.rs links without code-order.ld)"
+        );
+        return;
+    }
     let bytes = std::fs::read(env!("CARGO_BIN_EXE_ztunnel")).unwrap();
     let elf = Elf(&bytes);
     let sections = elf.sections();
@@ -91,8 +97,10 @@ fn start_up_code_is_gathered_at_the_front_of_the_binary() {
         "{ORDER_SECTION} comes before .text"
     );
     // The profile's functions, found by name without their per-build hashes: in a
-    // release build about a third of the code, in a test build less (more, smaller
-    // functions), never a sliver.
+    // release build more than half of the code, in a test build less (more,
+    // smaller functions), never a sliver. (Whether the exact symbols of
+    // code-order.txt still match a release build is the idle-memory benchmark's
+    // to tell: a test build's hashes differ from the release build's anyway.)
     assert!(
         order.size > 512 * 1024,
         "{ORDER_SECTION} holds only {} bytes: the patterns of code-order.ld no longer match this build",
