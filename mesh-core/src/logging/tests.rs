@@ -33,13 +33,20 @@ impl Sink {
     }
 }
 
+/// Waits (at most 10 s) until `done` holds; `what` names it when it never does.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits until the writer thread waits for lines.
 fn wait_idle(writer: &LogWriter) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !writer.shared.lock().idle {
-        assert!(Instant::now() < deadline, "the writer thread never waited");
-        std::thread::yield_now();
-    }
+    wait_until("the writer thread never waited", || {
+        writer.shared.lock().idle
+    });
 }
 
 fn line(writer: &LogWriter, text: &str) {
@@ -91,11 +98,9 @@ fn a_burst_of_lines_is_written_in_a_few_calls() {
         line(&writer, &format!("line {i}\n"));
     }
     // Written by the writer on its own, not by the flush at the end.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sink.text().lines().count() < 2000 {
-        assert!(Instant::now() < deadline, "the lines were not written");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("the lines were not written", || {
+        sink.text().lines().count() >= 2000
+    });
     drop(flush);
     // The first line wakes the writer; the rest land within its linger.
     assert!(sink.calls() <= 2, "2000 lines took {} writes", sink.calls());
@@ -108,14 +113,9 @@ fn a_stalled_reader_costs_lines_not_time_and_the_loss_is_reported() {
     let (writer, flush) = spawn(Box::new(sink.clone()), 4096, Duration::from_millis(1));
     // The first line goes to the (blocked) writer thread; wait until it has it.
     line(&writer, "first\n");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !writer.shared.lock().pending.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the writer never took the first line"
-        );
-        std::thread::yield_now();
-    }
+    wait_until("the writer never took the first line", || {
+        writer.shared.lock().pending.is_empty()
+    });
     // Writing 1 MiB into a 4 KiB buffer returns at once: lines are dropped.
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::scope(|s| {
@@ -156,14 +156,9 @@ fn a_half_full_buffer_is_written_without_waiting_for_the_linger() {
     for i in 0..30 {
         line(&writer, &format!("line {i:02} {}\n", "z".repeat(90)));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sink.text().lines().count() < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "a buffer past half full waited for the linger"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("a buffer past half full waited for the linger", || {
+        sink.text().lines().count() >= 20
+    });
     // Close without waiting out the linger (the flush cuts it short).
     let start = Instant::now();
     drop(flush);
@@ -186,9 +181,5 @@ fn exit_does_not_wait_for_a_stuck_stdout_longer_than_the_flush_deadline() {
     );
     // Unstuck, the writer still writes what it had.
     drop(shut);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sink.text() != "stuck\n" {
-        assert!(Instant::now() < deadline, "the line never reached stdout");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("the line never reached stdout", || sink.text() == "stuck\n");
 }
