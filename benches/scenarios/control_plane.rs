@@ -20,6 +20,7 @@ use ambit_benches::cluster_yaml::{
 };
 use ambit_benches::cpu::CpuSnapshot;
 use ambit_benches::istiod::{self, Addrs, Istiod, metric_sum, wait_all_acked};
+use ambit_benches::procfs;
 use ambit_benches::xds_load::{Fleet, FleetSpec, TYPE_URLS};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -181,7 +182,7 @@ async fn run(settings: &Settings) -> Result<(), Error> {
     let end = rss.sample(&istiod);
     let (anon, file) = (istiod.status_kib("RssAnon:"), istiod.status_kib("RssFile:"));
     let peak = mib(rss.peak.max(istiod.status_kib("VmHWM:")));
-    let load_rss = istiod::status_kib(std::process::id(), "VmRSS:");
+    let load_rss = procfs::status_kib(std::process::id(), "VmRSS:").unwrap_or(0);
     drop(fleet);
     // What stays once every stream is closed: per-client state, or not.
     sleep(Duration::from_secs(2)).await;
@@ -331,7 +332,7 @@ impl Counters {
             push_secs: metric_sum(addrs, "istiod_xds_push_latency_seconds_sum").await?,
             pushes: metric_sum(addrs, "istiod_xds_push_latency_seconds_count").await?,
             istiod_cpu: istiod.cpu_secs(),
-            own_cpu: istiod::cpu_secs(std::process::id()),
+            own_cpu: procfs::cpu_secs(std::process::id()).unwrap_or(0.0),
         })
     }
 }

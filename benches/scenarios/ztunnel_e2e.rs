@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ambit_benches::cpu::CpuSnapshot;
+use ambit_benches::procfs::{cpu_secs, status_kib};
 use ambit_benches::report::{Summary, verdict};
 use ambit_benches::{Row, Sample, Series, Table};
 use ambit_e2e::process::run_output;
@@ -99,47 +101,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A process's resident memory in KiB (`VmRSS` of `/proc/<pid>/status`).
-fn rss_kib(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A number field of `/proc/<pid>/status` (KiB for the memory fields).
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// A process's CPU time so far (user + system), in seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    // USER_HZ is 100 on every Linux this runs on.
-    Some((utime + stime) as f64 / 100.0)
-}
-
-/// Non-idle and total ticks of all CPUs (`/proc/stat`).
-fn machine_busy() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .take(8)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let total: u64 = fields.iter().sum();
-    Some((total - fields.get(3)? - fields.get(4)?, total))
-}
-
-fn ncpus() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
-}
-
 /// CPU seconds each ztunnel used between two readings (NaN where unreadable).
 fn used(before: [Option<f64>; 2], after: [Option<f64>; 2]) -> [f64; 2] {
     [0, 1].map(|i| after[i].zip(before[i]).map_or(f64::NAN, |(a, b)| a - b))
@@ -192,7 +153,7 @@ async fn run() -> Result<(), Error> {
     if comm.trim() != "ztunnel" && !wrapped {
         return Err(format!("pid {} is {comm:?}, not ztunnel", ztunnel[0]).into());
     }
-    let rss_empty = rss_kib(ztunnel[0]).ok_or("no VmRSS for ztunnel 1")?;
+    let rss_empty = status_kib(ztunnel[0], "VmRSS:").ok_or("no VmRSS for ztunnel 1")?;
     let out = |name: &str, node| {
         PodSpec::new(name, node)
             .namespace("bench")
@@ -220,12 +181,13 @@ async fn run() -> Result<(), Error> {
     if !istiod {
         mesh.write_state("").await?;
     }
-    let busy_before = machine_busy();
+    let busy_before = CpuSnapshot::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_busy = busy_before.zip(machine_busy()).map(|((b0, t0), (b1, t1))| {
-        (b1 - b0) as f64 / (t1 - t0).max(1) as f64 * f64::from(ncpus())
-    });
-    let rss_idle = rss_kib(ztunnel[0]).ok_or("no VmRSS for ztunnel 1")?;
+    let idle_busy = busy_before
+        .zip(CpuSnapshot::now())
+        .and_then(|(a, b)| a.until(&b))
+        .map(|u| u.process + u.others);
+    let rss_idle = status_kib(ztunnel[0], "VmRSS:").ok_or("no VmRSS for ztunnel 1")?;
     println!(
         "ztunnel {} ({}, state from {}), node 1 VmRSS: {:.2} MiB with no pods, {:.2} MiB idle with {IDLE_PODS} enrolled pods",
         workspace_profile(),
@@ -406,7 +368,7 @@ fn sample_rss(
         let mut peak = [0u64; 2];
         loop {
             for (p, pid) in peak.iter_mut().zip(pids) {
-                *p = (*p).max(rss_kib(pid).unwrap_or(0));
+                *p = (*p).max(status_kib(pid, "VmRSS:").unwrap_or(0));
             }
             tokio::select! {
                 _ = &mut stopped => return peak,

@@ -176,12 +176,12 @@ impl Istiod {
 
     /// A field of its `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
     pub fn status_kib(&self, field: &str) -> u64 {
-        status_kib(self.pid, field)
+        crate::procfs::status_kib(self.pid, field).unwrap_or(0)
     }
 
     /// CPU seconds used so far (user + system).
     pub fn cpu_secs(&self) -> f64 {
-        cpu_secs(self.pid)
+        crate::procfs::cpu_secs(self.pid).unwrap_or(0.0)
     }
 }
 
@@ -190,34 +190,6 @@ impl Drop for Istiod {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A field of `/proc/<pid>/status` in KiB, 0 when unreadable.
-pub fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with(field))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-/// A process's CPU time so far (user + system), in seconds; 0 when unreadable.
-pub fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields resume after the command name's last ')': utime and stime are
-    // fields 14 and 15. USER_HZ is 100 on every Linux this runs on.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    fields.iter().sum::<u64>() as f64 / 100.0
 }
 
 /// The debug view of connected clients (`/debug/clients`).

@@ -12,7 +12,8 @@
 //! - [`cluster_yaml`], [`istiod`] and [`xds_load`]: the `control_plane` scenario's
 //!   generated cluster config, the istiod-lite process it measures, and its
 //!   simulated delta xDS clients.
-//! - [`smaps`]: a process's resident memory per mapping (`ztunnel_e2e`'s idle figure).
+//! - [`procfs`] and [`smaps`]: another process's memory and CPU time, and its
+//!   resident memory per mapping (`ztunnel_e2e`'s idle figure).
 
 pub mod cluster_yaml;
 pub mod compare;
@@ -21,6 +22,7 @@ pub mod direct;
 pub mod istiod;
 pub mod load;
 pub mod mesh;
+pub mod procfs;
 pub mod report;
 pub mod settings;
 mod size;
