@@ -16,6 +16,8 @@ const SCENARIO: &str = "1 tunnel, bulk one way";
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // As ztunnel does at start (mesh_core::os::prefer_vector_copies).
+    let copies = mesh_core::os::prefer_vector_copies();
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Ok(Ok(table)) => {
             println!();
             print!("{table}");
+            println!("{copies}");
             ExitCode::SUCCESS
         }
         Ok(Err(e)) => {

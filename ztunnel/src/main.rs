@@ -14,9 +14,18 @@ use ztunnel::config::Config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread starts: every copy of the process is affected.
+    let copies = mesh_core::os::prefer_vector_copies();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(copies))
+}
+
+async fn run(copies: mesh_core::os::CopyTuning) -> anyhow::Result<()> {
     let _log_flush = mesh_core::logging::init();
+    tracing::info!("{copies}");
     let config = Config::parse();
     let app = Arc::new(App::start(config).await?);
     tokio::spawn(ztunnel::inpod::run(app.clone()));
