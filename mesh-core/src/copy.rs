@@ -120,6 +120,27 @@ by_copy!(
     tokio::io::DuplexStream,
 );
 
+/// Most bytes [`take_ready`] takes.
+pub const EARLY_DATA_MAX: usize = 4096;
+
+/// What `stream` already holds, up to [`EARLY_DATA_MAX`] bytes, without waiting
+/// (`MSG_DONTWAIT`): a captured client's first bytes, to send with the CONNECT
+/// rather than a round trip after it. Empty when nothing has arrived yet, or at
+/// EOF (the splice sees the EOF again); an error means the peer is gone.
+pub fn take_ready(stream: &tokio::net::TcpStream) -> io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; EARLY_DATA_MAX];
+    match nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(Bytes::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Live byte counts of a splice, readable while it runs (metrics, admin view).
 #[derive(Debug, Default)]
 pub struct CopyStats {
@@ -128,6 +149,12 @@ pub struct CopyStats {
 }
 
 impl CopyStats {
+    /// Counts `n` bytes moved from `a` to `b` outside the splice (e.g. early data
+    /// sent with a CONNECT before the splice started).
+    pub fn count_a_to_b(&self, n: u64) {
+        self.a_to_b.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Bytes read from `a` and written to `b` so far.
     pub fn a_to_b(&self) -> u64 {
         self.a_to_b.load(Ordering::Relaxed)

@@ -80,6 +80,12 @@ pub struct ConnectRequest {
     pub source: SourceMetadata,
     /// Carried in `traceparent`.
     pub trace: TraceParent,
+    /// Bytes the caller already holds for the target (e.g. what a captured client
+    /// sent before its connection was accepted): sent in a DATA frame right behind
+    /// the CONNECT, in the same flush, instead of a round trip later. The server
+    /// decides on the CONNECT before it reads any of it; a refused CONNECT's early
+    /// data is dropped unread. Empty: nothing is sent before the answer.
+    pub early_data: Bytes,
 }
 
 impl ConnectRequest {
@@ -88,6 +94,7 @@ impl ConnectRequest {
             target,
             source: SourceMetadata::default(),
             trace: TraceParent::new_root(),
+            early_data: Bytes::new(),
         }
     }
 }
@@ -158,7 +165,8 @@ pub(crate) async fn open_connection<D: TcpDialer>(
         .map_err(|error| ConnectError::Http2 { addr, error })
 }
 
-/// Sends one CONNECT and waits for the answer; 2xx gives the stream halves.
+/// Sends one CONNECT (and the request's early data behind it) and waits for the
+/// answer; 2xx gives the stream halves.
 pub(crate) async fn send_connect(
     send: &SendRequest<Bytes>,
     next_hop: SocketAddr,
@@ -192,7 +200,13 @@ pub(crate) async fn send_connect(
         request.headers_mut().insert(TRACEPARENT, v);
     }
     let mut send = send.clone().ready().await.map_err(h2_err)?;
-    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+    let (response, mut stream) = send.send_request(request, false).map_err(h2_err)?;
+    if !req.early_data.is_empty() {
+        // Queued behind the HEADERS frame: the connection task writes both at once.
+        stream
+            .send_data(req.early_data.clone(), false)
+            .map_err(h2_err)?;
+    }
     let response = response.await.map_err(h2_err)?;
     if !response.status().is_success() {
         let reason = response

@@ -6,12 +6,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use mesh_core::SpiffeId;
 use mesh_core::copy::copy_bidirectional;
 use mesh_core::drain::DrainWatcher;
 use mesh_core::hbone::{
     ConnectError, ConnectRequest, HBONE_PORT, HbonePool, PoolKey, SourceMetadata, TraceParent,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::accept::accept_loop;
@@ -65,11 +67,21 @@ impl Outbound {
 
     /// Carries one connection from this pod to `dst`.
     pub async fn proxy(&self, mut client: TcpStream, src: SocketAddr, dst: SocketAddr) {
-        let Some((mut upstream, info)) = self.connect(src, dst).await else {
+        // What the client sent before it was accepted goes with the CONNECT.
+        let early = match mesh_core::copy::take_ready(&client) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(%src, %dst, error = %e, "client gone before its connection was proxied");
+                return;
+            }
+        };
+        let early_len = early.len() as u64;
+        let Some((mut upstream, info)) = self.connect(src, dst, early).await else {
             return;
         };
         let mut guard =
             ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        guard.stats().count_a_to_b(early_len);
         let copied = match &mut upstream {
             Upstream::Tcp(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
             Upstream::Hbone(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
@@ -79,9 +91,15 @@ impl Outbound {
         }
     }
 
-    /// Opens the upstream of a connection from this pod to `dst`; a refusal is
-    /// counted and recorded in the why log, and gives `None`.
-    pub async fn connect(&self, src: SocketAddr, dst: SocketAddr) -> Option<(Upstream, ConnInfo)> {
+    /// Opens the upstream of a connection from this pod to `dst` and sends it
+    /// `early` (bytes the client already sent); a refusal is counted and recorded in
+    /// the why log, and gives `None`.
+    pub async fn connect(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        early: Bytes,
+    ) -> Option<(Upstream, ConnInfo)> {
         let state = self.inputs.state.snapshot();
         let route = match state.route(dst) {
             Ok(r) => r,
@@ -96,7 +114,11 @@ impl Outbound {
         };
         match route {
             Route::Passthrough { addr } => {
-                let upstream = match self.net.connect(addr, None).await {
+                let connected = match self.net.connect(addr, None).await {
+                    Ok(mut s) => s.write_all(&early).await.map(|()| s),
+                    Err(e) => Err(e),
+                };
+                let upstream = match connected {
                     Ok(s) => s,
                     Err(e) => {
                         return self.refused(
@@ -140,6 +162,7 @@ impl Outbound {
                         ..Default::default()
                     },
                     trace: TraceParent::new_root(),
+                    early_data: early,
                 };
                 let tunnel = match self.pool.connect(key, req).await {
                     Ok(t) => t,

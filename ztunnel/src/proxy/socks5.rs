@@ -121,7 +121,8 @@ impl Socks5 {
             self.pool.clone(),
             self.inputs.clone(),
         );
-        let Some((mut upstream, info)) = outbound.connect(src, dst).await else {
+        let Some((mut upstream, info)) = outbound.connect(src, dst, bytes::Bytes::new()).await
+        else {
             return reply(&mut client, REP_NOT_ALLOWED).await;
         };
         reply(&mut client, REP_OK).await?;
