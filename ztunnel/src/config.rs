@@ -121,6 +121,12 @@ pub struct Config {
     /// Most connections a pod's listener handles at once.
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Threads that run the proxies (Istio's ZTUNNEL_WORKER_THREADS). Each adds a
+    /// core's worth of capacity; on a small node one costs less CPU per connection,
+    /// as the workers no longer wake each other (docs/benchmarks.md).
+    #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: u16,
 }
 
 /// `host:port`, the port 1-65535.
@@ -176,6 +182,7 @@ mod tests {
         assert!(!c.socks5);
         assert_eq!(c.cert_ttl, Duration::from_secs(24 * 3600));
         assert_eq!(c.pool_max_streams, 100);
+        assert_eq!(c.worker_threads, 2);
     }
 
     #[test]
@@ -193,6 +200,9 @@ mod tests {
         assert!(err.contains("--pool-max-streams"), "{err}");
         let err = parse(&["--ca-cert", "/x"]).unwrap_err().to_string();
         assert!(err.contains("--ca-key"), "{err}");
+        let err = parse(&["--worker-threads", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--worker-threads"), "{err}");
+        assert_eq!(parse(&["--worker-threads", "1"]).unwrap().worker_threads, 1);
     }
 
     #[test]

@@ -17,16 +17,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     // Before any thread starts: every copy of the process is affected.
     let copies = mesh_core::os::prefer_vector_copies();
+    let config = Config::parse();
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads.into())
         .enable_all()
         .build()?
-        .block_on(run(copies))
+        .block_on(run(config, copies))
 }
 
-async fn run(copies: mesh_core::os::CopyTuning) -> anyhow::Result<()> {
+async fn run(config: Config, copies: mesh_core::os::CopyTuning) -> anyhow::Result<()> {
     let _log_flush = mesh_core::logging::init();
     tracing::info!("{copies}");
-    let config = Config::parse();
     let app = Arc::new(App::start(config).await?);
     tokio::spawn(ztunnel::inpod::run(app.clone()));
     app.set_ready();
