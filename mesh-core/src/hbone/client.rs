@@ -39,6 +39,10 @@ pub enum ConnectError {
     },
     #[error("HTTP/2 with {addr}: {error}")]
     Http2 { addr: SocketAddr, error: h2::Error },
+    /// The CONNECT and its early data were sent, then the stream failed without an
+    /// answer: the server may have delivered the data, so it is not sent again.
+    #[error("HTTP/2 with {addr} failed after the CONNECT and its early data were sent: {error}")]
+    AfterEarlyData { addr: SocketAddr, error: h2::Error },
     #[error("CONNECT {target} refused by {addr}: {status} {reason}")]
     Refused {
         addr: SocketAddr,
@@ -64,6 +68,11 @@ impl ConnectError {
                 error.is_go_away()
                     || error.is_io()
                     || error.reason() == Some(h2::Reason::REFUSED_STREAM)
+            }
+            // REFUSED_STREAM alone proves the server processed nothing of the stream
+            // (RFC 9113, 8.7); a GOAWAY or an I/O error does not.
+            Self::AfterEarlyData { error, .. } => {
+                error.reason() == Some(h2::Reason::REFUSED_STREAM)
             }
             Self::Dial { .. } | Self::Timeout { .. } => true,
             _ => false,
@@ -207,7 +216,16 @@ pub(crate) async fn send_connect(
             .send_data(req.early_data.clone(), false)
             .map_err(h2_err)?;
     }
-    let response = response.await.map_err(h2_err)?;
+    let response = response.await.map_err(|error| {
+        if req.early_data.is_empty() {
+            h2_err(error)
+        } else {
+            ConnectError::AfterEarlyData {
+                addr: next_hop,
+                error,
+            }
+        }
+    })?;
     if !response.status().is_success() {
         let reason = response
             .headers()
@@ -223,4 +241,46 @@ pub(crate) async fn send_connect(
         });
     }
     Ok((stream, response.into_body()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_whose_early_data_was_sent_is_retried_only_after_refused_stream() {
+        let addr: SocketAddr = "198.18.0.1:15008"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let err = |reason| h2::Error::from(reason);
+        assert!(
+            ConnectError::Http2 {
+                addr,
+                error: err(h2::Reason::REFUSED_STREAM)
+            }
+            .is_retryable()
+        );
+        // With early data sent, only a refusal that proves nothing was processed.
+        assert!(
+            ConnectError::AfterEarlyData {
+                addr,
+                error: err(h2::Reason::REFUSED_STREAM)
+            }
+            .is_retryable()
+        );
+        for reason in [
+            h2::Reason::NO_ERROR,
+            h2::Reason::CANCEL,
+            h2::Reason::INTERNAL_ERROR,
+        ] {
+            assert!(
+                !ConnectError::AfterEarlyData {
+                    addr,
+                    error: err(reason)
+                }
+                .is_retryable(),
+                "{reason:?}"
+            );
+        }
+    }
 }

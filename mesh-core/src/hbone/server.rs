@@ -45,6 +45,11 @@ impl Refusal {
 pub trait ConnectHandler: Send + Sync + 'static {
     /// Answers with [`InboundConnect::accept`] once the upstream is ready, or
     /// [`InboundConnect::refuse`]; dropping it unanswered sends 503.
+    ///
+    /// The client may have sent data behind the CONNECT before any answer (early
+    /// data, `ConnectRequest::early_data`); it becomes readable only through the
+    /// stream `accept` returns, so a handler decides on the CONNECT before any of
+    /// it can reach an upstream, and a refusal drops it unread.
     fn handle(&self, connect: InboundConnect) -> impl Future<Output = ()> + Send;
 }
 

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_core::SpiffeId;
@@ -77,6 +78,11 @@ impl Outbound {
         };
         let early_len = early.len() as u64;
         let Some((mut upstream, info)) = self.connect(src, dst, early).await else {
+            // Refused: the client sees a reset, not an orderly close (its early
+            // bytes were read, so closing would otherwise send a FIN).
+            if let Err(e) = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)) {
+                tracing::debug!(%src, error = %e, "SO_LINGER on a refused connection");
+            }
             return;
         };
         let mut guard =
@@ -114,11 +120,7 @@ impl Outbound {
         };
         match route {
             Route::Passthrough { addr } => {
-                let connected = match self.net.connect(addr, None).await {
-                    Ok(mut s) => s.write_all(&early).await.map(|()| s),
-                    Err(e) => Err(e),
-                };
-                let upstream = match connected {
+                let mut upstream = match self.net.connect(addr, None).await {
                     Ok(s) => s,
                     Err(e) => {
                         return self.refused(
@@ -130,6 +132,18 @@ impl Outbound {
                         );
                     }
                 };
+                if let Err(e) = upstream.write_all(&early).await {
+                    return self.refused(
+                        src,
+                        addr,
+                        None,
+                        "upstream_reset",
+                        format!(
+                            "{addr} closed before it took the first {} bytes: {e}",
+                            early.len()
+                        ),
+                    );
+                }
                 let info = ConnInfo {
                     direction: "outbound",
                     source: src,
