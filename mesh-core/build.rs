@@ -8,7 +8,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(ambit_glibc_copy_thresholds)");
     println!("cargo::rerun-if-env-changed=AMBIT_NO_COPY_TUNING");
     println!("cargo::rerun-if-changed=build.rs");
-    if std::env::var_os("AMBIT_NO_COPY_TUNING").is_some() {
+    if std::env::var("AMBIT_NO_COPY_TUNING").is_ok_and(|v| v == "1") {
         return;
     }
     let var = |k: &str| std::env::var(k).unwrap_or_default();

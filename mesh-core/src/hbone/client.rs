@@ -69,10 +69,8 @@ impl ConnectError {
                     || error.is_io()
                     || error.reason() == Some(h2::Reason::REFUSED_STREAM)
             }
-            // REFUSED_STREAM alone proves the server processed nothing of the stream
-            // (RFC 9113, 8.7); a GOAWAY or an I/O error does not.
             Self::AfterEarlyData { error, .. } => {
-                error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                retry_after_early_data(error.is_go_away() && error.is_remote(), error.reason())
             }
             Self::Dial { .. } | Self::Timeout { .. } => true,
             _ => false,
@@ -105,6 +103,21 @@ impl ConnectRequest {
             trace: TraceParent::new_root(),
             early_data: Bytes::new(),
         }
+    }
+}
+
+/// Whether a CONNECT whose early data was sent may be sent again, given how its
+/// stream failed: only when the server provably processed none of it. REFUSED_STREAM
+/// says so (RFC 9113, 8.7), and so does a graceful GOAWAY (NO_ERROR) from the
+/// server: the streams it processes before closing complete, so one that fails
+/// with it was above its last stream id. An I/O error or an error GOAWAY says
+/// nothing: the data may have reached the destination, and is not sent twice (the
+/// client's connection fails instead, as any connection a crash cuts).
+fn retry_after_early_data(remote_go_away: bool, reason: Option<h2::Reason>) -> bool {
+    match reason {
+        Some(h2::Reason::REFUSED_STREAM) => true,
+        Some(h2::Reason::NO_ERROR) => remote_go_away,
+        _ => false,
     }
 }
 
@@ -248,39 +261,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_connect_whose_early_data_was_sent_is_retried_only_after_refused_stream() {
+    fn a_connect_whose_early_data_was_sent_is_retried_only_when_provably_unprocessed() {
+        use h2::Reason;
+        assert!(retry_after_early_data(false, Some(Reason::REFUSED_STREAM)));
+        assert!(retry_after_early_data(true, Some(Reason::REFUSED_STREAM)));
+        // A graceful GOAWAY from the server: the stream was above its last id.
+        assert!(retry_after_early_data(true, Some(Reason::NO_ERROR)));
+        // NO_ERROR without a GOAWAY from the server (e.g. a reset of our own).
+        assert!(!retry_after_early_data(false, Some(Reason::NO_ERROR)));
+        // An I/O error (no reason) or an error GOAWAY: maybe delivered.
+        assert!(!retry_after_early_data(false, None));
+        assert!(!retry_after_early_data(true, Some(Reason::INTERNAL_ERROR)));
+        assert!(!retry_after_early_data(true, Some(Reason::PROTOCOL_ERROR)));
+        assert!(!retry_after_early_data(false, Some(Reason::CANCEL)));
+        // The error variants use it: a stream error with a reason goes through it.
         let addr: SocketAddr = "198.18.0.1:15008"
             .parse()
             .unwrap_or_else(|_| unreachable!());
-        let err = |reason| h2::Error::from(reason);
-        assert!(
-            ConnectError::Http2 {
-                addr,
-                error: err(h2::Reason::REFUSED_STREAM)
-            }
-            .is_retryable()
-        );
-        // With early data sent, only a refusal that proves nothing was processed.
         assert!(
             ConnectError::AfterEarlyData {
                 addr,
-                error: err(h2::Reason::REFUSED_STREAM)
+                error: h2::Error::from(Reason::REFUSED_STREAM)
             }
             .is_retryable()
         );
-        for reason in [
-            h2::Reason::NO_ERROR,
-            h2::Reason::CANCEL,
-            h2::Reason::INTERNAL_ERROR,
-        ] {
-            assert!(
-                !ConnectError::AfterEarlyData {
-                    addr,
-                    error: err(reason)
-                }
-                .is_retryable(),
-                "{reason:?}"
-            );
-        }
+        assert!(
+            !ConnectError::AfterEarlyData {
+                addr,
+                error: h2::Error::from(Reason::CANCEL)
+            }
+            .is_retryable()
+        );
     }
 }

@@ -102,11 +102,7 @@ pub fn prefer_vector_copies() -> CopyTuning {
     imp::apply()
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_env = "gnu",
-    target_feature = "crt-static"
-))]
+#[cfg(ambit_glibc_copy_thresholds)]
 mod imp {
     use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -158,11 +154,7 @@ mod imp {
     }
 }
 
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_env = "gnu",
-    target_feature = "crt-static"
-)))]
+#[cfg(not(ambit_glibc_copy_thresholds))]
 mod imp {
     use super::CopyTuning;
 
