@@ -88,8 +88,9 @@ pub struct ConnectRequest {
     /// Carried in `traceparent`.
     pub trace: TraceParent,
     /// Bytes the caller already holds for the target (e.g. what a captured client
-    /// sent before its connection was accepted): sent in a DATA frame right behind
-    /// the CONNECT, in the same flush, instead of a round trip later. The server
+    /// sent before its connection was accepted): queued as a DATA frame right
+    /// behind the CONNECT (usually written with it, flow control permitting)
+    /// instead of a round trip later. The server
     /// decides on the CONNECT before it reads any of it; a refused CONNECT's early
     /// data is dropped unread. Empty: nothing is sent before the answer.
     pub early_data: Bytes,

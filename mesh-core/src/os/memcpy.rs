@@ -78,6 +78,19 @@ fn is_amd(cpuinfo: &str) -> bool {
         .is_some_and(|(_, v)| v.trim() == "AuthenticAMD")
 }
 
+/// What the decision reads from the process's surroundings: `GLIBC_TUNABLES`
+/// (bytes, as glibc reads it, so a non-UTF-8 value still counts), and whether the
+/// processor is AMD, from the head of `/proc/cpuinfo` (the first processor's
+/// `vendor_id`; the whole file grows with the core count, and this runs at start).
+fn environment() -> (Option<String>, bool) {
+    use std::io::Read;
+    let tunables = std::env::var_os("GLIBC_TUNABLES").map(|t| t.to_string_lossy().into_owned());
+    let mut head = Vec::new();
+    // Unreadable: not AMD as far as we know, glibc's choice stands.
+    let _ = std::fs::File::open("/proc/cpuinfo").and_then(|f| f.take(4096).read_to_end(&mut head));
+    (tunables, is_amd(&String::from_utf8_lossy(&head)))
+}
+
 /// The new threshold, given the operator's `GLIBC_TUNABLES`, the processor's
 /// vendor and glibc's values.
 fn decide(tunables: Option<&str>, amd: bool, threshold: i64, stop: i64) -> CopyTuning {
@@ -106,7 +119,7 @@ pub fn prefer_vector_copies() -> CopyTuning {
 mod imp {
     use std::sync::atomic::{AtomicI64, Ordering};
 
-    use super::{CopyTuning, decide, is_amd};
+    use super::{CopyTuning, decide, environment};
 
     // glibc 2.34 and later, sysdeps/x86/cacheinfo.h: `long int` variables that
     // `memmove-vec-unaligned-erms` reads on every call, set once at start from the
@@ -125,13 +138,10 @@ mod imp {
         // value, both valid). No Rust code but this module touches them.
         let (threshold, stop) =
             unsafe { (&__x86_rep_movsb_threshold, &__x86_rep_movsb_stop_threshold) };
-        // Read as glibc does, bytes, so a non-UTF-8 value still counts.
-        let tunables = std::env::var_os("GLIBC_TUNABLES");
-        let tunables = tunables.as_ref().map(|t| t.to_string_lossy());
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let (tunables, amd) = environment();
         let decision = decide(
             tunables.as_deref(),
-            is_amd(&cpuinfo),
+            amd,
             threshold.load(Ordering::Relaxed),
             stop.load(Ordering::Relaxed),
         );
@@ -233,9 +243,8 @@ mod tests {
         assert!(stop > 0, "glibc's stop threshold is {stop}");
         let outcome = prefer_vector_copies();
         let (after, _) = imp::current().unwrap_or_default();
-        let tunables = std::env::var_os("GLIBC_TUNABLES");
-        let amd = is_amd(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
-        if names_threshold(tunables.as_ref().map(|t| t.to_string_lossy()).as_deref()) {
+        let (tunables, amd) = environment();
+        if names_threshold(tunables.as_deref()) {
             assert_eq!(outcome, CopyTuning::SetByOperator);
             assert_eq!(after, before);
         } else if !amd {
