@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::process::ProcessError;
 use crate::{EchoTool, MeshCluster, Pod};
 
 /// `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
@@ -38,6 +39,28 @@ pub async fn assert_refused(tool: &EchoTool, from: &Pod, to: SocketAddr) {
         .await
         .unwrap_or_default();
     assert_eq!(reply, "", "{} -> {to} was not refused", from.name());
+}
+
+/// A captured connection its ztunnel refused (the destination's policy, no route):
+/// the client sees a reset, never an orderly close that a client could take for an
+/// empty reply. Its error is ECONNRESET, or ENOTCONN / EPIPE when the reset came
+/// before its half-close or write: none of these follows a FIN.
+pub async fn assert_reset(tool: &EchoTool, from: &Pod, to: SocketAddr) {
+    match tool.connect(from, to, "should-be-reset").await {
+        Ok(reply) => panic!(
+            "{} -> {to} was closed in order (reply {reply:?}), not reset",
+            from.name()
+        ),
+        Err(ProcessError::Failed { stderr, .. }) => {
+            let reset = ["os error 104", "os error 107", "os error 32"];
+            assert!(
+                reset.iter().any(|code| stderr.contains(code)),
+                "{} -> {to} failed without a reset: {stderr}",
+                from.name()
+            );
+        }
+        Err(e) => panic!("{} -> {to}: {e}", from.name()),
+    }
 }
 
 /// `client` reaches `near` (same node) and `far` (node 2) on port 8080 through

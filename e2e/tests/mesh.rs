@@ -267,22 +267,10 @@ async fn policy_allows_denies_counts_and_explains() {
         "allowed"
     );
     // The same caller on another port: the port-scoped ALLOW does not match. The
-    // captured connection is closed without a reply.
-    assert_eq!(
-        echo()
-            .connect(&frontend, to(9090), "port")
-            .await
-            .unwrap_or_default(),
-        ""
-    );
+    // captured connection is reset.
+    checks::assert_reset(&echo(), &frontend, to(9090)).await;
     // Another namespace: the DENY (with its `not` form) refuses first.
-    assert_eq!(
-        echo()
-            .connect(&scraper, to(8080), "denied")
-            .await
-            .unwrap_or_default(),
-        ""
-    );
+    checks::assert_reset(&echo(), &scraper, to(8080)).await;
 
     let text = wait_metrics(&mesh, 2, "two policy denials", |t| {
         metric(t, "ambit_connections_denied_total", &["reason=\"policy\""]) == 2.0
