@@ -162,6 +162,14 @@ impl Config {
             None => SpiffeId::new(&self.trust_domain, "istio-system", "istiod-lite"),
         }
     }
+
+    /// The runtime the proxies run on: `worker_threads` workers.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.worker_threads.into())
+            .enable_all()
+            .build()
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +211,14 @@ mod tests {
         let err = parse(&["--worker-threads", "0"]).unwrap_err().to_string();
         assert!(err.contains("--worker-threads"), "{err}");
         assert_eq!(parse(&["--worker-threads", "1"]).unwrap().worker_threads, 1);
+    }
+
+    #[test]
+    fn the_runtime_has_the_configured_workers() {
+        for (args, workers) in [(&[][..], 2), (&["--worker-threads", "3"][..], 3)] {
+            let rt = parse(args).unwrap().runtime().unwrap();
+            assert_eq!(rt.metrics().num_workers(), workers, "{args:?}");
+        }
     }
 
     #[test]

@@ -18,11 +18,7 @@ fn main() -> anyhow::Result<()> {
     // Before any thread starts: every copy of the process is affected.
     let copies = mesh_core::os::prefer_vector_copies();
     let config = Config::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads.into())
-        .enable_all()
-        .build()?
-        .block_on(run(config, copies))
+    config.runtime()?.block_on(run(config, copies))
 }
 
 async fn run(config: Config, copies: mesh_core::os::CopyTuning) -> anyhow::Result<()> {
