@@ -57,7 +57,7 @@ impl Outbound {
         accept_loop(listener, max, drain, "outbound", |stream, src| {
             let this = self.clone();
             async move {
-                match original_dst(&stream) {
+                match original_dst(&stream, src) {
                     Ok(dst) => this.proxy(stream, src, dst).await,
                     Err(e) => tracing::warn!(%src, error = %e, "outbound connection without an original destination"),
                 }

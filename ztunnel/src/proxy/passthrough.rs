@@ -37,7 +37,7 @@ impl InboundPassthrough {
     }
 
     async fn serve(&self, mut client: TcpStream, src: SocketAddr) {
-        let dst = match original_dst(&client) {
+        let dst = match original_dst(&client, src) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(%src, error = %e, "inbound plaintext connection without an original destination");

@@ -127,10 +127,12 @@ fn set_mark(s: &Socket, mark: u32) -> io::Result<()> {
     }
 }
 
-/// The destination a captured connection was headed for (SO_ORIGINAL_DST).
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// The destination a captured connection from `peer` was headed for
+/// (SO_ORIGINAL_DST). Both ends of a connection have the same address family, so
+/// the peer's (from `accept`) picks the option without asking for the local address.
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let addr = match stream.local_addr()? {
+    let addr = match peer {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
