@@ -390,6 +390,34 @@ async fn plain_tcp_to_and_from_pods_outside_the_mesh_under_policy() {
         IpAddr::V4(client.ip()),
         "after the denial the server saw {peer}"
     );
+
+    // Connections made to ztunnel's own listeners, not redirected to them, are
+    // refused instead of being proxied back into the same listener again and again:
+    // from inside a meshed pod to its outbound port, from outside to a meshed pod's
+    // inbound port.
+    ambit_e2e::checks::assert_reset(&echo(), &client, SocketAddr::from(([127, 0, 0, 1], 15001)))
+        .await;
+    let direct = SocketAddr::from((server.ip(), 15006));
+    if let Ok(reply) = echo()
+        .connect(&plain_client, direct, "marker-self-7c1d")
+        .await
+    {
+        assert!(!reply.contains("marker-self-7c1d"), "{reply:?}");
+    }
+    for (node, what) in [(1, "outbound"), (2, "inbound")] {
+        let why = mesh.fetch(node, ADMIN, "/debug/why?format=text").unwrap();
+        let itself = format!("is this {what} listener itself");
+        assert!(
+            why.lines().any(|l| l.contains(&itself)),
+            "node {node}'s /debug/why has no {itself:?}:\n{why}"
+        );
+    }
+    // Both ztunnels still serve.
+    let reply = echo()
+        .connect(&client, srv.addr(), "marker-after-self-2e9a")
+        .await
+        .unwrap();
+    assert_eq!(reply.trim(), "marker-after-self-2e9a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -310,11 +310,11 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
     let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
     f.app.inputs.ensure_certificate(&frontend).await.unwrap();
     let pool = mesh_core::hbone::HbonePool::new(f.app.inputs.certs.clone(), Default::default());
-    let key =
-        mesh_core::hbone::PoolKey::new(frontend, vec![cart], SocketAddr::new(ip(43, 3), 15008));
+    let hbone = SocketAddr::new(ip(43, 3), 15008);
+    let key = || mesh_core::hbone::PoolKey::new(frontend.clone(), vec![cart.clone()], hbone);
     let err = pool
         .connect(
-            key,
+            key(),
             mesh_core::hbone::ConnectRequest::new(SocketAddr::new(ip(43, 4), 8080)),
         )
         .await
@@ -324,6 +324,16 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
             && err
                 .to_string()
                 .contains("is not an address of pod shop/cart-1"),
+        "{err}"
+    );
+    // The pod's own address, but a port of ztunnel's: the tunnel would lead back
+    // into ztunnel, not to the app.
+    let err = pool
+        .connect(key(), mesh_core::hbone::ConnectRequest::new(hbone))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("400") && err.to_string().contains("is ztunnel's own"),
         "{err}"
     );
     // Still serving.

@@ -23,11 +23,18 @@ pub struct InboundHandler {
     pod: Pod,
     net: PodNet,
     inputs: Arc<ProxyInputs>,
+    /// The pod's proxy listeners' ports, never a tunnel's target.
+    own_ports: [u16; 3],
 }
 
 impl InboundHandler {
-    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>) -> Self {
-        Self { pod, net, inputs }
+    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>, own_ports: [u16; 3]) -> Self {
+        Self {
+            pod,
+            net,
+            inputs,
+            own_ports,
+        }
     }
 }
 
@@ -80,6 +87,22 @@ impl ConnectHandler for InboundHandler {
             let why = format!(
                 "{} is not an address of pod {}/{}",
                 target.ip(),
+                workload.namespace,
+                workload.name
+            );
+            return refuse(
+                connect,
+                RefusalKind::Unknown,
+                StatusCode::BAD_REQUEST,
+                "bad_destination",
+                why,
+                None,
+            );
+        }
+        if self.own_ports.contains(&target.port()) {
+            let why = format!(
+                "port {} of pod {}/{} is ztunnel's own, not the app's",
+                target.port(),
                 workload.namespace,
                 workload.name
             );

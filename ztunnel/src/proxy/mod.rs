@@ -22,7 +22,7 @@ pub use conn::{ConnInfo, ConnTable, ConnView};
 pub use inbound::InboundHandler;
 pub use outbound::Outbound;
 pub use passthrough::InboundPassthrough;
-pub use pod_net::{PodNet, original_dst};
+pub use pod_net::{PodNet, is_self_call, original_dst};
 pub use socks5::Socks5;
 
 use crate::config::Config;
@@ -85,6 +85,18 @@ pub struct PodPorts {
     pub outbound: SocketAddr,
     pub inbound_plaintext: SocketAddr,
     pub hbone: SocketAddr,
+}
+
+impl PodPorts {
+    /// The three listeners' ports: a tunnel to one of them would reach ztunnel
+    /// itself, not the pod's app.
+    pub fn ports(&self) -> [u16; 3] {
+        [
+            self.outbound.port(),
+            self.inbound_plaintext.port(),
+            self.hbone.port(),
+        ]
+    }
 }
 
 impl Default for PodPorts {
@@ -208,7 +220,7 @@ impl PodProxy {
                 watcher.clone(),
             ));
         }
-        let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone());
+        let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), addrs.ports());
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
         inputs.why.watch_server(&name, server.stats());
         tokio::spawn(server.run(watcher.clone()));

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::accept::accept_loop;
 use super::conn::{ConnGuard, ConnInfo};
-use super::{Pod, PodNet, ProxyInputs, original_dst};
+use super::{Pod, PodNet, ProxyInputs, is_self_call, original_dst};
 use crate::metrics::ConnLabels;
 use crate::state::Route;
 use crate::why::Refused;
@@ -54,10 +54,21 @@ impl Outbound {
     /// Serves captured connections until drained.
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
         let max = self.inputs.config.max_connections as usize;
+        let own_port = listener.local_addr().map_or(0, |a| a.port());
         accept_loop(listener, max, drain, "outbound", |stream, src| {
             let this = self.clone();
             async move {
                 match original_dst(&stream, src) {
+                    Ok(dst) if is_self_call(&stream, dst, own_port) => {
+                        reset(&stream, src);
+                        this.refused::<()>(
+                            src,
+                            dst,
+                            None,
+                            "self_call",
+                            format!("{dst} is this outbound listener itself"),
+                        );
+                    }
                     Ok(dst) => this.proxy(stream, src, dst).await,
                     Err(e) => tracing::warn!(%src, error = %e, "outbound connection without an original destination"),
                 }
@@ -80,9 +91,7 @@ impl Outbound {
         let Some((mut upstream, info)) = self.connect(src, dst, early).await else {
             // Refused: the client sees a reset, not an orderly close (its early
             // bytes were read, so closing would otherwise send a FIN).
-            if let Err(e) = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)) {
-                tracing::debug!(%src, error = %e, "SO_LINGER on a refused connection");
-            }
+            reset(&client, src);
             return;
         };
         let mut guard =
@@ -235,6 +244,14 @@ impl Outbound {
             explanation,
         });
         None
+    }
+}
+
+/// Makes closing `client` send a reset (SO_LINGER 0): how a refused connection
+/// ends.
+fn reset(client: &TcpStream, src: SocketAddr) {
+    if let Err(e) = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(%src, error = %e, "SO_LINGER on a refused connection");
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::accept::accept_loop;
 use super::conn::{ConnGuard, ConnInfo};
-use super::{Pod, PodNet, ProxyInputs, original_dst};
+use super::{Pod, PodNet, ProxyInputs, is_self_call, original_dst};
 use crate::metrics::ConnLabels;
 use crate::policy::{Connection, Destination};
 use crate::why::Refused;
@@ -29,14 +29,15 @@ impl InboundPassthrough {
 
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
         let max = self.inputs.config.max_connections as usize;
+        let own_port = listener.local_addr().map_or(0, |a| a.port());
         accept_loop(listener, max, drain, "inbound plaintext", |stream, src| {
             let this = self.clone();
-            async move { this.serve(stream, src).await }
+            async move { this.serve(stream, src, own_port).await }
         })
         .await
     }
 
-    async fn serve(&self, mut client: TcpStream, src: SocketAddr) {
+    async fn serve(&self, mut client: TcpStream, src: SocketAddr, own_port: u16) {
         let dst = match original_dst(&client, src) {
             Ok(d) => d,
             Err(e) => {
@@ -63,6 +64,14 @@ impl InboundPassthrough {
                 explanation,
             });
         };
+        if is_self_call(&client, dst, own_port) {
+            return refuse(
+                "self_call",
+                format!("{dst} is this inbound listener itself"),
+                None,
+                None,
+            );
+        }
         let Some(workload) = state.workload(&self.pod.uid).cloned() else {
             return refuse(
                 "unknown_destination",

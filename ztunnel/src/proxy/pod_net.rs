@@ -140,6 +140,15 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAd
         .ok_or_else(|| io::Error::other("original destination is not an IP address"))
 }
 
+/// Whether a connection accepted on `listener_port`, headed for `dst`, was made to
+/// the listener itself instead of being redirected to it (`curl 127.0.0.1:15001`
+/// from the pod): proxying it would dial the same listener again, and again, each
+/// turn holding two sockets. Only a destination on the listener's own port can be
+/// one, so other connections cost no system call.
+pub fn is_self_call(stream: &TcpStream, dst: SocketAddr, listener_port: u16) -> bool {
+    dst.port() == listener_port && stream.local_addr().map_or(true, |local| local == dst)
+}
+
 impl TcpDialer for PodNet {
     async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         self.connect(addr, None).await
