@@ -94,12 +94,27 @@ impl Outbound {
             reset(&client, src);
             return;
         };
+        self.splice(&mut client, &mut upstream, info, early_len)
+            .await;
+    }
+
+    /// Moves bytes both ways between `client` and `upstream` until both directions
+    /// end, counted as `info` (with `early` bytes already sent ahead): metrics, the
+    /// live-connection table and the access log, which says `error` when a side
+    /// failed.
+    pub async fn splice(
+        &self,
+        client: &mut TcpStream,
+        upstream: &mut Upstream,
+        info: ConnInfo,
+        early: u64,
+    ) {
         let mut guard =
             ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
-        guard.stats().count_a_to_b(early_len);
-        let copied = match &mut upstream {
-            Upstream::Tcp(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
-            Upstream::Hbone(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
+        guard.stats().count_a_to_b(early);
+        let copied = match upstream {
+            Upstream::Tcp(s) => copy_bidirectional(client, s, guard.stats()).await,
+            Upstream::Hbone(s) => copy_bidirectional(client, s, guard.stats()).await,
         };
         if copied.is_err() {
             guard.set_end("error");

@@ -130,7 +130,13 @@ impl InboundPassthrough {
                 ..Default::default()
             },
         };
-        let guard = ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
-        let _ = copy_bidirectional(&mut client, &mut upstream, guard.stats()).await;
+        let mut guard =
+            ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        if copy_bidirectional(&mut client, &mut upstream, guard.stats())
+            .await
+            .is_err()
+        {
+            guard.set_end("error");
+        }
     }
 }

@@ -6,15 +6,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_core::copy::copy_bidirectional;
 use mesh_core::drain::DrainWatcher;
 use mesh_core::hbone::HbonePool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::accept::accept_loop;
-use super::conn::ConnGuard;
-use super::outbound::Upstream;
 use super::{Outbound, Pod, PodNet, ProxyInputs};
 
 const VERSION: u8 = 5;
@@ -126,11 +123,7 @@ impl Socks5 {
             return reply(&mut client, REP_NOT_ALLOWED).await;
         };
         reply(&mut client, REP_OK).await?;
-        let guard = ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
-        let _ = match &mut upstream {
-            Upstream::Tcp(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
-            Upstream::Hbone(s) => copy_bidirectional(&mut client, s, guard.stats()).await,
-        };
+        outbound.splice(&mut client, &mut upstream, info, 0).await;
         Ok(())
     }
 }
