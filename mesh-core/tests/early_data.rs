@@ -75,3 +75,50 @@ async fn a_refused_connects_early_data_goes_nowhere_and_the_connection_stays_usa
     assert_eq!(pool.stats().connections_opened(), 1);
     assert_eq!(handler.seen.load(Ordering::SeqCst), 2);
 }
+
+/// Holds every CONNECT without answering it.
+#[derive(Clone, Debug)]
+struct Silent;
+
+impl ConnectHandler for Silent {
+    async fn handle(&self, connect: InboundConnect) {
+        let _held = connect;
+        std::future::pending::<()>().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_left_unanswered_fails_after_the_connect_timeout() {
+    let mesh = Mesh::new();
+    let config = HboneConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..HboneConfig::default()
+    };
+    let server = Server::start(
+        mesh.server_store.clone(),
+        &mesh.server_id,
+        Silent,
+        config.clone(),
+    )
+    .await;
+    let pool = mesh.pool(config);
+    for early in [Bytes::new(), Bytes::from_static(b"early")] {
+        let mut req = request();
+        req.early_data = early.clone();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.connect(mesh.key(&server), req),
+        )
+        .await
+        .expect("the pool gave up on its own");
+        match outcome {
+            Err(ConnectError::Unanswered { early_data, .. }) => {
+                assert_eq!(early_data, !early.is_empty());
+            }
+            other => panic!("expected no answer, got {other:?}"),
+        }
+    }
+    // Neither was retried on another connection: a fresh connection's silence
+    // would repeat, and early data is never sent twice.
+    assert_eq!(pool.stats().connections_opened(), 1);
+}

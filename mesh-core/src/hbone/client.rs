@@ -39,6 +39,15 @@ pub enum ConnectError {
     },
     #[error("HTTP/2 with {addr}: {error}")]
     Http2 { addr: SocketAddr, error: h2::Error },
+    /// The CONNECT went out but no answer came within the connect timeout: the
+    /// peer or the path to it is gone, or its own dial of the target hangs.
+    #[error("no answer to the CONNECT from {addr} within {waited:?}")]
+    Unanswered {
+        addr: SocketAddr,
+        waited: std::time::Duration,
+        /// Whether early data went with it (then it is never sent again).
+        early_data: bool,
+    },
     /// The CONNECT and its early data were sent, then the stream failed without an
     /// answer: the server may have delivered the data, so it is not sent again.
     #[error("HTTP/2 with {addr} failed after the CONNECT and its early data were sent: {error}")]
@@ -73,6 +82,7 @@ impl ConnectError {
                 retry_after_early_data(error.is_go_away() && error.is_remote(), error.reason())
             }
             Self::Dial { .. } | Self::Timeout { .. } => true,
+            Self::Unanswered { early_data, .. } => !early_data,
             _ => false,
         }
     }
@@ -161,6 +171,7 @@ pub(crate) async fn open_connection<D: TcpDialer>(
         .await
         .map_err(|_| timeout("TCP connect"))?
         .map_err(|error| ConnectError::Dial { addr, error })?;
+    super::keep_alive(&tcp);
     let server_name = ServerName::IpAddress(addr.ip().into());
     let mut tls = tokio::time::timeout(
         config.connect_timeout,

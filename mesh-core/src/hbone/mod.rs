@@ -43,6 +43,24 @@ pub const REASON_HEADER: &str = "ambit-reason";
 /// KiB): larger batches of records per `writev` (docs/benchmarks.md).
 pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
+/// Idle time before TCP keepalive probes an HBONE connection, the time between
+/// probes, and how many go unanswered before the kernel drops it: an idle
+/// connection whose peer vanished (node lost, path cut) is found dead in two
+/// minutes instead of never, so its tunnels end and the pool dials anew.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(15), 4);
+
+/// Turns on TCP keepalive ([`KEEPALIVE`]) on an HBONE connection's socket.
+fn keep_alive(tcp: &tokio::net::TcpStream) {
+    let (time, interval, retries) = KEEPALIVE;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(time)
+        .with_interval(interval)
+        .with_retries(retries);
+    if let Err(error) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(%error, "TCP keepalive on an HBONE connection");
+    }
+}
+
 /// Tuning shared by the HBONE client and server. The window sizes favour throughput:
 /// a stream may have 4 MiB in flight, a connection 16 MiB.
 #[derive(Clone, Debug)]
@@ -59,7 +77,8 @@ pub struct HboneConfig {
     pub max_streams_per_connection: usize,
     /// Client: a pooled connection with no tunnel for this long is closed.
     pub pool_idle_timeout: Duration,
-    /// Client: TCP connect plus TLS and HTTP/2 handshakes, each bounded by this.
+    /// Client: TCP connect, the TLS and HTTP/2 handshakes, and the wait for a
+    /// CONNECT's answer, each bounded by this.
     pub connect_timeout: Duration,
     /// Server: concurrent tunnels allowed on one connection.
     pub server_max_streams: u32,
@@ -83,5 +102,26 @@ impl Default for HboneConfig {
             server_max_connections: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn keep_alive_sets_the_probes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        keep_alive(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE.0);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE.1);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE.2);
     }
 }

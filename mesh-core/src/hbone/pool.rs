@@ -163,7 +163,16 @@ impl<D: TcpDialer> HbonePool<D> {
         let mut retried = false;
         loop {
             let (guard, fresh) = self.checkout(&key).await?;
-            match send_connect(&guard.conn.send, key.next_hop, &req).await {
+            let waited = self.inner.config.connect_timeout;
+            let answer =
+                tokio::time::timeout(waited, send_connect(&guard.conn.send, key.next_hop, &req))
+                    .await
+                    .unwrap_or(Err(ConnectError::Unanswered {
+                        addr: key.next_hop,
+                        waited,
+                        early_data: !req.early_data.is_empty(),
+                    }));
+            match answer {
                 Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
                 // Only a reused connection may have gone stale; a fresh one that fails
                 // would fail again.

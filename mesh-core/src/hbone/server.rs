@@ -236,6 +236,7 @@ struct Connection<H> {
 impl<H: ConnectHandler> Connection<H> {
     async fn serve(self, tcp: TcpStream, drain: &DrainWatcher) {
         let _ = tcp.set_nodelay(true);
+        super::keep_alive(&tcp);
         let refuse = |kind, reason: String, id: Option<SpiffeId>| {
             tracing::info!(peer = %self.peer, kind = kind_str(kind), %reason, "HBONE connection refused");
             self.stats
