@@ -116,3 +116,29 @@ async fn an_idle_connection_is_closed_after_its_idle_time() {
     assert_eq!(echo_once(&mut s, b"y").await, b"y");
     assert_eq!(pool.stats().connections_opened(), 2);
 }
+
+#[tokio::test]
+async fn failed_dials_leave_no_key_behind() {
+    let mesh = Mesh::new();
+    let pool = mesh.pool(HboneConfig::default());
+    // Ports that were listening a moment ago: each dial is refused.
+    for _ in 0..5 {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let key = mesh_core::hbone::PoolKey::new(
+            mesh.client_id.clone(),
+            vec![mesh.server_id.clone()],
+            closed,
+        );
+        let err = pool.connect(key, request()).await.unwrap_err();
+        assert!(err.to_string().contains(&closed.to_string()), "{err}");
+    }
+    assert_eq!(pool.key_count(), 0);
+    // A key that works is still kept while its connection lives.
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let mut s = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut s, b"x").await, b"x");
+    assert_eq!(pool.key_count(), 1);
+}

@@ -81,6 +81,14 @@ struct KeyEntry {
     opening: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl KeyEntry {
+    /// No connection, and no caller waiting to open one (only the map holds
+    /// `opening`): the entry can go.
+    fn unused(&self) -> bool {
+        self.conns.is_empty() && Arc::strong_count(&self.opening) == 1
+    }
+}
+
 struct PooledConn {
     id: u64,
     send: SendRequest<Bytes>,
@@ -148,6 +156,11 @@ impl<D: TcpDialer> HbonePool<D> {
         &self.inner.stats
     }
 
+    /// Keys the pool holds: those with a connection, or with one being opened.
+    pub fn key_count(&self) -> usize {
+        lock(&self.inner.keys).len()
+    }
+
     /// Open connections, over all keys.
     pub fn connection_count(&self) -> usize {
         lock(&self.inner.keys).values().map(|e| e.conns.len()).sum()
@@ -202,13 +215,27 @@ impl<D: TcpDialer> HbonePool<D> {
         if let Some(g) = self.try_reserve(key) {
             return Ok((g, false));
         }
-        let (send, connection) = open_connection(
+        let opened = open_connection(
             &self.inner.store,
             key,
             &self.inner.config,
             &self.inner.dialer,
         )
-        .await?;
+        .await;
+        let (send, connection) = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                // Leave no entry behind for a key that has no connection and no
+                // other caller: failed dials to ever-new addresses would pile up.
+                drop(_opening);
+                drop(opening);
+                let mut keys = lock(&self.inner.keys);
+                if keys.get(key).is_some_and(KeyEntry::unused) {
+                    keys.remove(key);
+                }
+                return Err(e);
+            }
+        };
         self.inner
             .stats
             .connections_opened
@@ -265,8 +292,17 @@ impl<D: TcpDialer> HbonePool<D> {
 impl<D> PoolInner<D> {
     /// Takes `conn` out of the pool: no new tunnel will use it.
     fn remove(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
+        self.remove_locked(&mut lock(&self.keys), key, conn);
+    }
+
+    /// [`Self::remove`], under the map lock its caller holds.
+    fn remove_locked(
+        &self,
+        keys: &mut HashMap<PoolKey, KeyEntry>,
+        key: &PoolKey,
+        conn: &Arc<PooledConn>,
+    ) {
         conn.closed.store(true, Ordering::Release);
-        let mut keys = lock(&self.keys);
         if let Some(entry) = keys.get_mut(key) {
             let before = entry.conns.len();
             entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
@@ -275,27 +311,28 @@ impl<D> PoolInner<D> {
                     .connections_closed
                     .fetch_add(1, Ordering::Relaxed);
             }
-            if entry.conns.is_empty() && Arc::strong_count(&entry.opening) == 1 {
+            if entry.unused() {
                 keys.remove(key);
             }
         }
     }
 
-    /// Retires `conn` if it has been idle long enough; under the map lock, so no
-    /// tunnel can reserve it at the same time.
+    /// Retires `conn` if it has been idle long enough. The check and the removal
+    /// happen under one hold of the map lock, which `try_reserve` takes too, so no
+    /// tunnel can reserve the connection in between.
     fn retire_if_idle(
         &self,
         key: &PoolKey,
         conn: &Arc<PooledConn>,
         idle: std::time::Duration,
     ) -> bool {
-        let _keys = lock(&self.keys);
-        let slots = lock(&conn.slots);
-        let expired = slots.active == 0 && slots.idle_since + idle <= Instant::now();
-        drop(slots);
-        drop(_keys);
+        let mut keys = lock(&self.keys);
+        let expired = {
+            let slots = lock(&conn.slots);
+            slots.active == 0 && slots.idle_since + idle <= Instant::now()
+        };
         if expired {
-            self.remove(key, conn);
+            self.remove_locked(&mut keys, key, conn);
         }
         expired
     }
