@@ -143,7 +143,11 @@ impl ConnectHandler for InboundHandler {
         }
         let mut upstream = match self
             .net
-            .connect(target, self.net.spoof_source().then_some(src.ip()))
+            .connect_within(
+                target,
+                self.net.spoof_source().then_some(src.ip()),
+                self.inputs.hbone.connect_timeout,
+            )
             .await
         {
             Ok(s) => s,

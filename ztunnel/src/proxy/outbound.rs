@@ -144,7 +144,11 @@ impl Outbound {
         };
         match route {
             Route::Passthrough { addr } => {
-                let mut upstream = match self.net.connect(addr, None).await {
+                let mut upstream = match self
+                    .net
+                    .connect_within(addr, None, self.inputs.hbone.connect_timeout)
+                    .await
+                {
                     Ok(s) => s,
                     Err(e) => {
                         return self.refused(

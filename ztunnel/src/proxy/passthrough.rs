@@ -102,7 +102,11 @@ impl InboundPassthrough {
         }
         let mut upstream = match self
             .net
-            .connect(dst, self.net.spoof_source().then_some(src.ip()))
+            .connect_within(
+                dst,
+                self.net.spoof_source().then_some(src.ip()),
+                self.inputs.hbone.connect_timeout,
+            )
             .await
         {
             Ok(s) => s,

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_core::hbone::TcpDialer;
 use mesh_core::os::NetNs;
@@ -106,6 +107,25 @@ impl PodNet {
         })?;
         TcpSocket::from_std_stream(std).connect(dst).await
     }
+
+    /// [`Self::connect`], given up after `within`: a destination that drops SYNs
+    /// would otherwise hold its caller (and the client's connection, already
+    /// accepted) through the kernel's two minutes of retries.
+    pub async fn connect_within(
+        &self,
+        dst: SocketAddr,
+        source: Option<IpAddr>,
+        within: Duration,
+    ) -> io::Result<TcpStream> {
+        tokio::time::timeout(within, self.connect(dst, source))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {within:?}"),
+                ))
+            })
+    }
 }
 
 /// A TCP socket for `addr`'s family, non-blocking from the start (one system call
@@ -152,5 +172,39 @@ pub fn is_self_call(stream: &TcpStream, dst: SocketAddr, listener_port: u16) -> 
 impl TcpDialer for PodNet {
     async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         self.connect(addr, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dial_nobody_answers_gives_up_after_its_time() {
+        // A listener that never accepts, its queue filled: Linux drops further
+        // SYNs, as a firewall that drops them would.
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        s.listen(0).unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                queued.push(c);
+            }
+        }
+        assert!(!queued.is_empty(), "the queue took no connection at all");
+        let net = PodNet::local(0);
+        let err = net
+            .connect_within(addr, None, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("no answer within"), "{err}");
     }
 }
