@@ -22,10 +22,18 @@ pub(crate) async fn accept_loop<F, Fut>(
 {
     let limit = Arc::new(Semaphore::new(max));
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+        // A drain stops the loop also while it waits for a free slot, and wins over
+        // a connection that is ready at the same moment.
+        let permit = tokio::select! {
+            biased;
+            () = drain.signaled() => return,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
         };
         let (stream, src) = tokio::select! {
+            biased;
             () = drain.signaled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -48,5 +56,44 @@ pub(crate) async fn accept_loop<F, Fut>(
                 () = conn => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_drain_stops_the_loop_while_it_waits_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, watcher) = mesh_core::drain::channel();
+        let (held_tx, mut held) = tokio::sync::mpsc::channel(1);
+        let looping = tokio::spawn(accept_loop(listener, 1, watcher, "test", move |s, _| {
+            let held_tx = held_tx.clone();
+            async move {
+                let _s = s;
+                let _ = held_tx.send(()).await;
+                std::future::pending::<()>().await;
+            }
+        }));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        held.recv().await.unwrap();
+        // The only slot is taken and its connection would run until forced, 60 s
+        // from now: the loop, waiting for a slot, must still stop at once.
+        let draining = tokio::spawn(trigger.drain(Duration::from_secs(60)));
+        tokio::time::timeout(Duration::from_secs(5), looping)
+            .await
+            .expect("the accept loop stopped on the drain")
+            .unwrap();
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the listener is closed"
+        );
+        draining.abort();
     }
 }
