@@ -71,12 +71,12 @@ impl Metrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent by the source to the destination",
+            "Bytes the destination sent back to the source (the response, as Istio counts them)",
             m.sent_bytes.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes the source received from the destination",
+            "Bytes the source sent to the destination (the request, as Istio counts them)",
             m.received_bytes.clone(),
         );
         registry.register(

@@ -127,13 +127,15 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let (sent, received) = (self.stats.a_to_b(), self.stats.b_to_a());
+        // Istio's meaning, which its dashboards assume: "received" is what the
+        // source sent (the request), "sent" what came back (the response).
+        let (request, response) = (self.stats.a_to_b(), self.stats.b_to_a());
         let l = &self.info.labels;
-        self.metrics.sent_bytes.get_or_create(l).inc_by(sent);
+        self.metrics.sent_bytes.get_or_create(l).inc_by(response);
         self.metrics
             .received_bytes
             .get_or_create(l)
-            .inc_by(received);
+            .inc_by(request);
         self.metrics.closed.get_or_create(l).inc();
         self.metrics
             .open_connections
@@ -155,11 +157,66 @@ impl Drop for ConnGuard {
             dst_identity = %l.destination_principal,
             src_workload = %l.source_workload,
             dst_workload = %l.destination_workload,
-            bytes_sent = sent,
-            bytes_received = received,
+            bytes_sent = request,
+            bytes_received = response,
             duration_ms = self.started.elapsed().as_millis() as u64,
             end = self.end,
             "connection complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    fn metric(text: &str, name: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("reporter=\"source\""))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn received_bytes_are_the_request_and_sent_bytes_the_response() {
+        let ca = mesh_core::testing::TestCa::new();
+        let metrics = Arc::new(Metrics::new(ca.store_for(&[])));
+        let info = ConnInfo {
+            direction: "outbound",
+            source: "198.18.0.1:40000".parse().unwrap(),
+            destination: "198.18.0.2:8080".parse().unwrap(),
+            labels: ConnLabels {
+                reporter: "source",
+                ..Default::default()
+            },
+        };
+        let guard = ConnGuard::open(info, metrics.clone(), Arc::new(ConnTable::default()));
+        let (mut client, mut a) = duplex(1024);
+        let (mut b, mut server) = duplex(1024);
+        let peer = tokio::spawn(async move {
+            let mut request = Vec::new();
+            server.read_to_end(&mut request).await.unwrap();
+            server.write_all(b"ok!").await.unwrap();
+            server.shutdown().await.unwrap();
+            request
+        });
+        client.write_all(b"0123456789").await.unwrap();
+        client.shutdown().await.unwrap();
+        mesh_core::copy::copy_bidirectional(&mut a, &mut b, guard.stats())
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.unwrap();
+        assert_eq!(peer.await.unwrap(), b"0123456789");
+        assert_eq!(response, b"ok!");
+        drop(guard);
+        let text = metrics.encode();
+        assert_eq!(metric(&text, "istio_tcp_received_bytes_total"), 10.0);
+        assert_eq!(metric(&text, "istio_tcp_sent_bytes_total"), 3.0);
     }
 }
