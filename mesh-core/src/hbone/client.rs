@@ -86,6 +86,19 @@ impl ConnectError {
             _ => false,
         }
     }
+
+    /// Whether the server refused the tunnel because it is going away
+    /// (REFUSED_STREAM, or its graceful GOAWAY): a connection opened now may reach
+    /// the listener that replaces it, so even a fresh connection's refusal is
+    /// worth one more try.
+    pub fn is_drain_refusal(&self) -> bool {
+        match self {
+            Self::Http2 { error, .. } | Self::AfterEarlyData { error, .. } => {
+                retry_after_early_data(error.is_go_away() && error.is_remote(), error.reason())
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What one tunnel asks for.
@@ -270,11 +283,12 @@ pub(crate) async fn send_connect(
 
 #[cfg(test)]
 mod tests {
+    use h2::Reason;
+
     use super::*;
 
     #[test]
     fn a_connect_whose_early_data_was_sent_is_retried_only_when_provably_unprocessed() {
-        use h2::Reason;
         assert!(retry_after_early_data(false, Some(Reason::REFUSED_STREAM)));
         assert!(retry_after_early_data(true, Some(Reason::REFUSED_STREAM)));
         // A graceful GOAWAY from the server: the stream was above its last id.
@@ -303,6 +317,28 @@ mod tests {
                 error: h2::Error::from(Reason::CANCEL)
             }
             .is_retryable()
+        );
+    }
+
+    #[test]
+    fn a_refusal_by_a_draining_server_is_told_apart() {
+        let addr: SocketAddr = "198.18.0.1:15008"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let http2 = |reason| ConnectError::Http2 {
+            addr,
+            error: h2::Error::from(reason),
+        };
+        assert!(http2(Reason::REFUSED_STREAM).is_drain_refusal());
+        assert!(!http2(Reason::CANCEL).is_drain_refusal());
+        // A stream reset with NO_ERROR is not a GOAWAY.
+        assert!(!http2(Reason::NO_ERROR).is_drain_refusal());
+        assert!(
+            !ConnectError::Timeout {
+                step: "TCP connect",
+                addr
+            }
+            .is_drain_refusal()
         );
     }
 }

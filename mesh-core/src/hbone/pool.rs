@@ -128,6 +128,9 @@ impl Drop for SlotGuard {
     }
 }
 
+/// Most tries one tunnel makes: each failed try retires the connection it used.
+pub const MAX_ATTEMPTS: u32 = 4;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -166,15 +169,20 @@ impl<D: TcpDialer> HbonePool<D> {
         lock(&self.inner.keys).values().map(|e| e.conns.len()).sum()
     }
 
-    /// Opens a tunnel to `req.target` through `key.next_hop`. A connection that turns
-    /// out to be going away (GOAWAY) is retired and the tunnel retried once on a new one.
+    /// Opens a tunnel to `req.target` through `key.next_hop`. A pooled connection
+    /// that turns out to be going away (GOAWAY, reset) is retired and the tunnel
+    /// tried on another, as often as the key has such connections (at most
+    /// [`MAX_ATTEMPTS`] tries); a fresh connection refused by a server that is
+    /// draining is tried once more, as a new connection may reach its successor.
     pub async fn connect(
         &self,
         key: PoolKey,
         req: ConnectRequest,
     ) -> Result<H2Stream, ConnectError> {
-        let mut retried = false;
+        let mut fresh_retried = false;
+        let mut attempts = 0;
         loop {
+            attempts += 1;
             let (guard, fresh) = self.checkout(&key).await?;
             let waited = self.inner.config.connect_timeout;
             let answer =
@@ -187,12 +195,16 @@ impl<D: TcpDialer> HbonePool<D> {
                     }));
             match answer {
                 Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
-                // Only a reused connection may have gone stale; a fresh one that fails
-                // would fail again.
-                Err(e) if e.is_retryable() && !fresh && !retried => {
+                // A reused connection may have gone stale; a fresh one that fails
+                // would fail again, unless its server was draining.
+                Err(e)
+                    if attempts < MAX_ATTEMPTS
+                        && e.is_retryable()
+                        && (!fresh || (!fresh_retried && e.is_drain_refusal())) =>
+                {
                     tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
                     self.retire(&key, &guard.conn);
-                    retried = true;
+                    fresh_retried |= fresh;
                 }
                 Err(e) => return Err(e),
             }
