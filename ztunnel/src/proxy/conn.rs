@@ -132,10 +132,7 @@ impl Drop for ConnGuard {
         let (request, response) = (self.stats.a_to_b(), self.stats.b_to_a());
         let l = &self.info.labels;
         self.metrics.sent_bytes.get_or_create(l).inc_by(response);
-        self.metrics
-            .received_bytes
-            .get_or_create(l)
-            .inc_by(request);
+        self.metrics.received_bytes.get_or_create(l).inc_by(request);
         self.metrics.closed.get_or_create(l).inc();
         self.metrics
             .open_connections
