@@ -413,11 +413,7 @@ async fn plain_tcp_to_and_from_pods_outside_the_mesh_under_policy() {
         );
     }
     // Both ztunnels still serve.
-    let reply = echo()
-        .connect(&client, srv.addr(), "marker-after-self-2e9a")
-        .await
-        .unwrap();
-    assert_eq!(reply.trim(), "marker-after-self-2e9a");
+    ambit_e2e::checks::assert_echo(&echo(), &client, srv.addr(), "marker-after-self-2e9a").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

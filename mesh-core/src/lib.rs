@@ -2,6 +2,7 @@
 //! HBONE tunnels (HTTP/2 CONNECT over mTLS) with a pooled client and a server, the
 //! byte splice between two streams, the certificate store and the drain primitive.
 
+pub mod accept;
 pub mod admin;
 pub mod ca;
 pub mod ca_client;

@@ -78,9 +78,8 @@ impl ConnectError {
                     || error.is_io()
                     || error.reason() == Some(h2::Reason::REFUSED_STREAM)
             }
-            Self::AfterEarlyData { error, .. } => {
-                retry_after_early_data(error.is_go_away() && error.is_remote(), error.reason())
-            }
+            // Sent again only when the server provably processed none of it.
+            Self::AfterEarlyData { .. } => self.is_drain_refusal(),
             Self::Dial { .. } | Self::Timeout { .. } => true,
             Self::Unanswered { early_data, .. } => !early_data,
             _ => false,

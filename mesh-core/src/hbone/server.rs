@@ -14,11 +14,11 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::{H2Stream, HboneConfig, REASON_HEADER, parse_authority};
 use crate::SpiffeId;
+use crate::accept::accept_loop;
 use crate::drain::DrainWatcher;
 use crate::tls::{ALPN_H2, identity_of_cert};
 
@@ -179,47 +179,29 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// Serves until drained. Returns when the listener is closed; connections still
     /// open hold `drain` until they finish or are forced.
     pub async fn run(self, drain: DrainWatcher) {
-        let limit = Arc::new(Semaphore::new(self.config.server_max_connections));
-        loop {
-            let permit = tokio::select! {
-                biased;
-                () = drain.signaled() => break,
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                biased;
-                () = drain.signaled() => break,
-                r = self.listener.accept() => match r {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of descriptors or memory: back off instead of spinning.
-                        tracing::warn!(error = %e, "HBONE accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        let addr = self.listener.local_addr().ok();
+        let Self {
+            listener,
+            acceptor,
+            handler,
+            config,
+            stats,
+        } = self;
+        let max = config.server_max_connections;
+        let watcher = drain.clone();
+        accept_loop(listener, max, drain, "HBONE", move |tcp, peer| {
             let conn = Connection {
-                acceptor: self.acceptor.clone(),
-                handler: self.handler.clone(),
-                config: self.config.clone(),
-                stats: self.stats.clone(),
+                acceptor: acceptor.clone(),
+                handler: handler.clone(),
+                config: config.clone(),
+                stats: stats.clone(),
                 peer,
-                _permit: permit,
             };
-            let drain = drain.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    biased;
-                    () = drain.forced() => {}
-                    () = conn.serve(tcp, &drain) => {}
-                }
-            });
-        }
-        tracing::info!(addr = ?self.listener.local_addr().ok(), "HBONE listener closed for drain");
+            let drain = watcher.clone();
+            async move { conn.serve(tcp, &drain).await }
+        })
+        .await;
+        tracing::info!(?addr, "HBONE listener closed for drain");
     }
 }
 
@@ -230,7 +212,6 @@ struct Connection<H> {
     config: HboneConfig,
     stats: Arc<ServerStats>,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl<H: ConnectHandler> Connection<H> {

@@ -83,29 +83,21 @@ impl ConnectHandler for InboundHandler {
                 None,
             );
         };
-        if !workload.addresses.contains(&target.ip()) {
-            let why = format!(
-                "{} is not an address of pod {}/{}",
-                target.ip(),
-                workload.namespace,
-                workload.name
-            );
-            return refuse(
-                connect,
-                RefusalKind::Unknown,
-                StatusCode::BAD_REQUEST,
-                "bad_destination",
-                why,
-                None,
-            );
-        }
-        if self.own_ports.contains(&target.port()) {
-            let why = format!(
-                "port {} of pod {}/{} is ztunnel's own, not the app's",
-                target.port(),
-                workload.namespace,
-                workload.name
-            );
+        let (ns, name) = (&workload.namespace, &workload.name);
+        let bad_destination = if !workload.addresses.contains(&target.ip()) {
+            Some(format!(
+                "{} is not an address of pod {ns}/{name}",
+                target.ip()
+            ))
+        } else if self.own_ports.contains(&target.port()) {
+            Some(format!(
+                "port {} of pod {ns}/{name} is ztunnel's own, not the app's",
+                target.port()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = bad_destination {
             return refuse(
                 connect,
                 RefusalKind::Unknown,

@@ -2,7 +2,6 @@
 //! namespace on 15001 (outbound capture), 15006 (inbound plaintext capture) and
 //! 15008 (inbound HBONE), each tied to the pod's drain.
 
-mod accept;
 mod conn;
 mod inbound;
 mod outbound;

@@ -17,12 +17,12 @@ use mesh_core::hbone::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::accept::accept_loop;
 use super::conn::{ConnGuard, ConnInfo};
 use super::{Pod, PodNet, ProxyInputs, is_self_call, original_dst};
 use crate::metrics::ConnLabels;
 use crate::state::Route;
 use crate::why::Refused;
+use mesh_core::accept::accept_loop;
 
 /// The outbound side of one pod (or of SOCKS5 clients on the node).
 #[derive(Clone, Debug)]

@@ -8,12 +8,12 @@ use mesh_core::copy::copy_bidirectional;
 use mesh_core::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::accept::accept_loop;
 use super::conn::{ConnGuard, ConnInfo};
 use super::{Pod, PodNet, ProxyInputs, is_self_call, original_dst};
 use crate::metrics::ConnLabels;
 use crate::policy::{Connection, Destination};
 use crate::why::Refused;
+use mesh_core::accept::accept_loop;
 
 #[derive(Clone, Debug)]
 pub struct InboundPassthrough {

@@ -11,8 +11,8 @@ use mesh_core::hbone::HbonePool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::accept::accept_loop;
 use super::{Outbound, Pod, PodNet, ProxyInputs};
+use mesh_core::accept::accept_loop;
 
 const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0;

@@ -1,16 +1,18 @@
-//! The accept loop every plain-TCP listener of ztunnel shares: bounded concurrent
-//! connections, a task per connection, stop accepting on drain, abandon on force.
+//! The accept loop every TCP listener shares (ztunnel's pod listeners and SOCKS5,
+//! the HBONE server): bounded concurrent connections, a task per connection, stop
+//! accepting on drain, abandon on force.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::drain::DrainWatcher;
+use crate::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// Serves `listener` with `handle` until drained, at most `max` connections at once.
-pub(crate) async fn accept_loop<F, Fut>(
+/// Serves `listener` with `handle` until drained, at most `max` connections at once;
+/// `what` names the listener in logs. Returns when the listener is closed.
+pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     max: usize,
     drain: DrainWatcher,
@@ -52,6 +54,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         tokio::spawn(async move {
             let _permit = permit;
             tokio::select! {
+                biased;
                 () = drain.forced() => {}
                 () = conn => {}
             }
@@ -71,7 +74,7 @@ mod tests {
     async fn a_drain_stops_the_loop_while_it_waits_for_a_free_slot() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (trigger, watcher) = mesh_core::drain::channel();
+        let (trigger, watcher) = crate::drain::channel();
         let (held_tx, mut held) = tokio::sync::mpsc::channel(1);
         let looping = tokio::spawn(accept_loop(listener, 1, watcher, "test", move |s, _| {
             let held_tx = held_tx.clone();
