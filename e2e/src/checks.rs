@@ -46,7 +46,13 @@ pub async fn assert_refused(tool: &EchoTool, from: &Pod, to: SocketAddr) {
 /// empty reply. Its error is ECONNRESET, or ENOTCONN / EPIPE when the reset came
 /// before its half-close or write: none of these follows a FIN.
 pub async fn assert_reset(tool: &EchoTool, from: &Pod, to: SocketAddr) {
-    match tool.connect(from, to, "should-be-reset").await {
+    assert_reset_sending(tool, from, to, "should-be-reset").await;
+}
+
+/// Like [`assert_reset`], sending `message`: [`crate::echo::RESET_REQUEST`] has
+/// the server itself reset the connection.
+pub async fn assert_reset_sending(tool: &EchoTool, from: &Pod, to: SocketAddr, message: &str) {
+    match tool.connect(from, to, message).await {
         Ok(reply) => panic!(
             "{} -> {to} was closed in order (reply {reply:?}), not reset",
             from.name()
@@ -79,6 +85,9 @@ pub async fn assert_talk_with_identities(
         let mut srv = tool.serve(server, 8080).await.expect("echo server");
         let addr = SocketAddr::from((server.ip(), 8080));
         assert_echo(tool, client, addr, MARKER).await;
+        // A reset by the server reaches the client as a reset, never as an orderly
+        // end that would make a cut-off reply look complete.
+        assert_reset_sending(tool, client, addr, crate::echo::RESET_REQUEST).await;
         let peer = srv
             .next_peer(Duration::from_secs(10))
             .await

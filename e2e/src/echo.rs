@@ -9,6 +9,10 @@ use std::time::Duration;
 use crate::pod::Pod;
 use crate::process::{NsProcess, ProcessError, WAIT_TIMEOUT, run_output};
 
+/// A message that makes `e2e-tool serve` abort its connection (a TCP reset)
+/// instead of echoing: how tests check that a reset crosses the mesh as a reset.
+pub const RESET_REQUEST: &str = "reset-me";
+
 /// Where `e2e-tool` is.
 #[derive(Debug, Clone)]
 pub struct EchoTool {

@@ -52,6 +52,11 @@ pub trait SpliceIo {
 
     /// Ends the write side (FIN, or END_STREAM on a tunnel).
     fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Abandons the stream, so that its peer sees an abort rather than an orderly
+    /// end: a TCP reset when the socket closes, an HTTP/2 RST_STREAM. Streams that
+    /// have no abort (pipes) just close.
+    fn abort(&mut self);
 }
 
 /// Reads into `buf`'s spare capacity and splits off what arrived.
@@ -85,7 +90,7 @@ where
 }
 
 macro_rules! by_copy {
-    ($($t:ty),* $(,)?) => {$(
+    ($($t:ty => $abort:expr),* $(,)?) => {$(
         impl SpliceIo for $t {
             fn poll_read_chunk(
                 &mut self,
@@ -110,15 +115,30 @@ macro_rules! by_copy {
             fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 Pin::new(self).poll_shutdown(cx)
             }
+
+            fn abort(&mut self) {
+                let abort: fn(&mut $t) = $abort;
+                abort(self);
+            }
         }
     )*};
 }
 
 by_copy!(
-    tokio::net::TcpStream,
-    tokio::net::UnixStream,
-    tokio::io::DuplexStream,
+    tokio::net::TcpStream => |s| {
+        if let Err(e) = reset_on_close(s) {
+            tracing::debug!(error = %e, "SO_LINGER on an aborted connection");
+        }
+    },
+    tokio::net::UnixStream => |_| {},
+    tokio::io::DuplexStream => |_| {},
 );
+
+/// Makes closing `stream` send a TCP reset instead of a FIN (`SO_LINGER` 0), so its
+/// peer cannot take an aborted or refused connection for a complete one.
+pub fn reset_on_close(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO))
+}
 
 /// Most bytes [`take_ready`] takes.
 pub const EARLY_DATA_MAX: usize = 4096;
@@ -185,6 +205,11 @@ pub struct CopyError {
 /// Copies `a` to `b` and `b` to `a` until both sides have reached EOF; the end of one
 /// direction shuts down the write side of its destination (half-close). Returns the
 /// bytes moved `(a_to_b, b_to_a)`; `stats` counts the same while it runs.
+///
+/// An error on either side ends both directions and aborts both streams
+/// ([`SpliceIo::abort`]): a reset or a broken tunnel reaches the other peer as a
+/// reset, as it would on a direct connection, never as an orderly end that would
+/// make a cut-off transfer look complete.
 pub async fn copy_bidirectional<A, B>(
     a: &mut A,
     b: &mut B,
@@ -196,7 +221,7 @@ where
 {
     let mut ab = HalfCopy::new();
     let mut ba = HalfCopy::new();
-    poll_fn(|cx| {
+    let result = poll_fn(|cx| {
         let ab_state = ab.poll(cx, &mut *a, &mut *b, &stats.a_to_b);
         let ba_state = ba.poll(cx, &mut *b, &mut *a, &stats.b_to_a);
         match (ab_state, ba_state) {
@@ -212,7 +237,12 @@ where
             _ => Poll::Pending,
         }
     })
-    .await
+    .await;
+    if result.is_err() {
+        a.abort();
+        b.abort();
+    }
+    result
 }
 
 /// One direction's state.
@@ -351,6 +381,48 @@ mod tests {
         let (ab, ba) = splice.await.unwrap().unwrap();
         assert_eq!((ab, ba), (up.len() as u64, 4));
         assert_eq!((stats.a_to_b(), stats.b_to_a()), (ab, ba));
+    }
+
+    /// A connected pair of loopback TCP sockets: (client end, server end).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_reaches_the_other_as_a_reset() {
+        // client <-> (a  splice  b) <-> server, over real TCP on loopback.
+        let (mut client, mut a) = tcp_pair().await;
+        let (mut b, mut server) = tcp_pair().await;
+        let splice = tokio::spawn(async move {
+            let stats = CopyStats::default();
+            copy_bidirectional(&mut a, &mut b, &stats).await
+        });
+
+        // The server takes the request, sends part of a reply, then aborts.
+        client.write_all(b"request").await.unwrap();
+        let mut request = [0u8; 7];
+        server.read_exact(&mut request).await.unwrap();
+        server.write_all(b"partial").await.unwrap();
+        let mut reply = [0u8; 7];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"partial");
+        reset_on_close(&server).unwrap();
+        drop(server);
+
+        let err = splice.await.unwrap().unwrap_err();
+        assert_eq!(err.direction, Direction::BToA);
+        // The client must not take the cut-off reply for a complete one.
+        let mut rest = Vec::new();
+        let end = client.read_to_end(&mut rest).await;
+        assert_eq!(
+            end.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the client saw an orderly end after {} more bytes",
+            rest.len()
+        );
     }
 
     #[test]

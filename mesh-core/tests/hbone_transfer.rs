@@ -225,10 +225,83 @@ impl ConnectHandler for SpliceTo {
     async fn handle(&self, connect: InboundConnect) {
         let mut upstream = TcpStream::connect(self.0).await.unwrap();
         let mut tunnel = connect.accept().unwrap();
-        copy_bidirectional(&mut tunnel, &mut upstream, &self.1)
-            .await
-            .unwrap();
+        // A failed splice shows in the test's own assertions (hashes, counts, resets).
+        if let Err(e) = copy_bidirectional(&mut tunnel, &mut upstream, &self.1).await {
+            tracing::debug!(error = %e, "server splice failed");
+        }
     }
+}
+
+/// app <-> (splice) <-> tunnel <-> (server's splice) <-> upstream, with the
+/// upstream's end accepted: (app, upstream, the client splice's task).
+async fn spliced_through_a_tunnel(
+    mesh: &Mesh,
+) -> (
+    TcpStream,
+    TcpStream,
+    tokio::task::JoinHandle<Result<(u64, u64), mesh_core::copy::CopyError>>,
+    Server,
+) {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::start(
+        mesh.server_store.clone(),
+        &mesh.server_id,
+        SpliceTo(upstream.local_addr().unwrap(), Arc::default()),
+        HboneConfig::default(),
+    )
+    .await;
+    let pool = mesh.pool(HboneConfig::default());
+    let mut tunnel = pool.connect(mesh.key(&server), request()).await.unwrap();
+    let app_side = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(app_side.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut accepted, _) = app_side.accept().await.unwrap();
+    let splice = tokio::spawn(async move {
+        let stats = CopyStats::default();
+        copy_bidirectional(&mut accepted, &mut tunnel, &stats).await
+    });
+    let mut app = app;
+    // The server's splice dials the upstream once the tunnel carries a byte.
+    app.write_all(b"x").await.unwrap();
+    let (mut far, _) = upstream.accept().await.unwrap();
+    let mut first = [0u8; 1];
+    far.read_exact(&mut first).await.unwrap();
+    (app, far, splice, server)
+}
+
+/// Reads to the end of `s`, which must be a reset, not an orderly close.
+async fn assert_reset(s: &mut TcpStream, who: &str) {
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest).await;
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{who} saw an orderly end after {} more bytes",
+        rest.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_reaches_the_client_app_as_a_reset() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (mut app, far, splice, _server) = spliced_through_a_tunnel(&mesh).await;
+    mesh_core::copy::reset_on_close(&far).unwrap();
+    drop(far);
+    assert_reset(&mut app, "the client app").await;
+    assert!(splice.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_app_reset_reaches_the_upstream_as_a_reset() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (app, mut far, splice, _server) = spliced_through_a_tunnel(&mesh).await;
+    mesh_core::copy::reset_on_close(&app).unwrap();
+    drop(app);
+    assert_reset(&mut far, "the upstream").await;
+    assert!(splice.await.unwrap().is_err());
 }
 
 /// Writes `total` pseudo-random bytes then half-closes; returns (bytes, hash).

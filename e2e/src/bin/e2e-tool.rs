@@ -2,7 +2,9 @@
 //!
 //! - `serve <port>`: echo server on `0.0.0.0:<port>`; prints `listening <addr>` once
 //!   bound, then `peer <ip:port>` for each accepted connection (what the server sees
-//!   as the source, so tests can check addresses are preserved).
+//!   as the source, so tests can check addresses are preserved). A connection whose
+//!   first bytes are `reset-me` ([`ambit_e2e::echo::RESET_REQUEST`]) is aborted
+//!   with a TCP reset instead.
 //! - `connect <ip:port> <message>`: sends the message, half-closes, prints the reply.
 //! - `session <ip:port> <stop-file>`: a long-lived connection; prints `connected`,
 //!   then every 50 ms sends `ping N` and prints `pong N` when its echo returns, until
@@ -84,6 +86,20 @@ fn say(line: &str) -> anyhow::Result<()> {
 }
 
 fn echo(mut stream: TcpStream) -> std::io::Result<()> {
+    let reset = ambit_e2e::echo::RESET_REQUEST.as_bytes();
+    let mut first = vec![0u8; reset.len()];
+    let mut got = 0;
+    while got < first.len() {
+        match stream.read(&mut first[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if first[..got] == *reset {
+        // Closing with SO_LINGER 0 sends a reset.
+        return socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    stream.write_all(&first[..got])?;
     let mut reader = stream.try_clone()?;
     std::io::copy(&mut reader, &mut stream)?;
     stream.shutdown(Shutdown::Write)

@@ -160,6 +160,10 @@ impl SpliceIo for H2Stream {
     fn poll_shutdown_chunks(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(self.close_write())
     }
+
+    fn abort(&mut self) {
+        self.reset();
+    }
 }
 
 fn h2_to_io(e: h2::Error) -> io::Error {

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_core::SpiffeId;
@@ -269,7 +268,7 @@ impl Outbound {
 /// Makes closing `client` send a reset (SO_LINGER 0): how a refused connection
 /// ends.
 fn reset(client: &TcpStream, src: SocketAddr) {
-    if let Err(e) = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO)) {
+    if let Err(e) = mesh_core::copy::reset_on_close(client) {
         tracing::debug!(%src, error = %e, "SO_LINGER on a refused connection");
     }
 }
