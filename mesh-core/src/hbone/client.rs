@@ -247,23 +247,30 @@ pub(crate) async fn send_connect(
     }
     let mut send = send.clone().ready().await.map_err(h2_err)?;
     let (response, mut stream) = send.send_request(request, false).map_err(h2_err)?;
-    if !req.early_data.is_empty() {
-        // Queued behind the HEADERS frame: the connection task writes both at once.
+    // Queued behind the HEADERS frame: the connection task writes both at once. It
+    // fails when the stream already ended, e.g. the server refused the CONNECT at
+    // once: then the answer says why.
+    let early = if req.early_data.is_empty() {
+        Ok(false)
+    } else {
         stream
             .send_data(req.early_data.clone(), false)
-            .map_err(h2_err)?;
-    }
+            .map(|()| true)
+    };
     let response = response.await.map_err(|error| {
-        if req.early_data.is_empty() {
-            h2_err(error)
-        } else {
+        if early.as_ref().is_ok_and(|sent| *sent) {
             ConnectError::AfterEarlyData {
                 addr: next_hop,
                 error,
             }
+        } else {
+            h2_err(error)
         }
     })?;
-    if !response.status().is_success() {
+    if response.status().is_success() {
+        // An accepted tunnel that lost its first bytes must not carry the rest.
+        early.map_err(h2_err)?;
+    } else {
         let reason = response
             .headers()
             .get(REASON_HEADER)
