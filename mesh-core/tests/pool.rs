@@ -142,3 +142,71 @@ async fn failed_dials_leave_no_key_behind() {
     assert_eq!(echo_once(&mut s, b"x").await, b"x");
     assert_eq!(pool.key_count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_on_a_failing_open_share_its_error() {
+    const CALLERS: usize = 5;
+    let mesh = Mesh::new();
+    // Accepts TCP and never answers the TLS handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let pool = mesh.pool(HboneConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..HboneConfig::default()
+    });
+    let key =
+        mesh_core::hbone::PoolKey::new(mesh.client_id.clone(), vec![mesh.server_id.clone()], addr);
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (pool, key) = (pool.clone(), key.clone());
+            tokio::spawn(async move { pool.connect(key, request()).await })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("timed out"), "{err}");
+    }
+    // One dial for all of them: the others took the first one's error.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(pool.key_count(), 0);
+    // A later caller tries again.
+    let err = pool.connect(key, request()).await.unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    silent.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_to_the_servers_stream_limit() {
+    let mesh = Mesh::new();
+    let server = mesh
+        .echo_server(HboneConfig {
+            server_max_streams: 2,
+            ..HboneConfig::default()
+        })
+        .await;
+    let pool = mesh.pool(HboneConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..HboneConfig::default()
+    });
+    // Held open together: 2 per connection, as the server's SETTINGS say.
+    let mut tunnels = Vec::new();
+    for i in 0..5 {
+        let mut s = pool.connect(mesh.key(&server), request()).await.unwrap();
+        let msg = format!("tunnel {i}");
+        assert_eq!(echo_once(&mut s, msg.as_bytes()).await, msg.as_bytes());
+        tunnels.push(s);
+    }
+    assert_eq!(pool.stats().connections_opened(), 3);
+    assert_eq!(pool.stats().connections_closed(), 0);
+    assert_eq!(server.stats.tunnels(), 5);
+}

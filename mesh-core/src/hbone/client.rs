@@ -59,6 +59,9 @@ pub enum ConnectError {
         status: StatusCode,
         reason: String,
     },
+    /// A connection that failed to open, for every tunnel that waited on it.
+    #[error(transparent)]
+    Shared(Arc<ConnectError>),
 }
 
 impl ConnectError {
@@ -66,6 +69,7 @@ impl ConnectError {
     pub fn tls_error(&self) -> Option<&rustls::Error> {
         match self {
             Self::Tls { error, .. } => error.get_ref()?.downcast_ref::<rustls::Error>(),
+            Self::Shared(e) => e.tls_error(),
             _ => None,
         }
     }
@@ -82,6 +86,7 @@ impl ConnectError {
             Self::AfterEarlyData { .. } => self.is_drain_refusal(),
             Self::Dial { .. } | Self::Timeout { .. } => true,
             Self::Unanswered { early_data, .. } => !early_data,
+            Self::Shared(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -95,6 +100,7 @@ impl ConnectError {
             Self::Http2 { error, .. } | Self::AfterEarlyData { error, .. } => {
                 retry_after_early_data(error.is_go_away() && error.is_remote(), error.reason())
             }
+            Self::Shared(e) => e.is_drain_refusal(),
             _ => false,
         }
     }

@@ -1,9 +1,11 @@
 //! The HBONE client: tunnels multiplexed over pooled HTTP/2 connections.
 //!
 //! Connections are keyed by (source identity, expected destination identities, next
-//! hop). A connection carries up to `max_streams_per_connection` tunnels; only when
-//! all of a key's connections are full does another open, and never two at once for
-//! one key. A connection idle for `pool_idle_timeout` is closed.
+//! hop). A connection carries up to `max_streams_per_connection` tunnels, and no
+//! more than its server's `SETTINGS_MAX_CONCURRENT_STREAMS`; only when all of a
+//! key's connections are full does another open, and never two at once for one key.
+//! Callers that waited behind an open that failed share its error. A connection idle
+//! for `pool_idle_timeout` is closed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -77,8 +79,7 @@ struct PoolInner<D> {
 #[derive(Debug, Default)]
 struct KeyEntry {
     conns: Vec<Arc<PooledConn>>,
-    // Held while a connection for this key is being opened.
-    opening: Arc<tokio::sync::Mutex<()>>,
+    opening: Arc<Opening>,
 }
 
 impl KeyEntry {
@@ -87,6 +88,18 @@ impl KeyEntry {
     fn unused(&self) -> bool {
         self.conns.is_empty() && Arc::strong_count(&self.opening) == 1
     }
+}
+
+/// The opening of a key's connections, one at a time.
+#[derive(Debug, Default)]
+struct Opening {
+    // Held while a connection for this key is being opened.
+    lock: tokio::sync::Mutex<()>,
+    // Opens that failed, and the last one's error. A caller that waited behind an
+    // open that failed takes its error instead of dialing again: otherwise each
+    // waiter in turn would wait through its own timeout to the same dead peer.
+    failed: AtomicU64,
+    last_error: Mutex<Option<Arc<ConnectError>>>,
 }
 
 struct PooledConn {
@@ -222,24 +235,39 @@ impl<D: TcpDialer> HbonePool<D> {
             .or_default()
             .opening
             .clone();
-        let _opening = opening.lock().await;
+        let failed_before = opening.failed.load(Ordering::Acquire);
+        let held = opening.lock.lock().await;
         // Someone may have opened a connection while we waited.
         if let Some(g) = self.try_reserve(key) {
             return Ok((g, false));
         }
-        let opened = open_connection(
-            &self.inner.store,
-            key,
-            &self.inner.config,
-            &self.inner.dialer,
-        )
-        .await;
+        let shared = if opening.failed.load(Ordering::Acquire) == failed_before {
+            None
+        } else {
+            lock(&opening.last_error).clone()
+        };
+        let opened = match shared {
+            Some(error) => Err(ConnectError::Shared(error)),
+            None => open_connection(
+                &self.inner.store,
+                key,
+                &self.inner.config,
+                &self.inner.dialer,
+            )
+            .await
+            .map_err(|e| {
+                let error = Arc::new(e);
+                *lock(&opening.last_error) = Some(error.clone());
+                opening.failed.fetch_add(1, Ordering::Release);
+                ConnectError::Shared(error)
+            }),
+        };
         let (send, connection) = match opened {
             Ok(c) => c,
             Err(e) => {
                 // Leave no entry behind for a key that has no connection and no
                 // other caller: failed dials to ever-new addresses would pile up.
-                drop(_opening);
+                drop(held);
                 drop(opening);
                 let mut keys = lock(&self.inner.keys);
                 if keys.get(key).is_some_and(KeyEntry::unused) {
@@ -285,6 +313,9 @@ impl<D: TcpDialer> HbonePool<D> {
             if conn.closed.load(Ordering::Acquire) {
                 return None;
             }
+            // The server's SETTINGS_MAX_CONCURRENT_STREAMS too: beyond it a CONNECT
+            // would wait in h2's queue instead of opening another connection.
+            let max = max.min(conn.send.current_max_send_streams());
             let mut slots = lock(&conn.slots);
             if slots.active >= max {
                 return None;
