@@ -297,6 +297,14 @@ async fn a_denied_client_is_refused_counted_and_explained() {
         why.contains("spiffe://cluster.local/ns/elsewhere/sa/scraper"),
         "{why}"
     );
+    // A destination outside the mesh that refuses: "host unreachable", not "not
+    // allowed", so the caller can tell a policy from a dead peer.
+    let closed = std::net::TcpListener::bind(SocketAddr::new(ip(42, 9), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, _s) = socks5(proxy, ip(42, 2), closed).await;
+    assert_eq!(code, 4, "expected 'host unreachable'");
     f.app.shutdown().await;
 }
 

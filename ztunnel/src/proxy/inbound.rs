@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::copy::copy_bidirectional;
+use mesh_core::copy::{SpliceIo, copy_bidirectional};
 use mesh_core::hbone::{
     ConnectHandler, InboundConnect, Refusal, RefusalKind, SourceMetadata, StatusCode,
 };
@@ -166,11 +166,19 @@ impl ConnectHandler for InboundHandler {
             destination: target,
             labels,
         };
-        let Ok(mut tunnel) = connect.accept() else {
-            return;
-        };
+        // Counted from here: the app has seen the connection.
         let mut guard =
             ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+        let mut tunnel = match connect.accept() {
+            Ok(t) => t,
+            Err(e) => {
+                // The caller went away while the app's connection opened.
+                tracing::debug!(error = %e, "HBONE stream gone before its CONNECT was answered");
+                upstream.abort();
+                guard.set_end("error");
+                return;
+            }
+        };
         if let Err(e) = copy_bidirectional(&mut tunnel, &mut upstream, guard.stats()).await {
             tracing::debug!(error = %e, "inbound connection ended with an error");
             guard.set_end("error");

@@ -60,7 +60,7 @@ impl Outbound {
                 match original_dst(&stream, src) {
                     Ok(dst) if is_self_call(&stream, dst, own_port) => {
                         reset(&stream, src);
-                        this.refused::<()>(
+                        let _ = this.refused::<()>(
                             src,
                             dst,
                             None,
@@ -87,7 +87,7 @@ impl Outbound {
             }
         };
         let early_len = early.len() as u64;
-        let Some((mut upstream, info)) = self.connect(src, dst, early).await else {
+        let Ok((mut upstream, info)) = self.connect(src, dst, early).await else {
             // Refused: the client sees a reset, not an orderly close (its early
             // bytes were read, so closing would otherwise send a FIN).
             reset(&client, src);
@@ -122,13 +122,13 @@ impl Outbound {
 
     /// Opens the upstream of a connection from this pod to `dst` and sends it
     /// `early` (bytes the client already sent); a refusal is counted and recorded in
-    /// the why log, and gives `None`.
+    /// the why log, and gives its reason (the metric's `reason` label).
     pub async fn connect(
         &self,
         src: SocketAddr,
         dst: SocketAddr,
         early: Bytes,
-    ) -> Option<(Upstream, ConnInfo)> {
+    ) -> Result<(Upstream, ConnInfo), &'static str> {
         let state = self.inputs.state.snapshot();
         let route = match state.route(dst) {
             Ok(r) => r,
@@ -177,7 +177,7 @@ impl Outbound {
                     destination: addr,
                     labels: src_labels,
                 };
-                Some((Upstream::Tcp(upstream), info))
+                Ok((Upstream::Tcp(upstream), info))
             }
             Route::Mesh { workload, addr, .. } => {
                 let dst_id = match workload.identity() {
@@ -235,7 +235,7 @@ impl Outbound {
                     destination: addr,
                     labels,
                 };
-                Some((Upstream::Hbone(tunnel), info))
+                Ok((Upstream::Hbone(tunnel), info))
             }
         }
     }
@@ -247,7 +247,7 @@ impl Outbound {
         workload: Option<String>,
         reason: &'static str,
         explanation: String,
-    ) -> Option<T> {
+    ) -> Result<T, &'static str> {
         self.inputs.metrics.deny(reason);
         self.inputs.why.record(Refused {
             at: Refused::now(),
@@ -261,7 +261,7 @@ impl Outbound {
             rule: None,
             explanation,
         });
-        None
+        Err(reason)
     }
 }
 

@@ -21,6 +21,7 @@ const CMD_CONNECT: u8 = 1;
 const REP_OK: u8 = 0;
 const REP_FAILURE: u8 = 1;
 const REP_NOT_ALLOWED: u8 = 2;
+const REP_HOST_UNREACHABLE: u8 = 4;
 const REP_CMD_UNSUPPORTED: u8 = 7;
 const REP_ATYP_UNSUPPORTED: u8 = 8;
 
@@ -118,13 +119,22 @@ impl Socks5 {
             self.pool.clone(),
             self.inputs.clone(),
         );
-        let Some((mut upstream, info)) = outbound.connect(src, dst, bytes::Bytes::new()).await
-        else {
-            return reply(&mut client, REP_NOT_ALLOWED).await;
+        let (mut upstream, info) = match outbound.connect(src, dst, bytes::Bytes::new()).await {
+            Ok(opened) => opened,
+            Err(reason) => return reply(&mut client, refusal_reply(reason)).await,
         };
         reply(&mut client, REP_OK).await?;
         outbound.splice(&mut client, &mut upstream, info, 0).await;
         Ok(())
+    }
+}
+
+/// The SOCKS5 reply for a refusal reason of the outbound path.
+fn refusal_reply(reason: &str) -> u8 {
+    match reason {
+        "denied_by_destination" => REP_NOT_ALLOWED,
+        "no_route" | "upstream_unreachable" | "hbone_failed" => REP_HOST_UNREACHABLE,
+        _ => REP_FAILURE,
     }
 }
 
