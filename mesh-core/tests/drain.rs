@@ -31,7 +31,7 @@ async fn a_draining_server_refuses_new_tunnels_and_lets_open_ones_finish() {
         .connect(mesh.key(&server), request())
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::Dial { .. }), "{err}");
+    assert!(matches!(err.root(), ConnectError::Dial { .. }), "{err}");
     // So does a client that was never connected.
     let fresh = mesh.pool(HboneConfig::default());
     let key = PoolKey::new(

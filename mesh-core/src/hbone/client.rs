@@ -59,12 +59,21 @@ pub enum ConnectError {
         status: StatusCode,
         reason: String,
     },
-    /// A connection that failed to open, for every tunnel that waited on it.
+    /// A connection that failed to open, for every tunnel that waited on it (and
+    /// the one that opened it). Match on [`ConnectError::root`].
     #[error(transparent)]
     Shared(Arc<ConnectError>),
 }
 
 impl ConnectError {
+    /// The error itself, seen through [`Self::Shared`]: what to match variants on.
+    pub fn root(&self) -> &ConnectError {
+        match self {
+            Self::Shared(e) => e.root(),
+            other => other,
+        }
+    }
+
     /// The rustls error behind a failed handshake, to tell why a peer was refused.
     pub fn tls_error(&self) -> Option<&rustls::Error> {
         match self {

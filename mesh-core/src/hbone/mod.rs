@@ -43,21 +43,24 @@ pub const REASON_HEADER: &str = "ambit-reason";
 /// KiB): larger batches of records per `writev` (docs/benchmarks.md).
 pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
-/// Idle time before TCP keepalive probes an HBONE connection, the time between
-/// probes, and how many go unanswered before the kernel drops it: an idle
-/// connection whose peer vanished (node lost, path cut) is found dead in two
-/// minutes instead of never, so its tunnels end and the pool dials anew.
+/// Idle time before TCP keepalive probes a connection, the time between probes,
+/// and how many go unanswered before the kernel drops it: an idle connection whose
+/// peer vanished (node lost, path cut) is found dead in two minutes instead of
+/// never, so its tunnels end and the pool dials anew.
 const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(15), 4);
 
-/// Turns on TCP keepalive ([`KEEPALIVE`]) on an HBONE connection's socket.
-fn keep_alive(tcp: &tokio::net::TcpStream) {
+/// Turns on TCP keepalive ([`KEEPALIVE`]) on a socket whose peer is on another
+/// host: HBONE connections, and the connections ztunnel makes to or takes from
+/// outside the mesh. On a listener it holds for every connection it accepts (Linux
+/// copies it to them), at no cost per connection.
+pub fn keep_alive<S: std::os::fd::AsFd>(socket: &S) {
     let (time, interval, retries) = KEEPALIVE;
     let ka = socket2::TcpKeepalive::new()
         .with_time(time)
         .with_interval(interval)
         .with_retries(retries);
-    if let Err(error) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
-        tracing::debug!(%error, "TCP keepalive on an HBONE connection");
+    if let Err(error) = socket2::SockRef::from(socket).set_tcp_keepalive(&ka) {
+        tracing::debug!(%error, "TCP keepalive");
     }
 }
 
@@ -111,17 +114,24 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn keep_alive_sets_the_probes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        keep_alive(&tcp);
-        let sock = socket2::SockRef::from(&tcp);
+    fn assert_keepalive(sock: socket2::SockRef<'_>) {
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE.0);
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE.1);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE.2);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_sets_the_probes_and_a_listener_passes_them_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        keep_alive(&listener);
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap());
+        assert_keepalive(socket2::SockRef::from(&accepted));
+        keep_alive(&tcp);
+        assert_keepalive(socket2::SockRef::from(&tcp));
     }
 }

@@ -188,6 +188,8 @@ impl<H: ConnectHandler> HboneServer<H> {
             stats,
         } = self;
         let max = config.server_max_connections;
+        // Set once here, it holds for every accepted connection.
+        super::keep_alive(&listener);
         let watcher = drain.clone();
         accept_loop(listener, max, drain, "HBONE", move |tcp, peer| {
             let conn = Connection {
@@ -217,7 +219,6 @@ struct Connection<H> {
 impl<H: ConnectHandler> Connection<H> {
     async fn serve(self, tcp: TcpStream, drain: &DrainWatcher) {
         let _ = tcp.set_nodelay(true);
-        super::keep_alive(&tcp);
         let refuse = |kind, reason: String, id: Option<SpiffeId>| {
             tracing::info!(peer = %self.peer, kind = kind_str(kind), %reason, "HBONE connection refused");
             self.stats

@@ -197,6 +197,9 @@ impl PodProxy {
         let hbone_listener = listen(ports.hbone)?;
         let outbound_listener = listen(ports.outbound)?;
         let plaintext_listener = listen(ports.inbound_plaintext)?;
+        // Its callers are outside the mesh, on other hosts: keepalive finds the
+        // ones that vanish (the pod's own connections to 15001 cannot).
+        mesh_core::hbone::keep_alive(&plaintext_listener);
         let addrs = PodPorts {
             hbone: hbone_listener.local_addr().unwrap_or(ports.hbone),
             outbound: outbound_listener.local_addr().unwrap_or(ports.outbound),

@@ -148,7 +148,11 @@ impl Outbound {
                     .connect_within(addr, None, self.inputs.hbone.connect_timeout)
                     .await
                 {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        // A destination outside the mesh, on another host.
+                        mesh_core::hbone::keep_alive(&s);
+                        s
+                    }
                     Err(e) => {
                         return self.refused(
                             src,
@@ -208,7 +212,7 @@ impl Outbound {
                 let tunnel = match self.pool.connect(key, req).await {
                     Ok(t) => t,
                     Err(e) => {
-                        let reason = match &e {
+                        let reason = match e.root() {
                             ConnectError::Refused { status, .. } if status.as_u16() == 403 => {
                                 "denied_by_destination"
                             }
