@@ -143,6 +143,7 @@ fn respond(state: &AdminState, endpoint: Endpoint, req: &Request<Incoming>) -> R
             "/config_dump\n/debug/why\n/debug/why?format=text\n",
         ),
         (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => {
+            state.inputs.conns.report_bytes(&state.inputs.metrics);
             Reply::metrics(state.inputs.metrics.encode())
         }
         (Endpoint::Readiness, "/healthz/ready") => {

@@ -174,10 +174,27 @@ async fn a_meshed_client_reaches_the_server_over_hbone_and_metrics_match() {
     assert_eq!(code, 0, "SOCKS5 refused");
     let msg = b"hello cart, from frontend";
     s.write_all(msg).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).await.unwrap();
     assert_eq!(back, msg);
+    // While the connection is open, a scrape already counts its bytes.
+    let (_, text) = http_get(f.app.metrics_addr, "/metrics").await;
+    for reporter in ["reporter=\"source\"", "reporter=\"destination\""] {
+        for name in [
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            assert_eq!(
+                metric(&text, name, &[reporter]),
+                Some(msg.len() as f64),
+                "{name} {reporter} of the open connection:\n{text}"
+            );
+        }
+    }
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
     let seen = f.app_seen.recv().await.unwrap();
     if nix::unistd::Uid::effective().is_root() {
         // Delivered with the caller's own address (IP_TRANSPARENT).

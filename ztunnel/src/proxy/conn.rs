@@ -1,6 +1,7 @@
 //! One proxied connection's bookkeeping: metrics at open and close, byte counts
-//! while it runs (the admin view lists live connections), and one access-log event
-//! when it ends.
+//! while it runs (the admin view lists live connections, and each scrape of the
+//! metrics takes in the bytes live connections moved since the last), and one
+//! access-log event when it ends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,8 +25,38 @@ pub struct ConnTable {
 struct LiveConn {
     /// Shared with the connection's guard: no copy of the labels per connection.
     info: Arc<ConnInfo>,
-    stats: Arc<CopyStats>,
+    bytes: Arc<ByteCounts>,
     started: u64,
+}
+
+/// A connection's byte counts, and how much of them the metrics have.
+#[derive(Debug, Default)]
+struct ByteCounts {
+    copied: CopyStats,
+    // Request and response bytes already in the counters. Raised with `fetch_max`,
+    // so a scrape and the close racing each add only what they raised it by.
+    reported: [AtomicU64; 2],
+}
+
+impl ByteCounts {
+    /// Adds what moved since the last report to the byte counters. Istio's meaning,
+    /// which its dashboards assume: "received" is what the source sent (the
+    /// request), "sent" what came back (the response).
+    fn report(&self, metrics: &Metrics, labels: &ConnLabels) -> (u64, u64) {
+        let (request, response) = (self.copied.a_to_b(), self.copied.b_to_a());
+        let families = [&metrics.received_bytes, &metrics.sent_bytes];
+        for ((now, reported), family) in [request, response]
+            .into_iter()
+            .zip(&self.reported)
+            .zip(families)
+        {
+            let before = reported.fetch_max(now, Ordering::AcqRel);
+            if now > before {
+                family.get_or_create(labels).inc_by(now - before);
+            }
+        }
+        (request, response)
+    }
 }
 
 /// What a connection is, in the access log and the admin view.
@@ -59,12 +90,22 @@ impl ConnTable {
             .map(|c| ConnView {
                 source_principal: c.info.labels.source_principal.clone(),
                 destination_principal: c.info.labels.destination_principal.clone(),
-                bytes_sent: c.stats.a_to_b(),
-                bytes_received: c.stats.b_to_a(),
+                bytes_sent: c.bytes.copied.a_to_b(),
+                bytes_received: c.bytes.copied.b_to_a(),
                 started: c.started,
                 info: ConnInfo::clone(&c.info),
             })
             .collect()
+    }
+
+    /// Brings the byte counters up to date with the live connections, so that a
+    /// connection that stays open for days shows its traffic as it flows, not all
+    /// at its end. Called before each scrape.
+    pub fn report_bytes(&self, metrics: &Metrics) {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        for c in live.values() {
+            c.bytes.report(metrics, &c.info.labels);
+        }
     }
 }
 
@@ -72,7 +113,7 @@ impl ConnTable {
 pub struct ConnGuard {
     id: u64,
     info: Arc<ConnInfo>,
-    stats: Arc<CopyStats>,
+    bytes: Arc<ByteCounts>,
     metrics: Arc<Metrics>,
     table: Arc<ConnTable>,
     started: Instant,
@@ -90,7 +131,7 @@ impl ConnGuard {
             .inc();
         let id = table.next.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(info);
-        let stats = Arc::new(CopyStats::default());
+        let bytes = Arc::new(ByteCounts::default());
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -99,14 +140,14 @@ impl ConnGuard {
             id,
             LiveConn {
                 info: info.clone(),
-                stats: stats.clone(),
+                bytes: bytes.clone(),
                 started,
             },
         );
         Self {
             id,
             info,
-            stats,
+            bytes,
             metrics,
             table,
             started: Instant::now(),
@@ -116,7 +157,7 @@ impl ConnGuard {
 
     /// Counts bytes source -> destination as `a_to_b`, back as `b_to_a`.
     pub fn stats(&self) -> &CopyStats {
-        &self.stats
+        &self.bytes.copied
     }
 
     /// How the connection ended, for the access log (default `closed`).
@@ -127,12 +168,8 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        // Istio's meaning, which its dashboards assume: "received" is what the
-        // source sent (the request), "sent" what came back (the response).
-        let (request, response) = (self.stats.a_to_b(), self.stats.b_to_a());
         let l = &self.info.labels;
-        self.metrics.sent_bytes.get_or_create(l).inc_by(response);
-        self.metrics.received_bytes.get_or_create(l).inc_by(request);
+        let (request, response) = self.bytes.report(&self.metrics, l);
         self.metrics.closed.get_or_create(l).inc();
         self.metrics
             .open_connections
@@ -215,5 +252,44 @@ mod tests {
         let text = metrics.encode();
         assert_eq!(metric(&text, "istio_tcp_received_bytes_total"), 10.0);
         assert_eq!(metric(&text, "istio_tcp_sent_bytes_total"), 3.0);
+    }
+
+    #[test]
+    fn live_bytes_reach_the_counters_at_each_scrape_and_only_once() {
+        let ca = mesh_core::testing::TestCa::new();
+        let metrics = Arc::new(Metrics::new(ca.store_for(&[])));
+        let table = Arc::new(ConnTable::default());
+        let info = ConnInfo {
+            direction: "outbound",
+            source: "198.18.0.1:40000".parse().unwrap(),
+            destination: "198.18.0.2:8080".parse().unwrap(),
+            labels: ConnLabels {
+                reporter: "source",
+                ..Default::default()
+            },
+        };
+        let received = |m: &Metrics| metric(&m.encode(), "istio_tcp_received_bytes_total");
+        let guard = ConnGuard::open(info, metrics.clone(), table.clone());
+        guard.stats().count_a_to_b(10);
+        table.report_bytes(&metrics);
+        assert_eq!(
+            received(&metrics),
+            10.0,
+            "open connection's bytes not reported"
+        );
+        table.report_bytes(&metrics);
+        assert_eq!(received(&metrics), 10.0, "reported twice");
+        guard.stats().count_a_to_b(5);
+        table.report_bytes(&metrics);
+        assert_eq!(received(&metrics), 15.0);
+        guard.stats().count_a_to_b(1);
+        drop(guard);
+        assert_eq!(
+            received(&metrics),
+            16.0,
+            "the close added more than was left"
+        );
+        table.report_bytes(&metrics);
+        assert_eq!(received(&metrics), 16.0);
     }
 }
