@@ -89,7 +89,9 @@ fn echo(mut stream: TcpStream) -> std::io::Result<()> {
     let reset = ambit_e2e::echo::RESET_REQUEST.as_bytes();
     let mut first = vec![0u8; reset.len()];
     let mut got = 0;
-    while got < first.len() {
+    // Reads only while what came could still be the request: an echo must not wait
+    // for bytes a client never sends.
+    while got < first.len() && reset.starts_with(&first[..got]) {
         match stream.read(&mut first[got..])? {
             0 => break,
             n => got += n,
