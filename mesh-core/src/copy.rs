@@ -206,10 +206,14 @@ pub struct CopyError {
 /// direction shuts down the write side of its destination (half-close). Returns the
 /// bytes moved `(a_to_b, b_to_a)`; `stats` counts the same while it runs.
 ///
-/// An error on either side ends both directions and aborts both streams
-/// ([`SpliceIo::abort`]): a reset or a broken tunnel reaches the other peer as a
-/// reset, as it would on a direct connection, never as an orderly end that would
-/// make a cut-off transfer look complete.
+/// A failure aborts both streams ([`SpliceIo::abort`]), so a reset or a broken
+/// tunnel reaches the other peer as a reset, as it would on a direct connection,
+/// never as an orderly end that would make a cut-off transfer look complete. A
+/// failed read ends the splice at once. A failed write ends only its direction:
+/// the other goes on until its own end, so what the failed side sent before it
+/// went away (a server's "413" before the reset that refuses the rest of an upload)
+/// still arrives, then both are aborted. The splice dropped before its end (a
+/// forced drain) aborts both too.
 pub async fn copy_bidirectional<A, B>(
     a: &mut A,
     b: &mut B,
@@ -219,30 +223,78 @@ where
     A: SpliceIo + ?Sized,
     B: SpliceIo + ?Sized,
 {
-    let mut ab = HalfCopy::new();
-    let mut ba = HalfCopy::new();
+    let mut ends = AbortUnlessDone { a, b, done: false };
+    let (mut ab, mut ba) = (HalfCopy::new(), HalfCopy::new());
+    let (mut ab_end, mut ba_end) = (None, None);
     let result = poll_fn(|cx| {
-        let ab_state = ab.poll(cx, &mut *a, &mut *b, &stats.a_to_b);
-        let ba_state = ba.poll(cx, &mut *b, &mut *a, &stats.b_to_a);
-        match (ab_state, ba_state) {
-            (Poll::Ready(Err(source)), _) => Poll::Ready(Err(CopyError {
-                direction: Direction::AToB,
-                source,
-            })),
-            (_, Poll::Ready(Err(source))) => Poll::Ready(Err(CopyError {
-                direction: Direction::BToA,
-                source,
-            })),
-            (Poll::Ready(Ok(x)), Poll::Ready(Ok(y))) => Poll::Ready(Ok((x, y))),
-            _ => Poll::Pending,
+        let (a, b) = (&mut *ends.a, &mut *ends.b);
+        if ab_end.is_none()
+            && let Poll::Ready(end) = ab.poll(cx, a, b, &stats.a_to_b)
+        {
+            ab_end = Some(end);
         }
+        if ba_end.is_none()
+            && let Poll::Ready(end) = ba.poll(cx, b, a, &stats.b_to_a)
+        {
+            ba_end = Some(end);
+        }
+        outcome(&mut ab_end, &mut ba_end)
     })
     .await;
-    if result.is_err() {
-        a.abort();
-        b.abort();
-    }
+    ends.done = result.is_ok();
     result
+}
+
+/// The splice's result once it is known, from each direction's end so far.
+fn outcome(
+    ab: &mut Option<Result<u64, HalfError>>,
+    ba: &mut Option<Result<u64, HalfError>>,
+) -> Poll<Result<(u64, u64), CopyError>> {
+    let failed = |end: &Option<Result<u64, HalfError>>, other_ended: bool| match end {
+        Some(Err(e)) => !e.on_write || other_ended,
+        _ => false,
+    };
+    let error = |end: &mut Option<Result<u64, HalfError>>, direction| match end.take() {
+        Some(Err(e)) => CopyError {
+            direction,
+            source: e.source,
+        },
+        _ => unreachable!("only a failed direction is taken"),
+    };
+    if failed(ab, ba.is_some()) {
+        return Poll::Ready(Err(error(ab, Direction::AToB)));
+    }
+    if failed(ba, ab.is_some()) {
+        return Poll::Ready(Err(error(ba, Direction::BToA)));
+    }
+    match (&*ab, &*ba) {
+        (Some(Ok(x)), Some(Ok(y))) => Poll::Ready(Ok((*x, *y))),
+        _ => Poll::Pending,
+    }
+}
+
+/// Aborts both streams when dropped before the splice ended cleanly: on an error,
+/// or when the splice's future is dropped.
+struct AbortUnlessDone<'s, A: SpliceIo + ?Sized, B: SpliceIo + ?Sized> {
+    a: &'s mut A,
+    b: &'s mut B,
+    done: bool,
+}
+
+impl<A: SpliceIo + ?Sized, B: SpliceIo + ?Sized> Drop for AbortUnlessDone<'_, A, B> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.a.abort();
+            self.b.abort();
+        }
+    }
+}
+
+/// How one direction failed.
+struct HalfError {
+    source: io::Error,
+    // Writing to the destination failed (else reading from the source did).
+    on_write: bool,
 }
 
 /// One direction's state.
@@ -282,11 +334,15 @@ impl HalfCopy {
         reader: &mut R,
         writer: &mut W,
         counter: &AtomicU64,
-    ) -> Poll<io::Result<u64>>
+    ) -> Poll<Result<u64, HalfError>>
     where
         R: SpliceIo + ?Sized,
         W: SpliceIo + ?Sized,
     {
+        let write_err = |source| HalfError {
+            source,
+            on_write: true,
+        };
         if self.done {
             return Poll::Ready(Ok(self.total));
         }
@@ -305,11 +361,16 @@ impl HalfCopy {
                         };
                         self.chunk = chunk;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(source)) => {
+                        return Poll::Ready(Err(HalfError {
+                            source,
+                            on_write: false,
+                        }));
+                    }
                     Poll::Pending => {
                         // Nothing more to read now: push out what was written.
                         if self.need_flush {
-                            ready!(writer.poll_flush_chunks(cx))?;
+                            ready!(writer.poll_flush_chunks(cx)).map_err(write_err)?;
                             self.need_flush = false;
                         }
                         return Poll::Pending;
@@ -318,15 +379,15 @@ impl HalfCopy {
             }
             while !self.chunk.is_empty() {
                 let before = self.chunk.len();
-                ready!(writer.poll_write_chunk(cx, &mut self.chunk))?;
+                ready!(writer.poll_write_chunk(cx, &mut self.chunk)).map_err(write_err)?;
                 let n = (before - self.chunk.len()) as u64;
                 self.total += n;
                 counter.fetch_add(n, Ordering::Relaxed);
                 self.need_flush = true;
             }
             if self.read_done {
-                ready!(writer.poll_flush_chunks(cx))?;
-                ready!(writer.poll_shutdown_chunks(cx))?;
+                ready!(writer.poll_flush_chunks(cx)).map_err(write_err)?;
+                ready!(writer.poll_shutdown_chunks(cx)).map_err(write_err)?;
                 self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
@@ -423,6 +484,102 @@ mod tests {
             "the client saw an orderly end after {} more bytes",
             rest.len()
         );
+    }
+
+    /// A peer that refuses everything written to it (a reset), and whose last
+    /// words arrive only when the test sends them.
+    struct RefusingPeer {
+        last_words: tokio::sync::mpsc::Receiver<Bytes>,
+        aborted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl SpliceIo for RefusingPeer {
+        fn poll_read_chunk(
+            &mut self,
+            cx: &mut Context<'_>,
+            _: &mut BytesMut,
+        ) -> Poll<io::Result<Bytes>> {
+            // The channel's end is this peer's EOF.
+            Poll::Ready(Ok(ready!(self.last_words.poll_recv(cx)).unwrap_or_default()))
+        }
+
+        fn poll_write_chunk(&mut self, _: &mut Context<'_>, _: &mut Bytes) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+
+        fn poll_flush_chunks(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown_chunks(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn abort(&mut self) {
+            self.aborted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_still_lets_the_other_way_deliver_what_came_before() {
+        let (mut client, mut a) = duplex(64 * 1024);
+        let (words, last_words) = tokio::sync::mpsc::channel(1);
+        let aborted = std::sync::Arc::default();
+        let mut peer = RefusingPeer {
+            last_words,
+            aborted: std::sync::Arc::clone(&aborted),
+        };
+        let splice = tokio::spawn(async move {
+            let stats = CopyStats::default();
+            copy_bidirectional(&mut a, &mut peer, &stats).await
+        });
+        // The upload fails at the peer at once; its answer comes after that.
+        client.write_all(b"a large upload").await.unwrap();
+        tokio::task::yield_now().await;
+        words
+            .send(Bytes::from_static(b"413 too large"))
+            .await
+            .unwrap();
+        drop(words);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"413 too large");
+        let err = splice.await.unwrap().unwrap_err();
+        assert_eq!(err.direction, Direction::AToB);
+        assert_eq!(err.source.kind(), io::ErrorKind::ConnectionReset);
+        assert!(
+            aborted.load(Ordering::SeqCst),
+            "the failed peer was not aborted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_splice_dropped_midway_resets_both_sides() {
+        let (mut client, mut a) = tcp_pair().await;
+        let (mut b, mut server) = tcp_pair().await;
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let splice = tokio::spawn(async move {
+            let stats = CopyStats::default();
+            let copy = copy_bidirectional(&mut a, &mut b, &stats);
+            let _ = started_tx.send(());
+            copy.await
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        started.await.unwrap();
+        // As a forced drain does: the connection's task is dropped.
+        splice.abort();
+        assert!(splice.await.unwrap_err().is_cancelled());
+        for (side, s) in [("client", &mut client), ("server", &mut server)] {
+            let mut rest = Vec::new();
+            let end = s.read_to_end(&mut rest).await;
+            assert_eq!(
+                end.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "the {side} saw an orderly end"
+            );
+        }
     }
 
     #[test]

@@ -339,3 +339,44 @@ async fn hash_to_eof<R: AsyncRead + Unpin>(s: &mut R) -> (usize, Vec<u8>) {
         got += n;
     }
 }
+
+/// Answers the first CONNECT with "done" and END_STREAM and drops the stream
+/// unread (h2 then resets it with NO_ERROR); echoes every later one.
+#[derive(Clone, Default)]
+struct AnswerAndDropFirst(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConnectHandler for AnswerAndDropFirst {
+    async fn handle(&self, connect: InboundConnect) {
+        if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Echo.handle(connect).await;
+        }
+        let mut tunnel = connect.accept().unwrap();
+        tunnel.write_all(b"done").await.unwrap();
+        tunnel.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_the_server_ended_and_reset_with_no_error_closes_cleanly() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let server = Server::start(
+        mesh.server_store.clone(),
+        &mesh.server_id,
+        AnswerAndDropFirst::default(),
+        HboneConfig::default(),
+    )
+    .await;
+    let pool = mesh.pool(HboneConfig::default());
+    let mut first = pool.connect(mesh.key(&server), request()).await.unwrap();
+    let mut answer = Vec::new();
+    first.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"done");
+    // A later tunnel's echo on the same connection: frames arrive in order, so the
+    // first stream's RST_STREAM(NO_ERROR) has been seen by now.
+    let mut second = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut second, b"x").await, b"x");
+    assert_eq!(pool.stats().connections_opened(), 1);
+    // Ending our side of a stream the server ended gracefully is no error.
+    first.shutdown().await.unwrap();
+}

@@ -141,6 +141,34 @@ impl Drop for SlotGuard {
     }
 }
 
+/// A caller's hold on a key's [`Opening`]. When it goes (the open failed, or the
+/// caller was dropped while it waited), the key's entry goes too if it has no
+/// connection and no other caller: failed dials to ever-new addresses would
+/// otherwise pile up.
+struct OpeningHold<'p, D> {
+    pool: &'p PoolInner<D>,
+    key: &'p PoolKey,
+    opening: Option<Arc<Opening>>,
+}
+
+impl<D> OpeningHold<'_, D> {
+    fn opening(&self) -> &Opening {
+        self.opening
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl<D> Drop for OpeningHold<'_, D> {
+    fn drop(&mut self) {
+        drop(self.opening.take());
+        let mut keys = lock(&self.pool.keys);
+        if keys.get(self.key).is_some_and(KeyEntry::unused) {
+            keys.remove(self.key);
+        }
+    }
+}
+
 /// Most tries one tunnel makes: each failed try retires the connection it used.
 pub const MAX_ATTEMPTS: u32 = 4;
 
@@ -230,13 +258,20 @@ impl<D: TcpDialer> HbonePool<D> {
         if let Some(g) = self.try_reserve(key) {
             return Ok((g, false));
         }
-        let opening = lock(&self.inner.keys)
-            .entry(key.clone())
-            .or_default()
-            .opening
-            .clone();
+        let hold = OpeningHold {
+            pool: &self.inner,
+            key,
+            opening: Some(
+                lock(&self.inner.keys)
+                    .entry(key.clone())
+                    .or_default()
+                    .opening
+                    .clone(),
+            ),
+        };
+        let opening = hold.opening();
         let failed_before = opening.failed.load(Ordering::Acquire);
-        let held = opening.lock.lock().await;
+        let _held = opening.lock.lock().await;
         // Someone may have opened a connection while we waited.
         if let Some(g) = self.try_reserve(key) {
             return Ok((g, false));
@@ -262,20 +297,8 @@ impl<D: TcpDialer> HbonePool<D> {
                 ConnectError::Shared(error)
             }),
         };
-        let (send, connection) = match opened {
-            Ok(c) => c,
-            Err(e) => {
-                // Leave no entry behind for a key that has no connection and no
-                // other caller: failed dials to ever-new addresses would pile up.
-                drop(held);
-                drop(opening);
-                let mut keys = lock(&self.inner.keys);
-                if keys.get(key).is_some_and(KeyEntry::unused) {
-                    keys.remove(key);
-                }
-                return Err(e);
-            }
-        };
+        // On failure, `hold` removes the key's entry if nothing else uses it.
+        let (send, connection) = opened?;
         self.inner
             .stats
             .connections_opened

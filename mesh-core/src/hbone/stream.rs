@@ -133,6 +133,23 @@ impl H2Stream {
         }
         Ok(())
     }
+
+    /// [`Self::close_write`], where a peer that already reset the stream with
+    /// NO_ERROR (its side done, it wants no more: RFC 9113 section 8.1) makes
+    /// ending ours moot rather than an error.
+    fn poll_close_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.close_write() {
+            Err(_)
+                if matches!(
+                    self.send.poll_reset(cx),
+                    Poll::Ready(Ok(h2::Reason::NO_ERROR))
+                ) =>
+            {
+                Poll::Ready(Ok(()))
+            }
+            done => Poll::Ready(done),
+        }
+    }
 }
 
 impl SpliceIo for H2Stream {
@@ -157,8 +174,8 @@ impl SpliceIo for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown_chunks(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.close_write())
+    fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_close_write(cx)
     }
 
     fn abort(&mut self) {
@@ -215,7 +232,7 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.close_write())
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_close_write(cx)
     }
 }

@@ -102,8 +102,16 @@ impl ConnTable {
     /// connection that stays open for days shows its traffic as it flows, not all
     /// at its end. Called before each scrape.
     pub fn report_bytes(&self, metrics: &Metrics) {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        for c in live.values() {
+        // Counted outside the table's lock, which every connection's open and close
+        // take.
+        let live: Vec<LiveConn> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in live {
             c.bytes.report(metrics, &c.info.labels);
         }
     }
