@@ -12,6 +12,31 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+/// ztunnel's own refusal reasons: the `reason` label of
+/// `ambit_connections_denied_total`, the why view's `reason`, and what SOCKS5
+/// replies map from. (A pod's HBONE server adds its own, `RefusalKind::as_str`.)
+pub mod reason {
+    /// The destination's policy refused the caller.
+    pub const POLICY: &str = "policy";
+    /// The connection would loop back into ztunnel's own listener.
+    pub const SELF_CALL: &str = "self_call";
+    /// The destination is not a pod this listener serves.
+    pub const UNKNOWN_DESTINATION: &str = "unknown_destination";
+    /// The destination cannot be served as asked (not the pod's address, a port of
+    /// ztunnel's, a workload without an identity).
+    pub const BAD_DESTINATION: &str = "bad_destination";
+    /// No route: e.g. a service without a healthy endpoint.
+    pub const NO_ROUTE: &str = "no_route";
+    /// The app, or a destination outside the mesh, could not be reached.
+    pub const UPSTREAM_UNREACHABLE: &str = "upstream_unreachable";
+    /// The destination closed before it took the client's first bytes.
+    pub const UPSTREAM_RESET: &str = "upstream_reset";
+    /// The destination's ztunnel refused the tunnel by policy (403).
+    pub const DENIED_BY_DESTINATION: &str = "denied_by_destination";
+    /// The HBONE tunnel could not be opened (dial, TLS, refusal other than 403).
+    pub const HBONE_FAILED: &str = "hbone_failed";
+}
+
 /// How many refusals are kept.
 pub const WHY_CAPACITY: usize = 128;
 

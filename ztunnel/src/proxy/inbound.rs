@@ -15,7 +15,7 @@ use super::{Pod, PodNet, ProxyInputs};
 use crate::metrics::ConnLabels;
 use crate::policy::{Connection, Destination};
 use crate::state::ProxyState;
-use crate::why::Refused;
+use crate::why::{Refused, reason};
 
 /// Decides each CONNECT reaching one pod.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ impl ConnectHandler for InboundHandler {
                 connect,
                 RefusalKind::Unknown,
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unknown_destination",
+                reason::UNKNOWN_DESTINATION,
                 why,
                 None,
             );
@@ -102,7 +102,7 @@ impl ConnectHandler for InboundHandler {
                 connect,
                 RefusalKind::Unknown,
                 StatusCode::BAD_REQUEST,
-                "bad_destination",
+                reason::BAD_DESTINATION,
                 why,
                 None,
             );
@@ -128,7 +128,7 @@ impl ConnectHandler for InboundHandler {
                 connect,
                 RefusalKind::Denied,
                 StatusCode::FORBIDDEN,
-                "policy",
+                reason::POLICY,
                 decision.to_string(),
                 policy,
             );
@@ -152,7 +152,7 @@ impl ConnectHandler for InboundHandler {
                     connect,
                     RefusalKind::Unavailable,
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_unreachable",
+                    reason::UPSTREAM_UNREACHABLE,
                     why,
                     None,
                 );

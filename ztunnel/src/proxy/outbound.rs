@@ -20,7 +20,7 @@ use super::conn::{ConnGuard, ConnInfo};
 use super::{Pod, PodNet, ProxyInputs, is_self_call, original_dst};
 use crate::metrics::ConnLabels;
 use crate::state::Route;
-use crate::why::Refused;
+use crate::why::{Refused, reason};
 use mesh_core::accept::accept_loop;
 
 /// The outbound side of one pod (or of SOCKS5 clients on the node).
@@ -64,7 +64,7 @@ impl Outbound {
                             src,
                             dst,
                             None,
-                            "self_call",
+                            reason::SELF_CALL,
                             format!("{dst} is this outbound listener itself"),
                         );
                     }
@@ -132,7 +132,7 @@ impl Outbound {
         let state = self.inputs.state.snapshot();
         let route = match state.route(dst) {
             Ok(r) => r,
-            Err(e) => return self.refused(src, dst, None, "no_route", e.to_string()),
+            Err(e) => return self.refused(src, dst, None, reason::NO_ROUTE, e.to_string()),
         };
         let src_labels = ConnLabels {
             reporter: "source",
@@ -158,7 +158,7 @@ impl Outbound {
                             src,
                             addr,
                             None,
-                            "upstream_unreachable",
+                            reason::UPSTREAM_UNREACHABLE,
                             format!("connect to {addr}: {e}"),
                         );
                     }
@@ -168,7 +168,7 @@ impl Outbound {
                         src,
                         addr,
                         None,
-                        "upstream_reset",
+                        reason::UPSTREAM_RESET,
                         format!(
                             "{addr} closed before it took the first {} bytes: {e}",
                             early.len()
@@ -191,7 +191,7 @@ impl Outbound {
                             src,
                             addr,
                             Some(workload.name.clone()),
-                            "bad_destination",
+                            reason::BAD_DESTINATION,
                             e.to_string(),
                         );
                     }
@@ -214,9 +214,9 @@ impl Outbound {
                     Err(e) => {
                         let reason = match e.root() {
                             ConnectError::Refused { status, .. } if status.as_u16() == 403 => {
-                                "denied_by_destination"
+                                reason::DENIED_BY_DESTINATION
                             }
-                            _ => "hbone_failed",
+                            _ => reason::HBONE_FAILED,
                         };
                         return self.refused(
                             src,

@@ -12,7 +12,7 @@ use super::conn::{ConnGuard, ConnInfo};
 use super::{Pod, PodNet, ProxyInputs, is_self_call, original_dst};
 use crate::metrics::ConnLabels;
 use crate::policy::{Connection, Destination};
-use crate::why::Refused;
+use crate::why::{Refused, reason};
 use mesh_core::accept::accept_loop;
 
 #[derive(Clone, Debug)]
@@ -66,7 +66,7 @@ impl InboundPassthrough {
         };
         if is_self_call(&client, dst, own_port) {
             return refuse(
-                "self_call",
+                reason::SELF_CALL,
                 format!("{dst} is this inbound listener itself"),
                 None,
                 None,
@@ -74,7 +74,7 @@ impl InboundPassthrough {
         }
         let Some(workload) = state.workload(&self.pod.uid).cloned() else {
             return refuse(
-                "unknown_destination",
+                reason::UNKNOWN_DESTINATION,
                 format!("pod {} is not in ztunnel's state", self.pod.uid),
                 None,
                 None,
@@ -94,7 +94,7 @@ impl InboundPassthrough {
         );
         if !decision.allowed {
             return refuse(
-                "policy",
+                reason::POLICY,
                 decision.to_string(),
                 decision.policy.clone(),
                 decision.rule,
@@ -112,7 +112,7 @@ impl InboundPassthrough {
             Ok(s) => s,
             Err(e) => {
                 return refuse(
-                    "upstream_unreachable",
+                    reason::UPSTREAM_UNREACHABLE,
                     format!("connect to {dst}: {e}"),
                     None,
                     None,

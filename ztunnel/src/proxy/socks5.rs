@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Outbound, Pod, PodNet, ProxyInputs};
+use crate::why::reason;
 use mesh_core::accept::accept_loop;
 
 const VERSION: u8 = 5;
@@ -132,8 +133,10 @@ impl Socks5 {
 /// The SOCKS5 reply for a refusal reason of the outbound path.
 fn refusal_reply(reason: &str) -> u8 {
     match reason {
-        "denied_by_destination" => REP_NOT_ALLOWED,
-        "no_route" | "upstream_unreachable" | "hbone_failed" => REP_HOST_UNREACHABLE,
+        reason::DENIED_BY_DESTINATION => REP_NOT_ALLOWED,
+        reason::NO_ROUTE | reason::UPSTREAM_UNREACHABLE | reason::HBONE_FAILED => {
+            REP_HOST_UNREACHABLE
+        }
         _ => REP_FAILURE,
     }
 }
