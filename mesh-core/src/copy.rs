@@ -212,8 +212,11 @@ pub struct CopyError {
 /// failed read ends the splice at once. A failed write ends only its direction:
 /// the other goes on until its own end, so what the failed side sent before it
 /// went away (a server's "413" before the reset that refuses the rest of an upload)
-/// still arrives, then both are aborted. The splice dropped before its end (a
-/// forced drain) aborts both too.
+/// still arrives, then both are aborted. Meanwhile the failed direction reads on
+/// and drops what comes (its peer may be blocked on an upload it finishes before
+/// it reads the answer), and the other does not pass its end on as a FIN, which
+/// would let the peer take the reset that follows for an orderly end. The splice
+/// dropped before its end (a forced drain) aborts both too.
 pub async fn copy_bidirectional<A, B>(
     a: &mut A,
     b: &mut B,
@@ -226,17 +229,26 @@ where
     let mut ends = AbortUnlessDone { a, b, done: false };
     let (mut ab, mut ba) = (HalfCopy::new(), HalfCopy::new());
     let (mut ab_end, mut ba_end) = (None, None);
+    let failed = |end: &Option<Result<u64, HalfError>>| matches!(end, Some(Err(_)));
     let result = poll_fn(|cx| {
         let (a, b) = (&mut *ends.a, &mut *ends.b);
         if ab_end.is_none()
-            && let Poll::Ready(end) = ab.poll(cx, a, b, &stats.a_to_b)
+            && let Poll::Ready(end) = ab.poll(cx, a, b, &stats.a_to_b, failed(&ba_end))
         {
             ab_end = Some(end);
         }
         if ba_end.is_none()
-            && let Poll::Ready(end) = ba.poll(cx, b, a, &stats.b_to_a)
+            && let Poll::Ready(end) = ba.poll(cx, b, a, &stats.b_to_a, failed(&ab_end))
         {
             ba_end = Some(end);
+        }
+        // A direction whose write failed reads on and drops what comes while the
+        // other runs: its source may be blocked writing (an upload) until then.
+        if failed(&ab_end) && ba_end.is_none() {
+            ab.poll_discard(cx, a);
+        }
+        if failed(&ba_end) && ab_end.is_none() {
+            ba.poll_discard(cx, b);
         }
         outcome(&mut ab_end, &mut ba_end)
     })
@@ -334,6 +346,7 @@ impl HalfCopy {
         reader: &mut R,
         writer: &mut W,
         counter: &AtomicU64,
+        other_failed: bool,
     ) -> Poll<Result<u64, HalfError>>
     where
         R: SpliceIo + ?Sized,
@@ -387,7 +400,12 @@ impl HalfCopy {
             }
             if self.read_done {
                 ready!(writer.poll_flush_chunks(cx)).map_err(write_err)?;
-                ready!(writer.poll_shutdown_chunks(cx)).map_err(write_err)?;
+                // Once the other direction failed, both streams are aborted next:
+                // a FIN (END_STREAM) now would let the peer take the reset that
+                // follows for an orderly end.
+                if !other_failed {
+                    ready!(writer.poll_shutdown_chunks(cx)).map_err(write_err)?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
@@ -398,6 +416,32 @@ impl HalfCopy {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// After this direction's write failed: reads on from its source and drops
+    /// what comes, until the source ends. Its peer may be blocked writing (an
+    /// upload it finishes before it reads the answer the other direction still
+    /// carries); a tunnel's flow-control window reopens the same way.
+    fn poll_discard<R>(&mut self, cx: &mut Context<'_>, reader: &mut R)
+    where
+        R: SpliceIo + ?Sized,
+    {
+        self.chunk = Bytes::new();
+        if self.read_done {
+            return;
+        }
+        for _ in 0..TURNS_BEFORE_YIELD {
+            self.buf.reserve(self.size);
+            match reader.poll_read_chunk(cx, &mut self.buf) {
+                Poll::Ready(Ok(chunk)) if !chunk.is_empty() => drop(chunk),
+                Poll::Ready(_) => {
+                    self.read_done = true;
+                    return;
+                }
+                Poll::Pending => return,
+            }
+        }
+        cx.waker().wake_by_ref();
     }
 
     fn grow_if_saturated(&mut self) {
@@ -520,15 +564,24 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failed_write_still_lets_the_other_way_deliver_what_came_before() {
-        let (mut client, mut a) = duplex(64 * 1024);
+    fn refusing_peer() -> (
+        RefusingPeer,
+        tokio::sync::mpsc::Sender<Bytes>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
         let (words, last_words) = tokio::sync::mpsc::channel(1);
         let aborted = std::sync::Arc::default();
-        let mut peer = RefusingPeer {
+        let peer = RefusingPeer {
             last_words,
             aborted: std::sync::Arc::clone(&aborted),
         };
+        (peer, words, aborted)
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_still_lets_the_other_way_deliver_what_came_before() {
+        let (mut client, mut a) = tcp_pair().await;
+        let (mut peer, words, aborted) = refusing_peer();
         let splice = tokio::spawn(async move {
             let stats = CopyStats::default();
             copy_bidirectional(&mut a, &mut peer, &stats).await
@@ -541,9 +594,6 @@ mod tests {
             .await
             .unwrap();
         drop(words);
-        let mut answer = Vec::new();
-        client.read_to_end(&mut answer).await.unwrap();
-        assert_eq!(answer, b"413 too large");
         let err = splice.await.unwrap().unwrap_err();
         assert_eq!(err.direction, Direction::AToB);
         assert_eq!(err.source.kind(), io::ErrorKind::ConnectionReset);
@@ -551,6 +601,53 @@ mod tests {
             aborted.load(Ordering::SeqCst),
             "the failed peer was not aborted"
         );
+        // The answer, then a reset: no FIN between them that would make the
+        // client take the end for an orderly one.
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 64];
+        let end = loop {
+            match client.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        assert_eq!(answer, b"413 too large");
+        assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_uploads_all_before_it_reads_gets_the_answer() {
+        let (mut client, mut a) = duplex(64 * 1024);
+        let (mut peer, words, _aborted) = refusing_peer();
+        let splice = tokio::spawn(async move {
+            let stats = CopyStats::default();
+            copy_bidirectional(&mut a, &mut peer, &stats).await
+        });
+        // An answer larger than the pipe: it flows only while the client reads.
+        tokio::spawn(async move {
+            for _ in 0..16 {
+                if words
+                    .send(Bytes::from(vec![b'a'; 64 * 1024]))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let exchange = async {
+            // The whole upload first (far more than the pipe holds), then the answer.
+            client.write_all(&vec![b'u'; 1024 * 1024]).await?;
+            client.shutdown().await?;
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.map(|_| answer.len())
+        };
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+            .await
+            .expect("the client and the splice waited on each other");
+        assert_eq!(got.unwrap(), 16 * 64 * 1024);
+        assert!(splice.await.unwrap().is_err());
     }
 
     #[tokio::test]

@@ -210,3 +210,40 @@ async fn the_pool_keeps_to_the_servers_stream_limit() {
     assert_eq!(pool.stats().connections_closed(), 0);
     assert_eq!(server.stats.tunnels(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_fresh_pool_keeps_to_the_servers_stream_limit() {
+    const TUNNELS: usize = 10;
+    let mesh = Mesh::new();
+    let server = mesh
+        .echo_server(HboneConfig {
+            server_max_streams: 2,
+            ..HboneConfig::default()
+        })
+        .await;
+    let pool = mesh.pool(HboneConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..HboneConfig::default()
+    });
+    let all_open = Arc::new(Barrier::new(TUNNELS));
+    let tasks: Vec<_> = (0..TUNNELS)
+        .map(|i| {
+            let (pool, key, all_open) = (pool.clone(), mesh.key(&server), all_open.clone());
+            tokio::spawn(async move {
+                let opened = pool.connect(key, request()).await;
+                // Every tunnel is held until all have been tried, so none frees a
+                // slot early; a failure is reported after that.
+                all_open.wait().await;
+                let mut s = opened.unwrap();
+                let msg = format!("tunnel {i}");
+                assert_eq!(echo_once(&mut s, msg.as_bytes()).await, msg.as_bytes());
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Two per connection, as the server's SETTINGS say, from the first burst on.
+    assert_eq!(pool.stats().connections_opened(), (TUNNELS / 2) as u64);
+    assert_eq!(pool.stats().connections_closed(), 0);
+}

@@ -93,8 +93,9 @@ impl KeyEntry {
 /// The opening of a key's connections, one at a time.
 #[derive(Debug, Default)]
 struct Opening {
-    // Held while a connection for this key is being opened.
-    lock: tokio::sync::Mutex<()>,
+    // Held while a connection for this key is being opened, and after that until
+    // the server's SETTINGS are known (see `settle`).
+    lock: Arc<tokio::sync::Mutex<()>>,
     // Opens that failed, and the last one's error. A caller that waited behind an
     // open that failed takes its error instead of dialing again: otherwise each
     // waiter in turn would wait through its own timeout to the same dead peer.
@@ -271,7 +272,7 @@ impl<D: TcpDialer> HbonePool<D> {
         };
         let opening = hold.opening();
         let failed_before = opening.failed.load(Ordering::Acquire);
-        let _held = opening.lock.lock().await;
+        let held = opening.lock.clone().lock_owned().await;
         // Someone may have opened a connection while we waited.
         if let Some(g) = self.try_reserve(key) {
             return Ok((g, false));
@@ -298,7 +299,8 @@ impl<D: TcpDialer> HbonePool<D> {
             }),
         };
         // On failure, `hold` removes the key's entry if nothing else uses it.
-        let (send, connection) = opened?;
+        let (send, mut connection) = opened?;
+        let ping = connection.ping_pong();
         self.inner
             .stats
             .connections_opened
@@ -325,6 +327,9 @@ impl<D: TcpDialer> HbonePool<D> {
             conn.clone(),
             connection,
         ));
+        if let Some(ping) = ping {
+            tokio::spawn(settle(ping, held, self.inner.config.connect_timeout));
+        }
         Ok((SlotGuard { conn }, true))
     }
 
@@ -402,6 +407,22 @@ impl<D> PoolInner<D> {
         }
         expired
     }
+}
+
+/// Keeps the key's opening lock (`held`) until the new connection's server has
+/// answered a PING, or `within` has passed. Until its SETTINGS arrive h2 knows no
+/// limit on concurrent streams, so the callers queued behind the open would pile
+/// onto the new connection beyond `SETTINGS_MAX_CONCURRENT_STREAMS` and wait in
+/// h2's queue; the server sends its SETTINGS before it can answer the PING, so
+/// after the answer they reserve within its limit. The opener's own tunnel does
+/// not wait.
+async fn settle(
+    mut ping: h2::PingPong,
+    held: tokio::sync::OwnedMutexGuard<()>,
+    within: std::time::Duration,
+) {
+    let _ = tokio::time::timeout(within, ping.ping(h2::Ping::opaque())).await;
+    drop(held);
 }
 
 /// Drives one connection's HTTP/2 state and closes it once idle past the timeout.
