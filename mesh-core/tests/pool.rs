@@ -185,8 +185,9 @@ async fn callers_waiting_on_a_failing_open_share_its_error() {
     silent.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pool_keeps_to_the_servers_stream_limit() {
+/// A server that allows 2 streams per connection, and a fresh pool for it whose
+/// own limit is the default (100).
+async fn two_streams_per_connection() -> (Mesh, Server, mesh_core::hbone::HbonePool) {
     let mesh = Mesh::new();
     let server = mesh
         .echo_server(HboneConfig {
@@ -198,6 +199,12 @@ async fn the_pool_keeps_to_the_servers_stream_limit() {
         connect_timeout: Duration::from_secs(2),
         ..HboneConfig::default()
     });
+    (mesh, server, pool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_to_the_servers_stream_limit() {
+    let (mesh, server, pool) = two_streams_per_connection().await;
     // Held open together: 2 per connection, as the server's SETTINGS say.
     let mut tunnels = Vec::new();
     for i in 0..5 {
@@ -214,17 +221,7 @@ async fn the_pool_keeps_to_the_servers_stream_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_a_fresh_pool_keeps_to_the_servers_stream_limit() {
     const TUNNELS: usize = 10;
-    let mesh = Mesh::new();
-    let server = mesh
-        .echo_server(HboneConfig {
-            server_max_streams: 2,
-            ..HboneConfig::default()
-        })
-        .await;
-    let pool = mesh.pool(HboneConfig {
-        connect_timeout: Duration::from_secs(2),
-        ..HboneConfig::default()
-    });
+    let (mesh, server, pool) = two_streams_per_connection().await;
     let all_open = Arc::new(Barrier::new(TUNNELS));
     let tasks: Vec<_> = (0..TUNNELS)
         .map(|i| {

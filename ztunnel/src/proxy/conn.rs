@@ -224,11 +224,9 @@ mod tests {
         line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
-    #[tokio::test]
-    async fn received_bytes_are_the_request_and_sent_bytes_the_response() {
-        let ca = mesh_core::testing::TestCa::new();
-        let metrics = Arc::new(Metrics::new(ca.store_for(&[])));
-        let info = ConnInfo {
+    /// An outbound connection, as its source's ztunnel reports it.
+    fn outbound_info() -> ConnInfo {
+        ConnInfo {
             direction: "outbound",
             source: "198.18.0.1:40000".parse().unwrap(),
             destination: "198.18.0.2:8080".parse().unwrap(),
@@ -236,7 +234,14 @@ mod tests {
                 reporter: "source",
                 ..Default::default()
             },
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn received_bytes_are_the_request_and_sent_bytes_the_response() {
+        let ca = mesh_core::testing::TestCa::new();
+        let metrics = Arc::new(Metrics::new(ca.store_for(&[])));
+        let info = outbound_info();
         let guard = ConnGuard::open(info, metrics.clone(), Arc::new(ConnTable::default()));
         let (mut client, mut a) = duplex(1024);
         let (mut b, mut server) = duplex(1024);
@@ -267,15 +272,7 @@ mod tests {
         let ca = mesh_core::testing::TestCa::new();
         let metrics = Arc::new(Metrics::new(ca.store_for(&[])));
         let table = Arc::new(ConnTable::default());
-        let info = ConnInfo {
-            direction: "outbound",
-            source: "198.18.0.1:40000".parse().unwrap(),
-            destination: "198.18.0.2:8080".parse().unwrap(),
-            labels: ConnLabels {
-                reporter: "source",
-                ..Default::default()
-            },
-        };
+        let info = outbound_info();
         let received = |m: &Metrics| metric(&m.encode(), "istio_tcp_received_bytes_total");
         let guard = ConnGuard::open(info, metrics.clone(), table.clone());
         guard.stats().count_a_to_b(10);
