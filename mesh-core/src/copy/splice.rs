@@ -151,7 +151,6 @@ struct HalfCopy {
     full_reads: u8,
     read_done: bool,
     need_flush: bool,
-    done: bool,
     total: u64,
 }
 
@@ -164,11 +163,11 @@ impl HalfCopy {
             full_reads: 0,
             read_done: false,
             need_flush: false,
-            done: false,
             total: 0,
         }
     }
 
+    /// Moves what it can; never polled again once it returned `Ready`.
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -185,9 +184,6 @@ impl HalfCopy {
             source,
             on_write: true,
         };
-        if self.done {
-            return Poll::Ready(Ok(self.total));
-        }
         let mut turns = 0;
         loop {
             if self.chunk.is_empty() && !self.read_done {
@@ -235,7 +231,6 @@ impl HalfCopy {
                 if !other_failed {
                     ready!(writer.poll_shutdown_chunks(cx)).map_err(write_err)?;
                 }
-                self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
             turns += 1;
