@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use mesh_core::SpiffeId;
-use mesh_core::copy::copy_bidirectional;
+use mesh_core::copy::{SpliceIo, copy_bidirectional};
 use mesh_core::drain::DrainWatcher;
 use mesh_core::hbone::{
     ConnectError, ConnectRequest, HBONE_PORT, HbonePool, PoolKey, SourceMetadata, TraceParent,
@@ -54,12 +54,13 @@ impl Outbound {
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
         let max = self.inputs.config.max_connections as usize;
         let own_port = listener.local_addr().map_or(0, |a| a.port());
-        accept_loop(listener, max, drain, "outbound", |stream, src| {
+        accept_loop(listener, max, drain, "outbound", |mut stream, src| {
             let this = self.clone();
             async move {
                 match original_dst(&stream, src) {
                     Ok(dst) if is_self_call(&stream, dst, own_port) => {
-                        reset(&stream, src);
+                        // Closed with a reset, as every refused connection.
+                        stream.abort();
                         let _ = this.refused::<()>(
                             src,
                             dst,
@@ -90,7 +91,7 @@ impl Outbound {
         let Ok((mut upstream, info)) = self.connect(src, dst, early).await else {
             // Refused: the client sees a reset, not an orderly close (its early
             // bytes were read, so closing would otherwise send a FIN).
-            reset(&client, src);
+            client.abort();
             return;
         };
         self.splice(&mut client, &mut upstream, info, early_len)
@@ -266,14 +267,6 @@ impl Outbound {
             explanation,
         });
         Err(reason)
-    }
-}
-
-/// Makes closing `client` send a reset (SO_LINGER 0): how a refused connection
-/// ends.
-fn reset(client: &TcpStream, src: SocketAddr) {
-    if let Err(e) = mesh_core::copy::reset_on_close(client) {
-        tracing::debug!(%src, error = %e, "SO_LINGER on a refused connection");
     }
 }
 
