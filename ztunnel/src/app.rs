@@ -20,6 +20,7 @@ use mesh_core::{CertError, CertStore, CertificateSource, SpiffeId, WorkloadCerti
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::Config;
@@ -37,8 +38,20 @@ pub struct App {
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub socks5_addr: Option<SocketAddr>,
-    pods: tokio::sync::Mutex<HashMap<String, PodProxy>>,
+    pods: tokio::sync::Mutex<HashMap<String, RunningPod>>,
+    // Removed or replaced pods whose connections are still draining; finished
+    // ones are pruned whenever one is added, so it holds only those draining.
+    retired: Mutex<Vec<JoinHandle<DrainOutcome>>>,
     drain: Mutex<Option<DrainTrigger>>,
+}
+
+/// A pod's proxy, with what it was started from: a pod re-sent with the same
+/// identity, namespace and ports keeps it.
+#[derive(Debug)]
+struct RunningPod {
+    proxy: PodProxy,
+    netns: Option<u64>,
+    ports: PodPorts,
 }
 
 /// How long a connection to the control plane may take to open.
@@ -317,19 +330,53 @@ impl App {
             readiness_addr,
             socks5_addr,
             pods: Default::default(),
+            retired: Default::default(),
             drain: Mutex::new(Some(trigger)),
         })
     }
 
     /// Starts proxying `pod` in `netns` (ztunnel's own namespace when `None`).
+    ///
+    /// A pod re-sent unchanged (same identity, namespace and ports: the node agent
+    /// re-sends every pod after a reconnect) keeps its running proxy and its
+    /// connections. A changed pod gets a new proxy; the old one's listeners close
+    /// and its connections drain in the background, so this returns without
+    /// waiting for them. If the new proxy cannot start, a proxy in another
+    /// namespace is kept.
     pub async fn add_pod(
         &self,
         pod: Pod,
         netns: Option<NetNs>,
         ports: PodPorts,
     ) -> Result<SocketAddr, StartError> {
-        let spoof = netns.is_some() || nix::unistd::Uid::effective().is_root();
         let name = format!("{}/{}", pod.namespace, pod.name);
+        let inode = netns
+            .as_ref()
+            .map(NetNs::inode)
+            .transpose()
+            .map_err(|error| StartError::Namespace {
+                pod: name.clone(),
+                error,
+            })?;
+        let deadline = self.inputs.config.drain_deadline;
+        // Held throughout, so that adds and removes of one pod apply in order.
+        let mut pods = self.pods.lock().await;
+        let same_namespace = match pods.get(&pod.uid) {
+            Some(running) if running.proxy.pod == pod && running.netns == inode => {
+                if running.ports == ports {
+                    tracing::debug!(pod = %name, "pod re-sent unchanged; its proxy keeps running");
+                    return Ok(running.proxy.addrs.hbone);
+                }
+                true
+            }
+            Some(running) => running.netns == inode,
+            None => false,
+        };
+        // In the same namespace the new listeners need the old ones' ports.
+        if same_namespace && let Some(old) = pods.remove(&pod.uid) {
+            self.retire(old.proxy.close(deadline).await);
+        }
+        let spoof = netns.is_some() || nix::unistd::Uid::effective().is_root();
         let mut net = match netns {
             Some(ns) => PodNet::new(ns, self.inputs.config.packet_mark)
                 .map_err(|error| StartError::Namespace { pod: name, error })?,
@@ -339,26 +386,38 @@ impl App {
             net = net.without_source_spoofing();
         }
         let uid = pod.uid.clone();
-        // A re-sent pod replaces its old listeners.
-        if let Some(old) = self.pods.lock().await.remove(&uid) {
-            old.stop(self.inputs.config.drain_deadline).await;
-        }
         let proxy = PodProxy::start(pod, net, ports, self.inputs.clone()).await?;
         let hbone = proxy.addrs.hbone;
-        self.pods.lock().await.insert(uid, proxy);
+        let running = RunningPod {
+            proxy,
+            netns: inode,
+            ports,
+        };
+        if let Some(old) = pods.insert(uid, running) {
+            self.retire(old.proxy.close(deadline).await);
+        }
         Ok(hbone)
     }
 
-    /// Stops proxying a pod: its listeners close, its connections drain.
+    /// Stops proxying a pod: its listeners are closed when this returns, its
+    /// connections drain in the background. False if the pod was not proxied.
     pub async fn remove_pod(&self, uid: &str) -> bool {
-        let proxy = self.pods.lock().await.remove(uid);
-        match proxy {
-            Some(p) => {
-                p.stop(self.inputs.config.drain_deadline).await;
+        let mut pods = self.pods.lock().await;
+        match pods.remove(uid) {
+            Some(running) => {
+                let draining = running.proxy.close(self.inputs.config.drain_deadline).await;
+                self.retire(draining);
                 true
             }
             None => false,
         }
+    }
+
+    /// Keeps a draining pod's task until it ends, for [`App::shutdown`] to wait on.
+    fn retire(&self, draining: JoinHandle<DrainOutcome>) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|d| !d.is_finished());
+        retired.push(draining);
     }
 
     /// Pods proxied now.
@@ -382,9 +441,15 @@ impl App {
     /// Drains every pod and endpoint within the configured deadline.
     pub async fn shutdown(&self) -> DrainOutcome {
         let deadline = self.inputs.config.drain_deadline;
-        let pods: Vec<PodProxy> = self.pods.lock().await.drain().map(|(_, p)| p).collect();
-        for p in pods {
-            p.stop(deadline).await;
+        let pods: Vec<RunningPod> = self.pods.lock().await.drain().map(|(_, p)| p).collect();
+        // Every pod drains at once, within the one deadline.
+        for running in pods {
+            let draining = running.proxy.close(deadline).await;
+            self.retire(draining);
+        }
+        let retired = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+        for draining in retired {
+            let _ = draining.await;
         }
         let trigger = self.drain.lock().unwrap_or_else(|e| e.into_inner()).take();
         match trigger {

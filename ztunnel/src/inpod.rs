@@ -21,18 +21,24 @@ use crate::proxy::{Pod, PodPorts};
 
 /// The zds protocol version ztunnel speaks.
 pub const ZDS_VERSION: u32 = 1;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A session that lasted this long was healthy: the next reconnect is quick again.
+/// A shorter one (the agent closing it at once, e.g. for another ztunnel on the
+/// same socket) keeps the backoff growing, so two clients never fight at full speed.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 /// Connects to the node agent and serves it until the process drains.
 pub async fn run(app: Arc<App>) {
     let Some(drain) = app.watcher() else { return };
     let path = app.inputs.config.node_agent_socket.clone();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = MIN_BACKOFF;
     loop {
+        let mut connected = None;
         let session = async {
             let sock = SeqPacket::connect(&path).await?;
             tracing::info!(path = %path.display(), "connected to the node agent");
-            backoff = Duration::from_millis(50);
+            connected = Some(std::time::Instant::now());
             serve(&app, &sock).await
         };
         tokio::select! {
@@ -41,6 +47,9 @@ pub async fn run(app: Arc<App>) {
                 Ok(()) => tracing::warn!("node agent closed the connection; reconnecting"),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "node agent unreachable; retrying in {backoff:?}"),
             },
+        }
+        if connected.is_some_and(|at| at.elapsed() >= HEALTHY_SESSION) {
+            backoff = MIN_BACKOFF;
         }
         tokio::select! {
             () = drain.signaled() => return,

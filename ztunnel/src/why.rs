@@ -35,6 +35,8 @@ pub mod reason {
     pub const DENIED_BY_DESTINATION: &str = "denied_by_destination";
     /// The HBONE tunnel could not be opened (dial, TLS, refusal other than 403).
     pub const HBONE_FAILED: &str = "hbone_failed";
+    /// The pod already has `--max-connections` inbound tunnels open.
+    pub const OVERLOADED: &str = "overloaded";
 }
 
 /// How many refusals are kept.

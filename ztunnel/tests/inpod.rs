@@ -19,7 +19,7 @@ use prost::Message;
 use ztunnel::app::App;
 use ztunnel::config::Config;
 
-async fn start(dir: &std::path::Path) -> (Arc<App>, SeqPacketListener) {
+async fn start(dir: &std::path::Path, drain_deadline: &str) -> (Arc<App>, SeqPacketListener) {
     let sock = dir.join("zds.sock");
     let listener = SeqPacketListener::bind(&sock).unwrap();
     let config = Config::try_parse_from([
@@ -31,7 +31,7 @@ async fn start(dir: &std::path::Path) -> (Arc<App>, SeqPacketListener) {
         "--readiness-addr",
         "127.0.0.1:0",
         "--drain-deadline",
-        "1s",
+        drain_deadline,
         "--node-agent-socket",
         sock.to_str().unwrap(),
     ])
@@ -83,7 +83,7 @@ fn add(uid: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_an_error_ack_and_the_session_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, listener) = start(dir.path()).await;
+    let (app, listener) = start(dir.path(), "1s").await;
     let conn = session(&listener).await;
 
     conn.send(b"\xff\xff not protobuf", None).await.unwrap();
@@ -132,11 +132,26 @@ impl TestNetns {
                 .unwrap()
                 .success()
         );
-        Self(name)
+        let netns = Self(name);
+        assert!(
+            Command::new("ip")
+                .args(["-n", &netns.0, "link", "set", "lo", "up"])
+                .status()
+                .unwrap()
+                .success()
+        );
+        netns
     }
 
     fn open(&self) -> NetNs {
         NetNs::open(format!("/run/netns/{}", self.0)).unwrap()
+    }
+
+    /// A TCP connection from inside the namespace to its own `port` on loopback.
+    fn connect(&self, port: u16) -> std::io::Result<std::net::TcpStream> {
+        self.open()
+            .run(|| std::net::TcpStream::connect(("127.0.0.1", port)))
+            .unwrap()
     }
 }
 
@@ -160,7 +175,7 @@ async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
     }
     let (ns_a, ns_b) = (TestNetns::new("a"), TestNetns::new("b"));
     let dir = tempfile::tempdir().unwrap();
-    let (app, listener) = start(dir.path()).await;
+    let (app, listener) = start(dir.path(), "1s").await;
     let conn = session(&listener).await;
     for (uid, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
         conn.send(&add(uid), Some(ns.open().as_fd())).await.unwrap();
@@ -186,5 +201,94 @@ async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
     conn.send(&snap.encode_to_vec(), None).await.unwrap();
     assert_eq!(ack(&conn).await, "");
     assert_eq!(app.pod_uids().await, ["pod-a"]);
+    app.shutdown().await;
+}
+
+/// Whether the peer has closed `conn` (FIN or reset), without waiting.
+fn closed_by_peer(conn: &std::net::TcpStream) -> bool {
+    conn.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    match conn.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+/// After an agent restart every pod is re-sent: a pod re-sent unchanged keeps its
+/// proxy and its connections, and no message waits for a drain (30 s here, far
+/// over the agent's 5 s ack timeout): a pod left out of the snapshot has its
+/// listeners closed at once and its connections left to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain() {
+    if !nix::unistd::Uid::effective().is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run this test as root"
+        );
+        eprintln!(
+            "SKIPPED (needs root): re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain"
+        );
+        return;
+    }
+    let (ns_a, ns_b) = (TestNetns::new("ka"), TestNetns::new("kb"));
+    let dir = tempfile::tempdir().unwrap();
+    let (app, listener) = start(dir.path(), "30s").await;
+    let conn = session(&listener).await;
+    for (uid, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
+        conn.send(&add(uid), Some(ns.open().as_fd())).await.unwrap();
+        assert_eq!(ack(&conn).await, "", "add {uid}");
+    }
+    // A connection to each pod's HBONE listener, held open: it is in flight
+    // (waiting for its TLS handshake), so a drain would wait for it.
+    let held_a = ns_a.connect(15008).unwrap();
+    let held_b = ns_b.connect(15008).unwrap();
+
+    drop(conn);
+    let conn = session(&listener).await;
+    let started = std::time::Instant::now();
+    conn.send(&add("pod-a"), Some(ns_a.open().as_fd()))
+        .await
+        .unwrap();
+    assert_eq!(ack(&conn).await, "");
+    let snap = NodeAgentMessage {
+        payload: Some(Payload::SnapshotSent(SnapshotSent {})),
+    };
+    conn.send(&snap.encode_to_vec(), None).await.unwrap();
+    assert_eq!(ack(&conn).await, "");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "re-send and snapshot took {took:?}"
+    );
+    assert_eq!(app.pod_uids().await, ["pod-a"]);
+
+    // pod-a's proxy was kept: its connection is open and its listener serves.
+    assert!(!closed_by_peer(&held_a), "pod-a's connection was closed");
+    drop(ns_a.connect(15008).unwrap());
+    // pod-b's listeners are closed, its connection still drains.
+    let refused = ns_b.connect(15008).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        !closed_by_peer(&held_b),
+        "pod-b's connection was cut, not drained"
+    );
+
+    // A changed pod (another service account) is replaced in place, as fast.
+    let mut changed = NodeAgentMessage::decode(add("pod-a").as_slice()).unwrap();
+    if let Some(Payload::Add(a)) = &mut changed.payload {
+        a.info.as_mut().unwrap().service_account = "checkout".into();
+    }
+    let started = std::time::Instant::now();
+    conn.send(&changed.encode_to_vec(), Some(ns_a.open().as_fd()))
+        .await
+        .unwrap();
+    assert_eq!(ack(&conn).await, "");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(ns_a.connect(15008).unwrap());
+
+    // The held connections end, so the drains (and shutdown) finish.
+    drop((held_a, held_b));
     app.shutdown().await;
 }

@@ -371,6 +371,67 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
     );
 }
 
+/// A pod takes at most `--max-connections` tunnels at once, however many callers
+/// and HBONE connections carry them: the next one gets 503, counted and explained,
+/// and a slot freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_takes_at_most_max_connections_tunnels() {
+    let f = start_with(46, &["--max-connections", "2"]).await;
+    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+    f.app.inputs.ensure_certificate(&frontend).await.unwrap();
+    let pool = mesh_core::hbone::HbonePool::new(f.app.inputs.certs.clone(), Default::default());
+    let key = || {
+        mesh_core::hbone::PoolKey::new(
+            frontend.clone(),
+            vec![cart.clone()],
+            SocketAddr::new(ip(46, 3), 15008),
+        )
+    };
+    let open = || pool.connect(key(), mesh_core::hbone::ConnectRequest::new(f.app_addr));
+    let first = open().await.unwrap();
+    let _second = open().await.unwrap();
+    let err = open().await.unwrap_err().to_string();
+    assert!(
+        err.contains("503") && err.contains("2 tunnels open"),
+        "{err}"
+    );
+    let (_, text) = http_get(f.app.metrics_addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "ambit_connections_denied_total",
+            &["reason=\"overloaded\""]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let (_, why) = http_get(f.app.admin_addr, "/debug/why?format=text").await;
+    assert!(
+        why.contains("the most it takes (--max-connections)"),
+        "{why}"
+    );
+
+    // The first tunnel ends; its slot is taken again once the pod's side has
+    // closed it (the next refusals, if any, come before that).
+    drop(first);
+    let mut third = None;
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < give_up {
+        match open().await {
+            Ok(s) => {
+                third = Some(s);
+                break;
+            }
+            Err(e) => assert!(e.to_string().contains("503"), "{e}"),
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(third.is_some(), "the freed slot was never taken again");
+    drop((third, _second));
+    f.app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_refusal_by_a_pods_hbone_server_shows_in_the_why_view() {
     let f = start(45).await;

@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
+
 use mesh_core::copy::{SpliceIo, copy_bidirectional};
 use mesh_core::hbone::{
     ConnectHandler, InboundConnect, Refusal, RefusalKind, SourceMetadata, StatusCode,
@@ -25,15 +27,21 @@ pub struct InboundHandler {
     inputs: Arc<ProxyInputs>,
     /// The pod's proxy listeners' ports, never a tunnel's target.
     own_ports: [u16; 3],
+    /// One permit per tunnel open into the pod (`--max-connections`, as each of
+    /// its listeners): the HBONE server's own bounds are per node, so many
+    /// callers could otherwise hold many thousand sockets into one pod.
+    tunnels: Arc<Semaphore>,
 }
 
 impl InboundHandler {
     pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>, own_ports: [u16; 3]) -> Self {
+        let tunnels = Arc::new(Semaphore::new(inputs.config.max_connections as usize));
         Self {
             pod,
             net,
             inputs,
             own_ports,
+            tunnels,
         }
     }
 }
@@ -68,6 +76,20 @@ impl ConnectHandler for InboundHandler {
                 explanation: explanation.clone(),
             });
             connect.refuse(kind, Refusal::new(status, explanation));
+        };
+        let Ok(_tunnel_slot) = self.tunnels.clone().try_acquire_owned() else {
+            let why = format!(
+                "pod {}/{} has {} tunnels open, the most it takes (--max-connections)",
+                self.pod.namespace, self.pod.name, self.inputs.config.max_connections
+            );
+            return refuse(
+                connect,
+                RefusalKind::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                reason::OVERLOADED,
+                why,
+                None,
+            );
         };
         let Some(workload) = state.workload(&self.pod.uid).cloned() else {
             let why = format!(

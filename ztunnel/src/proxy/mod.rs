@@ -16,6 +16,7 @@ use std::time::Duration;
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
 use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer};
 use mesh_core::{CertStore, SpiffeId};
+use tokio::task::JoinHandle;
 
 pub use conn::{ConnInfo, ConnTable, ConnView};
 pub use inbound::InboundHandler;
@@ -79,7 +80,7 @@ impl Pod {
 }
 
 /// Where a pod's listeners bind, inside its namespace.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodPorts {
     pub outbound: SocketAddr,
     pub inbound_plaintext: SocketAddr,
@@ -156,13 +157,21 @@ async fn fetch_until_issued(inputs: Arc<ProxyInputs>, identity: SpiffeId, drain:
     }
 }
 
-/// A running pod proxy; dropping it without [`PodProxy::stop`] leaves it running.
+/// How long a pod's start waits for its first certificate before it lets the
+/// fetch go on in the background: well under the node agent's ack timeout (5 s),
+/// so a CA that does not answer never makes the agent give up on ztunnel.
+const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(2);
+
+/// A running pod proxy; dropping it without [`PodProxy::close`] leaves it running.
 #[derive(Debug)]
 pub struct PodProxy {
     pub pod: Pod,
     pub addrs: PodPorts,
     drain: DrainTrigger,
     why: Arc<WhyLog>,
+    // The three accept loops: each ends as soon as the drain is signaled, its
+    // listener closed.
+    listeners: Vec<JoinHandle<()>>,
 }
 
 impl PodProxy {
@@ -183,7 +192,17 @@ impl PodProxy {
         // The certificate is fetched now, and in the background while the CA
         // refuses or cannot be reached (e.g. it has not yet seen the pod): the
         // listeners serve meanwhile, and TLS works as soon as it arrives.
-        let first_fetch = inputs.ensure_certificate(&identity).await;
+        let first_fetch = match tokio::time::timeout(
+            FIRST_CERTIFICATE_WAIT,
+            inputs.ensure_certificate(&identity),
+        )
+        .await
+        {
+            Ok(fetched) => fetched.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer from the CA within {FIRST_CERTIFICATE_WAIT:?}"
+            )),
+        };
         if let Err(error) = &first_fetch {
             tracing::warn!(pod = %name, %identity, %error, "no certificate yet; retrying in the background");
         }
@@ -222,33 +241,52 @@ impl PodProxy {
                 watcher.clone(),
             ));
         }
-        let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), addrs.ports());
+        let own_ports = addrs.ports();
+        let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), own_ports);
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
         inputs.why.watch_server(&name, server.stats());
-        tokio::spawn(server.run(watcher.clone()));
+        let mut listeners = vec![tokio::spawn(server.run(watcher.clone()))];
         let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
         let outbound = Outbound::new(pod.clone(), identity, net.clone(), pool, inputs.clone());
-        tokio::spawn(outbound.clone().run(outbound_listener, watcher.clone()));
+        listeners.push(tokio::spawn(
+            outbound.clone().run(outbound_listener, watcher.clone()),
+        ));
         let why = inputs.why.clone();
-        let passthrough = InboundPassthrough::new(pod.clone(), net, inputs);
-        tokio::spawn(passthrough.run(plaintext_listener, watcher));
+        let passthrough = InboundPassthrough::new(pod.clone(), net, inputs, own_ports);
+        listeners.push(tokio::spawn(passthrough.run(plaintext_listener, watcher)));
         tracing::info!(pod = %name, hbone = %addrs.hbone, outbound = %addrs.outbound, inbound = %addrs.inbound_plaintext, "pod proxy started");
         Ok(Self {
             pod,
             addrs,
             drain: trigger,
             why,
+            listeners,
         })
     }
 
-    /// Closes the listeners, lets open connections finish until `deadline`, then
-    /// closes them.
-    pub async fn stop(self, deadline: Duration) -> DrainOutcome {
-        let name = format!("{}/{}", self.pod.namespace, self.pod.name);
-        let outcome = self.drain.drain(deadline).await;
-        self.why.forget_server(&name);
-        tracing::info!(pod = %name, ?outcome, "pod proxy stopped");
-        outcome
+    /// Closes the listeners and returns once they are closed. The open
+    /// connections drain in the returned task, which ends when they have finished
+    /// or, at `deadline`, been closed.
+    pub async fn close(self, deadline: Duration) -> JoinHandle<DrainOutcome> {
+        let Self {
+            pod,
+            drain,
+            why,
+            listeners,
+            ..
+        } = self;
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let draining = tokio::spawn(async move {
+            let outcome = drain.drain(deadline).await;
+            why.forget_server(&name);
+            tracing::info!(pod = %name, ?outcome, "pod proxy stopped");
+            outcome
+        });
+        for listener in listeners {
+            // A listener task that panicked is closed too.
+            let _ = listener.await;
+        }
+        draining
     }
 
     /// A watcher of this pod's drain, for tasks started outside `start`.

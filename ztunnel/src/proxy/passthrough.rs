@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::copy::copy_bidirectional;
+use mesh_core::copy::{SpliceIo, copy_bidirectional};
 use mesh_core::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,11 +20,37 @@ pub struct InboundPassthrough {
     pod: Pod,
     net: PodNet,
     inputs: Arc<ProxyInputs>,
+    /// The pod's proxy listeners' ports, never a connection's target.
+    own_ports: [u16; 3],
+}
+
+/// Why a connection was refused, for the metrics and the "why" view.
+struct Refusal {
+    reason: &'static str,
+    explanation: String,
+    policy: Option<String>,
+    rule: Option<usize>,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, explanation: String) -> Self {
+        Self {
+            reason,
+            explanation,
+            policy: None,
+            rule: None,
+        }
+    }
 }
 
 impl InboundPassthrough {
-    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>) -> Self {
-        Self { pod, net, inputs }
+    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>, own_ports: [u16; 3]) -> Self {
+        Self {
+            pod,
+            net,
+            inputs,
+            own_ports,
+        }
     }
 
     pub async fn run(self, listener: TcpListener, drain: DrainWatcher) {
@@ -37,48 +63,78 @@ impl InboundPassthrough {
         .await
     }
 
+    /// A refused connection is reset, as outbound refuses: its client sees the
+    /// refusal at once even if it speaks second, never an orderly end.
     async fn serve(&self, mut client: TcpStream, src: SocketAddr, own_port: u16) {
         let dst = match original_dst(&client, src) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(%src, error = %e, "inbound plaintext connection without an original destination");
+                client.abort();
                 return;
             }
         };
-        let state = self.inputs.state.snapshot();
-        let refuse = |reason: &'static str,
-                      explanation: String,
-                      policy: Option<String>,
-                      rule: Option<usize>| {
-            self.inputs.metrics.deny(reason);
-            self.inputs.why.record(Refused {
-                at: Refused::now(),
-                direction: "inbound_plaintext",
-                source: src.to_string(),
-                source_identity: None,
-                destination: dst.to_string(),
-                destination_workload: Some(format!("{}/{}", self.pod.namespace, self.pod.name)),
-                reason,
-                policy,
-                rule,
-                explanation,
-            });
-        };
-        if is_self_call(&client, dst, own_port) {
-            return refuse(
+        match self.admit(&client, src, dst, own_port).await {
+            Ok((mut upstream, info)) => {
+                let mut guard =
+                    ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
+                if copy_bidirectional(&mut client, &mut upstream, guard.stats())
+                    .await
+                    .is_err()
+                {
+                    guard.set_end("error");
+                }
+            }
+            Err(refusal) => {
+                self.inputs.metrics.deny(refusal.reason);
+                self.inputs.why.record(Refused {
+                    at: Refused::now(),
+                    direction: "inbound_plaintext",
+                    source: src.to_string(),
+                    source_identity: None,
+                    destination: dst.to_string(),
+                    destination_workload: Some(format!("{}/{}", self.pod.namespace, self.pod.name)),
+                    reason: refusal.reason,
+                    policy: refusal.policy,
+                    rule: refusal.rule,
+                    explanation: refusal.explanation,
+                });
+                client.abort();
+            }
+        }
+    }
+
+    /// Checks the connection against the state and the policy, then connects to
+    /// the pod: the upstream and what the connection is counted as.
+    async fn admit(
+        &self,
+        client: &TcpStream,
+        src: SocketAddr,
+        dst: SocketAddr,
+        own_port: u16,
+    ) -> Result<(TcpStream, ConnInfo), Refusal> {
+        if is_self_call(client, dst, own_port) {
+            return Err(Refusal::new(
                 reason::SELF_CALL,
                 format!("{dst} is this inbound listener itself"),
-                None,
-                None,
-            );
+            ));
         }
+        let (ns, name) = (&self.pod.namespace, &self.pod.name);
+        if self.own_ports.contains(&dst.port()) {
+            return Err(Refusal::new(
+                reason::BAD_DESTINATION,
+                format!(
+                    "port {} of pod {ns}/{name} is ztunnel's own, not the app's",
+                    dst.port()
+                ),
+            ));
+        }
+        let state = self.inputs.state.snapshot();
         let Some(workload) = state.workload(&self.pod.uid).cloned() else {
-            return refuse(
+            return Err(Refusal::new(
                 reason::UNKNOWN_DESTINATION,
                 format!("pod {} is not in ztunnel's state", self.pod.uid),
-                None,
-                None,
-            );
+            ));
         };
         let decision = state.policies().evaluate(
             &Destination {
@@ -92,15 +148,18 @@ impl InboundPassthrough {
                 dst_port: dst.port(),
             },
         );
-        if !decision.allowed {
-            return refuse(
-                reason::POLICY,
-                decision.to_string(),
-                decision.policy.clone(),
-                decision.rule,
-            );
+        for dry in &decision.dry_run {
+            tracing::info!(%src, %dst, "dry-run: {dry}");
         }
-        let mut upstream = match self
+        if !decision.allowed {
+            return Err(Refusal {
+                reason: reason::POLICY,
+                explanation: decision.to_string(),
+                policy: decision.policy.clone(),
+                rule: decision.rule,
+            });
+        }
+        let upstream = self
             .net
             .connect_within(
                 dst,
@@ -108,17 +167,12 @@ impl InboundPassthrough {
                 self.inputs.hbone.connect_timeout,
             )
             .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                return refuse(
+            .map_err(|e| {
+                Refusal::new(
                     reason::UPSTREAM_UNREACHABLE,
                     format!("connect to {dst}: {e}"),
-                    None,
-                    None,
-                );
-            }
-        };
+                )
+            })?;
         let info = ConnInfo {
             direction: "inbound_plaintext",
             source: src,
@@ -134,13 +188,6 @@ impl InboundPassthrough {
                 ..Default::default()
             },
         };
-        let mut guard =
-            ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
-        if copy_bidirectional(&mut client, &mut upstream, guard.stats())
-            .await
-            .is_err()
-        {
-            guard.set_end("error");
-        }
+        Ok((upstream, info))
     }
 }
