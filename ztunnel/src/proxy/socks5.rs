@@ -54,43 +54,22 @@ impl Socks5 {
     }
 
     async fn serve(&self, mut client: TcpStream, src: SocketAddr) -> std::io::Result<()> {
-        // Greeting: version, methods.
-        let mut head = [0u8; 2];
-        client.read_exact(&mut head).await?;
-        if head[0] != VERSION {
-            return Err(std::io::Error::other(format!(
-                "SOCKS version {} is not 5",
-                head[0]
-            )));
-        }
-        let mut methods = vec![0u8; head[1] as usize];
-        client.read_exact(&mut methods).await?;
-        if !methods.contains(&NO_AUTH) {
-            client.write_all(&[VERSION, NO_ACCEPTABLE]).await?;
-            return Ok(());
-        }
-        client.write_all(&[VERSION, NO_AUTH]).await?;
-        // Request: version, command, reserved, address type, address, port.
-        let mut req = [0u8; 4];
-        client.read_exact(&mut req).await?;
-        let ip: IpAddr = match req[3] {
-            1 => {
-                let mut b = [0u8; 4];
-                client.read_exact(&mut b).await?;
-                Ipv4Addr::from(b).into()
+        // A caller that stalls mid-handshake gives its slot back (the HBONE
+        // server's handshake timeout).
+        let limit = self.inputs.hbone.handshake_timeout;
+        let dst = match tokio::time::timeout(limit, read_request(&mut client)).await {
+            Ok(request) => request?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("SOCKS5 handshake not done within {limit:?}"),
+                ));
             }
-            4 => {
-                let mut b = [0u8; 16];
-                client.read_exact(&mut b).await?;
-                Ipv6Addr::from(b).into()
-            }
-            _ => return reply(&mut client, REP_ATYP_UNSUPPORTED).await,
         };
-        let port = client.read_u16().await?;
-        if req[1] != CMD_CONNECT {
-            return reply(&mut client, REP_CMD_UNSUPPORTED).await;
-        }
-        let dst = SocketAddr::new(ip, port);
+        let dst = match dst {
+            Ok(dst) => dst,
+            Err(code) => return reply(&mut client, code).await,
+        };
         // The caller must be a workload of this node.
         let state = self.inputs.state.snapshot();
         let workload = state
@@ -146,4 +125,46 @@ async fn reply(client: &mut TcpStream, code: u8) -> std::io::Result<()> {
     client
         .write_all(&[VERSION, code, 0, 1, 0, 0, 0, 0, 0, 0])
         .await
+}
+
+/// Reads the greeting and the CONNECT request: the destination, or the reply
+/// code that refuses the request (an unsupported command or address type).
+async fn read_request(client: &mut TcpStream) -> std::io::Result<Result<SocketAddr, u8>> {
+    // Greeting: version, methods.
+    let mut head = [0u8; 2];
+    client.read_exact(&mut head).await?;
+    if head[0] != VERSION {
+        return Err(std::io::Error::other(format!(
+            "SOCKS version {} is not 5",
+            head[0]
+        )));
+    }
+    let mut methods = vec![0u8; head[1] as usize];
+    client.read_exact(&mut methods).await?;
+    if !methods.contains(&NO_AUTH) {
+        client.write_all(&[VERSION, NO_ACCEPTABLE]).await?;
+        return Err(std::io::Error::other("no acceptable SOCKS5 method"));
+    }
+    client.write_all(&[VERSION, NO_AUTH]).await?;
+    // Request: version, command, reserved, address type, address, port.
+    let mut req = [0u8; 4];
+    client.read_exact(&mut req).await?;
+    let ip: IpAddr = match req[3] {
+        1 => {
+            let mut b = [0u8; 4];
+            client.read_exact(&mut b).await?;
+            Ipv4Addr::from(b).into()
+        }
+        4 => {
+            let mut b = [0u8; 16];
+            client.read_exact(&mut b).await?;
+            Ipv6Addr::from(b).into()
+        }
+        _ => return Ok(Err(REP_ATYP_UNSUPPORTED)),
+    };
+    let port = client.read_u16().await?;
+    if req[1] != CMD_CONNECT {
+        return Ok(Err(REP_CMD_UNSUPPORTED));
+    }
+    Ok(Ok(SocketAddr::new(ip, port)))
 }
