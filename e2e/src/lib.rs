@@ -20,8 +20,6 @@ pub mod pod;
 pub mod process;
 pub mod underlay;
 
-use std::io::Write;
-
 pub use cluster::{Cluster, ClusterBuilder, ClusterError};
 pub use cni::{CniChain, CniError, CniPlugin, CniResult};
 pub use control_plane::ControlPlane;
@@ -33,18 +31,4 @@ pub use node::Node;
 pub use pod::{Pod, PodSpec};
 pub use process::{NsProcess, ProcessError, WAIT_TIMEOUT};
 
-/// Whether the test can run. Without root: panics when `CI=true` (CI must run these
-/// tests, not skip them), otherwise prints a loud SKIPPED line and returns false so
-/// the test can return early. The line bypasses the harness's output capture.
-pub fn require_root(test_name: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test_name} needs root, and CI=true: e2e tests must run in CI");
-    }
-    // Straight to fd 2: `eprintln!` is captured by the test harness and would hide it.
-    let line = format!("SKIPPED (needs root): {test_name}\n");
-    let _best_effort = std::io::stderr().lock().write_all(line.as_bytes());
-    false
-}
+pub use mesh_core::testing::require_root;

@@ -2,6 +2,7 @@
 //!
 //! Behind the `testing` feature: production certificates come from istiod-lite's CA.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,4 +124,20 @@ impl CertificateSource for TestCa {
 /// A SPIFFE ID in `cluster.local`, for brevity in tests.
 pub fn spiffe(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(crate::DEFAULT_TRUST_DOMAIN, ns, sa).expect("valid test identity")
+}
+
+/// Whether a test that needs root can run. Without root: panics when `CI=true`
+/// (CI must run these tests, not skip them), otherwise prints a loud SKIPPED line
+/// and returns false so the test can return early. The line goes straight to
+/// fd 2: `eprintln!` is captured by the test harness, which would hide it.
+pub fn require_root(test_name: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test_name} needs root, and CI=true: tests that need root must run in CI");
+    }
+    let line = format!("SKIPPED (needs root): {test_name}\n");
+    let _best_effort = std::io::stderr().lock().write_all(line.as_bytes());
+    false
 }

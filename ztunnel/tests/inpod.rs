@@ -163,14 +163,9 @@ impl Drop for TestNetns {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
-    if !nix::unistd::Uid::effective().is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI must run this test as root"
-        );
-        eprintln!(
-            "SKIPPED (needs root): pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest"
-        );
+    if !mesh_core::testing::require_root(
+        "pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest",
+    ) {
         return;
     }
     let (ns_a, ns_b) = (TestNetns::new("a"), TestNetns::new("b"));
@@ -222,14 +217,9 @@ fn closed_by_peer(conn: &std::net::TcpStream) -> bool {
 /// listeners closed at once and its connections left to finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain() {
-    if !nix::unistd::Uid::effective().is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI must run this test as root"
-        );
-        eprintln!(
-            "SKIPPED (needs root): re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain"
-        );
+    if !mesh_core::testing::require_root(
+        "re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain",
+    ) {
         return;
     }
     let (ns_a, ns_b) = (TestNetns::new("ka"), TestNetns::new("kb"));

@@ -102,18 +102,9 @@ mod tests {
     use super::*;
     use std::process::Command;
 
-    fn is_root() -> bool {
-        nix::unistd::Uid::effective().is_root()
-    }
-
     #[test]
     fn a_socket_made_inside_a_namespace_lives_there() {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI must run this test as root"
-            );
-            eprintln!("SKIPPED (needs root): a_socket_made_inside_a_namespace_lives_there");
+        if !crate::testing::require_root("a_socket_made_inside_a_namespace_lives_there") {
             return;
         }
         let name = format!("ambit-nsut-{}", std::process::id());
