@@ -140,6 +140,92 @@ fn workload_addresses_route_to_themselves_and_the_rest_passes_through() {
     );
 }
 
+/// Whether a connection from shop/frontend to `workload` is allowed by `state`.
+fn allowed(state: &ProxyState, workload: &str) -> bool {
+    let w = state.workload(workload).expect("workload held");
+    let fe = mesh_core::testing::spiffe("shop", "frontend");
+    let dst = crate::policy::Destination {
+        namespace: &w.namespace,
+        labels: &w.labels,
+    };
+    let conn = crate::policy::Connection {
+        src_identity: Some(&fe),
+        src_ip: "198.18.1.1".parse().unwrap(),
+        dst_ip: w.addresses[0],
+        dst_port: 5432,
+    };
+    state.policies().evaluate(&dst, &conn).allowed
+}
+
+#[test]
+fn a_root_namespace_selector_policy_applies_in_every_namespace_from_file_and_xds() {
+    use crate::state::XdsState;
+    use ambit_proto::security as sec;
+    use ambit_proto::workload as pb;
+    use mesh_core::xds::{Handler, Resource};
+    use prost::Message;
+
+    let file = r#"
+workloads:
+  - {uid: db, name: db, namespace: shop, addresses: ["198.18.1.20"], labels: {app: db}}
+  - {uid: web, name: web, namespace: shop, addresses: ["198.18.1.21"], labels: {app: web}}
+policies:
+  - {name: lock-dbs, namespace: istio-system, scope: WORKLOAD_SELECTOR, action: DENY,
+     selector: {app: db}, rules: [{}]}
+"#;
+    let local = state(file);
+    assert!(
+        !allowed(&local, "db"),
+        "file: the root selector denies shop/db"
+    );
+    assert!(allowed(&local, "web"), "file: other labels pass");
+
+    // The same through xDS, as istiod-lite translates such a policy.
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let res = |name: &str, body: Vec<u8>| Resource {
+        name: name.into(),
+        version: "1".into(),
+        body: body.into(),
+    };
+    let workloads = [("db", [198, 18, 1, 20]), ("web", [198, 18, 1, 21])]
+        .map(|(uid, ip)| {
+            let w = pb::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "shop".into(),
+                addresses: vec![ip.to_vec()],
+                labels: [("app".to_string(), uid.to_string())].into(),
+                ..Default::default()
+            };
+            res(uid, w.encode_to_vec())
+        })
+        .to_vec();
+    xds.apply(ambit_proto::WORKLOAD_TYPE_URL, workloads, vec![])
+        .unwrap();
+    let policy = sec::Authorization {
+        name: "lock-dbs".into(),
+        namespace: "istio-system".into(),
+        scope: sec::Scope::WorkloadSelector.into(),
+        action: sec::Action::Deny.into(),
+        rules: vec![sec::Rule { clauses: vec![] }],
+        selector: [("app".to_string(), "db".to_string())].into(),
+        ..Default::default()
+    };
+    xds.apply(
+        ambit_proto::AUTHORIZATION_TYPE_URL,
+        vec![res("istio-system/lock-dbs", policy.encode_to_vec())],
+        vec![],
+    )
+    .unwrap();
+    let from_xds = store.snapshot();
+    assert!(
+        !allowed(&from_xds, "db"),
+        "xDS: the root selector denies shop/db"
+    );
+    assert!(allowed(&from_xds, "web"), "xDS: other labels pass");
+}
+
 fn parse_err(text: &str) -> String {
     LocalState::parse(std::path::Path::new("/etc/ambit/state.yaml"), text)
         .unwrap_err()
