@@ -52,7 +52,9 @@ pub struct ProxyState {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Service key -> endpoints (workload uids), sorted for stable round robin.
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
-    round_robin: HashMap<String, AtomicUsize>,
+    /// Service key -> round-robin turn; shared with the states before and after
+    /// (see [`ProxyState::keep_round_robin`]).
+    round_robin: HashMap<String, Arc<AtomicUsize>>,
     policies: PolicySet,
 }
 
@@ -86,13 +88,25 @@ impl ProxyState {
             for vip in &s.vips {
                 state.by_vip.insert(*vip, s.clone());
             }
-            state.round_robin.insert(s.key(), AtomicUsize::new(0));
+            state.round_robin.insert(s.key(), Arc::default());
             state.services.insert(s.key(), s);
         }
         for p in policies {
             state.policies.insert(p);
         }
         state
+    }
+
+    /// Takes over `previous`'s round-robin turns for the services both hold, so
+    /// an update (any xDS response, any file change) does not send the next
+    /// connections back to each service's first endpoint. The turns of services
+    /// that are gone are dropped with `previous`, so they never pile up.
+    fn keep_round_robin(&mut self, previous: &ProxyState) {
+        for (key, turn) in &mut self.round_robin {
+            if let Some(kept) = previous.round_robin.get(key) {
+                *turn = kept.clone();
+            }
+        }
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {

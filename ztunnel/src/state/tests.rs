@@ -77,6 +77,28 @@ fn a_vip_spreads_round_robin_over_healthy_endpoints_with_their_ports() {
 }
 
 #[test]
+fn round_robin_goes_on_across_state_updates_and_forgets_gone_services() {
+    let store = StateStore::new(state(FILE));
+    let pick = || match store.snapshot().route("198.18.100.1:80".parse().unwrap()) {
+        Ok(Route::Mesh { workload, .. }) => workload.uid.clone(),
+        other => panic!("expected a mesh route, got {other:?}"),
+    };
+    assert_eq!(pick(), "cart-1");
+    assert_eq!(pick(), "cart-2");
+    // Any update (an xDS response, a file change) rebuilds the whole state.
+    store.replace(state(FILE));
+    assert_eq!(pick(), "cart-3", "the third pick is the third endpoint");
+    assert_eq!(pick(), "cart-1");
+
+    // A service that goes away takes its turn with it: none is kept for it.
+    let no_services = FILE.split("\nservices:").next().unwrap();
+    store.replace(state(no_services));
+    assert!(store.snapshot().round_robin.is_empty());
+    store.replace(state(FILE));
+    assert_eq!(pick(), "cart-1", "a service that comes back starts over");
+}
+
+#[test]
 fn an_unhealthy_endpoint_gets_nothing_and_none_healthy_is_an_error() {
     let s = state(&FILE.replace(
         "    node: node-2\n",
