@@ -14,7 +14,8 @@ use serde::Serialize;
 
 /// ztunnel's own refusal reasons: the `reason` label of
 /// `ambit_connections_denied_total`, the why view's `reason`, and what SOCKS5
-/// replies map from. (A pod's HBONE server adds its own, `RefusalKind::as_str`.)
+/// replies map from. (A pod's HBONE server adds its own, `RefusalKind::as_str`,
+/// to both: `Metrics::count_server_refusals` and `WhyLog::watch_server`.)
 pub mod reason {
     /// The destination's policy refused the caller.
     pub const POLICY: &str = "policy";

@@ -225,6 +225,7 @@ impl PodProxy {
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), addrs.ports());
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
         inputs.why.watch_server(&name, server.stats());
+        inputs.metrics.count_server_refusals(&server.stats());
         tokio::spawn(server.run(watcher.clone()));
         let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
         let outbound = Outbound::new(pod.clone(), identity, net.clone(), pool, inputs.clone());
