@@ -14,6 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use mesh_core::SpiffeId;
+
 pub use local::{LocalState, LocalStateError, digest, load_local_state, watch_local_state};
 pub use model::{ModelError, PortMapping, Protocol, Service, Workload};
 pub use store::StateStore;
@@ -115,6 +117,27 @@ impl ProxyState {
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The workload named `name` that runs as `identity`, for a name a peer claims
+    /// (HBONE baggage): what the peer says is only believed when it matches ztunnel's
+    /// own state. A scan, so only for connections whose source address is no
+    /// workload's; a name that cannot be a pod's (over 253 bytes, or not lowercase
+    /// letters, digits, `-` and `.`) is refused without one.
+    pub fn workload_named(&self, name: &str, identity: &SpiffeId) -> Option<&Arc<Workload>> {
+        let plausible = (1..=253).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !plausible {
+            return None;
+        }
+        self.workloads.values().find(|w| {
+            w.name == name
+                && w.namespace == identity.namespace()
+                && w.service_account == identity.service_account()
+                && w.trust_domain == identity.trust_domain()
+        })
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
