@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
-use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer};
+use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer, ServerStats};
 use mesh_core::{CertStore, SpiffeId};
 
 pub use conn::{ConnInfo, ConnTable, ConnView};
@@ -163,6 +163,7 @@ pub struct PodProxy {
     pub addrs: PodPorts,
     drain: DrainTrigger,
     why: Arc<WhyLog>,
+    hbone_stats: Arc<ServerStats>,
 }
 
 impl PodProxy {
@@ -224,7 +225,8 @@ impl PodProxy {
         }
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), addrs.ports());
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
-        inputs.why.watch_server(&name, server.stats());
+        let hbone_stats = server.stats();
+        inputs.why.watch_server(&name, hbone_stats.clone());
         inputs.metrics.count_server_refusals(&server.stats());
         tokio::spawn(server.run(watcher.clone()));
         let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
@@ -239,6 +241,7 @@ impl PodProxy {
             addrs,
             drain: trigger,
             why,
+            hbone_stats,
         })
     }
 
@@ -247,7 +250,7 @@ impl PodProxy {
     pub async fn stop(self, deadline: Duration) -> DrainOutcome {
         let name = format!("{}/{}", self.pod.namespace, self.pod.name);
         let outcome = self.drain.drain(deadline).await;
-        self.why.forget_server(&name);
+        self.why.forget_server(&name, &self.hbone_stats);
         tracing::info!(pod = %name, ?outcome, "pod proxy stopped");
         outcome
     }
