@@ -133,6 +133,14 @@ async fn send(
 async fn bad_requests_get_4xx_with_a_reason_on_a_connection_that_keeps_working() {
     let mesh = Mesh::new();
     let server = mesh.echo_server(HboneConfig::default()).await;
+    let observed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let to = observed.clone();
+    assert!(
+        server
+            .stats
+            .on_refusal(Box::new(move |kind| to.lock().unwrap().push(kind)))
+    );
+    assert!(!server.stats.on_refusal(Box::new(|_| {})), "set once");
     let h2 = raw_h2(&mesh, &server).await;
 
     let (status, reason) = send(&h2, Method::POST, "https://198.18.0.10:8080/").await;
@@ -164,6 +172,11 @@ async fn bad_requests_get_4xx_with_a_reason_on_a_connection_that_keeps_working()
             RefusalKind::BadAuthority,
             RefusalKind::BadAuthority
         ]
+    );
+    assert_eq!(
+        *observed.lock().unwrap(),
+        kinds,
+        "the observer saw each one"
     );
     assert_still_serving(&mesh, &server).await;
 }

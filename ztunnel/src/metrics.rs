@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use mesh_core::CertStore;
+use mesh_core::hbone::ServerStats;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -106,6 +107,21 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// Counts the refusals a pod's HBONE server decides before ztunnel's handler
+    /// sees a CONNECT (TLS, HTTP/2, a malformed CONNECT, draining) in
+    /// `ambit_connections_denied_total`, by `RefusalKind::as_str`: a fixed set of
+    /// values, none of them one of ztunnel's own (`why::reason`).
+    pub fn count_server_refusals(&self, stats: &ServerStats) {
+        let denied = self.denied.clone();
+        stats.on_refusal(Box::new(move |kind| {
+            denied
+                .get_or_create(&ReasonLabels {
+                    reason: kind.as_str().to_string(),
+                })
+                .inc();
+        }));
     }
 }
 

@@ -14,7 +14,8 @@ use serde::Serialize;
 
 /// ztunnel's own refusal reasons: the `reason` label of
 /// `ambit_connections_denied_total`, the why view's `reason`, and what SOCKS5
-/// replies map from. (A pod's HBONE server adds its own, `RefusalKind::as_str`.)
+/// replies map from. (A pod's HBONE server adds its own, `RefusalKind::as_str`,
+/// to both: `Metrics::count_server_refusals` and `WhyLog::watch_server`.)
 pub mod reason {
     /// The destination's policy refused the caller.
     pub const POLICY: &str = "policy";
@@ -127,14 +128,20 @@ impl WhyLog {
     }
 
     /// Follows the refusals of `pod`'s HBONE server until [`WhyLog::forget_server`].
+    /// A pod replaced by one of the same name (a new uid) takes the entry over.
     pub fn watch_server(&self, pod: &str, stats: Arc<ServerStats>) {
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         servers.insert(pod.to_string(), stats);
     }
 
-    pub fn forget_server(&self, pod: &str) {
+    /// Stops following the server `stats` belongs to. If `pod`'s entry is another
+    /// server's by now (the pod's replacement, started while this one drained),
+    /// it stays.
+    pub fn forget_server(&self, pod: &str, stats: &Arc<ServerStats>) {
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        servers.remove(pod);
+        if servers.get(pod).is_some_and(|s| Arc::ptr_eq(s, stats)) {
+            servers.remove(pod);
+        }
     }
 
     /// Every refusal known, oldest first: ztunnel's own and its servers'.
@@ -158,5 +165,29 @@ impl WhyLog {
         }
         all.sort_by_key(|r| r.at);
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn followed(log: &WhyLog, pod: &str) -> Option<Arc<ServerStats>> {
+        log.servers.lock().unwrap().get(pod).cloned()
+    }
+
+    #[test]
+    fn a_drained_pod_forgets_only_its_own_server_not_its_replacements() {
+        let log = WhyLog::default();
+        let old = Arc::new(ServerStats::default());
+        let new = Arc::new(ServerStats::default());
+        log.watch_server("shop/cart", old.clone());
+        // Replaced by a pod of the same name (new uid) while the old one drains.
+        log.watch_server("shop/cart", new.clone());
+        log.forget_server("shop/cart", &old);
+        let kept = followed(&log, "shop/cart").expect("the replacement is still followed");
+        assert!(Arc::ptr_eq(&kept, &new));
+        log.forget_server("shop/cart", &new);
+        assert!(followed(&log, "shop/cart").is_none());
     }
 }

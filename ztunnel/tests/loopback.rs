@@ -433,7 +433,7 @@ async fn a_pod_takes_at_most_max_connections_tunnels() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_refusal_by_a_pods_hbone_server_shows_in_the_why_view() {
+async fn refusals_by_a_pods_hbone_server_show_in_the_why_view_and_the_metrics() {
     let f = start(45).await;
     // A client whose certificate comes from another CA: cart's HBONE server refuses
     // the handshake before any CONNECT reaches ztunnel's handler.
@@ -468,6 +468,40 @@ async fn a_tls_refusal_by_a_pods_hbone_server_shows_in_the_why_view() {
     }
     assert!(why.contains("\"reason\": \"unknown_issuer\""), "{why}");
     assert!(why.contains("shop/cart-1"), "{why}");
+
+    // A mesh client whose request is not a CONNECT: 405 from the server itself.
+    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+    f.app.inputs.ensure_certificate(&frontend).await.unwrap();
+    let tls =
+        mesh_core::tls::client_config(f.app.inputs.certs.clone(), &frontend, vec![cart]).unwrap();
+    let tcp = TcpStream::connect(SocketAddr::new(ip(45, 3), 15008))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(ip(45, 3).into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (h2, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("https://198.18.0.10:8080/")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.ready().await.unwrap().send_request(req, true).unwrap();
+    assert_eq!(
+        resp.await.unwrap().status(),
+        http::StatusCode::METHOD_NOT_ALLOWED
+    );
+
+    // Both counted by reason, as soon as they are recorded.
+    let (_, text) = http_get(f.app.metrics_addr, "/metrics").await;
+    let denied = |reason: &str| {
+        let label = format!("reason=\"{reason}\"");
+        metric(&text, "ambit_connections_denied_total", &[&label])
+    };
+    assert_eq!(denied("unknown_issuer"), Some(1.0), "{text}");
+    assert_eq!(denied("bad_method"), Some(1.0), "{text}");
     f.app.shutdown().await;
 }
 

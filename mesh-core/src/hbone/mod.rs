@@ -23,7 +23,8 @@ pub use metadata::{
 };
 pub use pool::{HbonePool, PoolKey, PoolStats};
 pub use server::{
-    ConnectHandler, HboneServer, InboundConnect, Refusal, RefusalKind, RefusalRecord, ServerStats,
+    ConnectHandler, HboneServer, InboundConnect, Refusal, RefusalKind, RefusalObserver,
+    RefusalRecord, ServerStats,
 };
 pub use stream::H2Stream;
 

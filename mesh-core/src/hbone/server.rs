@@ -23,7 +23,7 @@ use crate::drain::DrainWatcher;
 use crate::tls::{ALPN_H2, identity_of_cert};
 
 mod stats;
-pub use stats::{RefusalKind, RefusalRecord, ServerStats};
+pub use stats::{RefusalKind, RefusalObserver, RefusalRecord, ServerStats};
 
 /// A refusal to send back: a 4xx/5xx status and the reason, in `ambit-reason`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,20 +96,26 @@ impl InboundConnect {
         Ok(H2Stream::new(send, body, None))
     }
 
-    /// Answers with `refusal` and records it.
+    /// Answers with `refusal` and records it (the handler counts it itself: it
+    /// is not passed to the stats' observer).
     pub fn refuse(mut self, kind: RefusalKind, refusal: Refusal) {
-        self.answer(kind, refusal);
+        self.answer(kind, refusal, false);
     }
 
-    fn answer(&mut self, kind: RefusalKind, refusal: Refusal) {
+    fn answer(&mut self, kind: RefusalKind, refusal: Refusal, own: bool) {
         if let Some(respond) = self.respond.take() {
-            self.stats.record_refusal(RefusalRecord::new(
+            let record = RefusalRecord::new(
                 kind,
                 self.peer_addr,
                 Some(self.peer.clone()),
                 Some(self.target),
                 refusal.reason.clone(),
-            ));
+            );
+            if own {
+                self.stats.record_own_refusal(record);
+            } else {
+                self.stats.record_refusal(record);
+            }
             send_refusal(respond, &refusal);
         }
     }
@@ -120,6 +126,7 @@ impl Drop for InboundConnect {
         self.answer(
             RefusalKind::Unavailable,
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "handler did not answer"),
+            true,
         );
     }
 }
@@ -222,7 +229,7 @@ impl<H: ConnectHandler> Connection<H> {
         let refuse = |kind, reason: String, id: Option<SpiffeId>| {
             tracing::info!(peer = %self.peer, kind = kind_str(kind), %reason, "HBONE connection refused");
             self.stats
-                .record_refusal(RefusalRecord::new(kind, self.peer, id, None, reason));
+                .record_own_refusal(RefusalRecord::new(kind, self.peer, id, None, reason));
         };
         let timeout = self.config.handshake_timeout;
         let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
@@ -309,7 +316,7 @@ impl<H: ConnectHandler> Connection<H> {
                         // h2's graceful GOAWAY still admits streams for one round trip;
                         // refuse them so the client retries elsewhere.
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        self.stats.record_refusal(RefusalRecord::new(
+                        self.stats.record_own_refusal(RefusalRecord::new(
                             RefusalKind::Draining,
                             self.peer,
                             Some(peer_id.clone()),
@@ -364,7 +371,7 @@ impl<H: ConnectHandler> Stream<H> {
         let (parts, body) = req.into_parts();
         let refuse = |respond, kind: RefusalKind, refusal: Refusal| {
             tracing::info!(peer = %self.peer, src = %self.peer_id, kind = kind.as_str(), reason = %refusal.reason, "CONNECT refused");
-            self.stats.record_refusal(RefusalRecord::new(
+            self.stats.record_own_refusal(RefusalRecord::new(
                 kind,
                 self.peer,
                 Some(self.peer_id.clone()),

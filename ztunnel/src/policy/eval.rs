@@ -83,13 +83,14 @@ pub enum Evidence<'a> {
 
 impl Authorization {
     /// Whether this policy governs `dst`. A GLOBAL policy only counts in the root
-    /// namespace; elsewhere it applies to nothing.
+    /// namespace; elsewhere it applies to nothing. A selector in the root
+    /// namespace matches workloads of every namespace (Istio's rule).
     pub fn applies_to(&self, dst: &Destination<'_>, root_namespace: &str) -> bool {
         match self.scope {
             Scope::Global => self.namespace == root_namespace,
             Scope::Namespace => self.namespace == dst.namespace,
             Scope::WorkloadSelector => {
-                self.namespace == dst.namespace
+                (self.namespace == dst.namespace || self.namespace == root_namespace)
                     && self
                         .selector
                         .iter()

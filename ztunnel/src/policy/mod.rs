@@ -101,18 +101,24 @@ impl PolicySet {
     }
 
     /// The policies that govern `dst`, dry-run ones included: the root
-    /// namespace's GLOBAL policies first, then the destination namespace's.
+    /// namespace's mesh-wide ones first (GLOBAL, and WORKLOAD_SELECTOR, whose
+    /// selector matches workloads of every namespace, as in Istio), then the
+    /// destination namespace's.
     pub fn applicable<'s>(
         &'s self,
         dst: &'s Destination<'_>,
     ) -> impl Iterator<Item = &'s Authorization> + 's {
         let root = &self.root_namespace;
+        // In the root namespace itself its selector policies come as local ones.
+        let in_root = dst.namespace == root;
         let global = self
             .by_namespace
             .get(root)
             .into_iter()
             .flat_map(BTreeMap::values)
-            .filter(|p| p.scope == Scope::Global);
+            .filter(move |p| {
+                p.scope == Scope::Global || (p.scope == Scope::WorkloadSelector && !in_root)
+            });
         let local = self
             .by_namespace
             .get(dst.namespace)

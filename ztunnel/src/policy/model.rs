@@ -44,7 +44,8 @@ pub enum Scope {
     Global,
     /// Every workload in the policy's namespace.
     Namespace,
-    /// Workloads in the policy's namespace carrying all `selector` labels.
+    /// Workloads in the policy's namespace carrying all `selector` labels; for a
+    /// policy in the root namespace, such workloads of every namespace.
     WorkloadSelector,
 }
 

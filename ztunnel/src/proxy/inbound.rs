@@ -238,17 +238,82 @@ fn labels(
     meta: &SourceMetadata,
     dst: &crate::state::Workload,
 ) -> ConnLabels {
-    let src_workload = state.workload_by_ip(src.ip());
+    // Label values come from ztunnel's state, never verbatim from the peer: a
+    // name from the peer's baggage counts only if a workload of the peer's
+    // identity has it, so a peer cannot mint a metric series per tunnel.
+    let src_workload = state.workload_by_ip(src.ip()).or_else(|| {
+        meta.workload
+            .as_deref()
+            .and_then(|name| state.workload_named(name, peer))
+    });
     ConnLabels {
         reporter: "destination",
-        source_workload: src_workload
-            .map(|w| w.name.clone())
-            .or_else(|| meta.workload.clone())
-            .unwrap_or_default(),
+        source_workload: src_workload.map(|w| w.name.clone()).unwrap_or_default(),
         source_workload_namespace: peer.namespace().to_string(),
         source_principal: peer.to_string(),
         destination_workload: dst.name.clone(),
         destination_workload_namespace: dst.namespace.clone(),
         destination_principal: dst.identity().map(|i| i.to_string()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::state::LocalState;
+
+    const STATE: &str = r#"
+workloads:
+  - {uid: fe-1, name: frontend-1, namespace: shop, serviceAccount: frontend, addresses: ["198.18.1.2"]}
+  - {uid: cart-1, name: cart-1, namespace: shop, serviceAccount: cart, addresses: ["198.18.1.3"]}
+"#;
+
+    #[test]
+    fn remote_baggage_never_mints_a_source_workload_series() {
+        let state = LocalState::parse(std::path::Path::new("s.yaml"), STATE)
+            .unwrap()
+            .into_state();
+        let cart = state.workload("cart-1").unwrap().clone();
+        let fe = mesh_core::testing::spiffe("shop", "frontend");
+        // A source address that is no workload's: only the baggage names it.
+        let src: SocketAddr = "198.18.9.9:40000".parse().unwrap();
+        let source_workload = |claimed: String| {
+            let meta = SourceMetadata {
+                workload: Some(claimed),
+                ..Default::default()
+            };
+            labels(&state, &fe, src, &meta, &cart).source_workload
+        };
+        let mut series = HashSet::new();
+        for i in 0..2000 {
+            series.insert(source_workload(format!("{i}-{}", "x".repeat(i % 4000))));
+            series.insert(source_workload(format!("frontend-{i}")));
+            series.insert(source_workload(format!(
+                "Frontend-1{}",
+                "\u{e9}".repeat(i % 3)
+            )));
+        }
+        // 6000 distinct claims, two series: the peer's own workload (for the claim
+        // "frontend-1") and the unknown one.
+        assert_eq!(
+            series,
+            HashSet::from([String::new(), "frontend-1".to_string()])
+        );
+        // A claim that holds: a workload with the peer's identity has the name.
+        assert_eq!(source_workload("frontend-1".into()), "frontend-1");
+        // The name of a workload with another identity is not the peer's.
+        assert_eq!(source_workload("cart-1".into()), "");
+        // The source address wins over any claim.
+        let known: SocketAddr = "198.18.1.2:40000".parse().unwrap();
+        let meta = SourceMetadata {
+            workload: Some("anything".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            labels(&state, &fe, known, &meta, &cart).source_workload,
+            "frontend-1"
+        );
     }
 }

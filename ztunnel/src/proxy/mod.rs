@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
-use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer};
+use mesh_core::hbone::{HboneConfig, HbonePool, HboneServer, ServerStats};
 use mesh_core::{CertStore, SpiffeId};
 use tokio::task::JoinHandle;
 
@@ -172,6 +172,7 @@ pub struct PodProxy {
     // The three accept loops: each ends as soon as the drain is signaled, its
     // listener closed.
     listeners: Vec<JoinHandle<()>>,
+    hbone_stats: Arc<ServerStats>,
 }
 
 impl PodProxy {
@@ -244,7 +245,9 @@ impl PodProxy {
         let own_ports = addrs.ports();
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), own_ports);
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
-        inputs.why.watch_server(&name, server.stats());
+        let hbone_stats = server.stats();
+        inputs.why.watch_server(&name, hbone_stats.clone());
+        inputs.metrics.count_server_refusals(&hbone_stats);
         let mut listeners = vec![tokio::spawn(server.run(watcher.clone()))];
         let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
         let outbound = Outbound::new(pod.clone(), identity, net.clone(), pool, inputs.clone());
@@ -261,6 +264,7 @@ impl PodProxy {
             drain: trigger,
             why,
             listeners,
+            hbone_stats,
         })
     }
 
@@ -273,12 +277,13 @@ impl PodProxy {
             drain,
             why,
             listeners,
+            hbone_stats,
             ..
         } = self;
         let name = format!("{}/{}", pod.namespace, pod.name);
         let draining = tokio::spawn(async move {
             let outcome = drain.drain(deadline).await;
-            why.forget_server(&name);
+            why.forget_server(&name, &hbone_stats);
             tracing::info!(pod = %name, ?outcome, "pod proxy stopped");
             outcome
         });

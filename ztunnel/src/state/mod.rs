@@ -14,6 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use mesh_core::SpiffeId;
+
 pub use local::{LocalState, LocalStateError, digest, load_local_state, watch_local_state};
 pub use model::{ModelError, PortMapping, Protocol, Service, Workload};
 pub use store::StateStore;
@@ -52,7 +54,9 @@ pub struct ProxyState {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Service key -> endpoints (workload uids), sorted for stable round robin.
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
-    round_robin: HashMap<String, AtomicUsize>,
+    /// Service key -> round-robin turn; shared with the states before and after
+    /// (see [`ProxyState::keep_round_robin`]).
+    round_robin: HashMap<String, Arc<AtomicUsize>>,
     policies: PolicySet,
 }
 
@@ -86,7 +90,7 @@ impl ProxyState {
             for vip in &s.vips {
                 state.by_vip.insert(*vip, s.clone());
             }
-            state.round_robin.insert(s.key(), AtomicUsize::new(0));
+            state.round_robin.insert(s.key(), Arc::default());
             state.services.insert(s.key(), s);
         }
         for p in policies {
@@ -95,12 +99,45 @@ impl ProxyState {
         state
     }
 
+    /// Takes over `previous`'s round-robin turns for the services both hold, so
+    /// an update (any xDS response, any file change) does not send the next
+    /// connections back to each service's first endpoint. The turns of services
+    /// that are gone are dropped with `previous`, so they never pile up.
+    fn keep_round_robin(&mut self, previous: &ProxyState) {
+        for (key, turn) in &mut self.round_robin {
+            if let Some(kept) = previous.round_robin.get(key) {
+                *turn = kept.clone();
+            }
+        }
+    }
+
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The workload named `name` that runs as `identity`, for a name a peer claims
+    /// (HBONE baggage): what the peer says is only believed when it matches ztunnel's
+    /// own state. A scan, so only for connections whose source address is no
+    /// workload's; a name that cannot be a pod's (over 253 bytes, or not lowercase
+    /// letters, digits, `-` and `.`) is refused without one.
+    pub fn workload_named(&self, name: &str, identity: &SpiffeId) -> Option<&Arc<Workload>> {
+        let plausible = (1..=253).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !plausible {
+            return None;
+        }
+        self.workloads.values().find(|w| {
+            w.name == name
+                && w.namespace == identity.namespace()
+                && w.service_account == identity.service_account()
+                && w.trust_domain == identity.trust_domain()
+        })
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {

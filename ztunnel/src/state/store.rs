@@ -36,9 +36,14 @@ impl StateStore {
             .clone()
     }
 
-    /// Replaces the state; new connections see it at once.
-    pub fn replace(&self, state: ProxyState) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+    /// Replaces the state; new connections see it at once. Round robin goes on
+    /// where the previous state left it.
+    pub fn replace(&self, mut state: ProxyState) {
+        {
+            let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+            state.keep_round_robin(&current);
+            *current = Arc::new(state);
+        }
         self.version.send_modify(|v| *v += 1);
     }
 

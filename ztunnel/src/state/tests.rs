@@ -77,6 +77,28 @@ fn a_vip_spreads_round_robin_over_healthy_endpoints_with_their_ports() {
 }
 
 #[test]
+fn round_robin_goes_on_across_state_updates_and_forgets_gone_services() {
+    let store = StateStore::new(state(FILE));
+    let pick = || match store.snapshot().route("198.18.100.1:80".parse().unwrap()) {
+        Ok(Route::Mesh { workload, .. }) => workload.uid.clone(),
+        other => panic!("expected a mesh route, got {other:?}"),
+    };
+    assert_eq!(pick(), "cart-1");
+    assert_eq!(pick(), "cart-2");
+    // Any update (an xDS response, a file change) rebuilds the whole state.
+    store.replace(state(FILE));
+    assert_eq!(pick(), "cart-3", "the third pick is the third endpoint");
+    assert_eq!(pick(), "cart-1");
+
+    // A service that goes away takes its turn with it: none is kept for it.
+    let no_services = FILE.split("\nservices:").next().unwrap();
+    store.replace(state(no_services));
+    assert!(store.snapshot().round_robin.is_empty());
+    store.replace(state(FILE));
+    assert_eq!(pick(), "cart-1", "a service that comes back starts over");
+}
+
+#[test]
 fn an_unhealthy_endpoint_gets_nothing_and_none_healthy_is_an_error() {
     let s = state(&FILE.replace(
         "    node: node-2\n",
@@ -138,6 +160,92 @@ fn workload_addresses_route_to_themselves_and_the_rest_passes_through() {
             .to_string(),
         "spiffe://cluster.local/ns/shop/sa/cart"
     );
+}
+
+/// Whether a connection from shop/frontend to `workload` is allowed by `state`.
+fn allowed(state: &ProxyState, workload: &str) -> bool {
+    let w = state.workload(workload).expect("workload held");
+    let fe = mesh_core::testing::spiffe("shop", "frontend");
+    let dst = crate::policy::Destination {
+        namespace: &w.namespace,
+        labels: &w.labels,
+    };
+    let conn = crate::policy::Connection {
+        src_identity: Some(&fe),
+        src_ip: "198.18.1.1".parse().unwrap(),
+        dst_ip: w.addresses[0],
+        dst_port: 5432,
+    };
+    state.policies().evaluate(&dst, &conn).allowed
+}
+
+#[test]
+fn a_root_namespace_selector_policy_applies_in_every_namespace_from_file_and_xds() {
+    use crate::state::XdsState;
+    use ambit_proto::security as sec;
+    use ambit_proto::workload as pb;
+    use mesh_core::xds::{Handler, Resource};
+    use prost::Message;
+
+    let file = r#"
+workloads:
+  - {uid: db, name: db, namespace: shop, addresses: ["198.18.1.20"], labels: {app: db}}
+  - {uid: web, name: web, namespace: shop, addresses: ["198.18.1.21"], labels: {app: web}}
+policies:
+  - {name: lock-dbs, namespace: istio-system, scope: WORKLOAD_SELECTOR, action: DENY,
+     selector: {app: db}, rules: [{}]}
+"#;
+    let local = state(file);
+    assert!(
+        !allowed(&local, "db"),
+        "file: the root selector denies shop/db"
+    );
+    assert!(allowed(&local, "web"), "file: other labels pass");
+
+    // The same through xDS, as istiod-lite translates such a policy.
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let res = |name: &str, body: Vec<u8>| Resource {
+        name: name.into(),
+        version: "1".into(),
+        body: body.into(),
+    };
+    let workloads = [("db", [198, 18, 1, 20]), ("web", [198, 18, 1, 21])]
+        .map(|(uid, ip)| {
+            let w = pb::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "shop".into(),
+                addresses: vec![ip.to_vec()],
+                labels: [("app".to_string(), uid.to_string())].into(),
+                ..Default::default()
+            };
+            res(uid, w.encode_to_vec())
+        })
+        .to_vec();
+    xds.apply(ambit_proto::WORKLOAD_TYPE_URL, workloads, vec![])
+        .unwrap();
+    let policy = sec::Authorization {
+        name: "lock-dbs".into(),
+        namespace: "istio-system".into(),
+        scope: sec::Scope::WorkloadSelector.into(),
+        action: sec::Action::Deny.into(),
+        rules: vec![sec::Rule { clauses: vec![] }],
+        selector: [("app".to_string(), "db".to_string())].into(),
+        ..Default::default()
+    };
+    xds.apply(
+        ambit_proto::AUTHORIZATION_TYPE_URL,
+        vec![res("istio-system/lock-dbs", policy.encode_to_vec())],
+        vec![],
+    )
+    .unwrap();
+    let from_xds = store.snapshot();
+    assert!(
+        !allowed(&from_xds, "db"),
+        "xDS: the root selector denies shop/db"
+    );
+    assert!(allowed(&from_xds, "web"), "xDS: other labels pass");
 }
 
 fn parse_err(text: &str) -> String {

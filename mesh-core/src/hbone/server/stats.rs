@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use crate::SpiffeId;
@@ -125,6 +125,12 @@ impl RefusalRecord {
     }
 }
 
+/// Told of each refusal the server decides itself, by kind: a failed handshake,
+/// a malformed CONNECT, a stream refused while draining, a CONNECT its handler
+/// dropped unanswered. The handler's own refusals ([`super::InboundConnect::refuse`])
+/// are not passed on: the handler counts those with its own reasons.
+pub type RefusalObserver = Box<dyn Fn(RefusalKind) + Send + Sync>;
+
 /// Counters of one server.
 #[derive(Debug, Default)]
 pub struct ServerStats {
@@ -132,6 +138,15 @@ pub struct ServerStats {
     tunnels: AtomicU64,
     refusals: AtomicU64,
     recent: Mutex<VecDeque<RefusalRecord>>,
+    observer: OnceLock<Observer>,
+}
+
+struct Observer(RefusalObserver);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefusalObserver")
+    }
 }
 
 impl ServerStats {
@@ -155,6 +170,13 @@ impl ServerStats {
         self.lock().iter().cloned().collect()
     }
 
+    /// Sets the observer of the server's own refusals (e.g. a metric); set it
+    /// before the server runs, or refusals before it are not seen. Only the
+    /// first call sets one; it returns false for later ones.
+    pub fn on_refusal(&self, observer: RefusalObserver) -> bool {
+        self.observer.set(Observer(observer)).is_ok()
+    }
+
     pub(crate) fn record_handshake(&self) {
         self.handshakes.fetch_add(1, Ordering::Relaxed);
     }
@@ -163,6 +185,15 @@ impl ServerStats {
         self.tunnels.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records a refusal the server decided itself, and tells the observer.
+    pub(crate) fn record_own_refusal(&self, record: RefusalRecord) {
+        if let Some(Observer(observe)) = self.observer.get() {
+            observe(record.kind);
+        }
+        self.record_refusal(record);
+    }
+
+    /// Records a refusal its handler decided.
     pub(crate) fn record_refusal(&self, record: RefusalRecord) {
         self.refusals.fetch_add(1, Ordering::Relaxed);
         let mut recent = self.lock();

@@ -129,6 +129,15 @@ const GLOBAL_OUTSIDE_ROOT: &str =
 const ROOT_NS_SCOPED: &str =
     "{name: root-only, namespace: istio-system, scope: NAMESPACE, action: DENY, rules: [{}]}";
 
+const ROOT_DENY_DB: &str = r#"
+{name: lock-all-dbs, namespace: istio-system, scope: WORKLOAD_SELECTOR, action: DENY,
+ selector: {app: db}, rules: [{}]}
+"#;
+const ROOT_ALLOW_DB_FE: &str = r#"
+{name: db-from-fe, namespace: istio-system, scope: WORKLOAD_SELECTOR, selector: {app: db},
+ rules: [{clauses: [{matches: [{principals: ["cluster.local/ns/shop/sa/frontend"]}]}]}]}
+"#;
+
 const ANY_PRINCIPAL: &str = r#"
 {name: any-peer, namespace: shop, scope: NAMESPACE,
  rules: [{clauses: [{matches: [{principals: ["*"]}]}]}]}
@@ -241,6 +250,13 @@ fn cases() -> Vec<Case> {
         case("global outside root is ignored", &[GLOBAL_OUTSIDE_ROOT], Allowed),
         case("root namespace scope stays in root", &[ROOT_NS_SCOPED], Allowed),
         Case { dst_ns: "istio-system", ..case("root namespace scope in root", &[ROOT_NS_SCOPED], DeniedBy("istio-system/root-only", 0)) },
+        Case { dst_labels: &[("app", "db")], ..case("root selector: applies in another namespace", &[ROOT_DENY_DB], DeniedBy("istio-system/lock-all-dbs", 0)) },
+        Case { dst_ns: "bank", dst_labels: &[("app", "db")], ..case("root selector: applies in every namespace", &[ROOT_DENY_DB], DeniedBy("istio-system/lock-all-dbs", 0)) },
+        Case { dst_ns: "istio-system", dst_labels: &[("app", "db")], ..case("root selector: applies in root", &[ROOT_DENY_DB], DeniedBy("istio-system/lock-all-dbs", 0)) },
+        Case { dst_labels: &[("app", "web")], ..case("root selector: other labels", &[ROOT_DENY_DB], Allowed) },
+        Case { dst_labels: &[("app", "db")], ..case("root selector: ALLOW enables access control", &[ROOT_ALLOW_DB_FE], AllowedBy("istio-system/db-from-fe", 0)) },
+        Case { dst_labels: &[("app", "db")], ..from(case("root selector: ALLOW elsewhere denies", &[ROOT_ALLOW_DB_FE], NoAllowMatched), "shop", "cart") },
+        Case { dst_labels: &[("app", "db")], ..case("root selector: DENY beside a local ALLOW", &[ROOT_DENY_DB, ALLOW_ALL], DeniedBy("istio-system/lock-all-dbs", 0)) },
         case("principals * matches any identity", &[ANY_PRINCIPAL], AllowedBy("shop/any-peer", 0)),
         plaintext(case("principals * never matches plaintext", &[ANY_PRINCIPAL], NoAllowMatched)),
         plaintext(case("namespaces * never matches plaintext", &[ANY_NAMESPACE], NoAllowMatched)),

@@ -94,6 +94,26 @@ fn applicable_filters_by_scope_and_selector() {
 }
 
 #[test]
+fn root_selector_policies_apply_in_every_namespace_once() {
+    let mut set = PolicySet::new("mesh-root");
+    set.insert(yaml(
+        "{name: db, namespace: mesh-root, scope: WORKLOAD_SELECTOR, selector: {app: db}}",
+    ));
+    set.insert(yaml("{name: ns, namespace: mesh-root, scope: NAMESPACE}"));
+    // Not the root here: its selector stays in its own namespace.
+    set.insert(yaml(
+        "{name: db, namespace: istio-system, scope: WORKLOAD_SELECTOR, selector: {app: db}}",
+    ));
+    let db = labels(&[("app", "db")]);
+    let keys = |ns| -> Vec<String> { set.applicable(&dst(ns, &db)).map(|p| p.key()).collect() };
+    assert_eq!(keys("shop"), ["mesh-root/db"]);
+    assert_eq!(keys("mesh-root"), ["mesh-root/db", "mesh-root/ns"]);
+    assert_eq!(keys("istio-system"), ["mesh-root/db", "istio-system/db"]);
+    let web = labels(&[("app", "web")]);
+    assert_eq!(set.applicable(&dst("shop", &web)).count(), 0);
+}
+
+#[test]
 fn admin_dump_is_sorted_json() {
     let mut set = PolicySet::default();
     set.insert(yaml(&named("shop", "b", "ALLOW")));
