@@ -231,7 +231,10 @@ impl App {
         tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "ztunnel starting");
         let ca = Arc::new(ca_client(&config)?);
         let certs = Arc::new(CertStore::new());
-        let state = Arc::new(StateStore::default());
+        let state = Arc::new(StateStore::with_root_namespace(
+            Default::default(),
+            config.root_namespace.clone(),
+        ));
         let local_state_error = Arc::new(Mutex::new(None));
         let (trigger, watcher) = drain::channel();
         let xds = match &config.xds_address {

@@ -23,6 +23,12 @@ pub struct Config {
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
+    /// The mesh's root namespace (istiod-lite's `--root-namespace`): its policies
+    /// without a selector apply to the whole mesh, those with one to matching
+    /// workloads of every namespace; the control plane's identity lives there.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system", value_parser = parse_namespace)]
+    pub root_namespace: String,
+
     /// Local state mode: YAML file of workloads, services and policies, watched.
     #[arg(long, env = "AMBIT_LOCAL_STATE")]
     pub local_state: Option<PathBuf>,
@@ -53,7 +59,7 @@ pub struct Config {
     pub ca_address: Option<String>,
 
     /// Identity the control plane must prove; default
-    /// `spiffe://<trust-domain>/ns/istio-system/sa/istiod-lite`.
+    /// `spiffe://<trust-domain>/ns/<root-namespace>/sa/istiod-lite`.
     #[arg(long, env = "AMBIT_CONTROL_PLANE_IDENTITY", value_parser = parse_spiffe_id)]
     pub control_plane_identity: Option<String>,
 
@@ -143,6 +149,13 @@ fn parse_host_port(s: &str) -> Result<String, String> {
     }
 }
 
+/// A Kubernetes namespace name, as SPIFFE identities hold it.
+fn parse_namespace(s: &str) -> Result<String, String> {
+    SpiffeId::new("cluster.local", s, "default")
+        .map(|_| s.to_string())
+        .map_err(|e| format!("not a namespace name: {e}"))
+}
+
 fn parse_spiffe_id(s: &str) -> Result<String, String> {
     SpiffeId::parse(s)
         .map(|id| id.to_string())
@@ -159,7 +172,7 @@ impl Config {
     pub fn control_plane_identity(&self) -> Result<SpiffeId, mesh_core::SpiffeIdError> {
         match &self.control_plane_identity {
             Some(id) => SpiffeId::parse(id),
-            None => SpiffeId::new(&self.trust_domain, "istio-system", "istiod-lite"),
+            None => SpiffeId::new(&self.trust_domain, &self.root_namespace, "istiod-lite"),
         }
     }
 
@@ -211,6 +224,18 @@ mod tests {
         let err = parse(&["--worker-threads", "0"]).unwrap_err().to_string();
         assert!(err.contains("--worker-threads"), "{err}");
         assert_eq!(parse(&["--worker-threads", "1"]).unwrap().worker_threads, 1);
+        let err = parse(&["--root-namespace", "Not/A/Namespace"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--root-namespace") && err.contains("not a namespace name"),
+            "{err}"
+        );
+        let mesh_root = parse(&["--root-namespace", "mesh-root"]).unwrap();
+        assert_eq!(
+            mesh_root.control_plane_identity().unwrap().to_string(),
+            "spiffe://cluster.local/ns/mesh-root/sa/istiod-lite"
+        );
     }
 
     #[test]

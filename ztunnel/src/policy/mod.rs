@@ -57,6 +57,13 @@ impl PolicySet {
         &self.root_namespace
     }
 
+    /// Takes GLOBAL and mesh-wide selector policies from `root_namespace` from now on.
+    pub fn set_root_namespace(&mut self, root_namespace: &str) {
+        if self.root_namespace != root_namespace {
+            self.root_namespace = root_namespace.to_string();
+        }
+    }
+
     /// Inserts a policy, replacing (and returning) the one with the same
     /// namespace and name.
     pub fn insert(&mut self, policy: impl Into<Arc<Authorization>>) -> Option<Arc<Authorization>> {

@@ -99,6 +99,11 @@ impl ProxyState {
         state
     }
 
+    /// Takes mesh-wide policies from `root_namespace` (see [`StateStore`]).
+    fn set_root_namespace(&mut self, root_namespace: &str) {
+        self.policies.set_root_namespace(root_namespace);
+    }
+
     /// Takes over `previous`'s round-robin turns for the services both hold, so
     /// an update (any xDS response, any file change) does not send the next
     /// connections back to each service's first endpoint. The turns of services

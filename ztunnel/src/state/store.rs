@@ -12,6 +12,8 @@ use super::ProxyState;
 pub struct StateStore {
     current: RwLock<Arc<ProxyState>>,
     version: watch::Sender<u64>,
+    /// Set on every state: the namespace whose policies apply mesh-wide.
+    root_namespace: String,
 }
 
 impl Default for StateStore {
@@ -22,9 +24,18 @@ impl Default for StateStore {
 
 impl StateStore {
     pub fn new(state: ProxyState) -> Self {
+        let root_namespace = state.policies().root_namespace().to_string();
+        Self::with_root_namespace(state, root_namespace)
+    }
+
+    /// A store whose states (this one and every replacement) take their
+    /// mesh-wide policies from `root_namespace`.
+    pub fn with_root_namespace(mut state: ProxyState, root_namespace: String) -> Self {
+        state.set_root_namespace(&root_namespace);
         Self {
             current: RwLock::new(Arc::new(state)),
             version: watch::channel(0).0,
+            root_namespace,
         }
     }
 
@@ -39,6 +50,7 @@ impl StateStore {
     /// Replaces the state; new connections see it at once. Round robin goes on
     /// where the previous state left it.
     pub fn replace(&self, mut state: ProxyState) {
+        state.set_root_namespace(&self.root_namespace);
         {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
             state.keep_round_robin(&current);

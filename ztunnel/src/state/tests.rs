@@ -337,3 +337,38 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     );
     task.await.unwrap();
 }
+
+/// `--root-namespace`: the mesh-wide policies are those of the configured root
+/// namespace, on the first state and on every replacement.
+#[test]
+fn mesh_wide_policies_come_from_the_configured_root_namespace() {
+    let deny_all_in = |ns: &str| {
+        format!(
+            "{FILE}policies:\n  - name: deny-all\n    namespace: {ns}\n    scope: GLOBAL\n    action: DENY\n    rules:\n      - clauses: []\n"
+        )
+    };
+    let allowed = |store: &StateStore| {
+        let labels = Default::default();
+        let dst = crate::policy::Destination {
+            namespace: "shop",
+            labels: &labels,
+        };
+        let conn = crate::policy::Connection {
+            src_identity: None,
+            src_ip: "198.18.9.9".parse().unwrap(),
+            dst_ip: "198.18.1.10".parse().unwrap(),
+            dst_port: 8080,
+        };
+        store.snapshot().policies().evaluate(&dst, &conn).allowed
+    };
+    let store =
+        StateStore::with_root_namespace(state(&deny_all_in("mesh-root")), "mesh-root".into());
+    assert!(!allowed(&store), "mesh-root's GLOBAL DENY applies to shop");
+    store.replace(state(&deny_all_in("istio-system")));
+    assert!(
+        allowed(&store),
+        "istio-system is not the root namespace here"
+    );
+    store.replace(state(&deny_all_in("mesh-root")));
+    assert!(!allowed(&store), "replacements keep the root namespace");
+}
