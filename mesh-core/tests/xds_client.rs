@@ -181,9 +181,19 @@ async fn acks_a_good_response_and_is_synced_after_every_type() {
     );
     assert!(!*client.synced.borrow(), "one type is still unanswered");
 
-    // An empty first response counts: the type is known to be empty.
-    stream.send(response(SERVICE_TYPE_URL, "n2", vec![], vec![]));
+    // A part of a split first sync (more to come) does not count...
+    let mut part = response(SERVICE_TYPE_URL, "n2", vec![res("s1", "1")], vec![]);
+    part.system_version_info = format!("7{}", mesh_core::xds::MORE_TO_COME);
+    stream.send(part);
     assert_eq!(stream.recv().await.response_nonce, "n2");
+    assert!(
+        !*client.synced.borrow(),
+        "the service type's sync is not over"
+    );
+    assert!(!client.status.snapshot().synced);
+    // ...its last part does (here empty: an empty first response counts too).
+    stream.send(response(SERVICE_TYPE_URL, "n3", vec![], vec![]));
+    assert_eq!(stream.recv().await.response_nonce, "n3");
     tokio::time::timeout(Duration::from_secs(5), client.synced.wait_for(|s| *s))
         .await
         .unwrap()

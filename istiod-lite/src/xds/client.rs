@@ -433,13 +433,15 @@ impl ClientState {
         let limits = self.limits;
         let ts = self.types.get_mut(type_url)?;
         let entries = store.get(type_url);
-        let (step, push_origin) = match ts.walk.as_mut() {
+        // `more_to_come`: the response is part of the type's first sync and more
+        // parts follow (the client is not synced before the last).
+        let (step, push_origin, more_to_come) = match ts.walk.as_mut() {
             Some(walk) => {
                 let step = walk.step(entries, store.released(), limits.max_response_bytes);
                 let origin = step
                     .completed_after
                     .and_then(|after| store.first_change_after(after));
-                (step, origin)
+                (step, origin, !walk.initial_sync_done())
             }
             None => {
                 let step = ts.named_step(entries, limits.max_response_bytes);
@@ -448,7 +450,7 @@ impl ClientState {
                 } else {
                     None
                 };
-                (step, origin)
+                (step, origin, !ts.dirty.is_empty())
             }
         };
         if step.is_empty() && !ts.must_respond {
@@ -483,7 +485,11 @@ impl ClientState {
         let (resources_count, removed_count) = (resources.len(), step.removed.len());
         Some(Outgoing {
             response: DeltaDiscoveryResponse {
-                system_version_info: store.generation().to_string(),
+                system_version_info: if more_to_come {
+                    format!("{}{}", store.generation(), mesh_core::xds::MORE_TO_COME)
+                } else {
+                    store.generation().to_string()
+                },
                 resources,
                 type_url: type_url.to_string(),
                 nonce,

@@ -188,10 +188,12 @@ impl XdsServer {
             tracing::info!("xDS server draining: closing client streams");
             task_core.shutdown.send_replace(true);
         });
+        // A reconnecting client lists every version it holds in one request.
         let service = AggregatedDiscoveryServiceServer::new(AdsService {
             core: core.clone(),
             authenticator,
-        });
+        })
+        .max_decoding_message_size(mesh_core::xds::MAX_MESSAGE_SIZE);
         Ok((Self { core }, service))
     }
 

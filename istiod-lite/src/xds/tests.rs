@@ -334,6 +334,29 @@ fn large_pushes_are_split_and_nonces_are_fresh() {
     nonces.dedup();
     assert_eq!(nonces.len(), 4);
     assert_eq!(c.debug(&store.read()).types[0].in_flight, 4);
+    // The first sync's parts say more follow, but its last: the client is synced
+    // only once it has everything.
+    let more: Vec<bool> = r
+        .iter()
+        .map(|r| {
+            r.system_version_info
+                .ends_with(mesh_core::xds::MORE_TO_COME)
+        })
+        .collect();
+    assert_eq!(more, [true, true, true, false]);
+    // A later push split the same way is not part of the first sync.
+    store.apply(
+        (0..10)
+            .map(|i| put(&format!("r{i}"), &"y".repeat(100)))
+            .collect(),
+    );
+    c.merge_batch(&store.take_pending().unwrap());
+    let r = drain_responses(&mut c, &store);
+    assert!(r.len() > 1);
+    assert!(r.iter().all(|r| {
+        !r.system_version_info
+            .ends_with(mesh_core::xds::MORE_TO_COME)
+    }));
 }
 
 #[test]

@@ -86,6 +86,11 @@ impl Walk {
         released.max(self.start)
     }
 
+    /// Whether the first walk through the whole log (the initial sync) is done.
+    pub(crate) fn initial_sync_done(&self) -> bool {
+        self.caught_up.is_some()
+    }
+
     /// Whether a step may have something to send.
     pub(crate) fn has_work(&self, released: u64) -> bool {
         !self.owed_removals.is_empty()

@@ -13,15 +13,12 @@ use tonic::transport::Channel;
 
 use super::backoff::{Backoff, BackoffConfig};
 use super::status::{Nack, XdsStatus};
-use super::{Handler, Node, Refusal, Resource};
+use super::{Handler, MAX_MESSAGE_SIZE, Node, Refusal, Resource};
 use crate::control::{BearerToken, ControlError, ControlPlane};
 use crate::drain::DrainWatcher;
 
 /// Requests waiting to be sent on the stream (subscriptions, ACKs, NACKs).
 const REQUEST_QUEUE: usize = 16;
-
-/// A response may carry the whole mesh (10k workloads at first sync).
-const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
 /// A NACK message longer than this is cut: the server logs and shows it.
 const MAX_NACK_MESSAGE: usize = 8 * 1024;
@@ -217,6 +214,7 @@ impl<H: Handler> XdsClient<H> {
         seen: &mut HashSet<&'static str>,
     ) -> DeltaDiscoveryRequest {
         let nonce = response.nonce;
+        let more_to_come = response.system_version_info.ends_with(super::MORE_TO_COME);
         let Some(type_url) = self.types.iter().copied().find(|t| *t == response.type_url) else {
             let message = format!("type {:?} was not subscribed", response.type_url);
             tracing::warn!(%message, %nonce, "xDS response refused");
@@ -268,7 +266,8 @@ impl<H: Handler> XdsClient<H> {
         }
         refused.extend(by_handler);
         let held_now = map.len();
-        let first = seen.insert(type_url);
+        // The first sync of the type is over at its last part.
+        let first = !more_to_come && seen.insert(type_url);
         let now = SystemTime::now();
         let reply = if refused.is_empty() {
             tracing::debug!(type_url, %nonce, resources = held_now, "xDS response ACKed");

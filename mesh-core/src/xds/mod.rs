@@ -20,6 +20,16 @@ pub use backoff::{Backoff, BackoffConfig};
 pub use client::{XdsClient, XdsError};
 pub use status::{Nack, TypeStatus, XdsSnapshot, XdsStatus};
 
+/// Ends the `system_version_info` of a response of a type's first sync that
+/// more responses of the type follow (a server splits a large first sync into
+/// responses of bounded size). A type is synced at its first response without
+/// it, so a server that never splits needs to send nothing special.
+pub const MORE_TO_COME: &str = " partial";
+
+/// The largest message either end of the stream takes: a response, or a
+/// reconnecting client's request listing every version it holds.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
 /// One resource of a response, still encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resource {

@@ -175,8 +175,8 @@ impl AdsServer {
         );
         let (stream_tx, streams) = mpsc::unbounded_channel();
         let service = AggregatedDiscoveryServiceServer::new(FakeAds { streams: stream_tx })
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024);
+            .max_decoding_message_size(super::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(super::MAX_MESSAGE_SIZE);
         let serve = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .serve_with_incoming(service, incoming)
