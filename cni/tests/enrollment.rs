@@ -203,33 +203,48 @@ async fn a_pod_ztunnel_refuses_is_rolled_back_and_the_add_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restarted_agent_with_a_state_file_still_knows_its_pods() {
-    if !have_root("a_restarted_agent_with_a_state_file_still_knows_its_pods") {
+async fn a_restarted_agent_still_knows_its_pods_and_resends_them() {
+    if !have_root("a_restarted_agent_still_knows_its_pods_and_resends_them") {
         return;
     }
-    let ns = TestNetns::new();
+    let pods: Vec<(TestNetns, String)> = (0..2)
+        .map(|i| (TestNetns::new(), format!("uid-cart-{i}")))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let args = pod_args("cart-0", "uid-cart-0");
 
-    let first = TestAgent::start_in(dir.path(), true);
+    // The default settings, with only the paths moved into the test's directory.
+    let first = TestAgent::start_in(dir.path());
     let conf = net_conf(&first.plugin_socket, "198.18.0.40");
-    success(&spawn_plugin("ADD", &ns.path(), &args, &conf).await.unwrap());
+    for (ns, uid) in &pods {
+        success(
+            &spawn_plugin("ADD", &ns.path(), &pod_args(uid, uid), &conf)
+                .await
+                .unwrap(),
+        );
+    }
     let (zt, _) = FakeZtunnel::attach(&first.zds_socket).await;
     first.stop().await;
     zt.expect_closed().await;
-    assert_redirected(&ns);
+    for (ns, _) in &pods {
+        assert_redirected(ns);
+    }
 
-    let second = TestAgent::start_in(dir.path(), true);
+    let second = TestAgent::start_in(dir.path());
     let (zt, snapshot) = FakeZtunnel::attach(&second.zds_socket).await;
-    let got: Vec<(String, u64)> = snapshot
+    let got: BTreeMap<String, u64> = snapshot
         .into_iter()
         .map(|(uid, fd)| (uid, NetNs::from_fd(fd).inode().unwrap()))
         .collect();
-    assert_eq!(got, [("uid-cart-0".to_owned(), ns.inode())]);
+    let want: BTreeMap<String, u64> = pods
+        .iter()
+        .map(|(ns, uid)| (uid.clone(), ns.inode()))
+        .collect();
+    assert_eq!(got, want, "the restarted agent must re-send every pod");
 
-    let plugin = spawn_plugin("DEL", &ns.path(), &args, &conf);
+    let (ns, uid) = &pods[0];
+    let plugin = spawn_plugin("DEL", &ns.path(), &pod_args(uid, uid), &conf);
     assert!(matches!(zt.recv().await, (Payload::Del(_), None)));
     zt.ack("").await;
     success(&plugin.await.unwrap());
-    assert_not_redirected(&ns);
+    assert_not_redirected(ns);
 }

@@ -10,6 +10,9 @@ use crate::redirect::{Mark, RedirectConfig, RedirectTools};
 /// Default path of the zds socket ztunnel connects to.
 pub const DEFAULT_ZDS_SOCKET: &str = "/var/run/ambit/ztunnel.sock";
 
+/// Default path of the file the enrolled pods are saved to.
+pub const DEFAULT_STATE_FILE: &str = "/var/run/ambit/cni-pods.json";
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentConfig {
     /// Unix stream socket the CNI plugin sends pod events to.
@@ -21,9 +24,10 @@ pub struct AgentConfig {
     pub zds_socket: PathBuf,
 
     /// File the enrolled pods are saved to, so a restarted agent still knows them
-    /// (unset: memory only, and a restart forgets every pod).
-    #[arg(long, env = "AMBIT_CNI_STATE_FILE")]
-    pub state_file: Option<PathBuf>,
+    /// and re-sends them to ztunnel (one file per agent; an unreadable or corrupt
+    /// file stops the agent from starting).
+    #[arg(long, env = "AMBIT_CNI_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 
     /// Packet mark ztunnel sets on its own sockets (never redirected).
     #[arg(long, env = "AMBIT_PROXY_MARK", default_value_t = Mark(0x539))]
@@ -79,14 +83,19 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// The defaults, with the two sockets at the given paths (tests, embedding).
-    pub fn new(plugin_socket: impl Into<PathBuf>, zds_socket: impl Into<PathBuf>) -> Self {
+    /// The defaults, with the two sockets and the state file at the given paths
+    /// (tests, embedding).
+    pub fn new(
+        plugin_socket: impl Into<PathBuf>,
+        zds_socket: impl Into<PathBuf>,
+        state_file: impl Into<PathBuf>,
+    ) -> Self {
         let d = RedirectConfig::default();
         let t = RedirectTools::default();
         Self {
             plugin_socket: plugin_socket.into(),
             zds_socket: zds_socket.into(),
-            state_file: None,
+            state_file: state_file.into(),
             proxy_mark: d.proxy_mark,
             conn_mark: d.conn_mark,
             mark_mask: d.mark_mask,
@@ -158,6 +167,14 @@ impl AgentConfig {
                 self.plugin_socket == self.zds_socket,
                 "--plugin-socket and --zds-socket must differ",
             ),
+            (
+                self.state_file.as_os_str().is_empty(),
+                "--state-file must not be empty",
+            ),
+            (
+                self.state_file == self.plugin_socket || self.state_file == self.zds_socket,
+                "--state-file must differ from both sockets",
+            ),
         ];
         match checks.into_iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(msg.to_owned()),
@@ -180,8 +197,10 @@ mod tests {
     #[test]
     fn flag_defaults_match_the_programmatic_defaults() {
         let parsed = Cli::parse_from(["agent"]).agent;
-        let built = AgentConfig::new(DEFAULT_AGENT_SOCKET, DEFAULT_ZDS_SOCKET);
+        let built = AgentConfig::new(DEFAULT_AGENT_SOCKET, DEFAULT_ZDS_SOCKET, DEFAULT_STATE_FILE);
         assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+        // Persistence is on by default: a restarted agent must not forget its pods.
+        assert_eq!(parsed.state_file, PathBuf::from(DEFAULT_STATE_FILE));
         assert_eq!(built.redirect(), RedirectConfig::default());
         assert!(built.validate().is_ok());
     }
@@ -201,6 +220,9 @@ mod tests {
         let mut bad = cfg.clone();
         bad.conn_mark = Mark(0x42);
         assert!(bad.validate().unwrap_err().contains("--conn-mark"));
+        let mut bad = cfg.clone();
+        bad.state_file = cfg.zds_socket.clone();
+        assert!(bad.validate().unwrap_err().contains("--state-file"));
         assert!(Cli::try_parse_from(["agent", "--proxy-mark", "zz"]).is_err());
     }
 }

@@ -86,20 +86,21 @@ pub(crate) struct Enroller {
     redirector: Redirector,
     /// Inode of the agent's own network namespace, never to be redirected.
     own_netns: u64,
-    store: Option<PodStore>,
+    store: PodStore,
 }
 
 impl Enroller {
-    /// An enroller knowing the pods saved in `store`, if any.
-    pub(crate) fn new(redirector: Redirector, own_netns: u64, store: Option<PodStore>) -> Self {
-        let pods: BTreeMap<String, EnrolledPod> = store
-            .iter()
-            .flat_map(|s| s.load(own_netns))
+    /// An enroller knowing the pods `saved` in `store`.
+    pub(crate) fn new(
+        redirector: Redirector,
+        own_netns: u64,
+        store: PodStore,
+        saved: Vec<(Pod, NetNs)>,
+    ) -> Self {
+        let pods = saved
+            .into_iter()
             .map(|(pod, netns)| (pod.uid.clone(), EnrolledPod { pod, netns }))
             .collect();
-        if let Some(store) = &store {
-            tracing::info!(pods = pods.len(), path = %store.path().display(), "loaded saved pods");
-        }
         Self {
             state: Mutex::new(State {
                 pods,
@@ -114,12 +115,9 @@ impl Enroller {
     /// Saves the pods after a change. A failure is logged: the pods stay served,
     /// only a restart would forget them.
     async fn persist(&self, state: &State) {
-        let Some(store) = &self.store else {
-            return;
-        };
         let pods = state.pods.values().map(|p| (&p.pod, &p.netns));
-        if let Err(e) = store.save(pods).await {
-            tracing::error!(path = %store.path().display(), "cannot save the pods: {e}");
+        if let Err(e) = self.store.save(pods).await {
+            tracing::error!(path = %self.store.path().display(), "cannot save the pods: {e}");
         }
     }
 

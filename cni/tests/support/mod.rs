@@ -92,23 +92,36 @@ pub struct TestAgent {
 impl TestAgent {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut agent = Self::start_in(dir.path(), false);
+        let mut agent = Self::start_in(dir.path());
         agent._dir = Some(dir);
         agent
     }
 
-    /// An agent with its sockets (and, if `keep_state`, its pod state file) in
-    /// `dir`, which the caller keeps.
-    pub fn start_in(dir: &Path, keep_state: bool) -> Self {
+    /// An agent with its sockets and its pod state file in `dir`, which the caller
+    /// keeps (so a second agent started in it is a restart).
+    pub fn start_in(dir: &Path) -> Self {
+        Self::start_with(Self::config_in(dir))
+    }
+
+    /// The test agents' config: everything in `dir`, otherwise the defaults.
+    pub fn config_in(dir: &Path) -> AgentConfig {
+        let mut config = AgentConfig::new(
+            dir.join("cni-agent.sock"),
+            dir.join("ztunnel.sock"),
+            dir.join("state/pods.json"),
+        );
+        config.ack_timeout_ms = 10_000;
+        config
+    }
+
+    /// An agent with `config`, whose files the caller keeps.
+    pub fn start_with(config: AgentConfig) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("ambit_cni=debug")
             .with_test_writer()
             .try_init();
-        let plugin_socket = dir.join("cni-agent.sock");
-        let zds_socket = dir.join("ztunnel.sock");
-        let mut config = AgentConfig::new(&plugin_socket, &zds_socket);
-        config.ack_timeout_ms = 10_000;
-        config.state_file = keep_state.then(|| dir.join("state/pods.json"));
+        let plugin_socket = config.plugin_socket.clone();
+        let zds_socket = config.zds_socket.clone();
         let agent = Agent::bind(config).unwrap();
         let (trigger, watcher) = mesh_core::drain::channel();
         let task = tokio::spawn(agent.run(watcher));
