@@ -248,3 +248,59 @@ async fn a_restarted_agent_still_knows_its_pods_and_resends_them() {
     success(&plugin.await.unwrap());
     assert_not_redirected(ns);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_del_of_a_replaced_sandbox_leaves_the_new_one_alone() {
+    if !have_root("a_late_del_of_a_replaced_sandbox_leaves_the_new_one_alone") {
+        return;
+    }
+    let (ns_a, ns_b) = (TestNetns::new(), TestNetns::new());
+    let agent = TestAgent::start();
+    let (zt, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.50");
+    let args = pod_args("api-0", "uid-api-0");
+
+    // Sandbox A, then sandbox B of the same pod replaces it.
+    let plugin = spawn_plugin_for("sandbox-a", "ADD", &ns_a.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+    let plugin = spawn_plugin_for("sandbox-b", "ADD", &ns_b.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Del(_), None)));
+    zt.ack("").await;
+    let (msg, fd) = zt.recv().await;
+    assert!(matches!(msg, Payload::Add(_)), "{msg:?}");
+    assert_eq!(NetNs::from_fd(fd.unwrap()).inode().unwrap(), ns_b.inode());
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+
+    // The runtime's late DEL of sandbox A, with its namespace, and once more
+    // without it: both succeed and leave B enrolled. Nothing is acked meanwhile,
+    // so a Del sent to ztunnel would hold the DEL until the ack timeout.
+    for netns in [ns_a.path(), std::path::PathBuf::new()] {
+        success(
+            &spawn_plugin_for("sandbox-a", "DEL", &netns, &args, &conf)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_redirected(&ns_b);
+    success(
+        &spawn_plugin_for("sandbox-b", "CHECK", &ns_b.path(), &args, &conf)
+            .await
+            .unwrap(),
+    );
+    // ztunnel's next message is for another pod: it never heard a Del for this one.
+    let other = TestNetns::new();
+    let plugin = spawn_plugin("ADD", &other.path(), &pod_args("x", "uid-x"), &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(a), Some(_)) if a.uid == "uid-x"));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+
+    // B's own DEL removes it.
+    let plugin = spawn_plugin_for("sandbox-b", "DEL", &ns_b.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Del(d), None) if d.uid == "uid-api-0"));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+    assert_not_redirected(&ns_b);
+}

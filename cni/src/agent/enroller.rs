@@ -125,7 +125,14 @@ impl Enroller {
     pub(crate) async fn handle(&self, request: AgentRequest) -> AgentReply {
         let result = match request {
             AgentRequest::Add { pod } => self.add(pod).await,
-            AgentRequest::Del { uid, netns } => self.del(&uid, netns.as_deref()).await,
+            AgentRequest::Del {
+                uid,
+                container_id,
+                netns,
+            } => {
+                self.del(&uid, container_id.as_deref(), netns.as_deref())
+                    .await
+            }
             AgentRequest::Check { uid } => self.check(&uid).await.map(|()| None),
             AgentRequest::List => {
                 let state = self.state.lock().await;
@@ -183,16 +190,28 @@ impl Enroller {
         }
     }
 
-    async fn del(&self, uid: &str, netns: Option<&Path>) -> Result<Option<String>, EnrollError> {
+    async fn del(
+        &self,
+        uid: &str,
+        container_id: Option<&str>,
+        netns: Option<&Path>,
+    ) -> Result<Option<String>, EnrollError> {
         let mut state = self.state.lock().await;
-        if let Some(old) = state.pods.remove(uid) {
+        let stale = state
+            .pods
+            .get(uid)
+            .and_then(|enrolled| stale_del(enrolled, container_id, netns));
+        if let Some(why) = &stale {
+            tracing::info!(%uid, "DEL of another sandbox than the enrolled one, ignored: {why}");
+        } else if let Some(old) = state.pods.remove(uid) {
             self.persist(&state).await;
             self.retire(&mut state, old).await;
             tracing::info!(%uid, "pod removed");
             return Ok(None);
         }
-        // Unknown (never enrolled, opted out, or enrolled before an agent restart):
-        // clean what may be left in its namespace, unless another pod owns it.
+        // Unknown (never enrolled, opted out, enrolled before an agent restart, or
+        // a sandbox since replaced): clean what may be left in its namespace, unless
+        // a pod owns it.
         if let Some(ns) = netns.and_then(|p| self.open_pod_netns(p).ok()) {
             let inode = ns.inode().ok();
             let shared = state.pods.values().any(|p| p.netns.inode().ok() == inode);
@@ -200,7 +219,10 @@ impl Enroller {
                 tracing::debug!("cleanup of unknown pod: {e}");
             }
         }
-        Ok(Some(format!("pod {uid} was not enrolled")))
+        Ok(Some(match stale {
+            Some(why) => format!("pod {uid}: {why}; the enrolled sandbox is left alone"),
+            None => format!("pod {uid} was not enrolled"),
+        }))
     }
 
     async fn check(&self, uid: &str) -> Result<(), EnrollError> {
@@ -315,6 +337,36 @@ impl Enroller {
             });
         }
         Ok(netns)
+    }
+}
+
+/// Why a DEL names another sandbox than the enrolled one (a late or repeated DEL
+/// of a sandbox the pod's newer one replaced), or `None` when it is this one. What
+/// the DEL does not say (an older plugin; a namespace already gone) is no evidence.
+fn stale_del(
+    enrolled: &EnrolledPod,
+    container_id: Option<&str>,
+    netns: Option<&Path>,
+) -> Option<String> {
+    if let Some(id) = container_id
+        && id != enrolled.pod.container_id
+    {
+        return Some(format!(
+            "the DEL is for sandbox {id}, the enrolled one is {}",
+            enrolled.pod.container_id
+        ));
+    }
+    let named = netns.and_then(|p| NetNs::open(p).ok()?.inode().ok());
+    let enrolled_inode = enrolled.netns.inode().ok();
+    match (named, enrolled_inode) {
+        (Some(named), Some(ours)) if named != ours => Some(format!(
+            "the DEL's network namespace {} is not the enrolled one",
+            netns
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        )),
+        _ => None,
     }
 }
 

@@ -113,6 +113,7 @@ fn del(env: &CniEnv, client: &AgentClient) -> String {
     let uid = uid_of(env);
     let request = AgentRequest::Del {
         uid: uid.clone(),
+        container_id: Some(env.container_id.clone()),
         netns: env.netns.clone(),
     };
     match client.request(&request) {

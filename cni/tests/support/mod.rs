@@ -226,10 +226,21 @@ pub fn net_conf(agent_socket: &Path, ip: &str) -> String {
 
 /// Runs the plugin binary with the runtime's environment and `stdin`.
 pub fn run_plugin(command: &str, netns: &Path, cni_args: &str, stdin: &str) -> Output {
+    run_plugin_for("c0ffee", command, netns, cni_args, stdin)
+}
+
+/// [`run_plugin`] for the sandbox (`CNI_CONTAINERID`) `sandbox`.
+pub fn run_plugin_for(
+    sandbox: &str,
+    command: &str,
+    netns: &Path,
+    cni_args: &str,
+    stdin: &str,
+) -> Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_ambit-cni"))
         .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "c0ffee")
+        .env("CNI_CONTAINERID", sandbox)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_ARGS", cni_args)
@@ -256,13 +267,27 @@ pub fn spawn_plugin(
     cni_args: &str,
     stdin: &str,
 ) -> tokio::task::JoinHandle<Output> {
-    let (command, netns, cni_args, stdin) = (
+    spawn_plugin_for("c0ffee", command, netns, cni_args, stdin)
+}
+
+/// [`run_plugin_for`] on a blocking thread.
+pub fn spawn_plugin_for(
+    sandbox: &str,
+    command: &str,
+    netns: &Path,
+    cni_args: &str,
+    stdin: &str,
+) -> tokio::task::JoinHandle<Output> {
+    let (sandbox, command, netns, cni_args, stdin) = (
+        sandbox.to_owned(),
         command.to_owned(),
         netns.to_owned(),
         cni_args.to_owned(),
         stdin.to_owned(),
     );
-    tokio::task::spawn_blocking(move || run_plugin(&command, &netns, &cni_args, &stdin))
+    tokio::task::spawn_blocking(move || {
+        run_plugin_for(&sandbox, &command, &netns, &cni_args, &stdin)
+    })
 }
 
 pub fn pod_args(name: &str, uid: &str) -> String {
