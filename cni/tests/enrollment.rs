@@ -304,3 +304,65 @@ async fn a_late_del_of_a_replaced_sandbox_leaves_the_new_one_alone() {
     success(&plugin.await.unwrap());
     assert_not_redirected(&ns_b);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_tool_fails_its_own_add_in_time_and_holds_up_no_other_pod() {
+    if !have_root("a_hung_tool_fails_its_own_add_in_time_and_holds_up_no_other_pod") {
+        return;
+    }
+    let (fast, slow) = (TestNetns::new(), TestNetns::new());
+    let dir = tempfile::tempdir().unwrap();
+    // iptables-save that hangs in the slow pod's namespace only, saying so first.
+    let hung = dir.path().join("hung");
+    let script = dir.path().join("iptables-save");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$(readlink /proc/self/ns/net)\" = \"net:[{}]\" ]; then\n  : > {}\n  exec sleep 60\nfi\nexec iptables-save \"$@\"\n",
+            slow.inode(),
+            hung.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut config = TestAgent::config_in(dir.path());
+    config.iptables_save = script;
+    config.tool_timeout_ms = 3000;
+    let agent = TestAgent::start_with(config);
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.60");
+    let fast_args = pod_args("fast", "uid-fast");
+    success(
+        &spawn_plugin("ADD", &fast.path(), &fast_args, &conf)
+            .await
+            .unwrap(),
+    );
+
+    let started = std::time::Instant::now();
+    let slow_add = spawn_plugin("ADD", &slow.path(), &pod_args("slow", "uid-slow"), &conf);
+    wait_until("the tool hangs", || hung.exists()).await;
+    // While the slow pod's tool hangs, another pod's DEL goes through.
+    success(
+        &spawn_plugin("DEL", &fast.path(), &fast_args, &conf)
+            .await
+            .unwrap(),
+    );
+    assert!(!slow_add.is_finished(), "the DEL waited for the hung tool");
+    assert_not_redirected(&fast);
+
+    let out = slow_add.await.unwrap();
+    // The install and its clean-up each hit the deadline once: well before the
+    // hung tool's 60 s.
+    assert!(
+        started.elapsed() < EVENT_TIMEOUT,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("iptables-save") && msg.contains("did not finish within 3s"),
+        "{err}"
+    );
+    assert!(!slow.exec(&["iptables-save"]).contains("AMBIT"));
+}

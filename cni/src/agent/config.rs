@@ -65,6 +65,11 @@ pub struct AgentConfig {
     #[arg(long, env = "AMBIT_IP", default_value = "ip")]
     pub ip: PathBuf,
 
+    /// How long one run of iptables-restore, iptables-save or ip may take before
+    /// it is killed and the plugin request fails (ms).
+    #[arg(long, env = "AMBIT_TOOL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub tool_timeout_ms: u64,
+
     /// How long ztunnel has to ack a message before its connection is dropped (ms).
     #[arg(long, env = "AMBIT_ZDS_ACK_TIMEOUT_MS", default_value_t = 5000)]
     pub ack_timeout_ms: u64,
@@ -104,6 +109,7 @@ impl AgentConfig {
             iptables_restore: t.iptables_restore,
             iptables_save: t.iptables_save,
             ip: t.ip,
+            tool_timeout_ms: t.timeout.as_millis().try_into().unwrap_or(u64::MAX),
             ack_timeout_ms: 5000,
             hello_timeout_ms: 5000,
             plugin_io_timeout_ms: 5000,
@@ -127,6 +133,7 @@ impl AgentConfig {
             iptables_restore: self.iptables_restore.clone(),
             iptables_save: self.iptables_save.clone(),
             ip: self.ip.clone(),
+            timeout: Duration::from_millis(self.tool_timeout_ms),
         }
     }
 
@@ -146,6 +153,10 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
             (self.ack_timeout_ms == 0, "--ack-timeout-ms must be over 0"),
+            (
+                self.tool_timeout_ms == 0,
+                "--tool-timeout-ms must be over 0",
+            ),
             (
                 self.hello_timeout_ms == 0,
                 "--hello-timeout-ms must be over 0",
@@ -202,6 +213,7 @@ mod tests {
         // Persistence is on by default: a restarted agent must not forget its pods.
         assert_eq!(parsed.state_file, PathBuf::from(DEFAULT_STATE_FILE));
         assert_eq!(built.redirect(), RedirectConfig::default());
+        assert_eq!(built.tools(), RedirectTools::default());
         assert!(built.validate().is_ok());
     }
 

@@ -1,8 +1,11 @@
 //! The agent's pods and what happens to them: enroll (redirect, then hand to
 //! ztunnel), un-enroll (tell ztunnel, then un-redirect), check, and the snapshot a
-//! (re)connecting ztunnel gets. One lock orders everything, so a pod is either in a
-//! ztunnel's snapshot or sent to it afterwards, never lost in between; every wait
-//! under it is bounded (tool runs, ztunnel's ack timeout).
+//! (re)connecting ztunnel gets. A lock per pod orders the requests for that pod,
+//! and the tools run under it alone, so a slow or hung tool (killed at its
+//! deadline) holds up only its own pod. The lock of the pod table orders what
+//! ztunnel hears, so a pod is either in a ztunnel's snapshot or sent to it
+//! afterwards, never lost in between; the only wait under it is for ztunnel's ack,
+//! bounded by the ack timeout.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::path::{Path, PathBuf};
 use mesh_core::os::NetNs;
 use tokio::sync::Mutex;
 
+use super::pod_locks::PodLocks;
 use super::pod_store::PodStore;
 use super::ztunnel_conn::{ExchangeError, ZdsConnection, ZtunnelHandle};
 use crate::api::{AgentReply, AgentRequest, FailureKind, Pod};
@@ -82,6 +86,8 @@ enum Delivery {
 
 #[derive(Debug)]
 pub(crate) struct Enroller {
+    /// Taken before `state` (never the other way), for a whole request.
+    pod_locks: PodLocks,
     state: Mutex<State>,
     redirector: Redirector,
     /// Inode of the agent's own network namespace, never to be redirected.
@@ -102,6 +108,7 @@ impl Enroller {
             .map(|(pod, netns)| (pod.uid.clone(), EnrolledPod { pod, netns }))
             .collect();
         Self {
+            pod_locks: PodLocks::default(),
             state: Mutex::new(State {
                 pods,
                 ztunnel: None,
@@ -158,16 +165,24 @@ impl Enroller {
         }
         let netns = self.open_pod_netns(&pod.netns)?;
         let uid = pod.uid.clone();
-        let mut state = self.state.lock().await;
-        if let Some(old) = state.pods.remove(&uid) {
+        let _pod_lock = self.pod_locks.lock(&uid).await;
+        let old = {
+            let mut state = self.state.lock().await;
+            let old = state.pods.remove(&uid);
+            if old.is_some() {
+                self.persist(&state).await;
+            }
+            old
+        };
+        if let Some(old) = old {
             tracing::info!(%uid, "pod added again: replacing its earlier enrollment");
-            self.persist(&state).await;
-            self.retire(&mut state, old).await;
+            self.retire(old).await;
         }
         self.redirect(&uid, &netns, Redirector::install).await?;
         let msg = zds::encode_add(&pod);
         let attached = clone_netns(&netns)?;
         tracing::info!(%uid, name = %pod.name, namespace = %pod.namespace, ips = ?pod.ips, "pod redirected");
+        let mut state = self.state.lock().await;
         state.pods.insert(uid.clone(), EnrolledPod { pod, netns });
         self.persist(&state).await;
         match self.tell_ztunnel(&mut state, msg, Some(attached)).await {
@@ -179,11 +194,13 @@ impl Enroller {
                 "ztunnel connection dropped ({reason}); the pod is sent when it reconnects"
             ))),
             Delivery::Refused(reason) => {
-                if let Some(gone) = state.pods.remove(&uid) {
-                    self.persist(&state).await;
-                    if let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await {
-                        tracing::warn!("{e}");
-                    }
+                let gone = state.pods.remove(&uid);
+                self.persist(&state).await;
+                drop(state);
+                if let Some(gone) = gone
+                    && let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await
+                {
+                    tracing::warn!("{e}");
                 }
                 Err(EnrollError::Refused { uid, reason })
             }
@@ -196,6 +213,7 @@ impl Enroller {
         container_id: Option<&str>,
         netns: Option<&Path>,
     ) -> Result<Option<String>, EnrollError> {
+        let _pod_lock = self.pod_locks.lock(uid).await;
         let mut state = self.state.lock().await;
         let stale = state
             .pods
@@ -205,19 +223,25 @@ impl Enroller {
             tracing::info!(%uid, "DEL of another sandbox than the enrolled one, ignored: {why}");
         } else if let Some(old) = state.pods.remove(uid) {
             self.persist(&state).await;
-            self.retire(&mut state, old).await;
+            drop(state);
+            self.retire(old).await;
             tracing::info!(%uid, "pod removed");
             return Ok(None);
         }
         // Unknown (never enrolled, opted out, enrolled before an agent restart, or
         // a sandbox since replaced): clean what may be left in its namespace, unless
         // a pod owns it.
-        if let Some(ns) = netns.and_then(|p| self.open_pod_netns(p).ok()) {
-            let inode = ns.inode().ok();
-            let shared = state.pods.values().any(|p| p.netns.inode().ok() == inode);
-            if !shared && let Err(e) = self.redirect(uid, &ns, Redirector::remove).await {
-                tracing::debug!("cleanup of unknown pod: {e}");
-            }
+        let unowned = netns
+            .and_then(|p| self.open_pod_netns(p).ok())
+            .filter(|ns| {
+                let inode = ns.inode().ok();
+                !state.pods.values().any(|p| p.netns.inode().ok() == inode)
+            });
+        drop(state);
+        if let Some(ns) = unowned
+            && let Err(e) = self.redirect(uid, &ns, Redirector::remove).await
+        {
+            tracing::debug!("cleanup of unknown pod: {e}");
         }
         Ok(Some(match stale {
             Some(why) => format!("pod {uid}: {why}; the enrolled sandbox is left alone"),
@@ -226,14 +250,15 @@ impl Enroller {
     }
 
     async fn check(&self, uid: &str) -> Result<(), EnrollError> {
-        let state = self.state.lock().await;
-        let pod = state.pods.get(uid).ok_or_else(|| EnrollError::UnknownPod {
-            uid: uid.to_owned(),
-        })?;
-        if self
-            .redirect(uid, &pod.netns, Redirector::is_installed)
-            .await?
-        {
+        let _pod_lock = self.pod_locks.lock(uid).await;
+        let netns = {
+            let state = self.state.lock().await;
+            let pod = state.pods.get(uid).ok_or_else(|| EnrollError::UnknownPod {
+                uid: uid.to_owned(),
+            })?;
+            clone_netns(&pod.netns)?
+        };
+        if self.redirect(uid, &netns, Redirector::is_installed).await? {
             Ok(())
         } else {
             Err(EnrollError::RulesMissing {
@@ -275,12 +300,16 @@ impl Enroller {
         Ok(state.pods.len())
     }
 
-    /// Tells ztunnel the pod is gone, then removes its redirection.
-    async fn retire(&self, state: &mut State, old: EnrolledPod) {
+    /// Tells ztunnel the pod (already out of the table) is gone, then removes its
+    /// redirection. Called with the pod's lock held and the table's lock free.
+    async fn retire(&self, old: EnrolledPod) {
         let uid = old.pod.uid.as_str();
-        if let Delivery::Refused(reason) =
-            self.tell_ztunnel(state, zds::encode_del(uid), None).await
-        {
+        let mut state = self.state.lock().await;
+        let delivery = self
+            .tell_ztunnel(&mut state, zds::encode_del(uid), None)
+            .await;
+        drop(state);
+        if let Delivery::Refused(reason) = delivery {
             tracing::warn!(%uid, "ztunnel refused the removal: {reason}");
         }
         if let Err(e) = self.redirect(uid, &old.netns, Redirector::remove).await {

@@ -6,6 +6,7 @@
 mod config;
 mod enroller;
 mod plugin_server;
+mod pod_locks;
 mod pod_store;
 mod ztunnel_conn;
 

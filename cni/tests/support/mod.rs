@@ -31,6 +31,18 @@ pub fn have_root(test: &str) -> bool {
     false
 }
 
+/// Waits until `done` holds, checking every 10 ms; fails after [`EVENT_TIMEOUT`].
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {EVENT_TIMEOUT:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A network namespace of the test's own, deleted on drop (even on panic).
 pub struct TestNetns {
     pub name: String,
