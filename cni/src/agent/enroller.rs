@@ -163,6 +163,12 @@ impl Enroller {
                 "a pod needs a uid and a netns".into(),
             ));
         }
+        if let Some(v6) = pod.ips.iter().find(|ip| ip.is_ipv6()) {
+            return Err(EnrollError::BadRequest(format!(
+                "IPv6 is not supported yet: pod {} has {v6}, whose traffic would bypass the mesh",
+                pod.uid
+            )));
+        }
         let netns = self.open_pod_netns(&pod.netns)?;
         let uid = pod.uid.clone();
         let _pod_lock = self.pod_locks.lock(&uid).await;
