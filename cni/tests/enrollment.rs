@@ -366,3 +366,56 @@ async fn a_hung_tool_fails_its_own_add_in_time_and_holds_up_no_other_pod() {
     );
     assert!(!slow.exec(&["iptables-save"]).contains("AMBIT"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_ztunnel_refuses_in_a_snapshot_fails_check_until_a_retry_is_taken() {
+    if !have_root("a_pod_ztunnel_refuses_in_a_snapshot_fails_check_until_a_retry_is_taken") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TestAgent::config_in(dir.path());
+    // Long enough for the CHECKs below to run before the first retry.
+    config.zds_retry_ms = 3000;
+    let agent = TestAgent::start_with(config);
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.70");
+    let args = pod_args("cart-0", "uid-cart-0");
+    let check = || async {
+        spawn_plugin("CHECK", &ns.path(), &args, &conf)
+            .await
+            .unwrap()
+    };
+    let failure = |out: std::process::Output| -> String {
+        assert!(!out.status.success(), "CHECK passed");
+        let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(err["code"], 11, "{err}");
+        err["msg"].as_str().unwrap().to_owned()
+    };
+
+    // Enrolled with no ztunnel: redirected, but nobody serves it yet.
+    success(&spawn_plugin("ADD", &ns.path(), &args, &conf).await.unwrap());
+    assert!(failure(check().await).contains("not acked"));
+
+    // ztunnel refuses it in its snapshot.
+    let zt = FakeZtunnel::connect(&agent.zds_socket).await;
+    zt.send_raw(&ambit_cni::zds::encode_hello(1)).await;
+    assert!(matches!(zt.recv().await, (Payload::Add(a), Some(_)) if a.uid == "uid-cart-0"));
+    zt.ack("no certificate for shop/web yet").await;
+    assert!(matches!(zt.recv().await, (Payload::SnapshotSent(_), None)));
+    zt.ack("").await;
+    let msg = failure(check().await);
+    assert!(msg.contains("no certificate for shop/web yet"), "{msg}");
+    // Fail closed: the pod stays redirected meanwhile.
+    assert_redirected(&ns);
+
+    // The agent offers it again (refused once more, then taken).
+    let (msg, fd) = zt.recv().await;
+    assert!(matches!(msg, Payload::Add(a) if a.uid == "uid-cart-0"));
+    assert_eq!(NetNs::from_fd(fd.unwrap()).inode().unwrap(), ns.inode());
+    zt.ack("still no certificate").await;
+    assert!(failure(check().await).contains("still no certificate"));
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
+    zt.ack("").await;
+    // The ack is taken under the agent's lock, which CHECK waits for.
+    success(&check().await);
+}

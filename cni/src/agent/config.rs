@@ -74,6 +74,11 @@ pub struct AgentConfig {
     #[arg(long, env = "AMBIT_ZDS_ACK_TIMEOUT_MS", default_value_t = 5000)]
     pub ack_timeout_ms: u64,
 
+    /// First delay before a pod ztunnel refused is offered to it again (ms); it
+    /// doubles with each refusal, up to 60 s.
+    #[arg(long, env = "AMBIT_ZDS_RETRY_MS", default_value_t = 1000)]
+    pub zds_retry_ms: u64,
+
     /// How long a new ztunnel connection has to say hello (ms).
     #[arg(long, env = "AMBIT_ZDS_HELLO_TIMEOUT_MS", default_value_t = 5000)]
     pub hello_timeout_ms: u64,
@@ -111,6 +116,7 @@ impl AgentConfig {
             ip: t.ip,
             tool_timeout_ms: t.timeout.as_millis().try_into().unwrap_or(u64::MAX),
             ack_timeout_ms: 5000,
+            zds_retry_ms: 1000,
             hello_timeout_ms: 5000,
             plugin_io_timeout_ms: 5000,
             max_plugin_connections: 32,
@@ -139,6 +145,10 @@ impl AgentConfig {
 
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
+    }
+
+    pub fn zds_retry(&self) -> Duration {
+        Duration::from_millis(self.zds_retry_ms)
     }
 
     pub fn hello_timeout(&self) -> Duration {

@@ -9,10 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use mesh_core::drain::DrainWatcher;
 use mesh_core::os::NetNs;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
 
+use super::handoff::Handoff;
 use super::pod_locks::PodLocks;
 use super::pod_store::PodStore;
 use super::ztunnel_conn::{ExchangeError, ZdsConnection, ZtunnelHandle};
@@ -45,6 +49,8 @@ pub(crate) enum EnrollError {
     UnknownPod { uid: String },
     #[error("pod {uid} is enrolled but its redirection is incomplete")]
     RulesMissing { uid: String },
+    #[error("pod {uid} is redirected but not served: {why}")]
+    NotServed { uid: String, why: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -55,7 +61,7 @@ impl EnrollError {
             Self::BadRequest(_) => FailureKind::BadRequest,
             Self::Netns { .. } | Self::HostNetns { .. } => FailureKind::Netns,
             Self::Rules { .. } | Self::RulesMissing { .. } => FailureKind::Rules,
-            Self::Refused { .. } => FailureKind::Ztunnel,
+            Self::Refused { .. } | Self::NotServed { .. } => FailureKind::Ztunnel,
             Self::UnknownPod { .. } => FailureKind::UnknownPod,
             Self::Internal(_) => FailureKind::Internal,
         }
@@ -67,6 +73,7 @@ impl EnrollError {
 struct EnrolledPod {
     pod: Pod,
     netns: NetNs,
+    handoff: Handoff,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +100,10 @@ pub(crate) struct Enroller {
     /// Inode of the agent's own network namespace, never to be redirected.
     own_netns: u64,
     store: PodStore,
+    /// First delay before a refused pod is offered to ztunnel again.
+    retry_first: Duration,
+    /// Wakes the re-offer task when a pod is refused.
+    refused: Notify,
 }
 
 impl Enroller {
@@ -102,10 +113,21 @@ impl Enroller {
         own_netns: u64,
         store: PodStore,
         saved: Vec<(Pod, NetNs)>,
+        retry_first: Duration,
     ) -> Self {
         let pods = saved
             .into_iter()
-            .map(|(pod, netns)| (pod.uid.clone(), EnrolledPod { pod, netns }))
+            .map(|(pod, netns)| {
+                let handoff = Handoff::Waiting;
+                (
+                    pod.uid.clone(),
+                    EnrolledPod {
+                        pod,
+                        netns,
+                        handoff,
+                    },
+                )
+            })
             .collect();
         Self {
             pod_locks: PodLocks::default(),
@@ -116,6 +138,8 @@ impl Enroller {
             redirector,
             own_netns,
             store,
+            retry_first,
+            refused: Notify::new(),
         }
     }
 
@@ -189,9 +213,21 @@ impl Enroller {
         let attached = clone_netns(&netns)?;
         tracing::info!(%uid, name = %pod.name, namespace = %pod.namespace, ips = ?pod.ips, "pod redirected");
         let mut state = self.state.lock().await;
-        state.pods.insert(uid.clone(), EnrolledPod { pod, netns });
+        let handoff = Handoff::Waiting;
+        state.pods.insert(
+            uid.clone(),
+            EnrolledPod {
+                pod,
+                netns,
+                handoff,
+            },
+        );
         self.persist(&state).await;
-        match self.tell_ztunnel(&mut state, msg, Some(attached)).await {
+        let delivery = self.tell_ztunnel(&mut state, msg, Some(attached)).await;
+        if let (Delivery::Acked, Some(pod)) = (&delivery, state.pods.get_mut(&uid)) {
+            pod.handoff = Handoff::Acked;
+        }
+        match delivery {
             Delivery::Acked => Ok(None),
             Delivery::NotConnected => Ok(Some(
                 "ztunnel is not connected; the pod is sent when it connects".into(),
@@ -257,19 +293,24 @@ impl Enroller {
 
     async fn check(&self, uid: &str) -> Result<(), EnrollError> {
         let _pod_lock = self.pod_locks.lock(uid).await;
-        let netns = {
+        let (netns, handoff) = {
             let state = self.state.lock().await;
             let pod = state.pods.get(uid).ok_or_else(|| EnrollError::UnknownPod {
                 uid: uid.to_owned(),
             })?;
-            clone_netns(&pod.netns)?
+            (clone_netns(&pod.netns)?, pod.handoff.clone())
         };
-        if self.redirect(uid, &netns, Redirector::is_installed).await? {
-            Ok(())
-        } else {
-            Err(EnrollError::RulesMissing {
+        if !self.redirect(uid, &netns, Redirector::is_installed).await? {
+            return Err(EnrollError::RulesMissing {
                 uid: uid.to_owned(),
-            })
+            });
+        }
+        match handoff.problem() {
+            None => Ok(()),
+            Some(why) => Err(EnrollError::NotServed {
+                uid: uid.to_owned(),
+                why,
+            }),
         }
     }
 
@@ -281,14 +322,17 @@ impl Enroller {
         handle: ZtunnelHandle,
     ) -> Result<usize, ExchangeError> {
         let mut state = self.state.lock().await;
-        for (uid, pod) in &state.pods {
+        let mut refused = false;
+        for (uid, pod) in &mut state.pods {
             match conn
                 .exchange(&zds::encode_add(&pod.pod), Some(&pod.netns))
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => pod.handoff = Handoff::Acked,
                 Err(ExchangeError::Refused(reason)) => {
-                    tracing::warn!(%uid, "ztunnel refused the pod in its snapshot: {reason}")
+                    tracing::warn!(%uid, "ztunnel refused the pod in its snapshot (it is offered again): {reason}");
+                    pod.handoff = Handoff::refused(reason, 1, self.retry_first, Instant::now());
+                    refused = true;
                 }
                 Err(broken) => return Err(broken),
             }
@@ -303,7 +347,78 @@ impl Enroller {
         if let Some(old) = state.ztunnel.replace(handle) {
             tracing::info!(old = old.id, "replacing the previous ztunnel connection");
         }
+        if refused {
+            self.refused.notify_one();
+        }
         Ok(state.pods.len())
+    }
+
+    /// Offers the pods ztunnel refused again, each when its backoff is over,
+    /// until the drain starts. A new snapshot offers every pod anyway.
+    pub(crate) async fn reoffer_refused(&self, drain: DrainWatcher) {
+        loop {
+            let next = {
+                let state = self.state.lock().await;
+                state
+                    .pods
+                    .values()
+                    .filter_map(|p| p.handoff.retry_at())
+                    .min()
+            };
+            // Far enough to mean "until woken".
+            let next = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = drain.signaled() => return,
+                () = self.refused.notified() => continue,
+                () = tokio::time::sleep_until(next) => {}
+            }
+            self.reoffer_due().await;
+        }
+    }
+
+    async fn reoffer_due(&self) {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        let due: Vec<String> = state
+            .pods
+            .iter()
+            .filter(|(_, p)| p.handoff.retry_at().is_some_and(|at| at <= now))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in due {
+            let Some(pod) = state.pods.get(&uid) else {
+                continue;
+            };
+            let attempts = pod.handoff.attempts();
+            let msg = zds::encode_add(&pod.pod);
+            let netns = match pod.netns.try_clone() {
+                Ok(netns) => netns,
+                Err(e) => {
+                    tracing::warn!(%uid, "cannot duplicate a namespace fd: {e}");
+                    continue;
+                }
+            };
+            let delivery = self.tell_ztunnel(&mut state, msg, Some(netns)).await;
+            let Some(pod) = state.pods.get_mut(&uid) else {
+                continue;
+            };
+            match delivery {
+                Delivery::Acked => {
+                    tracing::info!(%uid, attempts, "ztunnel took the pod it had refused");
+                    pod.handoff = Handoff::Acked;
+                }
+                Delivery::Refused(reason) => {
+                    tracing::warn!(%uid, attempts = attempts + 1, "ztunnel refused the pod again: {reason}");
+                    pod.handoff =
+                        Handoff::refused(reason, attempts + 1, self.retry_first, Instant::now());
+                }
+                // The next ztunnel connection's snapshot offers it.
+                Delivery::NotConnected | Delivery::Broken(_) => {
+                    pod.handoff = Handoff::Waiting;
+                    return;
+                }
+            }
+        }
     }
 
     /// Tells ztunnel the pod (already out of the table) is gone, then removes its

@@ -5,6 +5,7 @@
 
 mod config;
 mod enroller;
+mod handoff;
 mod plugin_server;
 mod pod_locks;
 mod pod_store;
@@ -78,7 +79,13 @@ impl Agent {
         let saved = store.load(own_netns)?;
         tracing::info!(pods = saved.len(), path = %store.path().display(), "loaded saved pods");
         let redirector = Redirector::new(config.redirect(), config.tools());
-        let enroller = Arc::new(Enroller::new(redirector, own_netns, store, saved));
+        let enroller = Arc::new(Enroller::new(
+            redirector,
+            own_netns,
+            store,
+            saved,
+            config.zds_retry(),
+        ));
         tracing::info!(
             plugin_socket = %config.plugin_socket.display(),
             zds_socket = %config.zds_socket.display(),
@@ -116,7 +123,8 @@ impl Agent {
         };
         tokio::join!(
             plugin_server::serve(plugin_listener, enroller.clone(), limits, drain.clone()),
-            ztunnel_conn::serve(zds_listener, enroller, timeouts, drain),
+            ztunnel_conn::serve(zds_listener, enroller.clone(), timeouts, drain.clone()),
+            enroller.reoffer_refused(drain),
         );
         for path in [&config.plugin_socket, &config.zds_socket] {
             let _ = std::fs::remove_file(path);
