@@ -19,6 +19,9 @@ use mesh_core::os::SeqPacket;
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// True when running as root. Otherwise: a panic under CI=true, else a loud skip.
+/// The banner goes to the process's stderr itself: `eprintln!` output is captured
+/// by the test harness and shown only for failures, which would make the skip
+/// silent (the test just reads "ok").
 pub fn have_root(test: &str) -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
@@ -27,7 +30,11 @@ pub fn have_root(test: &str) -> bool {
         std::env::var("CI").as_deref() != Ok("true"),
         "CI must run {test} as root"
     );
-    eprintln!("SKIPPED (needs root): {test}");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n*** SKIPPED (needs root; set CI=true to make this a failure): {test} ***"
+    );
     false
 }
 
