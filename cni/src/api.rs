@@ -23,7 +23,7 @@ pub struct Pod {
     pub name: String,
     pub namespace: String,
     pub service_account: String,
-    /// The runtime's container (sandbox) id, for logs.
+    /// The runtime's container (sandbox) id: a DEL must name it to remove the pod.
     pub container_id: String,
     /// Path of the pod's network namespace (`CNI_NETNS`).
     pub netns: PathBuf,
@@ -40,8 +40,13 @@ pub enum AgentRequest {
     Add { pod: Pod },
     /// Un-enroll a pod. Unknown pods are fine; `netns`, when given, lets the agent
     /// clean rules left in a namespace it no longer knows (e.g. after a restart).
+    /// `container_id` (the sandbox, `CNI_CONTAINERID`) and `netns`, when given,
+    /// must match the enrolled sandbox: a late DEL of a sandbox the pod's newer
+    /// one replaced is a DEL of something unknown, and leaves the pod alone.
     Del {
         uid: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         netns: Option<PathBuf>,
     },
@@ -135,7 +140,13 @@ mod tests {
             AgentRequest::Add { pod: pod() },
             AgentRequest::Del {
                 uid: "u-1".into(),
+                container_id: None,
                 netns: None,
+            },
+            AgentRequest::Del {
+                uid: "u-1".into(),
+                container_id: Some("c0ffee".into()),
+                netns: Some("/run/netns/p1".into()),
             },
             AgentRequest::Check { uid: "u-1".into() },
             AgentRequest::List,
@@ -164,5 +175,14 @@ mod tests {
             r#"{"status":"ok"}"#
         );
         assert!(serde_json::from_str::<AgentRequest>(r#"{"op":"explode"}"#).is_err());
+        // A DEL from an older plugin, without the sandbox id, still decodes.
+        assert_eq!(
+            serde_json::from_str::<AgentRequest>(r#"{"op":"del","uid":"u-1"}"#).unwrap(),
+            AgentRequest::Del {
+                uid: "u-1".into(),
+                container_id: None,
+                netns: None
+            }
+        );
     }
 }

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (the plugin socket and ztunnel's zds socket).
-    Agent(AgentConfig),
+    Agent(Box<AgentConfig>),
     /// Run as the CNI plugin (what a runtime does by calling the binary with
     /// CNI_COMMAND set): reads CNI_* from the environment and the config on stdin.
     Plugin,
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     }
     match Cli::parse().command {
         Command::Plugin => plugin_main(),
-        Command::Agent(config) => match agent_main(config) {
+        Command::Agent(config) => match agent_main(*config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ambit-cni agent: {e:#}");

@@ -47,6 +47,41 @@ fn add_with_the_agent_down_fails_with_a_cni_error_naming_the_socket() {
     assert_eq!(success(&out), "");
 }
 
+#[test]
+fn a_corrupt_state_file_stops_the_agent_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("pods.json");
+    // What a crash in the middle of a plain write would have left.
+    std::fs::write(&state, r#"{"pods":[{"pod":{"uid":"u-1","na"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ambit-cni"))
+        .arg("agent")
+        .arg("--plugin-socket")
+        .arg(dir.path().join("agent.sock"))
+        .arg("--zds-socket")
+        .arg(dir.path().join("ztunnel.sock"))
+        .arg("--state-file")
+        .arg(&state)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the agent started on a corrupt state"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(state.to_str().unwrap()) && stderr.contains("corrupt"),
+        "{stderr}"
+    );
+    // The file is left for the operator to look at.
+    assert!(
+        std::fs::read_to_string(&state)
+            .unwrap()
+            .starts_with("{\"pods\"")
+    );
+}
+
 /// The agent binary, killed on drop.
 struct AgentProcess(Child);
 
@@ -79,6 +114,8 @@ fn the_agent_refuses_to_redirect_its_own_namespace() {
         .arg(&plugin_socket)
         .arg("--zds-socket")
         .arg(dir.path().join("ztunnel.sock"))
+        .arg("--state-file")
+        .arg(dir.path().join("pods.json"))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

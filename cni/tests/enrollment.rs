@@ -203,33 +203,219 @@ async fn a_pod_ztunnel_refuses_is_rolled_back_and_the_add_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restarted_agent_with_a_state_file_still_knows_its_pods() {
-    if !have_root("a_restarted_agent_with_a_state_file_still_knows_its_pods") {
+async fn a_restarted_agent_still_knows_its_pods_and_resends_them() {
+    if !have_root("a_restarted_agent_still_knows_its_pods_and_resends_them") {
+        return;
+    }
+    let pods: Vec<(TestNetns, String)> = (0..2)
+        .map(|i| (TestNetns::new(), format!("uid-cart-{i}")))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The default settings, with only the paths moved into the test's directory.
+    let first = TestAgent::start_in(dir.path());
+    let conf = net_conf(&first.plugin_socket, "198.18.0.40");
+    for (ns, uid) in &pods {
+        success(
+            &spawn_plugin("ADD", &ns.path(), &pod_args(uid, uid), &conf)
+                .await
+                .unwrap(),
+        );
+    }
+    let (zt, _) = FakeZtunnel::attach(&first.zds_socket).await;
+    first.stop().await;
+    zt.expect_closed().await;
+    for (ns, _) in &pods {
+        assert_redirected(ns);
+    }
+
+    let second = TestAgent::start_in(dir.path());
+    let (zt, snapshot) = FakeZtunnel::attach(&second.zds_socket).await;
+    let got: BTreeMap<String, u64> = snapshot
+        .into_iter()
+        .map(|(uid, fd)| (uid, NetNs::from_fd(fd).inode().unwrap()))
+        .collect();
+    let want: BTreeMap<String, u64> = pods
+        .iter()
+        .map(|(ns, uid)| (uid.clone(), ns.inode()))
+        .collect();
+    assert_eq!(got, want, "the restarted agent must re-send every pod");
+
+    let (ns, uid) = &pods[0];
+    let plugin = spawn_plugin("DEL", &ns.path(), &pod_args(uid, uid), &conf);
+    assert!(matches!(zt.recv().await, (Payload::Del(_), None)));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+    assert_not_redirected(ns);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_del_of_a_replaced_sandbox_leaves_the_new_one_alone() {
+    if !have_root("a_late_del_of_a_replaced_sandbox_leaves_the_new_one_alone") {
+        return;
+    }
+    let (ns_a, ns_b) = (TestNetns::new(), TestNetns::new());
+    let agent = TestAgent::start();
+    let (zt, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.50");
+    let args = pod_args("api-0", "uid-api-0");
+
+    // Sandbox A, then sandbox B of the same pod replaces it.
+    let plugin = spawn_plugin_for("sandbox-a", "ADD", &ns_a.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+    let plugin = spawn_plugin_for("sandbox-b", "ADD", &ns_b.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Del(_), None)));
+    zt.ack("").await;
+    let (msg, fd) = zt.recv().await;
+    assert!(matches!(msg, Payload::Add(_)), "{msg:?}");
+    assert_eq!(NetNs::from_fd(fd.unwrap()).inode().unwrap(), ns_b.inode());
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+
+    // The runtime's late DEL of sandbox A, with its namespace, and once more
+    // without it: both succeed and leave B enrolled. Nothing is acked meanwhile,
+    // so a Del sent to ztunnel would hold the DEL until the ack timeout.
+    for netns in [ns_a.path(), std::path::PathBuf::new()] {
+        success(
+            &spawn_plugin_for("sandbox-a", "DEL", &netns, &args, &conf)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_redirected(&ns_b);
+    success(
+        &spawn_plugin_for("sandbox-b", "CHECK", &ns_b.path(), &args, &conf)
+            .await
+            .unwrap(),
+    );
+    // ztunnel's next message is for another pod: it never heard a Del for this one.
+    let other = TestNetns::new();
+    let plugin = spawn_plugin("ADD", &other.path(), &pod_args("x", "uid-x"), &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(a), Some(_)) if a.uid == "uid-x"));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+
+    // B's own DEL removes it.
+    let plugin = spawn_plugin_for("sandbox-b", "DEL", &ns_b.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Del(d), None) if d.uid == "uid-api-0"));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+    assert_not_redirected(&ns_b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_tool_fails_its_own_add_in_time_and_holds_up_no_other_pod() {
+    if !have_root("a_hung_tool_fails_its_own_add_in_time_and_holds_up_no_other_pod") {
+        return;
+    }
+    let (fast, slow) = (TestNetns::new(), TestNetns::new());
+    let dir = tempfile::tempdir().unwrap();
+    // iptables-save that hangs in the slow pod's namespace only, saying so first.
+    let hung = dir.path().join("hung");
+    let script = dir.path().join("iptables-save");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$(readlink /proc/self/ns/net)\" = \"net:[{}]\" ]; then\n  : > {}\n  exec sleep 60\nfi\nexec iptables-save \"$@\"\n",
+            slow.inode(),
+            hung.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut config = TestAgent::config_in(dir.path());
+    config.iptables_save = script;
+    config.tool_timeout_ms = 3000;
+    let agent = TestAgent::start_with(config);
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.60");
+    let fast_args = pod_args("fast", "uid-fast");
+    success(
+        &spawn_plugin("ADD", &fast.path(), &fast_args, &conf)
+            .await
+            .unwrap(),
+    );
+
+    let started = std::time::Instant::now();
+    let slow_add = spawn_plugin("ADD", &slow.path(), &pod_args("slow", "uid-slow"), &conf);
+    wait_until("the tool hangs", || hung.exists()).await;
+    // While the slow pod's tool hangs, another pod's DEL goes through.
+    success(
+        &spawn_plugin("DEL", &fast.path(), &fast_args, &conf)
+            .await
+            .unwrap(),
+    );
+    assert!(!slow_add.is_finished(), "the DEL waited for the hung tool");
+    assert_not_redirected(&fast);
+
+    let out = slow_add.await.unwrap();
+    // The install and its clean-up each hit the deadline once: well before the
+    // hung tool's 60 s.
+    assert!(
+        started.elapsed() < EVENT_TIMEOUT,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("iptables-save") && msg.contains("did not finish within 3s"),
+        "{err}"
+    );
+    assert!(!slow.exec(&["iptables-save"]).contains("AMBIT"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_ztunnel_refuses_in_a_snapshot_fails_check_until_a_retry_is_taken() {
+    if !have_root("a_pod_ztunnel_refuses_in_a_snapshot_fails_check_until_a_retry_is_taken") {
         return;
     }
     let ns = TestNetns::new();
     let dir = tempfile::tempdir().unwrap();
+    let mut config = TestAgent::config_in(dir.path());
+    // Long enough for the CHECKs below to run before the first retry.
+    config.zds_retry_ms = 3000;
+    let agent = TestAgent::start_with(config);
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.70");
     let args = pod_args("cart-0", "uid-cart-0");
+    let check = || async {
+        spawn_plugin("CHECK", &ns.path(), &args, &conf)
+            .await
+            .unwrap()
+    };
+    let failure = |out: std::process::Output| -> String {
+        assert!(!out.status.success(), "CHECK passed");
+        let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(err["code"], 11, "{err}");
+        err["msg"].as_str().unwrap().to_owned()
+    };
 
-    let first = TestAgent::start_in(dir.path(), true);
-    let conf = net_conf(&first.plugin_socket, "198.18.0.40");
+    // Enrolled with no ztunnel: redirected, but nobody serves it yet.
     success(&spawn_plugin("ADD", &ns.path(), &args, &conf).await.unwrap());
-    let (zt, _) = FakeZtunnel::attach(&first.zds_socket).await;
-    first.stop().await;
-    zt.expect_closed().await;
+    assert!(failure(check().await).contains("not acked"));
+
+    // ztunnel refuses it in its snapshot.
+    let zt = FakeZtunnel::connect(&agent.zds_socket).await;
+    zt.send_raw(&ambit_cni::zds::encode_hello(1)).await;
+    assert!(matches!(zt.recv().await, (Payload::Add(a), Some(_)) if a.uid == "uid-cart-0"));
+    zt.ack("no certificate for shop/web yet").await;
+    assert!(matches!(zt.recv().await, (Payload::SnapshotSent(_), None)));
+    zt.ack("").await;
+    let msg = failure(check().await);
+    assert!(msg.contains("no certificate for shop/web yet"), "{msg}");
+    // Fail closed: the pod stays redirected meanwhile.
     assert_redirected(&ns);
 
-    let second = TestAgent::start_in(dir.path(), true);
-    let (zt, snapshot) = FakeZtunnel::attach(&second.zds_socket).await;
-    let got: Vec<(String, u64)> = snapshot
-        .into_iter()
-        .map(|(uid, fd)| (uid, NetNs::from_fd(fd).inode().unwrap()))
-        .collect();
-    assert_eq!(got, [("uid-cart-0".to_owned(), ns.inode())]);
-
-    let plugin = spawn_plugin("DEL", &ns.path(), &args, &conf);
-    assert!(matches!(zt.recv().await, (Payload::Del(_), None)));
+    // The agent offers it again (refused once more, then taken).
+    let (msg, fd) = zt.recv().await;
+    assert!(matches!(msg, Payload::Add(a) if a.uid == "uid-cart-0"));
+    assert_eq!(NetNs::from_fd(fd.unwrap()).inode().unwrap(), ns.inode());
+    zt.ack("still no certificate").await;
+    assert!(failure(check().await).contains("still no certificate"));
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
     zt.ack("").await;
-    success(&plugin.await.unwrap());
-    assert_not_redirected(&ns);
+    // The ack is taken under the agent's lock, which CHECK waits for.
+    success(&check().await);
 }

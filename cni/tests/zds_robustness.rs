@@ -1,5 +1,6 @@
 //! A misbehaving ztunnel costs only its own connection: the agent logs it, drops
-//! it, and serves the next ztunnel and the plugin as before. No root needed.
+//! it, and serves the next ztunnel and the plugin as before; a bad plugin request
+//! gets a clear refusal. No root needed.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -94,4 +95,31 @@ async fn malformed_plugin_requests_get_an_error_reply() {
         "{reply:?}"
     );
     agent_still_serves_plugins(&agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_refuses_a_pod_with_an_ipv6_address() {
+    let agent = TestAgent::start();
+    let client = AgentClient::new(&agent.plugin_socket, EVENT_TIMEOUT);
+    let pod = ambit_cni::api::Pod {
+        uid: "uid-v6".into(),
+        name: "v6".into(),
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        container_id: "c6".into(),
+        netns: "/run/netns/does-not-matter".into(),
+        ips: vec![
+            "198.18.0.6".parse().unwrap(),
+            "2001:db8::6".parse().unwrap(),
+        ],
+    };
+    let reply = tokio::task::spawn_blocking(move || client.request(&AgentRequest::Add { pod }))
+        .await
+        .unwrap()
+        .unwrap();
+    let AgentReply::Failed { kind, message } = reply else {
+        panic!("an IPv6 pod was accepted: {reply:?}");
+    };
+    assert_eq!(kind, ambit_cni::api::FailureKind::BadRequest);
+    assert!(message.contains("IPv6 is not supported"), "{message}");
 }

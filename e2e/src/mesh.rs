@@ -248,6 +248,9 @@ impl MeshCluster {
             .arg(self.path(&format!("agent-{n}.sock")))
             .arg("--zds-socket")
             .arg(self.path(&format!("zds-{n}.sock")))
+            // Each node's agent has its own state (the default path is the host's).
+            .arg("--state-file")
+            .arg(self.path(&format!("agent-{n}-pods.json")))
             .env("NO_COLOR", "1");
         let agent = NsProcess::spawn(format!("node agent {n}"), agent_cmd)?;
         let mut zt_cmd = match ztunnel_wrapper() {

@@ -10,6 +10,9 @@ use crate::redirect::{Mark, RedirectConfig, RedirectTools};
 /// Default path of the zds socket ztunnel connects to.
 pub const DEFAULT_ZDS_SOCKET: &str = "/var/run/ambit/ztunnel.sock";
 
+/// Default path of the file the enrolled pods are saved to.
+pub const DEFAULT_STATE_FILE: &str = "/var/run/ambit/cni-pods.json";
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentConfig {
     /// Unix stream socket the CNI plugin sends pod events to.
@@ -21,9 +24,10 @@ pub struct AgentConfig {
     pub zds_socket: PathBuf,
 
     /// File the enrolled pods are saved to, so a restarted agent still knows them
-    /// (unset: memory only, and a restart forgets every pod).
-    #[arg(long, env = "AMBIT_CNI_STATE_FILE")]
-    pub state_file: Option<PathBuf>,
+    /// and re-sends them to ztunnel (one file per agent; an unreadable or corrupt
+    /// file stops the agent from starting).
+    #[arg(long, env = "AMBIT_CNI_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 
     /// Packet mark ztunnel sets on its own sockets (never redirected).
     #[arg(long, env = "AMBIT_PROXY_MARK", default_value_t = Mark(0x539))]
@@ -61,9 +65,19 @@ pub struct AgentConfig {
     #[arg(long, env = "AMBIT_IP", default_value = "ip")]
     pub ip: PathBuf,
 
+    /// How long one run of iptables-restore, iptables-save or ip may take before
+    /// it is killed and the plugin request fails (ms).
+    #[arg(long, env = "AMBIT_TOOL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub tool_timeout_ms: u64,
+
     /// How long ztunnel has to ack a message before its connection is dropped (ms).
     #[arg(long, env = "AMBIT_ZDS_ACK_TIMEOUT_MS", default_value_t = 5000)]
     pub ack_timeout_ms: u64,
+
+    /// First delay before a pod ztunnel refused is offered to it again (ms); it
+    /// doubles with each refusal, up to 60 s.
+    #[arg(long, env = "AMBIT_ZDS_RETRY_MS", default_value_t = 1000)]
+    pub zds_retry_ms: u64,
 
     /// How long a new ztunnel connection has to say hello (ms).
     #[arg(long, env = "AMBIT_ZDS_HELLO_TIMEOUT_MS", default_value_t = 5000)]
@@ -79,14 +93,19 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// The defaults, with the two sockets at the given paths (tests, embedding).
-    pub fn new(plugin_socket: impl Into<PathBuf>, zds_socket: impl Into<PathBuf>) -> Self {
+    /// The defaults, with the two sockets and the state file at the given paths
+    /// (tests, embedding).
+    pub fn new(
+        plugin_socket: impl Into<PathBuf>,
+        zds_socket: impl Into<PathBuf>,
+        state_file: impl Into<PathBuf>,
+    ) -> Self {
         let d = RedirectConfig::default();
         let t = RedirectTools::default();
         Self {
             plugin_socket: plugin_socket.into(),
             zds_socket: zds_socket.into(),
-            state_file: None,
+            state_file: state_file.into(),
             proxy_mark: d.proxy_mark,
             conn_mark: d.conn_mark,
             mark_mask: d.mark_mask,
@@ -95,7 +114,9 @@ impl AgentConfig {
             iptables_restore: t.iptables_restore,
             iptables_save: t.iptables_save,
             ip: t.ip,
+            tool_timeout_ms: t.timeout.as_millis().try_into().unwrap_or(u64::MAX),
             ack_timeout_ms: 5000,
+            zds_retry_ms: 1000,
             hello_timeout_ms: 5000,
             plugin_io_timeout_ms: 5000,
             max_plugin_connections: 32,
@@ -118,11 +139,16 @@ impl AgentConfig {
             iptables_restore: self.iptables_restore.clone(),
             iptables_save: self.iptables_save.clone(),
             ip: self.ip.clone(),
+            timeout: Duration::from_millis(self.tool_timeout_ms),
         }
     }
 
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
+    }
+
+    pub fn zds_retry(&self) -> Duration {
+        Duration::from_millis(self.zds_retry_ms)
     }
 
     pub fn hello_timeout(&self) -> Duration {
@@ -137,6 +163,10 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
             (self.ack_timeout_ms == 0, "--ack-timeout-ms must be over 0"),
+            (
+                self.tool_timeout_ms == 0,
+                "--tool-timeout-ms must be over 0",
+            ),
             (
                 self.hello_timeout_ms == 0,
                 "--hello-timeout-ms must be over 0",
@@ -157,6 +187,14 @@ impl AgentConfig {
             (
                 self.plugin_socket == self.zds_socket,
                 "--plugin-socket and --zds-socket must differ",
+            ),
+            (
+                self.state_file.as_os_str().is_empty(),
+                "--state-file must not be empty",
+            ),
+            (
+                self.state_file == self.plugin_socket || self.state_file == self.zds_socket,
+                "--state-file must differ from both sockets",
             ),
         ];
         match checks.into_iter().find(|(bad, _)| *bad) {
@@ -180,9 +218,12 @@ mod tests {
     #[test]
     fn flag_defaults_match_the_programmatic_defaults() {
         let parsed = Cli::parse_from(["agent"]).agent;
-        let built = AgentConfig::new(DEFAULT_AGENT_SOCKET, DEFAULT_ZDS_SOCKET);
+        let built = AgentConfig::new(DEFAULT_AGENT_SOCKET, DEFAULT_ZDS_SOCKET, DEFAULT_STATE_FILE);
         assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+        // Persistence is on by default: a restarted agent must not forget its pods.
+        assert_eq!(parsed.state_file, PathBuf::from(DEFAULT_STATE_FILE));
         assert_eq!(built.redirect(), RedirectConfig::default());
+        assert_eq!(built.tools(), RedirectTools::default());
         assert!(built.validate().is_ok());
     }
 
@@ -201,6 +242,9 @@ mod tests {
         let mut bad = cfg.clone();
         bad.conn_mark = Mark(0x42);
         assert!(bad.validate().unwrap_err().contains("--conn-mark"));
+        let mut bad = cfg.clone();
+        bad.state_file = cfg.zds_socket.clone();
+        assert!(bad.validate().unwrap_err().contains("--state-file"));
         assert!(Cli::try_parse_from(["agent", "--proxy-mark", "zz"]).is_err());
     }
 }

@@ -1,15 +1,23 @@
 //! The agent's pods and what happens to them: enroll (redirect, then hand to
 //! ztunnel), un-enroll (tell ztunnel, then un-redirect), check, and the snapshot a
-//! (re)connecting ztunnel gets. One lock orders everything, so a pod is either in a
-//! ztunnel's snapshot or sent to it afterwards, never lost in between; every wait
-//! under it is bounded (tool runs, ztunnel's ack timeout).
+//! (re)connecting ztunnel gets. A lock per pod orders the requests for that pod,
+//! and the tools run under it alone, so a slow or hung tool (killed at its
+//! deadline) holds up only its own pod. The lock of the pod table orders what
+//! ztunnel hears, so a pod is either in a ztunnel's snapshot or sent to it
+//! afterwards, never lost in between; the only wait under it is for ztunnel's ack,
+//! bounded by the ack timeout.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use mesh_core::drain::DrainWatcher;
 use mesh_core::os::NetNs;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
 
+use super::handoff::Handoff;
+use super::pod_locks::PodLocks;
 use super::pod_store::PodStore;
 use super::ztunnel_conn::{ExchangeError, ZdsConnection, ZtunnelHandle};
 use crate::api::{AgentReply, AgentRequest, FailureKind, Pod};
@@ -41,6 +49,8 @@ pub(crate) enum EnrollError {
     UnknownPod { uid: String },
     #[error("pod {uid} is enrolled but its redirection is incomplete")]
     RulesMissing { uid: String },
+    #[error("pod {uid} is redirected but not served: {why}")]
+    NotServed { uid: String, why: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -51,7 +61,7 @@ impl EnrollError {
             Self::BadRequest(_) => FailureKind::BadRequest,
             Self::Netns { .. } | Self::HostNetns { .. } => FailureKind::Netns,
             Self::Rules { .. } | Self::RulesMissing { .. } => FailureKind::Rules,
-            Self::Refused { .. } => FailureKind::Ztunnel,
+            Self::Refused { .. } | Self::NotServed { .. } => FailureKind::Ztunnel,
             Self::UnknownPod { .. } => FailureKind::UnknownPod,
             Self::Internal(_) => FailureKind::Internal,
         }
@@ -63,6 +73,7 @@ impl EnrollError {
 struct EnrolledPod {
     pod: Pod,
     netns: NetNs,
+    handoff: Handoff,
 }
 
 #[derive(Debug, Default)]
@@ -82,25 +93,44 @@ enum Delivery {
 
 #[derive(Debug)]
 pub(crate) struct Enroller {
+    /// Taken before `state` (never the other way), for a whole request.
+    pod_locks: PodLocks,
     state: Mutex<State>,
     redirector: Redirector,
     /// Inode of the agent's own network namespace, never to be redirected.
     own_netns: u64,
-    store: Option<PodStore>,
+    store: PodStore,
+    /// First delay before a refused pod is offered to ztunnel again.
+    retry_first: Duration,
+    /// Wakes the re-offer task when a pod is refused.
+    refused: Notify,
 }
 
 impl Enroller {
-    /// An enroller knowing the pods saved in `store`, if any.
-    pub(crate) fn new(redirector: Redirector, own_netns: u64, store: Option<PodStore>) -> Self {
-        let pods: BTreeMap<String, EnrolledPod> = store
-            .iter()
-            .flat_map(|s| s.load(own_netns))
-            .map(|(pod, netns)| (pod.uid.clone(), EnrolledPod { pod, netns }))
+    /// An enroller knowing the pods `saved` in `store`.
+    pub(crate) fn new(
+        redirector: Redirector,
+        own_netns: u64,
+        store: PodStore,
+        saved: Vec<(Pod, NetNs)>,
+        retry_first: Duration,
+    ) -> Self {
+        let pods = saved
+            .into_iter()
+            .map(|(pod, netns)| {
+                let handoff = Handoff::Waiting;
+                (
+                    pod.uid.clone(),
+                    EnrolledPod {
+                        pod,
+                        netns,
+                        handoff,
+                    },
+                )
+            })
             .collect();
-        if let Some(store) = &store {
-            tracing::info!(pods = pods.len(), path = %store.path().display(), "loaded saved pods");
-        }
         Self {
+            pod_locks: PodLocks::default(),
             state: Mutex::new(State {
                 pods,
                 ztunnel: None,
@@ -108,18 +138,17 @@ impl Enroller {
             redirector,
             own_netns,
             store,
+            retry_first,
+            refused: Notify::new(),
         }
     }
 
     /// Saves the pods after a change. A failure is logged: the pods stay served,
     /// only a restart would forget them.
     async fn persist(&self, state: &State) {
-        let Some(store) = &self.store else {
-            return;
-        };
         let pods = state.pods.values().map(|p| (&p.pod, &p.netns));
-        if let Err(e) = store.save(pods).await {
-            tracing::error!(path = %store.path().display(), "cannot save the pods: {e}");
+        if let Err(e) = self.store.save(pods).await {
+            tracing::error!(path = %self.store.path().display(), "cannot save the pods: {e}");
         }
     }
 
@@ -127,7 +156,14 @@ impl Enroller {
     pub(crate) async fn handle(&self, request: AgentRequest) -> AgentReply {
         let result = match request {
             AgentRequest::Add { pod } => self.add(pod).await,
-            AgentRequest::Del { uid, netns } => self.del(&uid, netns.as_deref()).await,
+            AgentRequest::Del {
+                uid,
+                container_id,
+                netns,
+            } => {
+                self.del(&uid, container_id.as_deref(), netns.as_deref())
+                    .await
+            }
             AgentRequest::Check { uid } => self.check(&uid).await.map(|()| None),
             AgentRequest::List => {
                 let state = self.state.lock().await;
@@ -151,21 +187,47 @@ impl Enroller {
                 "a pod needs a uid and a netns".into(),
             ));
         }
+        if let Some(v6) = pod.ips.iter().find(|ip| ip.is_ipv6()) {
+            return Err(EnrollError::BadRequest(format!(
+                "IPv6 is not supported yet: pod {} has {v6}, whose traffic would bypass the mesh",
+                pod.uid
+            )));
+        }
         let netns = self.open_pod_netns(&pod.netns)?;
         let uid = pod.uid.clone();
-        let mut state = self.state.lock().await;
-        if let Some(old) = state.pods.remove(&uid) {
+        let _pod_lock = self.pod_locks.lock(&uid).await;
+        let old = {
+            let mut state = self.state.lock().await;
+            let old = state.pods.remove(&uid);
+            if old.is_some() {
+                self.persist(&state).await;
+            }
+            old
+        };
+        if let Some(old) = old {
             tracing::info!(%uid, "pod added again: replacing its earlier enrollment");
-            self.persist(&state).await;
-            self.retire(&mut state, old).await;
+            self.retire(old).await;
         }
         self.redirect(&uid, &netns, Redirector::install).await?;
         let msg = zds::encode_add(&pod);
         let attached = clone_netns(&netns)?;
         tracing::info!(%uid, name = %pod.name, namespace = %pod.namespace, ips = ?pod.ips, "pod redirected");
-        state.pods.insert(uid.clone(), EnrolledPod { pod, netns });
+        let mut state = self.state.lock().await;
+        let handoff = Handoff::Waiting;
+        state.pods.insert(
+            uid.clone(),
+            EnrolledPod {
+                pod,
+                netns,
+                handoff,
+            },
+        );
         self.persist(&state).await;
-        match self.tell_ztunnel(&mut state, msg, Some(attached)).await {
+        let delivery = self.tell_ztunnel(&mut state, msg, Some(attached)).await;
+        if let (Delivery::Acked, Some(pod)) = (&delivery, state.pods.get_mut(&uid)) {
+            pod.handoff = Handoff::Acked;
+        }
+        match delivery {
             Delivery::Acked => Ok(None),
             Delivery::NotConnected => Ok(Some(
                 "ztunnel is not connected; the pod is sent when it connects".into(),
@@ -174,51 +236,81 @@ impl Enroller {
                 "ztunnel connection dropped ({reason}); the pod is sent when it reconnects"
             ))),
             Delivery::Refused(reason) => {
-                if let Some(gone) = state.pods.remove(&uid) {
-                    self.persist(&state).await;
-                    if let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await {
-                        tracing::warn!("{e}");
-                    }
+                let gone = state.pods.remove(&uid);
+                self.persist(&state).await;
+                drop(state);
+                if let Some(gone) = gone
+                    && let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await
+                {
+                    tracing::warn!("{e}");
                 }
                 Err(EnrollError::Refused { uid, reason })
             }
         }
     }
 
-    async fn del(&self, uid: &str, netns: Option<&Path>) -> Result<Option<String>, EnrollError> {
+    async fn del(
+        &self,
+        uid: &str,
+        container_id: Option<&str>,
+        netns: Option<&Path>,
+    ) -> Result<Option<String>, EnrollError> {
+        let _pod_lock = self.pod_locks.lock(uid).await;
         let mut state = self.state.lock().await;
-        if let Some(old) = state.pods.remove(uid) {
+        let stale = state
+            .pods
+            .get(uid)
+            .and_then(|enrolled| stale_del(enrolled, container_id, netns));
+        if let Some(why) = &stale {
+            tracing::info!(%uid, "DEL of another sandbox than the enrolled one, ignored: {why}");
+        } else if let Some(old) = state.pods.remove(uid) {
             self.persist(&state).await;
-            self.retire(&mut state, old).await;
+            drop(state);
+            self.retire(old).await;
             tracing::info!(%uid, "pod removed");
             return Ok(None);
         }
-        // Unknown (never enrolled, opted out, or enrolled before an agent restart):
-        // clean what may be left in its namespace, unless another pod owns it.
-        if let Some(ns) = netns.and_then(|p| self.open_pod_netns(p).ok()) {
-            let inode = ns.inode().ok();
-            let shared = state.pods.values().any(|p| p.netns.inode().ok() == inode);
-            if !shared && let Err(e) = self.redirect(uid, &ns, Redirector::remove).await {
-                tracing::debug!("cleanup of unknown pod: {e}");
-            }
+        // Unknown (never enrolled, opted out, enrolled before an agent restart, or
+        // a sandbox since replaced): clean what may be left in its namespace, unless
+        // a pod owns it.
+        let unowned = netns
+            .and_then(|p| self.open_pod_netns(p).ok())
+            .filter(|ns| {
+                let inode = ns.inode().ok();
+                !state.pods.values().any(|p| p.netns.inode().ok() == inode)
+            });
+        drop(state);
+        if let Some(ns) = unowned
+            && let Err(e) = self.redirect(uid, &ns, Redirector::remove).await
+        {
+            tracing::debug!("cleanup of unknown pod: {e}");
         }
-        Ok(Some(format!("pod {uid} was not enrolled")))
+        Ok(Some(match stale {
+            Some(why) => format!("pod {uid}: {why}; the enrolled sandbox is left alone"),
+            None => format!("pod {uid} was not enrolled"),
+        }))
     }
 
     async fn check(&self, uid: &str) -> Result<(), EnrollError> {
-        let state = self.state.lock().await;
-        let pod = state.pods.get(uid).ok_or_else(|| EnrollError::UnknownPod {
-            uid: uid.to_owned(),
-        })?;
-        if self
-            .redirect(uid, &pod.netns, Redirector::is_installed)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(EnrollError::RulesMissing {
+        let _pod_lock = self.pod_locks.lock(uid).await;
+        let (netns, handoff) = {
+            let state = self.state.lock().await;
+            let pod = state.pods.get(uid).ok_or_else(|| EnrollError::UnknownPod {
                 uid: uid.to_owned(),
-            })
+            })?;
+            (clone_netns(&pod.netns)?, pod.handoff.clone())
+        };
+        if !self.redirect(uid, &netns, Redirector::is_installed).await? {
+            return Err(EnrollError::RulesMissing {
+                uid: uid.to_owned(),
+            });
+        }
+        match handoff.problem() {
+            None => Ok(()),
+            Some(why) => Err(EnrollError::NotServed {
+                uid: uid.to_owned(),
+                why,
+            }),
         }
     }
 
@@ -230,14 +322,17 @@ impl Enroller {
         handle: ZtunnelHandle,
     ) -> Result<usize, ExchangeError> {
         let mut state = self.state.lock().await;
-        for (uid, pod) in &state.pods {
+        let mut refused = false;
+        for (uid, pod) in &mut state.pods {
             match conn
                 .exchange(&zds::encode_add(&pod.pod), Some(&pod.netns))
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => pod.handoff = Handoff::Acked,
                 Err(ExchangeError::Refused(reason)) => {
-                    tracing::warn!(%uid, "ztunnel refused the pod in its snapshot: {reason}")
+                    tracing::warn!(%uid, "ztunnel refused the pod in its snapshot (it is offered again): {reason}");
+                    pod.handoff = Handoff::refused(reason, 1, self.retry_first, Instant::now());
+                    refused = true;
                 }
                 Err(broken) => return Err(broken),
             }
@@ -252,15 +347,90 @@ impl Enroller {
         if let Some(old) = state.ztunnel.replace(handle) {
             tracing::info!(old = old.id, "replacing the previous ztunnel connection");
         }
+        if refused {
+            self.refused.notify_one();
+        }
         Ok(state.pods.len())
     }
 
-    /// Tells ztunnel the pod is gone, then removes its redirection.
-    async fn retire(&self, state: &mut State, old: EnrolledPod) {
+    /// Offers the pods ztunnel refused again, each when its backoff is over,
+    /// until the drain starts. A new snapshot offers every pod anyway.
+    pub(crate) async fn reoffer_refused(&self, drain: DrainWatcher) {
+        loop {
+            let next = {
+                let state = self.state.lock().await;
+                state
+                    .pods
+                    .values()
+                    .filter_map(|p| p.handoff.retry_at())
+                    .min()
+            };
+            // Far enough to mean "until woken".
+            let next = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = drain.signaled() => return,
+                () = self.refused.notified() => continue,
+                () = tokio::time::sleep_until(next) => {}
+            }
+            self.reoffer_due().await;
+        }
+    }
+
+    async fn reoffer_due(&self) {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        let due: Vec<String> = state
+            .pods
+            .iter()
+            .filter(|(_, p)| p.handoff.retry_at().is_some_and(|at| at <= now))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in due {
+            let Some(pod) = state.pods.get(&uid) else {
+                continue;
+            };
+            let attempts = pod.handoff.attempts();
+            let msg = zds::encode_add(&pod.pod);
+            let netns = match pod.netns.try_clone() {
+                Ok(netns) => netns,
+                Err(e) => {
+                    tracing::warn!(%uid, "cannot duplicate a namespace fd: {e}");
+                    continue;
+                }
+            };
+            let delivery = self.tell_ztunnel(&mut state, msg, Some(netns)).await;
+            let Some(pod) = state.pods.get_mut(&uid) else {
+                continue;
+            };
+            match delivery {
+                Delivery::Acked => {
+                    tracing::info!(%uid, attempts, "ztunnel took the pod it had refused");
+                    pod.handoff = Handoff::Acked;
+                }
+                Delivery::Refused(reason) => {
+                    tracing::warn!(%uid, attempts = attempts + 1, "ztunnel refused the pod again: {reason}");
+                    pod.handoff =
+                        Handoff::refused(reason, attempts + 1, self.retry_first, Instant::now());
+                }
+                // The next ztunnel connection's snapshot offers it.
+                Delivery::NotConnected | Delivery::Broken(_) => {
+                    pod.handoff = Handoff::Waiting;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Tells ztunnel the pod (already out of the table) is gone, then removes its
+    /// redirection. Called with the pod's lock held and the table's lock free.
+    async fn retire(&self, old: EnrolledPod) {
         let uid = old.pod.uid.as_str();
-        if let Delivery::Refused(reason) =
-            self.tell_ztunnel(state, zds::encode_del(uid), None).await
-        {
+        let mut state = self.state.lock().await;
+        let delivery = self
+            .tell_ztunnel(&mut state, zds::encode_del(uid), None)
+            .await;
+        drop(state);
+        if let Delivery::Refused(reason) = delivery {
             tracing::warn!(%uid, "ztunnel refused the removal: {reason}");
         }
         if let Err(e) = self.redirect(uid, &old.netns, Redirector::remove).await {
@@ -317,6 +487,36 @@ impl Enroller {
             });
         }
         Ok(netns)
+    }
+}
+
+/// Why a DEL names another sandbox than the enrolled one (a late or repeated DEL
+/// of a sandbox the pod's newer one replaced), or `None` when it is this one. What
+/// the DEL does not say (an older plugin; a namespace already gone) is no evidence.
+fn stale_del(
+    enrolled: &EnrolledPod,
+    container_id: Option<&str>,
+    netns: Option<&Path>,
+) -> Option<String> {
+    if let Some(id) = container_id
+        && id != enrolled.pod.container_id
+    {
+        return Some(format!(
+            "the DEL is for sandbox {id}, the enrolled one is {}",
+            enrolled.pod.container_id
+        ));
+    }
+    let named = netns.and_then(|p| NetNs::open(p).ok()?.inode().ok());
+    let enrolled_inode = enrolled.netns.inode().ok();
+    match (named, enrolled_inode) {
+        (Some(named), Some(ours)) if named != ours => Some(format!(
+            "the DEL's network namespace {} is not the enrolled one",
+            netns
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        )),
+        _ => None,
     }
 }
 

@@ -5,7 +5,9 @@
 
 mod config;
 mod enroller;
+mod handoff;
 mod plugin_server;
+mod pod_locks;
 mod pod_store;
 mod ztunnel_conn;
 
@@ -17,7 +19,8 @@ use mesh_core::drain::DrainWatcher;
 use mesh_core::os::{NetNs, SeqPacketListener};
 use tokio::net::UnixListener;
 
-pub use config::{AgentConfig, DEFAULT_ZDS_SOCKET};
+pub use config::{AgentConfig, DEFAULT_STATE_FILE, DEFAULT_ZDS_SOCKET};
+pub use pod_store::StateError;
 
 use crate::redirect::Redirector;
 use enroller::Enroller;
@@ -38,6 +41,8 @@ pub enum AgentError {
     },
     #[error("cannot read the agent's own network namespace: {0}")]
     OwnNetns(#[source] std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// A node agent with both sockets bound, ready to [`Agent::run`].
@@ -69,15 +74,18 @@ impl Agent {
             .and_then(|()| SeqPacketListener::bind(&config.zds_socket))
             .and_then(|l| restrict(&config.zds_socket).map(|()| l))
             .map_err(bind_err(&config.zds_socket))?;
-        let store = match &config.state_file {
-            Some(path) => {
-                prepare_dir(path).map_err(bind_err(path))?;
-                Some(PodStore::new(path))
-            }
-            None => None,
-        };
+        prepare_dir(&config.state_file).map_err(bind_err(&config.state_file))?;
+        let store = PodStore::new(&config.state_file);
+        let saved = store.load(own_netns)?;
+        tracing::info!(pods = saved.len(), path = %store.path().display(), "loaded saved pods");
         let redirector = Redirector::new(config.redirect(), config.tools());
-        let enroller = Arc::new(Enroller::new(redirector, own_netns, store));
+        let enroller = Arc::new(Enroller::new(
+            redirector,
+            own_netns,
+            store,
+            saved,
+            config.zds_retry(),
+        ));
         tracing::info!(
             plugin_socket = %config.plugin_socket.display(),
             zds_socket = %config.zds_socket.display(),
@@ -115,7 +123,8 @@ impl Agent {
         };
         tokio::join!(
             plugin_server::serve(plugin_listener, enroller.clone(), limits, drain.clone()),
-            ztunnel_conn::serve(zds_listener, enroller, timeouts, drain),
+            ztunnel_conn::serve(zds_listener, enroller.clone(), timeouts, drain.clone()),
+            enroller.reoffer_refused(drain),
         );
         for path in [&config.plugin_socket, &config.zds_socket] {
             let _ = std::fs::remove_file(path);

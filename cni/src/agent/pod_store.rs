@@ -1,14 +1,40 @@
-//! Optional persistence of the enrolled pods, so a restarted agent still knows
-//! them: without it a ztunnel reconnecting to a fresh agent would get an empty
-//! snapshot and drop every pod. Each pod is saved with its namespace's inode; on
-//! load a pod whose namespace is gone, or is now another namespace, is dropped.
+//! Persistence of the enrolled pods, so a restarted agent still knows them:
+//! without it a ztunnel reconnecting to a fresh agent would get an empty snapshot
+//! and drop every pod. Each pod is saved with its namespace's inode; on load a pod
+//! whose namespace is gone, or is now another namespace, is dropped. The file is
+//! replaced whole (temp file, fsync, rename, fsync of the directory), so a crash
+//! leaves the old or the new file, never a truncated one.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use mesh_core::os::NetNs;
 use serde::{Deserialize, Serialize};
 
 use crate::api::Pod;
+
+/// Why the saved pods cannot be read. The agent does not start: starting empty
+/// would make ztunnel drop every pod of the node.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read the pod state file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the pod state file {} is corrupt ({source}); refusing to start with no pods, \
+         which would make ztunnel drop every pod of this node (move the file away to \
+         start empty on purpose)",
+        path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
@@ -37,25 +63,25 @@ impl PodStore {
         &self.path
     }
 
-    /// The saved pods whose namespaces still exist. A missing file is no pods; an
-    /// unreadable one is logged and treated as none, so the agent still starts.
-    pub(crate) fn load(&self, own_netns: u64) -> Vec<(Pod, NetNs)> {
+    /// The saved pods whose namespaces still exist. A missing file is no pods (a
+    /// first start); an unreadable or undecodable one is an error.
+    pub(crate) fn load(&self, own_netns: u64) -> Result<Vec<(Pod, NetNs)>, StateError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), "cannot read the pod state: {e}");
-                return Vec::new();
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
             }
         };
-        let saved: Saved = match serde_json::from_slice(&bytes) {
-            Ok(saved) => saved,
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), "ignoring undecodable pod state: {e}");
-                return Vec::new();
-            }
-        };
-        saved
+        let saved: Saved =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(saved
             .pods
             .into_iter()
             .filter_map(|SavedPod { pod, netns_inode }| {
@@ -67,7 +93,7 @@ impl PodStore {
                 }
                 Some((pod, netns))
             })
-            .collect()
+            .collect())
     }
 
     /// Saves `pods`, replacing the file atomically.
@@ -84,11 +110,30 @@ impl PodStore {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let body = serde_json::to_vec_pretty(&Saved { pods }).map_err(std::io::Error::other)?;
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        tokio::fs::write(&tmp, body).await?;
-        tokio::fs::rename(&tmp, &self.path).await
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || replace_durably(&path, &body))
+            .await
+            .map_err(std::io::Error::other)?
     }
+}
+
+/// Writes `body` to a temp file beside `path`, syncs it, renames it over `path` and
+/// syncs the directory, so that after a crash `path` holds either the old or the
+/// new content, whole.
+fn replace_durably(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.to_owned().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(body)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -115,21 +160,49 @@ mod tests {
         std::fs::write(&a, "").unwrap();
         std::fs::write(&b, "").unwrap();
         let store = PodStore::new(dir.path().join("pods.json"));
-        assert!(store.load(0).is_empty());
+        assert!(store.load(0).unwrap().is_empty());
 
         let pods = [pod("uid-a", &a), pod("uid-b", &b)];
         let handles = [NetNs::open(&a).unwrap(), NetNs::open(&b).unwrap()];
         store.save(pods.iter().zip(handles.iter())).await.unwrap();
-        let loaded: Vec<Pod> = store.load(0).into_iter().map(|(p, _)| p).collect();
+        let loaded: Vec<Pod> = store.load(0).unwrap().into_iter().map(|(p, _)| p).collect();
         assert_eq!(loaded, pods);
+        // Replaced whole: no temp file is left beside it.
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["ns-a", "ns-b", "pods.json"]);
 
         // ns-b is replaced by another file: that pod is forgotten.
         std::fs::write(dir.path().join("other"), "").unwrap();
         std::fs::rename(dir.path().join("other"), &b).unwrap();
-        let loaded: Vec<String> = store.load(0).into_iter().map(|(p, _)| p.uid).collect();
+        let loaded: Vec<String> = store
+            .load(0)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p.uid)
+            .collect();
         assert_eq!(loaded, ["uid-a"]);
+    }
 
-        std::fs::write(store.path(), "not json").unwrap();
-        assert!(store.load(0).is_empty());
+    #[test]
+    fn a_corrupt_or_unreadable_state_is_an_error_not_an_empty_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PodStore::new(dir.path().join("pods.json"));
+        // A file cut short by a crash of an older agent.
+        std::fs::write(store.path(), r#"{"pods":[{"pod":{"uid":"#).unwrap();
+        let err = store.load(0).unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("pods.json") && msg.contains("corrupt"),
+            "{msg}"
+        );
+
+        // A directory where the file should be cannot be read.
+        let store = PodStore::new(dir.path());
+        assert!(matches!(store.load(0), Err(StateError::Read { .. })));
     }
 }

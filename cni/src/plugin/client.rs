@@ -1,5 +1,7 @@
 //! The plugin's side of the agent protocol ([`crate::api`]): blocking, one request
-//! per connection, the whole exchange bounded by a deadline.
+//! per connection, the whole exchange, connecting included, bounded by a
+//! deadline. An agent serving its most connections stops accepting, and a blocking
+//! connect to its full backlog would wait for as long as that lasts.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -52,11 +54,7 @@ impl AgentClient {
     /// Sends `request` and waits for the reply, at most the client's timeout.
     pub fn request(&self, request: &AgentRequest) -> Result<AgentReply, ClientError> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream =
-            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let mut stream = self.connect(deadline)?;
         let body = serde_json::to_vec(request).map_err(|e| self.bad(e.to_string()))?;
         self.arm(&stream, deadline)?;
         stream
@@ -78,6 +76,37 @@ impl AgentClient {
             }
         }
         serde_json::from_slice(&reply).map_err(|e| self.bad(e.to_string()))
+    }
+
+    /// Connects without blocking; while the agent's backlog is full (`EAGAIN`),
+    /// tries again, every millisecond up to every 50 ms, until `deadline`.
+    fn connect(&self, deadline: Instant) -> Result<UnixStream, ClientError> {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let connect_err = |source| ClientError::Connect {
+            socket: self.socket.clone(),
+            source,
+        };
+        let addr = SockAddr::unix(&self.socket).map_err(connect_err)?;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(connect_err)?;
+            sock.set_nonblocking(true).map_err(connect_err)?;
+            match sock.connect(&addr) {
+                Ok(()) => {
+                    sock.set_nonblocking(false).map_err(connect_err)?;
+                    return Ok(UnixStream::from(sock));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.timed_out());
+                    }
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(connect_err(e)),
+            }
+        }
     }
 
     /// Sets the socket timeouts to what is left before `deadline`.
@@ -117,5 +146,47 @@ impl AgentClient {
             socket: self.socket.clone(),
             reason,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connecting_to_an_agent_that_accepts_nothing_times_out() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.sock");
+        // A listener that never accepts, with the smallest backlog, filled up.
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let s = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            match s.connect(&SockAddr::unix(&path).unwrap()) {
+                Ok(()) => queued.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+
+        let client = AgentClient::new(&path, Duration::from_millis(300));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(client.request(&AgentRequest::List));
+        });
+        // A connect without a bound would never return.
+        let result = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the request did not give up on a full backlog");
+        assert!(
+            matches!(result, Err(ClientError::TimedOut { .. })),
+            "{result:?}"
+        );
+        drop(queued);
     }
 }

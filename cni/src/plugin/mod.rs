@@ -95,7 +95,9 @@ fn add(env: &CniEnv, conf: &NetConf, client: &AgentClient) -> Result<String, Cni
         tracing::info!(container = %env.container_id, "AMBIT_ENROLL=false: pod left out of the mesh");
         return Ok(result);
     }
-    let pod = pod_of(env, conf.pod_ips()?);
+    let ips = conf.pod_ips()?;
+    refuse_ipv6(&ips)?;
+    let pod = pod_of(env, ips);
     let uid = pod.uid.clone();
     match client.request(&AgentRequest::Add { pod }) {
         Ok(AgentReply::Ok { detail, .. }) => {
@@ -109,10 +111,28 @@ fn add(env: &CniEnv, conf: &NetConf, client: &AgentClient) -> Result<String, Cni
     }
 }
 
+/// The redirection is IPv4 only (and ztunnel listens on IPv4 only): a pod with
+/// an IPv6 address would send its IPv6 traffic around the mesh, so it is refused
+/// rather than enrolled half-way.
+fn refuse_ipv6(ips: &[std::net::IpAddr]) -> Result<(), CniError> {
+    match ips.iter().find(|ip| ip.is_ipv6()) {
+        None => Ok(()),
+        Some(v6) => Err(CniError::new(
+            ErrorCode::InvalidConfig,
+            format!(
+                "IPv6 is not supported yet by the Ambit mesh: the pod has {v6} and its IPv6 \
+                 traffic would bypass the mesh; give the pod IPv4 addresses only, or opt it \
+                 out with CNI_ARGS AMBIT_ENROLL=false"
+            ),
+        )),
+    }
+}
+
 fn del(env: &CniEnv, client: &AgentClient) -> String {
     let uid = uid_of(env);
     let request = AgentRequest::Del {
         uid: uid.clone(),
+        container_id: Some(env.container_id.clone()),
         netns: env.netns.clone(),
     };
     match client.request(&request) {

@@ -202,3 +202,29 @@ fn a_pod_without_kubernetes_args_is_named_by_its_container() {
         ("c1", "c1", "default", "default")
     );
 }
+
+#[test]
+fn a_pod_with_an_ipv6_address_is_refused_before_the_agent_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nobody listens: had the plugin asked the agent, the error would be code 11.
+    let socket = dir.path().join("nobody.sock");
+    let mut conf: serde_json::Value = serde_json::from_str(&config(&socket)).unwrap();
+    conf["prevResult"]["ips"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"address": "2001:db8::5/64", "interface": 0}));
+    let v = error_of(&invoke("ADD", K8S_ARGS, &conf.to_string()));
+    assert_eq!(v["code"], 7, "{v}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("IPv6 is not supported") && msg.contains("2001:db8::5"),
+        "{msg}"
+    );
+    // Opted out, the same pod starts (out of the mesh).
+    let out = invoke(
+        "ADD",
+        &format!("{K8S_ARGS};AMBIT_ENROLL=false"),
+        &conf.to_string(),
+    );
+    assert_eq!(out.exit_code, 0, "{}", out.stdout);
+}

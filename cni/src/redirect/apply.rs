@@ -1,10 +1,13 @@
 //! Runs the redirection tools inside a pod's network namespace: a thread enters
 //! the namespace ([`NetNs::run`]) and the processes it starts inherit it, so
-//! nothing here ever touches the node's own namespace.
+//! nothing here ever touches the node's own namespace. Each tool run has a
+//! deadline ([`RedirectTools::timeout`]): a tool still running then is killed and
+//! reaped, and the operation fails naming it.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use mesh_core::os::NetNs;
 
@@ -21,6 +24,8 @@ pub enum RedirectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("`{command}` did not finish within {timeout:?} and was killed")]
+    TimedOut { command: String, timeout: Duration },
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
         command: String,
@@ -139,7 +144,8 @@ impl Redirector {
         self.run(&self.tools.ip, args, None).map(drop)
     }
 
-    /// Runs `tool args`, feeding `stdin`, and returns its stdout.
+    /// Runs `tool args`, feeding `stdin`, and returns its stdout; kills the tool
+    /// at the deadline.
     fn run(
         &self,
         tool: &Path,
@@ -150,6 +156,8 @@ impl Redirector {
             tool: tool.to_owned(),
             source,
         };
+        let command = || format!("{} {}", tool.display(), args.join(" "));
+        let deadline = Instant::now() + self.tools.timeout;
         let mut child = Command::new(tool)
             .args(args)
             .stdin(if stdin.is_some() {
@@ -162,17 +170,124 @@ impl Redirector {
             .spawn()
             .map_err(spawn_err)?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A tool that exits early closes the pipe; its status tells why.
+            // The input (a few KiB) fits in the pipe, so this cannot block on a
+            // tool that does not read. A tool that exits early closes the pipe;
+            // its status tells why.
             let _ = pipe.write_all(input.as_bytes());
         }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if !out.status.success() {
+        // Read both pipes on their own threads, so a chatty tool never blocks on
+        // a full pipe while this one waits for it. A killed tool closes them.
+        let stdout = read_on_thread(child.stdout.take());
+        let stderr = read_on_thread(child.stderr.take());
+        let status = match wait_until(&mut child, deadline) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                return Err(RedirectError::TimedOut {
+                    command: command(),
+                    timeout: self.tools.timeout,
+                });
+            }
+            Err(e) => return Err(spawn_err(e)),
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        if !status.success() {
             return Err(RedirectError::Failed {
-                command: format!("{} {}", tool.display(), args.join(" ")),
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                command: command(),
+                status,
+                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
             });
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own (at most [`MAX_TOOL_OUTPUT`]).
+fn read_on_thread(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(pipe) = pipe {
+            let _ = pipe.take(MAX_TOOL_OUTPUT).read_to_end(&mut out);
+        }
+        out
+    })
+}
+
+/// Largest tool output kept (an `iptables-save` of a pod is a few KiB).
+const MAX_TOOL_OUTPUT: u64 = 16 * 1024 * 1024;
+
+/// Waits for `child` until `deadline`; then kills and reaps it and returns
+/// `None`. The exit is polled, from every millisecond up to every 20 ms: std has
+/// no wait with a timeout, and the tools mostly finish within milliseconds.
+fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // An exit between the check and the kill leaves a zombie, which the
+            // wait below reaps all the same.
+            let _ = child.kill();
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirector(timeout: Duration) -> Redirector {
+        Redirector::new(
+            RedirectConfig::default(),
+            RedirectTools {
+                timeout,
+                ..RedirectTools::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_hung_tool_is_killed_at_its_deadline_and_named() {
+        let started = Instant::now();
+        let err = redirector(Duration::from_millis(200))
+            .run(Path::new("sleep"), &["30".into()], None)
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, RedirectError::TimedOut { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`sleep 30`") && msg.contains("killed"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_tool_in_time_gives_its_output_or_its_failure() {
+        let r = redirector(Duration::from_secs(10));
+        let out = r
+            .run(Path::new("cat"), &[], Some("*nat\nCOMMIT\n"))
+            .unwrap();
+        assert_eq!(out, "*nat\nCOMMIT\n");
+        let err = r
+            .run(
+                Path::new("sh"),
+                &["-c".into(), "echo nope >&2; exit 3".into()],
+                None,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, RedirectError::Failed { stderr, .. } if stderr == "nope"),
+            "{err}"
+        );
     }
 }

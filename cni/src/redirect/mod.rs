@@ -9,6 +9,7 @@ pub mod rules;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 pub use apply::{RedirectError, Redirector};
 
@@ -74,12 +75,15 @@ impl Default for RedirectConfig {
 }
 
 /// The programs run inside pod namespaces (Debian's `iptables` is iptables-nft;
-/// either backend works in a pod's own namespace).
+/// either backend works in a pod's own namespace), and how long one run may take.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedirectTools {
     pub iptables_restore: PathBuf,
     pub iptables_save: PathBuf,
     pub ip: PathBuf,
+    /// A tool still running after this is killed and its operation fails. Above
+    /// the 5 s `iptables-restore -w` waits for the xtables lock.
+    pub timeout: Duration,
 }
 
 impl Default for RedirectTools {
@@ -88,6 +92,7 @@ impl Default for RedirectTools {
             iptables_restore: "iptables-restore".into(),
             iptables_save: "iptables-save".into(),
             ip: "ip".into(),
+            timeout: Duration::from_secs(10),
         }
     }
 }

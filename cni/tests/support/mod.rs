@@ -19,6 +19,9 @@ use mesh_core::os::SeqPacket;
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// True when running as root. Otherwise: a panic under CI=true, else a loud skip.
+/// The banner goes to the process's stderr itself: `eprintln!` output is captured
+/// by the test harness and shown only for failures, which would make the skip
+/// silent (the test just reads "ok").
 pub fn have_root(test: &str) -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
@@ -27,8 +30,24 @@ pub fn have_root(test: &str) -> bool {
         std::env::var("CI").as_deref() != Ok("true"),
         "CI must run {test} as root"
     );
-    eprintln!("SKIPPED (needs root): {test}");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n*** SKIPPED (needs root; set CI=true to make this a failure): {test} ***"
+    );
     false
+}
+
+/// Waits until `done` holds, checking every 10 ms; fails after [`EVENT_TIMEOUT`].
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {EVENT_TIMEOUT:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A network namespace of the test's own, deleted on drop (even on panic).
@@ -92,23 +111,36 @@ pub struct TestAgent {
 impl TestAgent {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut agent = Self::start_in(dir.path(), false);
+        let mut agent = Self::start_in(dir.path());
         agent._dir = Some(dir);
         agent
     }
 
-    /// An agent with its sockets (and, if `keep_state`, its pod state file) in
-    /// `dir`, which the caller keeps.
-    pub fn start_in(dir: &Path, keep_state: bool) -> Self {
+    /// An agent with its sockets and its pod state file in `dir`, which the caller
+    /// keeps (so a second agent started in it is a restart).
+    pub fn start_in(dir: &Path) -> Self {
+        Self::start_with(Self::config_in(dir))
+    }
+
+    /// The test agents' config: everything in `dir`, otherwise the defaults.
+    pub fn config_in(dir: &Path) -> AgentConfig {
+        let mut config = AgentConfig::new(
+            dir.join("cni-agent.sock"),
+            dir.join("ztunnel.sock"),
+            dir.join("state/pods.json"),
+        );
+        config.ack_timeout_ms = 10_000;
+        config
+    }
+
+    /// An agent with `config`, whose files the caller keeps.
+    pub fn start_with(config: AgentConfig) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("ambit_cni=debug")
             .with_test_writer()
             .try_init();
-        let plugin_socket = dir.join("cni-agent.sock");
-        let zds_socket = dir.join("ztunnel.sock");
-        let mut config = AgentConfig::new(&plugin_socket, &zds_socket);
-        config.ack_timeout_ms = 10_000;
-        config.state_file = keep_state.then(|| dir.join("state/pods.json"));
+        let plugin_socket = config.plugin_socket.clone();
+        let zds_socket = config.zds_socket.clone();
         let agent = Agent::bind(config).unwrap();
         let (trigger, watcher) = mesh_core::drain::channel();
         let task = tokio::spawn(agent.run(watcher));
@@ -213,10 +245,21 @@ pub fn net_conf(agent_socket: &Path, ip: &str) -> String {
 
 /// Runs the plugin binary with the runtime's environment and `stdin`.
 pub fn run_plugin(command: &str, netns: &Path, cni_args: &str, stdin: &str) -> Output {
+    run_plugin_for("c0ffee", command, netns, cni_args, stdin)
+}
+
+/// [`run_plugin`] for the sandbox (`CNI_CONTAINERID`) `sandbox`.
+pub fn run_plugin_for(
+    sandbox: &str,
+    command: &str,
+    netns: &Path,
+    cni_args: &str,
+    stdin: &str,
+) -> Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_ambit-cni"))
         .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "c0ffee")
+        .env("CNI_CONTAINERID", sandbox)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_ARGS", cni_args)
@@ -243,13 +286,27 @@ pub fn spawn_plugin(
     cni_args: &str,
     stdin: &str,
 ) -> tokio::task::JoinHandle<Output> {
-    let (command, netns, cni_args, stdin) = (
+    spawn_plugin_for("c0ffee", command, netns, cni_args, stdin)
+}
+
+/// [`run_plugin_for`] on a blocking thread.
+pub fn spawn_plugin_for(
+    sandbox: &str,
+    command: &str,
+    netns: &Path,
+    cni_args: &str,
+    stdin: &str,
+) -> tokio::task::JoinHandle<Output> {
+    let (sandbox, command, netns, cni_args, stdin) = (
+        sandbox.to_owned(),
         command.to_owned(),
         netns.to_owned(),
         cni_args.to_owned(),
         stdin.to_owned(),
     );
-    tokio::task::spawn_blocking(move || run_plugin(&command, &netns, &cni_args, &stdin))
+    tokio::task::spawn_blocking(move || {
+        run_plugin_for(&sandbox, &command, &netns, &cni_args, &stdin)
+    })
 }
 
 pub fn pod_args(name: &str, uid: &str) -> String {
