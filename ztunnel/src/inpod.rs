@@ -130,11 +130,13 @@ async fn handle(
                     info.service_account
                 },
             };
-            resent.insert(add.uid);
             app.add_pod(pod, Some(NetNs::from_fd(fd)), PodPorts::default())
                 .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // Only a pod served now counts as re-sent: a refused one's older proxy
+            // (in a namespace the agent no longer reports) goes at the snapshot.
+            resent.insert(add.uid);
+            Ok(())
         }
         Payload::Del(del) => {
             if fd.is_some() {

@@ -19,24 +19,8 @@ use mesh_core::os::SeqPacket;
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// True when running as root. Otherwise: a panic under CI=true, else a loud skip.
-/// The banner goes to the process's stderr itself: `eprintln!` output is captured
-/// by the test harness and shown only for failures, which would make the skip
-/// silent (the test just reads "ok").
-pub fn have_root(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI must run {test} as root"
-    );
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "\n*** SKIPPED (needs root; set CI=true to make this a failure): {test} ***"
-    );
-    false
-}
+#[allow(unused_imports)] // not every test file that shares this module needs root
+pub use mesh_core::testing::require_root as have_root;
 
 /// Waits until `done` holds, checking every 10 ms; fails after [`EVENT_TIMEOUT`].
 pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
