@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::auth::review::TokenReviewer;
 use crate::auth::tokens::TokenFile;
 use crate::auth::{AuthError, Authenticator, Caller};
-use crate::ca::{CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy};
+use crate::ca::{CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy, ReservedIdentities};
 use crate::config::Config;
 use crate::model::{Report, SourceEvent};
 use crate::source::dir::DirSource;
@@ -93,6 +93,7 @@ impl App {
         let identity = config
             .identity()
             .context("--trust-domain/--root-namespace")?;
+        let proxy_accounts = config.proxy_account_pairs().map_err(anyhow::Error::msg)?;
         let (trigger, watcher) = drain::channel();
         let mut registry = Registry::default();
         registry.register_collector(Box::new(mesh_core::metrics::ProcessCollector));
@@ -105,7 +106,7 @@ impl App {
             CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain, ttl)
                 .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?,
         );
-        let auth = Arc::new(Self::authenticator(&config).await?);
+        let auth = Arc::new(Self::authenticator(&config, &proxy_accounts).await?);
 
         let model = Arc::new(ModelState {
             translator: RwLock::new(Translator::new(TranslateSettings {
@@ -132,10 +133,14 @@ impl App {
             watcher.clone(),
         )
         .context("xDS settings")?;
+        let reserved = ReservedIdentities::default()
+            .control_plane(identity.namespace(), identity.service_account())
+            .proxy_accounts(&proxy_accounts);
         let ca = CaService::new(
             root.clone(),
             auth.clone(),
             model.clone(),
+            reserved,
             CaMetrics::new(&mut registry),
         );
 
@@ -207,7 +212,10 @@ impl App {
         })
     }
 
-    async fn authenticator(config: &Config) -> anyhow::Result<NodeAuth> {
+    async fn authenticator(
+        config: &Config,
+        proxy_accounts: &[(String, String)],
+    ) -> anyhow::Result<NodeAuth> {
         if let Some(path) = &config.node_tokens {
             let tokens = TokenFile::load(path)
                 .with_context(|| format!("--node-tokens {}", path.display()))?;
@@ -216,17 +224,8 @@ impl App {
         let client = kube::Client::try_default()
             .await
             .context("--kube: no usable Kubernetes configuration")?;
-        let accounts = config
-            .proxy_accounts
-            .iter()
-            .map(|a| {
-                a.split_once('/')
-                    .map(|(ns, sa)| (ns.to_string(), sa.to_string()))
-                    .with_context(|| format!("--proxy-accounts {a:?}: want <namespace>/<account>"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(NodeAuth::Kube(
-            TokenReviewer::new(client).with_allowed(accounts),
+            TokenReviewer::new(client).with_allowed(proxy_accounts.iter().cloned()),
         ))
     }
 

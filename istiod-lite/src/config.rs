@@ -73,7 +73,8 @@ pub struct Config {
     #[arg(long, env = "AMBIT_NODE_TOKENS", required_unless_present = "kube")]
     pub node_tokens: Option<PathBuf>,
 
-    /// Kubernetes mode: service accounts (`<ns>/<sa>`) whose tokens may act as node proxies.
+    /// Kubernetes mode: service accounts (`<ns>/<sa>`) whose tokens may act as node
+    /// proxies. In both modes the CA never issues these identities.
     #[arg(
         long,
         env = "AMBIT_PROXY_ACCOUNTS",
@@ -113,6 +114,21 @@ impl Config {
     pub fn identity(&self) -> Result<mesh_core::SpiffeId, mesh_core::SpiffeIdError> {
         mesh_core::SpiffeId::new(&self.trust_domain, &self.root_namespace, "istiod-lite")
     }
+
+    /// `--proxy-accounts` as `(namespace, service account)` pairs.
+    pub fn proxy_account_pairs(&self) -> Result<Vec<(String, String)>, String> {
+        self.proxy_accounts
+            .iter()
+            .map(|a| match a.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                    Ok((ns.to_owned(), sa.to_owned()))
+                }
+                _ => Err(format!(
+                    "--proxy-accounts {a:?}: want <namespace>/<account>"
+                )),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +152,10 @@ mod tests {
             c.identity().unwrap().to_string(),
             "spiffe://cluster.local/ns/istio-system/sa/istiod-lite"
         );
+        assert_eq!(
+            c.proxy_account_pairs().unwrap(),
+            vec![("istio-system".to_owned(), "ztunnel".to_owned())]
+        );
     }
 
     #[test]
@@ -152,6 +172,20 @@ mod tests {
         .to_string();
         assert!(
             err.contains("--admin-addr") && err.contains("loopback"),
+            "{err}"
+        );
+        let c = parse(&[
+            "--config-dir",
+            "/x",
+            "--node-tokens",
+            "/t",
+            "--proxy-accounts",
+            "istio-system/ztunnel,ztunnel",
+        ])
+        .unwrap();
+        let err = c.proxy_account_pairs().unwrap_err();
+        assert!(
+            err.contains("--proxy-accounts") && err.contains("\"ztunnel\""),
             "{err}"
         );
         let err = parse(&["--node-tokens", "/t"]).unwrap_err().to_string();

@@ -44,6 +44,9 @@ pub struct Pod {
     pub host_network: bool,
     /// The `Ready` condition (true when no condition is reported), and not terminating.
     pub ready: bool,
+    /// `status.phase` is `Succeeded` or `Failed`: every container has exited for
+    /// good, and the pod's address may already belong to another pod.
+    pub terminal: bool,
     /// `spec.containers[*].ports[*]` by name, to resolve named target ports.
     pub named_ports: BTreeMap<String, u16>,
 }

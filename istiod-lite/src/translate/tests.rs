@@ -43,6 +43,7 @@ pub(super) fn pod(ns: &str, name: &str, ip: &str, pairs: &[(&str, &str)]) -> Pod
         ips: vec![ip.parse().unwrap()],
         host_network: false,
         ready: true,
+        terminal: false,
         named_ports: BTreeMap::new(),
     }
 }
@@ -495,6 +496,34 @@ fn may_issue_follows_pods_on_the_node() {
     assert!(t.may_issue("node-b", "shop", "web"));
     t.apply(vec![delete(Kind::Pod, "shop", "a")]);
     assert!(!t.may_issue("node-b", "shop", "web"));
+}
+
+#[test]
+fn finished_and_host_network_pods_hold_no_identity() {
+    let mut t = translator();
+    let mut job = pod("shop", "job", "198.18.0.1", &[]);
+    job.service_account = "batch".into();
+    t.apply(vec![up_pod(job.clone())]);
+    assert!(t.may_issue("node-a", "shop", "batch"));
+    // The job completes: its node no longer runs that identity.
+    job.terminal = true;
+    job.ready = false;
+    t.apply(vec![up_pod(job.clone())]);
+    assert!(!t.may_issue("node-a", "shop", "batch"));
+    // Deleting the finished pod withdraws nothing it did not add.
+    let mut other = pod("shop", "other", "198.18.0.2", &[]);
+    other.service_account = "batch".into();
+    t.apply(vec![up_pod(other), delete(Kind::Pod, "shop", "job")]);
+    assert!(t.may_issue("node-a", "shop", "batch"));
+
+    let mut host = pod("kube-system", "agent", "198.19.0.1", &[]);
+    host.service_account = "agent".into();
+    host.host_network = true;
+    t.apply(vec![up_pod(host.clone())]);
+    assert!(!t.may_issue("node-a", "kube-system", "agent"));
+    host.host_network = false;
+    t.apply(vec![up_pod(host)]);
+    assert!(t.may_issue("node-a", "kube-system", "agent"));
 }
 
 #[test]

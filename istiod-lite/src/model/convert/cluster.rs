@@ -93,6 +93,7 @@ pub(super) fn pod(value: Value) -> Checked<Pod> {
         ips,
         host_network: spec.host_network.unwrap_or(false),
         ready: ready_condition.unwrap_or(true) && !terminating && !finished,
+        terminal: finished,
         named_ports,
     })
 }

@@ -99,6 +99,7 @@ fn pod_readiness() {
         panic!()
     };
     assert!(bare.ready, "no conditions: ready");
+    assert!(!bare.terminal, "no phase: not terminal");
     assert_eq!(bare.service_account, "default");
     assert_eq!(bare.ips, vec![ip("198.18.0.9")]);
     let Object::Pod(gone) = ok("
@@ -118,6 +119,20 @@ status: {conditions: [{type: Ready, status: 'True'}]}
     };
     assert!(host.host_network);
     assert!(host.ips.is_empty());
+    for (phase, terminal) in [
+        ("Pending", false),
+        ("Running", false),
+        ("Succeeded", true),
+        ("Failed", true),
+    ] {
+        let Object::Pod(p) = ok(&format!(
+            "{{apiVersion: v1, kind: Pod, metadata: {{name: p}}, status: {{phase: {phase}}}}}"
+        )) else {
+            panic!()
+        };
+        assert_eq!(p.terminal, terminal, "{phase}");
+        assert_eq!(p.ready, !terminal, "{phase}");
+    }
 }
 
 #[test]
