@@ -175,12 +175,40 @@ fn enrollment_by_namespace_pod_label_and_opt_out() {
     assert_eq!(protocol(&workload(&updates, "shop/out")), none);
     assert_eq!(protocol(&workload(&updates, "plain/b")), none);
     assert_eq!(protocol(&workload(&updates, "plain/in")), hbone);
-    assert_eq!(
-        protocol(&workload(&updates, "shop/host")),
-        none,
-        "hostNetwork"
+    assert!(
+        !summary(&updates)
+            .iter()
+            .any(|(_, name, _)| name == "shop/host"),
+        "a hostNetwork pod claims its node's address: no workload"
     );
-    assert_eq!(t.counts(), (5, 0, 0));
+    assert_eq!(t.counts(), (4, 0, 0));
+}
+
+#[test]
+fn a_finished_pod_leaves_the_workloads_and_its_address_is_free() {
+    let mut t = translator();
+    let mut job = pod("shop", "job", "198.18.0.7", &[]);
+    job.service_account = "batch".into();
+    t.apply(vec![
+        namespace("shop", &[("istio.io/dataplane-mode", "ambient")]),
+        up_pod(job.clone()),
+    ]);
+    assert!(t.may_issue("node-a", "shop", "batch"));
+    job.terminal = true;
+    job.ready = false;
+    let updates = t.apply(vec![up_pod(job)]);
+    assert_eq!(
+        summary(&updates),
+        vec![("workload", "shop/job".to_string(), true)]
+    );
+    assert!(!t.may_issue("node-a", "shop", "batch"));
+    // A new pod takes the address: the only workload that holds it.
+    let updates = t.apply(vec![up_pod(pod("shop", "next", "198.18.0.7", &[]))]);
+    assert_eq!(
+        summary(&updates),
+        vec![("workload", "shop/next".to_string(), false)]
+    );
+    assert_eq!(t.counts(), (1, 0, 0));
 }
 
 #[test]
