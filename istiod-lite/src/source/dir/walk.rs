@@ -20,6 +20,11 @@ pub(super) struct Stat {
 }
 
 impl Stat {
+    /// The stat of the file at `path` (following a symlink).
+    pub fn read(path: &Path) -> io::Result<Self> {
+        fs::metadata(path).map(|meta| Self::of(&meta))
+    }
+
     fn of(meta: &fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self {
