@@ -106,7 +106,7 @@ impl App {
             CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain, ttl)
                 .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?,
         );
-        let auth = Arc::new(Self::authenticator(&config, &proxy_accounts).await?);
+        let auth = Arc::new(Self::authenticator(&config).await?);
 
         let model = Arc::new(ModelState {
             translator: RwLock::new(Translator::new(TranslateSettings {
@@ -212,10 +212,7 @@ impl App {
         })
     }
 
-    async fn authenticator(
-        config: &Config,
-        proxy_accounts: &[(String, String)],
-    ) -> anyhow::Result<NodeAuth> {
+    async fn authenticator(config: &Config) -> anyhow::Result<NodeAuth> {
         if let Some(path) = &config.node_tokens {
             let tokens = TokenFile::load(path)
                 .with_context(|| format!("--node-tokens {}", path.display()))?;
@@ -224,9 +221,19 @@ impl App {
         let client = kube::Client::try_default()
             .await
             .context("--kube: no usable Kubernetes configuration")?;
-        Ok(NodeAuth::Kube(
-            TokenReviewer::new(client).with_allowed(proxy_accounts.iter().cloned()),
-        ))
+        Ok(NodeAuth::Kube(Self::token_reviewer(client, config)?))
+    }
+
+    /// The Kubernetes-mode authenticator `config` asks for: `--proxy-accounts`
+    /// may act as node proxies, with tokens for one of `--token-audiences`.
+    pub fn token_reviewer(client: kube::Client, config: &Config) -> anyhow::Result<TokenReviewer> {
+        let accounts = config.proxy_account_pairs().map_err(anyhow::Error::msg)?;
+        let audiences = config
+            .checked_token_audiences()
+            .map_err(anyhow::Error::msg)?;
+        Ok(TokenReviewer::new(client)
+            .with_allowed(accounts)
+            .with_audiences(audiences))
     }
 
     /// Closes every stream and endpoint within the configured deadline.

@@ -83,6 +83,17 @@ pub struct Config {
     )]
     pub proxy_accounts: Vec<String>,
 
+    /// Kubernetes mode: a proxy's token must be issued for one of these audiences
+    /// (checked by the TokenReview), as Istio's `istio-ca`: a token minted for
+    /// another service (the API server's own, a vault's) is refused.
+    #[arg(
+        long,
+        env = "AMBIT_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = "istio-ca"
+    )]
+    pub token_audiences: Vec<String>,
+
     /// A push waits for this much quiet after the last change...
     #[arg(long, env = "AMBIT_DEBOUNCE_QUIET", default_value = "100ms", value_parser = parse_duration)]
     #[serde(serialize_with = "duration_as_text")]
@@ -113,6 +124,22 @@ impl Config {
     /// The identity istiod-lite serves under; clients expect it.
     pub fn identity(&self) -> Result<mesh_core::SpiffeId, mesh_core::SpiffeIdError> {
         mesh_core::SpiffeId::new(&self.trust_domain, &self.root_namespace, "istiod-lite")
+    }
+
+    /// `--token-audiences`, checked: at least one, none empty.
+    pub fn checked_token_audiences(&self) -> Result<Vec<String>, String> {
+        let audiences: Vec<String> = self
+            .token_audiences
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .collect();
+        if audiences.is_empty() || audiences.iter().any(String::is_empty) {
+            return Err(format!(
+                "--token-audiences {:?}: want one or more non-empty audiences (Istio's is istio-ca)",
+                self.token_audiences.join(",")
+            ));
+        }
+        Ok(audiences)
     }
 
     /// `--proxy-accounts` as `(namespace, service account)` pairs.
@@ -156,6 +183,7 @@ mod tests {
             c.proxy_account_pairs().unwrap(),
             vec![("istio-system".to_owned(), "ztunnel".to_owned())]
         );
+        assert_eq!(c.checked_token_audiences().unwrap(), ["istio-ca"]);
     }
 
     #[test]
@@ -188,6 +216,9 @@ mod tests {
             err.contains("--proxy-accounts") && err.contains("\"ztunnel\""),
             "{err}"
         );
+        let c = parse(&["--kube", "--token-audiences", "istio-ca,,x"]).unwrap();
+        let err = c.checked_token_audiences().unwrap_err();
+        assert!(err.contains("--token-audiences"), "{err}");
         let err = parse(&["--node-tokens", "/t"]).unwrap_err().to_string();
         assert!(err.contains("--config-dir"), "{err}");
         let err = parse(&["--config-dir", "/x", "--kube"])

@@ -8,9 +8,12 @@ mod fake_apiserver;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use clap::Parser as _;
 use fake_apiserver::{FakeApiServer, TokenAnswer};
+use istiod_lite::app::App;
 use istiod_lite::auth::review::TokenReviewer;
 use istiod_lite::auth::{AuthError, Authenticator};
+use istiod_lite::config::Config;
 use istiod_lite::model::{Kind, Object, ObjectChange, ObjectKey, Report, SourceEvent};
 use istiod_lite::source::kube::{KubeSource, client_for};
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger};
@@ -391,6 +394,45 @@ async fn token_review_refuses_unauthenticated_tokens() {
         other.authenticate("ztunnel-token").await,
         Err(AuthError::Invalid(_))
     ));
+}
+
+#[tokio::test]
+async fn the_configured_reviewer_wants_tokens_for_istio_ca() {
+    let server = reviewer_server().await;
+    server.add_token(
+        "api-token",
+        TokenAnswer {
+            username: ZTUNNEL.into(),
+            node: Some("node-1".into()),
+            audiences: vec!["https://kubernetes.default.svc".into()],
+        },
+    );
+    let config = Config::try_parse_from(["istiod-lite", "--kube"]).unwrap();
+    let reviewer = App::token_reviewer(client_for(server.url()).unwrap(), &config).unwrap();
+    let caller = reviewer.authenticate("ztunnel-token").await.unwrap();
+    assert_eq!(caller.node, "node-1");
+    // ztunnel's default token, minted for the API server, is not one for the CA.
+    let refused = reviewer.authenticate("api-token").await;
+    assert!(matches!(refused, Err(AuthError::Invalid(_))), "{refused:?}");
+    let reviews = server.token_reviews();
+    assert_eq!(reviews.len(), 2);
+    for review in &reviews {
+        assert_eq!(review["spec"]["audiences"], json!(["istio-ca"]), "{review}");
+    }
+
+    // Other audiences when configured; an empty one stops start-up by name.
+    let config =
+        Config::try_parse_from(["istiod-lite", "--kube", "--token-audiences", "a,b"]).unwrap();
+    let reviewer = App::token_reviewer(client_for(server.url()).unwrap(), &config).unwrap();
+    assert!(reviewer.authenticate("ztunnel-token").await.is_err());
+    assert_eq!(
+        server.token_reviews()[2]["spec"]["audiences"],
+        json!(["a", "b"])
+    );
+    let config =
+        Config::try_parse_from(["istiod-lite", "--kube", "--token-audiences", ""]).unwrap();
+    let err = App::token_reviewer(client_for(server.url()).unwrap(), &config).unwrap_err();
+    assert!(err.to_string().contains("--token-audiences"), "{err}");
 }
 
 #[tokio::test]

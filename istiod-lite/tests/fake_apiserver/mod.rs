@@ -78,6 +78,8 @@ struct State {
     collections: Vec<Collection>,
     tokens: HashMap<String, TokenAnswer>,
     refuse_reviews: bool,
+    /// Every TokenReview received, as sent.
+    reviews: Vec<Value>,
 }
 
 impl State {
@@ -213,6 +215,11 @@ impl FakeApiServer {
         self.state().tokens.insert(token.to_owned(), answer);
     }
 
+    /// The TokenReviews received so far, as sent (`spec.token`, `spec.audiences`).
+    pub fn token_reviews(&self) -> Vec<Value> {
+        self.state().reviews.clone()
+    }
+
     /// TokenReviews get 403 Forbidden, as without the RBAC to create them.
     pub fn refuse_token_reviews(&self) {
         self.state().refuse_reviews = true;
@@ -295,7 +302,9 @@ async fn handle(
     if req.method() == Method::POST && path == TOKEN_REVIEWS {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let review: Value = serde_json::from_slice(&body).unwrap();
-        return Ok(token_review(&state.lock().unwrap(), review));
+        let mut state = state.lock().unwrap();
+        state.reviews.push(review.clone());
+        return Ok(token_review(&state, review));
     }
     if req.method() != Method::GET {
         return Ok(not_found());
