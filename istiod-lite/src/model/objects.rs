@@ -49,6 +49,15 @@ pub struct Pod {
     pub terminal: bool,
     /// `spec.containers[*].ports[*]` by name, to resolve named target ports.
     pub named_ports: BTreeMap<String, u16>,
+    /// The `metadata.ownerReferences` entry with `controller: true`, if any.
+    pub controller: Option<Controller>,
+}
+
+/// The object that controls a pod (a ReplicaSet, StatefulSet, DaemonSet, Job...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Controller {
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -45,6 +45,7 @@ pub(super) fn pod(ns: &str, name: &str, ip: &str, pairs: &[(&str, &str)]) -> Pod
         ready: true,
         terminal: false,
         named_ports: BTreeMap::new(),
+        controller: None,
     }
 }
 

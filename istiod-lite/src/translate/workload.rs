@@ -99,6 +99,7 @@ pub(super) fn build(
     Some(pb::Workload {
         uid: workload_uid(pod),
         name: pod.meta.name.clone(),
+        workload_name: super::owner::workload_name(pod),
         namespace: ns.clone(),
         addresses: pod.ips.iter().map(ip_bytes).collect(),
         service_account: pod.service_account.clone(),
