@@ -146,7 +146,8 @@ impl App {
 
         // The model task, then the source that feeds it.
         let (tx, rx) = mpsc::channel(SOURCE_QUEUE);
-        let sources = config.config_dir.len().max(1);
+        // The directories are one source, so a key in two of them is reported.
+        let sources = 1;
         tokio::spawn(run_model(
             rx,
             sources,
@@ -160,10 +161,8 @@ impl App {
                 .context("--kube: no usable Kubernetes configuration")?;
             tokio::spawn(KubeSource::new(client).run(tx, watcher.clone()));
         } else {
-            for dir in &config.config_dir {
-                let source = DirSource::new(dir.clone(), config.config_poll);
-                tokio::spawn(source.run(tx.clone(), watcher.clone()));
-            }
+            let source = DirSource::with_dirs(config.config_dir.clone(), config.config_poll);
+            tokio::spawn(source.run(tx, watcher.clone()));
         }
 
         let tls = root

@@ -15,7 +15,9 @@ use serde::Serialize;
 #[command(name = "istiod-lite", version)]
 pub struct Config {
     /// Directories of Kubernetes YAML to serve (the embedded mode), watched; repeat
-    /// the flag (or separate with commas) for several. An object may live in one only.
+    /// the flag (or separate with commas) for several. They are read as one: an
+    /// object defined in two files (of one directory or of two) is taken from the
+    /// first in path order and the other definition is reported on /debug/errors.
     #[arg(
         long,
         env = "AMBIT_CONFIG_DIR",

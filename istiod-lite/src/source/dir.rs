@@ -45,17 +45,24 @@ enum DirError {
     Syntax(serde_yaml_ng::Error),
 }
 
-/// A watched directory of Kubernetes YAML.
+/// Watched directories of Kubernetes YAML, read as one.
 #[derive(Debug)]
 pub struct DirSource {
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
     poll: Duration,
 }
 
 impl DirSource {
     /// Watches `dir` (recursively), looking every `poll`.
     pub fn new(dir: PathBuf, poll: Duration) -> Self {
-        Self { dir, poll }
+        Self::with_dirs(vec![dir], poll)
+    }
+
+    /// Watches every one of `dirs` (recursively) as one source: an object may be
+    /// defined in one file of one of them; another definition is reported and
+    /// ignored, as within one directory.
+    pub fn with_dirs(dirs: Vec<PathBuf>, poll: Duration) -> Self {
+        Self { dirs, poll }
     }
 
     /// Sends the directory's objects, then its changes, until drained (or until
@@ -64,12 +71,13 @@ impl DirSource {
     /// [`SourceEvent::Changes`], then every origin's reports, then
     /// [`SourceEvent::Synced`]; after that only differences are sent.
     pub async fn run(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
-        let span = tracing::info_span!("dir_source", dir = %self.dir.display());
+        let dirs: Vec<_> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+        let span = tracing::info_span!("dir_source", dirs = %dirs.join(","));
         self.watch(tx, drain).instrument(span).await
     }
 
     async fn watch(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
-        let mut state = Some(DirState::new(self.dir.clone()));
+        let mut state = Some(DirState::with_roots(self.dirs.clone()));
         let mut ticker = tokio::time::interval(self.poll.max(Duration::from_millis(1)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Until synced: what the scans so far found, sent as one view.

@@ -3,8 +3,9 @@
 //!
 //! Nothing is lost to bad input: a file that cannot be read or parsed keeps the
 //! objects last read from it; a document that fails validation keeps the last
-//! good version of its object; a key defined twice is taken from the first file
-//! in path order and the later definition is reported.
+//! good version of its object; a key defined twice (in one directory or in two
+//! of the watched ones) is taken from the first file in path order and the later
+//! definition is reported.
 //!
 //! Nor to a file caught while it is written in place: a changed file is read only
 //! once two consecutive polls saw the same stat (size, mtime, inode), and the read
@@ -34,7 +35,9 @@ const RACY_WINDOW: Duration = Duration::from_secs(2);
 /// The directory source's memory.
 #[derive(Debug)]
 pub(super) struct DirState {
-    root: PathBuf,
+    /// The watched directories: one namespace of files, so a key defined in two
+    /// of them is a duplicate like one defined twice in one.
+    roots: Vec<PathBuf>,
     files: BTreeMap<PathBuf, FileState>,
     /// What the model has been told: the winning definition of every key.
     published: BTreeMap<ObjectKey, Object>,
@@ -90,8 +93,12 @@ impl Delta {
 
 impl DirState {
     pub fn new(root: PathBuf) -> Self {
+        Self::with_roots(vec![root])
+    }
+
+    pub fn with_roots(roots: Vec<PathBuf>) -> Self {
         Self {
-            root,
+            roots,
             files: BTreeMap::new(),
             published: BTreeMap::new(),
             file_reports: BTreeMap::new(),
@@ -115,7 +122,7 @@ impl DirState {
     /// has settled (see the module doc) and returns what changed since the last
     /// scan, with the files still settling.
     pub fn scan(&mut self) -> Delta {
-        let listing = walk::list(&self.root);
+        let listing = walk::list_all(&self.roots);
         let mut dirty = false;
         let mut pending = Vec::new();
 

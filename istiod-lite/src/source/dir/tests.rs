@@ -215,3 +215,49 @@ fn a_half_written_document_is_never_published() {
     assert_eq!(delta.changes.len(), 1);
     assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "web"));
 }
+
+#[test]
+fn a_key_in_two_directories_is_reported_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (team_a, team_b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir(&team_a).unwrap();
+    fs::create_dir(&team_b).unwrap();
+    let a = team_a.join("sa.yaml");
+    let b = team_b.join("sa.yaml");
+    fs::write(&a, sa("web")).unwrap();
+    fs::write(
+        &b,
+        format!(
+            "{NS}---\n{}",
+            sa("web").replace("{name: web", "{name: web, labels: {team: b}")
+        ),
+    )
+    .unwrap();
+    let mut state = DirState::with_roots(vec![team_a.clone(), team_b.clone()]);
+    let delta = settle(&mut state);
+    assert_eq!(delta.changes.len(), 2, "{:?}", delta.changes);
+    let web = state
+        .objects()
+        .into_iter()
+        .find(|o| o.meta().name == "web")
+        .unwrap();
+    assert!(
+        web.meta().labels.is_empty(),
+        "the first directory's definition wins"
+    );
+    let (origin, reports) = &delta.reports[0];
+    assert_eq!(origin, &b.display().to_string());
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].error.name, "web");
+    assert!(
+        reports[0].error.problem.contains(&a.display().to_string()),
+        "{reports:?}"
+    );
+
+    // The first definition goes: the other one takes over (not a delete).
+    fs::remove_file(&a).unwrap();
+    let delta = state.scan();
+    assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().labels["team"] == "b"));
+    assert_eq!(delta.reports, [(b.display().to_string(), Vec::new())]);
+}

@@ -50,10 +50,13 @@ impl Listing {
     }
 }
 
-/// Lists `root` recursively.
-pub(super) fn list(root: &Path) -> Listing {
+/// Lists every root recursively into one listing (a file below two overlapping
+/// roots is listed once).
+pub(super) fn list_all(roots: &[PathBuf]) -> Listing {
     let mut listing = Listing::default();
-    visit(root, 0, &mut listing);
+    for root in roots {
+        visit(root, 0, &mut listing);
+    }
     listing
 }
 
@@ -145,7 +148,7 @@ mod tests {
         ] {
             fs::write(root.join(f), "x: 1").unwrap();
         }
-        let listing = list(root);
+        let listing = list_all(&[root.to_owned()]);
         let names: Vec<_> = listing
             .files
             .keys()
@@ -153,7 +156,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.yaml", "sub/b.yml", "sub/deeper/c.yaml"]);
         assert!(listing.unreadable.is_empty());
-        let missing = list(&root.join("nope"));
+        let missing = list_all(&[root.join("nope")]);
         assert_eq!(missing.unreadable.len(), 1);
         assert!(missing.hides(&root.join("nope/x.yaml")));
     }
