@@ -196,6 +196,16 @@ impl FakeApiServer {
         }
     }
 
+    /// Serves `kind` at `api_version` only (a CRD of an older release); its
+    /// objects stay.
+    pub fn serve_at(&self, kind: &str, api_version: &str) {
+        let mut state = self.state();
+        let collection = state.collection(kind);
+        let plural = collection.path.rsplit('/').next().unwrap().to_owned();
+        collection.path = format!("/apis/{api_version}/{plural}");
+        collection.api_version = api_version.into();
+    }
+
     /// Whether `kind` is served (false: 404, as for a CRD not installed).
     pub fn set_served(&self, kind: &str, served: bool) {
         self.state().collection(kind).served = served;
