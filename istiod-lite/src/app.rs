@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::auth::review::TokenReviewer;
 use crate::auth::tokens::TokenFile;
 use crate::auth::{AuthError, Authenticator, Caller};
-use crate::ca::{CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy};
+use crate::ca::{CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy, ReservedIdentities};
 use crate::config::Config;
 use crate::model::{Report, SourceEvent};
 use crate::source::dir::DirSource;
@@ -93,6 +93,7 @@ impl App {
         let identity = config
             .identity()
             .context("--trust-domain/--root-namespace")?;
+        let proxy_accounts = config.proxy_account_pairs().map_err(anyhow::Error::msg)?;
         let (trigger, watcher) = drain::channel();
         let mut registry = Registry::default();
         registry.register_collector(Box::new(mesh_core::metrics::ProcessCollector));
@@ -132,16 +133,21 @@ impl App {
             watcher.clone(),
         )
         .context("xDS settings")?;
+        let reserved = ReservedIdentities::default()
+            .control_plane(identity.namespace(), identity.service_account())
+            .proxy_accounts(&proxy_accounts);
         let ca = CaService::new(
             root.clone(),
             auth.clone(),
             model.clone(),
+            reserved,
             CaMetrics::new(&mut registry),
         );
 
         // The model task, then the source that feeds it.
         let (tx, rx) = mpsc::channel(SOURCE_QUEUE);
-        let sources = config.config_dir.len().max(1);
+        // The directories are one source, so a key in two of them is reported.
+        let sources = 1;
         tokio::spawn(run_model(
             rx,
             sources,
@@ -155,10 +161,8 @@ impl App {
                 .context("--kube: no usable Kubernetes configuration")?;
             tokio::spawn(KubeSource::new(client).run(tx, watcher.clone()));
         } else {
-            for dir in &config.config_dir {
-                let source = DirSource::new(dir.clone(), config.config_poll);
-                tokio::spawn(source.run(tx.clone(), watcher.clone()));
-            }
+            let source = DirSource::with_dirs(config.config_dir.clone(), config.config_poll);
+            tokio::spawn(source.run(tx, watcher.clone()));
         }
 
         let tls = root
@@ -216,18 +220,19 @@ impl App {
         let client = kube::Client::try_default()
             .await
             .context("--kube: no usable Kubernetes configuration")?;
-        let accounts = config
-            .proxy_accounts
-            .iter()
-            .map(|a| {
-                a.split_once('/')
-                    .map(|(ns, sa)| (ns.to_string(), sa.to_string()))
-                    .with_context(|| format!("--proxy-accounts {a:?}: want <namespace>/<account>"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(NodeAuth::Kube(
-            TokenReviewer::new(client).with_allowed(accounts),
-        ))
+        Ok(NodeAuth::Kube(Self::token_reviewer(client, config)?))
+    }
+
+    /// The Kubernetes-mode authenticator `config` asks for: `--proxy-accounts`
+    /// may act as node proxies, with tokens for one of `--token-audiences`.
+    pub fn token_reviewer(client: kube::Client, config: &Config) -> anyhow::Result<TokenReviewer> {
+        let accounts = config.proxy_account_pairs().map_err(anyhow::Error::msg)?;
+        let audiences = config
+            .checked_token_audiences()
+            .map_err(anyhow::Error::msg)?;
+        Ok(TokenReviewer::new(client)
+            .with_allowed(accounts)
+            .with_audiences(audiences))
     }
 
     /// Closes every stream and endpoint within the configured deadline.

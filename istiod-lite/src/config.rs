@@ -15,7 +15,9 @@ use serde::Serialize;
 #[command(name = "istiod-lite", version)]
 pub struct Config {
     /// Directories of Kubernetes YAML to serve (the embedded mode), watched; repeat
-    /// the flag (or separate with commas) for several. An object may live in one only.
+    /// the flag (or separate with commas) for several. They are read as one: an
+    /// object defined in two files (of one directory or of two) is taken from the
+    /// first in path order and the other definition is reported on /debug/errors.
     #[arg(
         long,
         env = "AMBIT_CONFIG_DIR",
@@ -73,7 +75,8 @@ pub struct Config {
     #[arg(long, env = "AMBIT_NODE_TOKENS", required_unless_present = "kube")]
     pub node_tokens: Option<PathBuf>,
 
-    /// Kubernetes mode: service accounts (`<ns>/<sa>`) whose tokens may act as node proxies.
+    /// Kubernetes mode: service accounts (`<ns>/<sa>`) whose tokens may act as node
+    /// proxies. In both modes the CA never issues these identities.
     #[arg(
         long,
         env = "AMBIT_PROXY_ACCOUNTS",
@@ -81,6 +84,17 @@ pub struct Config {
         default_value = "istio-system/ztunnel"
     )]
     pub proxy_accounts: Vec<String>,
+
+    /// Kubernetes mode: a proxy's token must be issued for one of these audiences
+    /// (checked by the TokenReview), as Istio's `istio-ca`: a token minted for
+    /// another service (the API server's own, a vault's) is refused.
+    #[arg(
+        long,
+        env = "AMBIT_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = "istio-ca"
+    )]
+    pub token_audiences: Vec<String>,
 
     /// A push waits for this much quiet after the last change...
     #[arg(long, env = "AMBIT_DEBOUNCE_QUIET", default_value = "100ms", value_parser = parse_duration)]
@@ -113,6 +127,37 @@ impl Config {
     pub fn identity(&self) -> Result<mesh_core::SpiffeId, mesh_core::SpiffeIdError> {
         mesh_core::SpiffeId::new(&self.trust_domain, &self.root_namespace, "istiod-lite")
     }
+
+    /// `--token-audiences`, checked: at least one, none empty.
+    pub fn checked_token_audiences(&self) -> Result<Vec<String>, String> {
+        let audiences: Vec<String> = self
+            .token_audiences
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .collect();
+        if audiences.is_empty() || audiences.iter().any(String::is_empty) {
+            return Err(format!(
+                "--token-audiences {:?}: want one or more non-empty audiences (Istio's is istio-ca)",
+                self.token_audiences.join(",")
+            ));
+        }
+        Ok(audiences)
+    }
+
+    /// `--proxy-accounts` as `(namespace, service account)` pairs.
+    pub fn proxy_account_pairs(&self) -> Result<Vec<(String, String)>, String> {
+        self.proxy_accounts
+            .iter()
+            .map(|a| match a.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                    Ok((ns.to_owned(), sa.to_owned()))
+                }
+                _ => Err(format!(
+                    "--proxy-accounts {a:?}: want <namespace>/<account>"
+                )),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +181,11 @@ mod tests {
             c.identity().unwrap().to_string(),
             "spiffe://cluster.local/ns/istio-system/sa/istiod-lite"
         );
+        assert_eq!(
+            c.proxy_account_pairs().unwrap(),
+            vec![("istio-system".to_owned(), "ztunnel".to_owned())]
+        );
+        assert_eq!(c.checked_token_audiences().unwrap(), ["istio-ca"]);
     }
 
     #[test]
@@ -154,6 +204,23 @@ mod tests {
             err.contains("--admin-addr") && err.contains("loopback"),
             "{err}"
         );
+        let c = parse(&[
+            "--config-dir",
+            "/x",
+            "--node-tokens",
+            "/t",
+            "--proxy-accounts",
+            "istio-system/ztunnel,ztunnel",
+        ])
+        .unwrap();
+        let err = c.proxy_account_pairs().unwrap_err();
+        assert!(
+            err.contains("--proxy-accounts") && err.contains("\"ztunnel\""),
+            "{err}"
+        );
+        let c = parse(&["--kube", "--token-audiences", "istio-ca,,x"]).unwrap();
+        let err = c.checked_token_audiences().unwrap_err();
+        assert!(err.contains("--token-audiences"), "{err}");
         let err = parse(&["--node-tokens", "/t"]).unwrap_err().to_string();
         assert!(err.contains("--config-dir"), "{err}");
         let err = parse(&["--config-dir", "/x", "--kube"])

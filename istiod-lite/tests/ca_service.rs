@@ -13,7 +13,9 @@ use std::time::Duration;
 use ambit_proto::ca::CreateCertificateRequest;
 use ambit_proto::ca::certificate_service_client::CertificateServiceClient;
 use istiod_lite::auth::tokens::TokenFile;
-use istiod_lite::ca::{CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy, RootError};
+use istiod_lite::ca::{
+    CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy, ReservedIdentities, RootError,
+};
 use mesh_core::ca_client::RemoteCa;
 use mesh_core::control::{ControlPlane, Token};
 use mesh_core::drain::{self, DrainTrigger};
@@ -63,15 +65,22 @@ async fn start_ca() -> Ca {
     };
     let root =
         Arc::new(CaRoot::load_or_generate(&dir.path().join("ca"), "cluster.local", ttl).unwrap());
+    // node-a also runs pods under the reserved accounts: that must not matter.
     let pods = Pods(BTreeSet::from([
         ("node-a".into(), "shop".into(), "cart".into()),
         ("node-b".into(), "shop".into(), "admin".into()),
+        ("node-a".into(), "istio-system".into(), "istiod-lite".into()),
+        ("node-a".into(), "istio-system".into(), "ztunnel".into()),
     ]));
+    let reserved = ReservedIdentities::default()
+        .control_plane("istio-system", "istiod-lite")
+        .proxy_accounts(&[("istio-system".to_owned(), "ztunnel".to_owned())]);
     let mut registry = Registry::default();
     let service = CaService::new(
         root.clone(),
         Arc::new(TokenFile::load(&tokens).unwrap()),
         Arc::new(pods),
+        reserved,
         CaMetrics::new(&mut registry),
     );
     let tls = root.serving_config(&istiod()).unwrap();
@@ -204,6 +213,32 @@ async fn a_service_account_without_a_pod_on_the_callers_node_is_refused() {
         metrics.contains(r#"istiod_ca_certificates_refused_total{reason="not_on_node"} 1"#),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn the_control_plane_and_proxy_identities_are_never_issued() {
+    let ca = start_ca().await;
+    let ztunnel = SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap();
+    for (id, holder) in [
+        (istiod(), "the control plane"),
+        (ztunnel, "the node proxies"),
+    ] {
+        // node-a runs a pod of each account, yet gets neither.
+        let err = ca.remote("token-a", HOUR).issue(&id).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("PermissionDenied"), "{text}");
+        assert!(
+            text.contains(&format!("{id} is reserved for {holder}")),
+            "{text}"
+        );
+    }
+    let metrics = ca.metrics();
+    assert!(
+        metrics.contains(r#"istiod_ca_certificates_refused_total{reason="reserved_identity"} 2"#),
+        "{metrics}"
+    );
+    // Other identities of the node are still issued.
+    ca.remote("token-a", HOUR).issue(&cart()).await.unwrap();
 }
 
 #[tokio::test]

@@ -8,9 +8,12 @@ mod fake_apiserver;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use clap::Parser as _;
 use fake_apiserver::{FakeApiServer, TokenAnswer};
+use istiod_lite::app::App;
 use istiod_lite::auth::review::TokenReviewer;
 use istiod_lite::auth::{AuthError, Authenticator};
+use istiod_lite::config::Config;
 use istiod_lite::model::{Kind, Object, ObjectChange, ObjectKey, Report, SourceEvent};
 use istiod_lite::source::kube::{KubeSource, client_for};
 use mesh_core::drain::{self, DrainOutcome, DrainTrigger};
@@ -311,6 +314,69 @@ async fn a_malformed_object_is_reported_while_the_others_apply() {
 }
 
 #[tokio::test]
+async fn authorization_policies_are_read_from_v1beta1_when_v1_is_not_served() {
+    let server = FakeApiServer::start().await;
+    server.serve_at("AuthorizationPolicy", "security.istio.io/v1beta1");
+    let mut deny = policy("deny", "198.19.0.1");
+    deny["apiVersion"] = json!("security.istio.io/v1beta1");
+    deny["spec"]["action"] = json!("DENY");
+    server.apply(deny);
+    let mut h = Harness::start(server).await;
+    h.synced().await;
+    assert!(
+        h.seen
+            .objects
+            .contains_key(&key(Kind::AuthorizationPolicy, "shop", "deny")),
+        "the v1beta1 policy is in the first view"
+    );
+    assert!(
+        h.seen.reports.values().all(Vec::is_empty),
+        "{:?}",
+        h.seen.reports.keys()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn no_authorization_policy_api_is_an_error_not_an_empty_list() {
+    let server = FakeApiServer::start().await;
+    server.set_served("AuthorizationPolicy", false);
+    server.apply(namespace("shop"));
+    let mut h = Harness::start(server).await;
+    let origin = "kube:AuthorizationPolicy:api";
+    h.wait_for("the missing API reported", |s| {
+        s.reports.get(origin).is_some_and(|r| !r.is_empty())
+    })
+    .await;
+    let problem = &h.seen.reports[origin][0].error.problem;
+    assert!(
+        problem.contains("security.istio.io/v1 authorizationpolicies")
+            && problem.contains("security.istio.io/v1beta1"),
+        "{problem}"
+    );
+    // Every other kind has been listed, yet the source is not synced: proxies
+    // must not be served a mesh without its policies.
+    h.wait_for("the namespace", |s| {
+        s.objects.contains_key(&key(Kind::Namespace, "", "shop"))
+    })
+    .await;
+    for kind in ["Namespace", "Pod", "Service", "DestinationRule"] {
+        assert!(h.server.lists(kind) >= 1, "{kind} not listed yet");
+    }
+    assert_eq!(
+        h.seen.synced_with, None,
+        "synced without AuthorizationPolicies"
+    );
+
+    // The CRD gets installed: synced, and the error cleared.
+    h.server.set_served("AuthorizationPolicy", true);
+    h.synced().await;
+    h.wait_for("the error cleared", |s| s.reports[origin].is_empty())
+        .await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_missing_crd_does_not_hold_up_the_other_kinds() {
     let server = FakeApiServer::start().await;
     server.set_served("DestinationRule", false);
@@ -391,6 +457,45 @@ async fn token_review_refuses_unauthenticated_tokens() {
         other.authenticate("ztunnel-token").await,
         Err(AuthError::Invalid(_))
     ));
+}
+
+#[tokio::test]
+async fn the_configured_reviewer_wants_tokens_for_istio_ca() {
+    let server = reviewer_server().await;
+    server.add_token(
+        "api-token",
+        TokenAnswer {
+            username: ZTUNNEL.into(),
+            node: Some("node-1".into()),
+            audiences: vec!["https://kubernetes.default.svc".into()],
+        },
+    );
+    let config = Config::try_parse_from(["istiod-lite", "--kube"]).unwrap();
+    let reviewer = App::token_reviewer(client_for(server.url()).unwrap(), &config).unwrap();
+    let caller = reviewer.authenticate("ztunnel-token").await.unwrap();
+    assert_eq!(caller.node, "node-1");
+    // ztunnel's default token, minted for the API server, is not one for the CA.
+    let refused = reviewer.authenticate("api-token").await;
+    assert!(matches!(refused, Err(AuthError::Invalid(_))), "{refused:?}");
+    let reviews = server.token_reviews();
+    assert_eq!(reviews.len(), 2);
+    for review in &reviews {
+        assert_eq!(review["spec"]["audiences"], json!(["istio-ca"]), "{review}");
+    }
+
+    // Other audiences when configured; an empty one stops start-up by name.
+    let config =
+        Config::try_parse_from(["istiod-lite", "--kube", "--token-audiences", "a,b"]).unwrap();
+    let reviewer = App::token_reviewer(client_for(server.url()).unwrap(), &config).unwrap();
+    assert!(reviewer.authenticate("ztunnel-token").await.is_err());
+    assert_eq!(
+        server.token_reviews()[2]["spec"]["audiences"],
+        json!(["a", "b"])
+    );
+    let config =
+        Config::try_parse_from(["istiod-lite", "--kube", "--token-audiences", ""]).unwrap();
+    let err = App::token_reviewer(client_for(server.url()).unwrap(), &config).unwrap_err();
+    assert!(err.to_string().contains("--token-audiences"), "{err}");
 }
 
 #[tokio::test]

@@ -55,6 +55,7 @@ fn workload() -> Workload {
         )]),
         canonical_name: "reviews".to_owned(),
         canonical_revision: "v1".to_owned(),
+        workload_name: "reviews-v1".to_owned(),
         cluster_id: "cluster1".to_owned(),
         network: "net1".to_owned(),
         ..Workload::default()

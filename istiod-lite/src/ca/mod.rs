@@ -11,5 +11,5 @@ mod serving;
 pub use csr::{CsrError, VerifiedCsr, verify_csr};
 pub use metrics::{CaMetrics, ReasonLabel};
 pub use root::{CaRoot, CertTtl, RootError};
-pub use service::{CaService, IdentityPolicy};
+pub use service::{CaService, IdentityPolicy, ReservedIdentities};
 pub use serving::{SERVING_DNS_NAME, ServingCert};

@@ -2,6 +2,7 @@
 //! authorize the identity for the caller's node, cap the lifetime, sign. Every
 //! decision is counted and logged; a refusal tells the caller why.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +21,55 @@ pub trait IdentityPolicy: Send + Sync + 'static {
     fn may_issue(&self, node: &str, namespace: &str, service_account: &str) -> bool;
 }
 
+/// Identities no caller may obtain, whatever pods exist: the control plane's own
+/// (proxies trust the control plane by it) and the node proxies' accounts (their
+/// tokens act for whole nodes). A pod running under one of them on a node must
+/// not let that node's proxy impersonate the control plane or another node.
+#[derive(Clone, Debug, Default)]
+pub struct ReservedIdentities {
+    /// `(namespace, service account)` to what holds it, for the refusal message.
+    by_account: BTreeMap<(String, String), &'static str>,
+}
+
+impl ReservedIdentities {
+    /// Reserves the control plane's identity.
+    #[must_use]
+    pub fn control_plane(mut self, namespace: &str, service_account: &str) -> Self {
+        self.by_account.insert(
+            (namespace.to_owned(), service_account.to_owned()),
+            "the control plane",
+        );
+        self
+    }
+
+    /// Reserves the accounts whose tokens act as node proxies.
+    #[must_use]
+    pub fn proxy_accounts<'a>(
+        mut self,
+        accounts: impl IntoIterator<Item = &'a (String, String)>,
+    ) -> Self {
+        for account in accounts {
+            self.by_account
+                .entry(account.clone())
+                .or_insert("the node proxies");
+        }
+        self
+    }
+
+    /// What holds `namespace/service_account`, when it is reserved.
+    pub fn holder(&self, namespace: &str, service_account: &str) -> Option<&'static str> {
+        self.by_account
+            .get(&(namespace.to_owned(), service_account.to_owned()))
+            .copied()
+    }
+}
+
 /// The certificate service: a root, an authenticator and an identity policy.
 pub struct CaService<A: Authenticator, P: IdentityPolicy> {
     root: Arc<CaRoot>,
     auth: Arc<A>,
     policy: Arc<P>,
+    reserved: ReservedIdentities,
     metrics: CaMetrics,
 }
 
@@ -59,11 +104,20 @@ impl Refusal {
 }
 
 impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
-    pub fn new(root: Arc<CaRoot>, auth: Arc<A>, policy: Arc<P>, metrics: CaMetrics) -> Self {
+    /// `reserved` is checked before `policy`: no pod makes a reserved identity
+    /// available to a node.
+    pub fn new(
+        root: Arc<CaRoot>,
+        auth: Arc<A>,
+        policy: Arc<P>,
+        reserved: ReservedIdentities,
+        metrics: CaMetrics,
+    ) -> Self {
         Self {
             root,
             auth,
             policy,
+            reserved,
             metrics,
         }
     }
@@ -101,6 +155,16 @@ impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
             Refusal::new("invalid_ttl", Status::invalid_argument(message)).by(&caller)
         })?;
         let id = csr.identity();
+        if let Some(holder) = self.reserved.holder(id.namespace(), id.service_account()) {
+            let message = format!(
+                "{id} is reserved for {holder}: no workload certificate may carry it, \
+                 whatever pods run on node {}",
+                caller.node
+            );
+            return Err(
+                Refusal::new("reserved_identity", Status::permission_denied(message)).by(&caller),
+            );
+        }
         if !self
             .policy
             .may_issue(&caller.node, id.namespace(), id.service_account())

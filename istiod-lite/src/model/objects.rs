@@ -44,8 +44,20 @@ pub struct Pod {
     pub host_network: bool,
     /// The `Ready` condition (true when no condition is reported), and not terminating.
     pub ready: bool,
+    /// `status.phase` is `Succeeded` or `Failed`: every container has exited for
+    /// good, and the pod's address may already belong to another pod.
+    pub terminal: bool,
     /// `spec.containers[*].ports[*]` by name, to resolve named target ports.
     pub named_ports: BTreeMap<String, u16>,
+    /// The `metadata.ownerReferences` entry with `controller: true`, if any.
+    pub controller: Option<Controller>,
+}
+
+/// The object that controls a pod (a ReplicaSet, StatefulSet, DaemonSet, Job...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Controller {
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -3,7 +3,9 @@
 //! re-read and hash only what changed); no inotify, so it works on any
 //! filesystem, including mounted ConfigMaps and network shares.
 //!
-//! Bad input never loses config: the rules are in `dir/state.rs`.
+//! Bad input never loses config, and neither does a file caught mid-write (a
+//! change is read once two polls agree on its stat): the rules are in
+//! `dir/state.rs`.
 
 mod parse;
 mod state;
@@ -20,7 +22,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::model::{Object, Report, SourceEvent};
-use state::DirState;
+use state::{Delta, DirState};
+
+/// Scans [`load_dir`] makes at most (back to back) for every file to settle.
+const LOAD_SCANS: usize = 8;
 
 /// The poll interval callers use unless told otherwise.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
@@ -40,33 +45,45 @@ enum DirError {
     Syntax(serde_yaml_ng::Error),
 }
 
-/// A watched directory of Kubernetes YAML.
+/// Watched directories of Kubernetes YAML, read as one.
 #[derive(Debug)]
 pub struct DirSource {
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
     poll: Duration,
 }
 
 impl DirSource {
     /// Watches `dir` (recursively), looking every `poll`.
     pub fn new(dir: PathBuf, poll: Duration) -> Self {
-        Self { dir, poll }
+        Self::with_dirs(vec![dir], poll)
+    }
+
+    /// Watches every one of `dirs` (recursively) as one source: an object may be
+    /// defined in one file of one of them; another definition is reported and
+    /// ignored, as within one directory.
+    pub fn with_dirs(dirs: Vec<PathBuf>, poll: Duration) -> Self {
+        Self { dirs, poll }
     }
 
     /// Sends the directory's objects, then its changes, until drained (or until
-    /// the receiver is gone). The first scan arrives as one
+    /// the receiver is gone). The first complete view (the first scans, until no
+    /// file is still settling: a poll or two) arrives as one
     /// [`SourceEvent::Changes`], then every origin's reports, then
     /// [`SourceEvent::Synced`]; after that only differences are sent.
     pub async fn run(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
-        let span = tracing::info_span!("dir_source", dir = %self.dir.display());
+        let dirs: Vec<_> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+        let span = tracing::info_span!("dir_source", dirs = %dirs.join(","));
         self.watch(tx, drain).instrument(span).await
     }
 
     async fn watch(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
-        let mut state = Some(DirState::new(self.dir.clone()));
+        let mut state = Some(DirState::with_roots(self.dirs.clone()));
         let mut ticker = tokio::time::interval(self.poll.max(Duration::from_millis(1)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Until synced: what the scans so far found, sent as one view.
         let mut first = true;
+        let mut initial = Delta::default();
+        let mut unsettled_polls = 0u32;
         loop {
             tokio::select! {
                 biased;
@@ -90,6 +107,23 @@ impl DirSource {
                 }
             };
             state = Some(current);
+            let delta = if first {
+                initial.absorb(delta);
+                if !initial.pending.is_empty() {
+                    // A file changing at every poll for long is worth a word.
+                    unsettled_polls += 1;
+                    if unsettled_polls.is_power_of_two() && unsettled_polls >= 8 {
+                        tracing::warn!(files = ?initial.pending, polls = unsettled_polls, "still being written; not synced yet");
+                    }
+                    continue;
+                }
+                std::mem::take(&mut initial)
+            } else {
+                delta
+            };
+            if !delta.pending.is_empty() {
+                tracing::debug!(files = ?delta.pending, "changing; read once settled");
+            }
 
             let mut events = Vec::new();
             if first || !delta.changes.is_empty() {
@@ -134,7 +168,12 @@ fn log_changes(changes: &[crate::model::ObjectChange]) {
 /// (namespaces first) and every problem found. For tests and `meshctl analyze`.
 pub fn load_dir(dir: &Path) -> (Vec<Object>, Vec<Report>) {
     let mut state = DirState::new(dir.to_owned());
-    // The first scan's changes are the whole directory, which `objects` returns.
-    let _ = state.scan();
+    // A file is read once two scans agree on its stat; a few more scans give
+    // one being rewritten right now a chance to settle.
+    for _ in 0..LOAD_SCANS {
+        if state.scan().pending.is_empty() {
+            break;
+        }
+    }
     (state.objects(), state.reports())
 }

@@ -15,7 +15,7 @@ use mesh_core::drain::DrainWatcher;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::model::{Kind, SourceEvent};
+use crate::model::{Kind, ObjectError, Report, SourceEvent};
 use mirror::{KindMirror, Listed, Output};
 
 /// Why a Kubernetes client could not be built.
@@ -48,7 +48,29 @@ pub fn client_for(url: &str) -> Result<Client, KubeError> {
 
 /// The API resource of a kind: group, version and plural as the server names them.
 pub fn api_resource(kind: Kind) -> ApiResource {
-    let (api_version, kind_name) = kind.api();
+    api_resource_at(kind, kind.api().0)
+}
+
+/// The versions a kind is watched at, in order of preference: an
+/// AuthorizationPolicy falls back to `v1beta1`, the only one Istio before 1.22
+/// serves (same schema).
+fn watched_versions(kind: Kind) -> Vec<&'static str> {
+    match kind {
+        Kind::AuthorizationPolicy => vec!["security.istio.io/v1", "security.istio.io/v1beta1"],
+        _ => vec![kind.api().0],
+    }
+}
+
+/// A kind that must be listed before the source reports synced, even when the
+/// API server does not serve it: without AuthorizationPolicies, the proxies
+/// would allow what the policies deny.
+fn required_when_missing(kind: Kind) -> bool {
+    kind == Kind::AuthorizationPolicy
+}
+
+/// The API resource of a kind at one of its versions.
+fn api_resource_at(kind: Kind, api_version: &str) -> ApiResource {
+    let kind_name = kind.api().1;
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let plural = match kind {
         Kind::Namespace => "namespaces",
@@ -154,7 +176,10 @@ impl KubeSource {
     /// Runs until the drain starts (or the model goes away). Sends
     /// [`SourceEvent::Synced`] once every kind has finished its first list; a
     /// kind whose resource does not exist (CRD not installed) counts as listed
-    /// and empty, and is retried with backoff until it appears.
+    /// and empty, and is retried with backoff until it appears. Except
+    /// AuthorizationPolicy: read at `v1`, else `v1beta1`; served at neither, it
+    /// is reported (origin `kube:AuthorizationPolicy:api`) and the source does not
+    /// sync until it is, since proxies without their policies would fail open.
     pub async fn run(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
         let (listed_tx, mut listed_rx) = mpsc::channel::<Kind>(Kind::ALL.len());
         let mut tasks = JoinSet::new();
@@ -165,7 +190,9 @@ impl KubeSource {
             }
             let watch = KindWatch {
                 kind,
-                api: Api::all_with(self.client.clone(), &api_resource(kind)),
+                client: self.client.clone(),
+                versions: watched_versions(kind),
+                version: 0,
                 config,
                 backoff: self.retry.backoff(),
                 tx: tx.clone(),
@@ -200,7 +227,10 @@ impl KubeSource {
 /// The watch of one kind.
 struct KindWatch {
     kind: Kind,
-    api: Api<DynamicObject>,
+    client: Client,
+    /// [`watched_versions`], and the one watched now.
+    versions: Vec<&'static str>,
+    version: usize,
     config: watcher::Config,
     backoff: Box<dyn Backoff>,
     tx: mpsc::Sender<SourceEvent>,
@@ -210,13 +240,23 @@ struct KindWatch {
 }
 
 impl KindWatch {
+    /// A watcher of the current version.
+    fn watch(
+        &self,
+    ) -> futures_util::stream::BoxStream<'static, watcher::Result<Event<DynamicObject>>> {
+        let resource = api_resource_at(self.kind, self.versions[self.version]);
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+        watcher::watcher(api, self.config.clone()).boxed()
+    }
+
     async fn run(mut self) {
         let kind = self.kind;
         let mut mirror = KindMirror::new(kind);
-        let stream = watcher::watcher(self.api.clone(), self.config.clone());
-        let mut stream = std::pin::pin!(stream);
+        let mut stream = self.watch();
         // Errors are logged at warn once per failure streak, then at debug.
         let mut failing = false;
+        // Set while a required kind is served at none of its versions.
+        let mut missing_reported = false;
         loop {
             let item = tokio::select! {
                 _ = self.drain.signaled() => return,
@@ -225,13 +265,40 @@ impl KindWatch {
             let Some(item) = item else { return };
             let event = match item {
                 Ok(event) => event,
+                Err(error) if is_not_found(&error) && self.version + 1 < self.versions.len() => {
+                    tracing::info!(
+                        %kind,
+                        missing = self.versions[self.version],
+                        next = self.versions[self.version + 1],
+                        "the API server does not serve this version; watching the next"
+                    );
+                    self.version += 1;
+                    stream = self.watch();
+                    continue;
+                }
                 Err(error) => {
+                    let missing = is_not_found(&error);
                     failing |= self.on_error(&error, failing);
+                    if missing && required_when_missing(kind) && !missing_reported {
+                        missing_reported = true;
+                        if !self
+                            .deliver(self.missing_report(vec![self.missing_kind()]))
+                            .await
+                        {
+                            return;
+                        }
+                    }
                     let delay = self.backoff.next().unwrap_or(Duration::from_secs(30));
                     tokio::select! {
                         _ = self.drain.signaled() => return,
-                        _ = tokio::time::sleep(delay) => continue,
+                        _ = tokio::time::sleep(delay) => {}
                     }
+                    if missing && self.version > 0 {
+                        // Start again from the preferred version.
+                        self.version = 0;
+                        stream = self.watch();
+                    }
+                    continue;
                 }
             };
             let progress = !matches!(event, Event::Init | Event::InitApply(_));
@@ -241,6 +308,12 @@ impl KindWatch {
                 }
                 failing = false;
                 self.backoff.reset();
+            }
+            if missing_reported && matches!(event, Event::InitDone) {
+                missing_reported = false;
+                if !self.deliver(self.missing_report(Vec::new())).await {
+                    return;
+                }
             }
             let output = match event {
                 Event::Init => {
@@ -288,6 +361,16 @@ impl KindWatch {
                 tracing::debug!(%kind, "watch expired (410 Gone), relisting");
                 return false;
             }
+            Some(404) if required_when_missing(kind) => {
+                if !failing {
+                    tracing::error!(
+                        %kind,
+                        versions = ?self.versions,
+                        "the API server does not serve this kind (CRD not installed?); \
+                         not synced until it does, retrying"
+                    );
+                }
+            }
             Some(404) => {
                 if !failing {
                     tracing::warn!(
@@ -306,6 +389,41 @@ impl KindWatch {
             _ => tracing::warn!(%kind, %error, "kubernetes watch failed, retrying"),
         }
         true
+    }
+
+    /// The reports of origin `kube:<Kind>:api`: the kind's API, as opposed to
+    /// its objects (`kube:<Kind>`).
+    fn missing_report(&self, reports: Vec<Report>) -> SourceEvent {
+        SourceEvent::Reports {
+            origin: format!("kube:{}:api", self.kind.api().1),
+            reports,
+        }
+    }
+
+    /// The problem of a required kind served at none of its versions.
+    fn missing_kind(&self) -> Report {
+        let plural = api_resource(self.kind).plural;
+        let versions = self
+            .versions
+            .iter()
+            .map(|v| format!("{v} {plural}"))
+            .collect::<Vec<_>>()
+            .join(" nor ");
+        Report {
+            origin: format!("kube:{}:api", self.kind.api().1),
+            document: None,
+            error: ObjectError {
+                kind: self.kind.api().1.into(),
+                namespace: String::new(),
+                name: String::new(),
+                field: "apiVersion".into(),
+                problem: format!(
+                    "the API server serves neither {versions} (404; is the CRD installed?): \
+                     the source does not report synced until it does, as proxies given no \
+                     policies would allow what the policies deny"
+                ),
+            },
+        }
     }
 
     async fn first_list_done(&mut self) {
@@ -338,8 +456,20 @@ impl KindWatch {
     }
 }
 
+/// Whether the error is a 404: the API server does not serve the resource.
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
+}
+
 /// The object as the model reads it: JSON with `apiVersion` and `kind` set (list
-/// items come without them), minus `managedFields`, which nothing reads.
+/// items come without them; an older served version with the same schema, such
+/// as AuthorizationPolicy `v1beta1`, is read as the current one), minus
+/// `managedFields`, which nothing reads.
 fn listed(kind: Kind, object: DynamicObject) -> Option<Listed> {
     let DynamicObject {
         types: _,

@@ -25,7 +25,8 @@ pub(super) struct Store {
 struct Indexes {
     /// EndpointSlice names by `(namespace, kubernetes.io/service-name)`.
     slices_by_service: HashMap<(String, String), BTreeSet<String>>,
-    /// Pods per node, counted by `(namespace, service account)`.
+    /// Pods that may hold a mesh identity ([`may_hold_identity`]) per node, counted
+    /// by `(namespace, service account)`.
     identities_by_node: HashMap<String, HashMap<(String, String), usize>>,
 }
 
@@ -158,6 +159,14 @@ impl Store {
     }
 }
 
+/// Whether the node's ztunnel may need a certificate for this pod: it is scheduled,
+/// still running (a finished pod serves nothing, and its node may run no other pod
+/// of that account), and captured (a hostNetwork pod never is, as in Istio ambient,
+/// so its node proxy never acts for it).
+fn may_hold_identity(pod: &Pod) -> bool {
+    !pod.node_name.is_empty() && !pod.terminal && !pod.host_network
+}
+
 impl Indexes {
     /// Adds (`add`) or withdraws one object's entries.
     fn update(&mut self, object: &Object, add: bool) {
@@ -174,7 +183,7 @@ impl Indexes {
                     }
                 }
             }
-            Object::Pod(pod) if !pod.node_name.is_empty() => {
+            Object::Pod(pod) if may_hold_identity(pod) => {
                 let identity = (pod.meta.namespace.clone(), pod.service_account.clone());
                 if add {
                     let node = self

@@ -17,6 +17,7 @@
 mod authz;
 mod encode;
 mod index;
+mod owner;
 mod service;
 mod workload;
 

@@ -43,7 +43,9 @@ pub(super) fn pod(ns: &str, name: &str, ip: &str, pairs: &[(&str, &str)]) -> Pod
         ips: vec![ip.parse().unwrap()],
         host_network: false,
         ready: true,
+        terminal: false,
         named_ports: BTreeMap::new(),
+        controller: None,
     }
 }
 
@@ -174,12 +176,40 @@ fn enrollment_by_namespace_pod_label_and_opt_out() {
     assert_eq!(protocol(&workload(&updates, "shop/out")), none);
     assert_eq!(protocol(&workload(&updates, "plain/b")), none);
     assert_eq!(protocol(&workload(&updates, "plain/in")), hbone);
-    assert_eq!(
-        protocol(&workload(&updates, "shop/host")),
-        none,
-        "hostNetwork"
+    assert!(
+        !summary(&updates)
+            .iter()
+            .any(|(_, name, _)| name == "shop/host"),
+        "a hostNetwork pod claims its node's address: no workload"
     );
-    assert_eq!(t.counts(), (5, 0, 0));
+    assert_eq!(t.counts(), (4, 0, 0));
+}
+
+#[test]
+fn a_finished_pod_leaves_the_workloads_and_its_address_is_free() {
+    let mut t = translator();
+    let mut job = pod("shop", "job", "198.18.0.7", &[]);
+    job.service_account = "batch".into();
+    t.apply(vec![
+        namespace("shop", &[("istio.io/dataplane-mode", "ambient")]),
+        up_pod(job.clone()),
+    ]);
+    assert!(t.may_issue("node-a", "shop", "batch"));
+    job.terminal = true;
+    job.ready = false;
+    let updates = t.apply(vec![up_pod(job)]);
+    assert_eq!(
+        summary(&updates),
+        vec![("workload", "shop/job".to_string(), true)]
+    );
+    assert!(!t.may_issue("node-a", "shop", "batch"));
+    // A new pod takes the address: the only workload that holds it.
+    let updates = t.apply(vec![up_pod(pod("shop", "next", "198.18.0.7", &[]))]);
+    assert_eq!(
+        summary(&updates),
+        vec![("workload", "shop/next".to_string(), false)]
+    );
+    assert_eq!(t.counts(), (1, 0, 0));
 }
 
 #[test]
@@ -495,6 +525,34 @@ fn may_issue_follows_pods_on_the_node() {
     assert!(t.may_issue("node-b", "shop", "web"));
     t.apply(vec![delete(Kind::Pod, "shop", "a")]);
     assert!(!t.may_issue("node-b", "shop", "web"));
+}
+
+#[test]
+fn finished_and_host_network_pods_hold_no_identity() {
+    let mut t = translator();
+    let mut job = pod("shop", "job", "198.18.0.1", &[]);
+    job.service_account = "batch".into();
+    t.apply(vec![up_pod(job.clone())]);
+    assert!(t.may_issue("node-a", "shop", "batch"));
+    // The job completes: its node no longer runs that identity.
+    job.terminal = true;
+    job.ready = false;
+    t.apply(vec![up_pod(job.clone())]);
+    assert!(!t.may_issue("node-a", "shop", "batch"));
+    // Deleting the finished pod withdraws nothing it did not add.
+    let mut other = pod("shop", "other", "198.18.0.2", &[]);
+    other.service_account = "batch".into();
+    t.apply(vec![up_pod(other), delete(Kind::Pod, "shop", "job")]);
+    assert!(t.may_issue("node-a", "shop", "batch"));
+
+    let mut host = pod("kube-system", "agent", "198.19.0.1", &[]);
+    host.service_account = "agent".into();
+    host.host_network = true;
+    t.apply(vec![up_pod(host.clone())]);
+    assert!(!t.may_issue("node-a", "kube-system", "agent"));
+    host.host_network = false;
+    t.apply(vec![up_pod(host)]);
+    assert!(t.may_issue("node-a", "kube-system", "agent"));
 }
 
 #[test]

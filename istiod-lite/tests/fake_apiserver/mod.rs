@@ -78,6 +78,8 @@ struct State {
     collections: Vec<Collection>,
     tokens: HashMap<String, TokenAnswer>,
     refuse_reviews: bool,
+    /// Every TokenReview received, as sent.
+    reviews: Vec<Value>,
 }
 
 impl State {
@@ -194,6 +196,16 @@ impl FakeApiServer {
         }
     }
 
+    /// Serves `kind` at `api_version` only (a CRD of an older release); its
+    /// objects stay.
+    pub fn serve_at(&self, kind: &str, api_version: &str) {
+        let mut state = self.state();
+        let collection = state.collection(kind);
+        let plural = collection.path.rsplit('/').next().unwrap().to_owned();
+        collection.path = format!("/apis/{api_version}/{plural}");
+        collection.api_version = api_version.into();
+    }
+
     /// Whether `kind` is served (false: 404, as for a CRD not installed).
     pub fn set_served(&self, kind: &str, served: bool) {
         self.state().collection(kind).served = served;
@@ -211,6 +223,11 @@ impl FakeApiServer {
 
     pub fn add_token(&self, token: &str, answer: TokenAnswer) {
         self.state().tokens.insert(token.to_owned(), answer);
+    }
+
+    /// The TokenReviews received so far, as sent (`spec.token`, `spec.audiences`).
+    pub fn token_reviews(&self) -> Vec<Value> {
+        self.state().reviews.clone()
     }
 
     /// TokenReviews get 403 Forbidden, as without the RBAC to create them.
@@ -295,7 +312,9 @@ async fn handle(
     if req.method() == Method::POST && path == TOKEN_REVIEWS {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let review: Value = serde_json::from_slice(&body).unwrap();
-        return Ok(token_review(&state.lock().unwrap(), review));
+        let mut state = state.lock().unwrap();
+        state.reviews.push(review.clone());
+        return Ok(token_review(&state, review));
     }
     if req.method() != Method::GET {
         return Ok(not_found());

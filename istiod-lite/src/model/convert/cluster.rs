@@ -12,8 +12,8 @@ use super::{
     Checked, Fault, NameRule, check_name, check_port, deserialize, label, parse_ip, reduce_meta,
 };
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, Kind, Namespace, Pod, Service, ServiceAccount,
-    ServicePort, TargetPort,
+    Controller, Endpoint, EndpointPort, EndpointSlice, Kind, Namespace, Pod, Service,
+    ServiceAccount, ServicePort, TargetPort,
 };
 
 /// The label that ties an EndpointSlice to its Service.
@@ -36,6 +36,16 @@ pub(super) fn service_account(value: Value) -> Checked<ServiceAccount> {
 pub(super) fn pod(value: Value) -> Checked<Pod> {
     let pod: core::Pod = deserialize(value, "")?;
     let terminating = pod.metadata.deletion_timestamp.is_some();
+    let controller = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| Controller {
+            kind: owner.kind.clone(),
+            name: owner.name.clone(),
+        });
     let meta = reduce_meta(Kind::Pod, pod.metadata)?;
     let spec = pod.spec.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
@@ -93,7 +103,9 @@ pub(super) fn pod(value: Value) -> Checked<Pod> {
         ips,
         host_network: spec.host_network.unwrap_or(false),
         ready: ready_condition.unwrap_or(true) && !terminating && !finished,
+        terminal: finished,
         named_ports,
+        controller,
     })
 }
 

@@ -66,7 +66,12 @@ fn pod_is_reduced() {
     let Object::Pod(pod) = ok(r#"
 apiVersion: v1
 kind: Pod
-metadata: {name: web-1, namespace: shop}
+metadata:
+  name: web-1
+  namespace: shop
+  ownerReferences:
+  - {apiVersion: v1, kind: Node, name: node-a, uid: u0}
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-5d4f8, uid: u1, controller: true}
 spec:
   nodeName: node-a
   serviceAccountName: web
@@ -89,6 +94,11 @@ status:
     assert!(!pod.host_network);
     assert_eq!(pod.named_ports.len(), 1);
     assert_eq!(pod.named_ports["http"], 8080);
+    let controller = pod.controller.expect("the controlling owner");
+    assert_eq!(
+        (controller.kind.as_str(), controller.name.as_str()),
+        ("ReplicaSet", "web-5d4f8")
+    );
 }
 
 #[test]
@@ -99,6 +109,8 @@ fn pod_readiness() {
         panic!()
     };
     assert!(bare.ready, "no conditions: ready");
+    assert_eq!(bare.controller, None);
+    assert!(!bare.terminal, "no phase: not terminal");
     assert_eq!(bare.service_account, "default");
     assert_eq!(bare.ips, vec![ip("198.18.0.9")]);
     let Object::Pod(gone) = ok("
@@ -118,6 +130,20 @@ status: {conditions: [{type: Ready, status: 'True'}]}
     };
     assert!(host.host_network);
     assert!(host.ips.is_empty());
+    for (phase, terminal) in [
+        ("Pending", false),
+        ("Running", false),
+        ("Succeeded", true),
+        ("Failed", true),
+    ] {
+        let Object::Pod(p) = ok(&format!(
+            "{{apiVersion: v1, kind: Pod, metadata: {{name: p}}, status: {{phase: {phase}}}}}"
+        )) else {
+            panic!()
+        };
+        assert_eq!(p.terminal, terminal, "{phase}");
+        assert_eq!(p.ready, !terminal, "{phase}");
+    }
 }
 
 #[test]

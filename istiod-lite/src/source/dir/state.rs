@@ -3,8 +3,15 @@
 //!
 //! Nothing is lost to bad input: a file that cannot be read or parsed keeps the
 //! objects last read from it; a document that fails validation keeps the last
-//! good version of its object; a key defined twice is taken from the first file
-//! in path order and the later definition is reported.
+//! good version of its object; a key defined twice (in one directory or in two
+//! of the watched ones) is taken from the first file in path order and the later
+//! definition is reported.
+//!
+//! Nor to a file caught while it is written in place: a changed file is read only
+//! once two consecutive polls saw the same stat (size, mtime, inode), and the read
+//! is discarded if the stat moved while it ran. A file that held objects and is
+//! now empty (truncated, perhaps about to be rewritten) also waits until it has
+//! been empty for [`RACY_WINDOW`]: deleting its policies early would fail open.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -28,7 +35,9 @@ const RACY_WINDOW: Duration = Duration::from_secs(2);
 /// The directory source's memory.
 #[derive(Debug)]
 pub(super) struct DirState {
-    root: PathBuf,
+    /// The watched directories: one namespace of files, so a key defined in two
+    /// of them is a duplicate like one defined twice in one.
+    roots: Vec<PathBuf>,
     files: BTreeMap<PathBuf, FileState>,
     /// What the model has been told: the winning definition of every key.
     published: BTreeMap<ObjectKey, Object>,
@@ -42,6 +51,9 @@ pub(super) struct DirState {
 struct FileState {
     /// `None` until read successfully: a failed read is retried every poll.
     stat: Option<Stat>,
+    /// The stat the last poll saw, read or not: a change is read once a poll
+    /// sees the same stat again.
+    seen: Option<Stat>,
     hash: Option<[u8; 32]>,
     entries: Vec<Entry>,
     /// Problems found reading the file (not duplicates: those depend on others).
@@ -61,12 +73,32 @@ pub(super) struct Delta {
     pub changes: Vec<ObjectChange>,
     /// Origins whose reports changed, with their new reports (empty clears).
     pub reports: Vec<(String, Vec<Report>)>,
+    /// Files seen changing and not read yet (they may be mid-write): what they
+    /// held before stays published until they settle.
+    pub pending: Vec<PathBuf>,
+}
+
+impl Delta {
+    /// Adds a later scan's delta to this one: changes in order, the latest
+    /// reports of each origin, the latest pending files.
+    pub fn absorb(&mut self, later: Delta) {
+        self.changes.extend(later.changes);
+        for (origin, reports) in later.reports {
+            self.reports.retain(|(o, _)| *o != origin);
+            self.reports.push((origin, reports));
+        }
+        self.pending = later.pending;
+    }
 }
 
 impl DirState {
     pub fn new(root: PathBuf) -> Self {
+        Self::with_roots(vec![root])
+    }
+
+    pub fn with_roots(roots: Vec<PathBuf>) -> Self {
         Self {
-            root,
+            roots,
             files: BTreeMap::new(),
             published: BTreeMap::new(),
             file_reports: BTreeMap::new(),
@@ -87,10 +119,12 @@ impl DirState {
     }
 
     /// Looks at the directory once: re-reads the files whose stat changed and
-    /// returns what changed since the last scan.
+    /// has settled (see the module doc) and returns what changed since the last
+    /// scan, with the files still settling.
     pub fn scan(&mut self) -> Delta {
-        let listing = walk::list(&self.root);
+        let listing = walk::list_all(&self.roots);
         let mut dirty = false;
+        let mut pending = Vec::new();
 
         let gone: Vec<PathBuf> = self
             .files
@@ -107,9 +141,14 @@ impl DirState {
             if state.stat == Some(*stat) {
                 continue;
             }
+            if !state.settled(*stat) {
+                pending.push(path.clone());
+                continue;
+            }
             match refresh(path, *stat, state) {
                 Refresh::Unchanged => {}
                 Refresh::Changed => dirty = true,
+                Refresh::Moved => pending.push(path.clone()),
                 Refresh::Gone => {
                     self.files.remove(path);
                     dirty = true;
@@ -117,7 +156,10 @@ impl DirState {
             }
         }
 
-        let mut delta = Delta::default();
+        let mut delta = Delta {
+            pending,
+            ..Delta::default()
+        };
         if dirty {
             delta.changes = self.merge();
         }
@@ -200,17 +242,47 @@ impl DirState {
     }
 }
 
+impl FileState {
+    /// Notes this poll's `stat`; true when the file may be read: the previous
+    /// poll saw the same stat, and it is not a freshly emptied file that held
+    /// objects.
+    fn settled(&mut self, stat: Stat) -> bool {
+        if self.seen.replace(stat) != Some(stat) {
+            return false;
+        }
+        stat.len > 0 || self.entries.is_empty() || !recently_modified(stat)
+    }
+}
+
+/// Modified within [`RACY_WINDOW`] (or at an unknown or future time).
+fn recently_modified(stat: Stat) -> bool {
+    stat.modified
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .is_none_or(|age| age <= RACY_WINDOW)
+}
+
 enum Refresh {
     Unchanged,
     Changed,
+    /// The file changed while it was read: the read is discarded.
+    Moved,
     Gone,
 }
 
-/// Re-reads one file whose stat changed.
+/// Re-reads one file whose stat changed and settled.
 fn refresh(path: &Path, stat: Stat, state: &mut FileState) -> Refresh {
     let origin = path.display().to_string();
-    let bytes = match read(path, stat) {
-        Ok(bytes) => bytes,
+    let read = read(path, stat).and_then(|bytes| {
+        // What was read is the file at `stat` only if nothing moved meanwhile.
+        let after = Stat::read(path).map_err(DirError::Read)?;
+        Ok((bytes, after))
+    });
+    let bytes = match read {
+        Ok((bytes, after)) if after == stat => bytes,
+        Ok((_, after)) => {
+            state.seen = Some(after);
+            return Refresh::Moved;
+        }
         Err(DirError::Read(e)) if e.kind() == std::io::ErrorKind::NotFound => return Refresh::Gone,
         Err(error) => {
             // Keep the objects, report, and read again on the next poll.
@@ -227,11 +299,7 @@ fn refresh(path: &Path, stat: Stat, state: &mut FileState) -> Refresh {
     // A stat taken within the racy window of the last write may not change on
     // the next write (coarse timestamps, same length): read such a file again on
     // the next poll; the hash keeps that from producing events.
-    let settled = stat
-        .modified
-        .and_then(|m| SystemTime::now().duration_since(m).ok())
-        .is_some_and(|age| age > RACY_WINDOW);
-    state.stat = settled.then_some(stat);
+    state.stat = (!recently_modified(stat)).then_some(stat);
     let hash: [u8; 32] = Sha256::digest(&bytes).into();
     if state.hash == Some(hash) {
         return Refresh::Unchanged;

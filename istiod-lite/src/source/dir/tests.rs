@@ -5,7 +5,7 @@ use std::fs;
 
 use super::load_dir;
 use super::parse::parse_documents;
-use super::state::DirState;
+use super::state::{Delta, DirState};
 use crate::model::{Kind, Object, ObjectChange};
 
 const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
@@ -82,13 +82,22 @@ fn load_dir_reads_everything_and_reports() {
     assert!(duplicate.error.problem.contains("a.yaml"), "{duplicate:?}");
 }
 
+/// Two scans: the first sees the new stats, the second reads what kept them.
+fn settle(state: &mut DirState) -> Delta {
+    let first = state.scan();
+    assert!(first.changes.is_empty(), "read before settling: {first:?}");
+    let second = state.scan();
+    assert!(second.pending.is_empty(), "{second:?}");
+    second
+}
+
 #[test]
 fn scan_reports_only_differences() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("x.yaml");
     fs::write(&file, format!("{NS}---\n{}", sa("a"))).unwrap();
     let mut state = DirState::new(dir.path().to_owned());
-    let first = state.scan();
+    let first = settle(&mut state);
     assert_eq!(first.changes.len(), 2);
     assert!(first.reports.is_empty());
     let again = state.scan();
@@ -96,10 +105,10 @@ fn scan_reports_only_differences() {
 
     // Same content rewritten: the stat changes, the hash does not.
     fs::write(&file, format!("{NS}---\n{}", sa("a"))).unwrap();
-    assert!(state.scan().changes.is_empty());
+    assert!(settle(&mut state).changes.is_empty());
 
     fs::write(&file, format!("{NS}---\n{}", sa("b"))).unwrap();
-    let delta = state.scan();
+    let delta = settle(&mut state);
     assert_eq!(delta.changes.len(), 2);
     assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "b"));
     assert!(matches!(&delta.changes[1], ObjectChange::Delete(k) if k.name == "a"));
@@ -112,7 +121,7 @@ fn unreadable_directory_keeps_everything() {
     fs::create_dir(&sub).unwrap();
     fs::write(sub.join("x.yaml"), sa("a")).unwrap();
     let mut state = DirState::new(sub.clone());
-    assert_eq!(state.scan().changes.len(), 1);
+    assert_eq!(settle(&mut state).changes.len(), 1);
     fs::rename(&sub, dir.path().join("moved")).unwrap();
     let delta = state.scan();
     assert!(delta.changes.is_empty(), "{:?}", delta.changes);
@@ -128,4 +137,127 @@ fn unreadable_directory_keeps_everything() {
     assert!(delta.changes.is_empty());
     assert_eq!(delta.reports.len(), 1);
     assert!(delta.reports[0].1.is_empty(), "cleared");
+}
+
+/// Truncates `file` in place (same inode), as `>` in a shell or an editor that
+/// rewrites without renaming does.
+fn rewrite_in_place(file: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(file)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+#[test]
+fn a_file_truncated_in_place_keeps_its_objects_until_it_settles() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deny.yaml");
+    fs::write(&file, format!("{NS}---\n{}", sa("a"))).unwrap();
+    let mut state = DirState::new(dir.path().to_owned());
+    assert_eq!(settle(&mut state).changes.len(), 2);
+
+    // Caught between truncation and rewrite: nothing is deleted, however often
+    // the directory is looked at while the file is freshly empty.
+    rewrite_in_place(&file, "");
+    for _ in 0..3 {
+        let delta = state.scan();
+        assert!(delta.changes.is_empty(), "{:?}", delta.changes);
+        assert_eq!(delta.pending, std::slice::from_ref(&file));
+    }
+    assert_eq!(state.objects().len(), 2);
+
+    // The rewrite lands: only its difference is published.
+    rewrite_in_place(&file, &format!("{NS}---\n{}---\n{}", sa("a"), sa("b")));
+    let delta = settle(&mut state);
+    assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "b"));
+
+    // Emptied for good (older than the racy window): then its objects go.
+    rewrite_in_place(&file, "");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(10);
+    fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let delta = settle(&mut state);
+    assert_eq!(delta.changes.len(), 3, "{:?}", delta.changes);
+    assert!(state.objects().is_empty());
+}
+
+#[test]
+fn a_half_written_document_is_never_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("x.yaml");
+    fs::write(&file, NS).unwrap();
+    let mut state = DirState::new(dir.path().to_owned());
+    assert_eq!(settle(&mut state).changes.len(), 1);
+
+    // The writer has appended half a ServiceAccount when a poll looks...
+    let whole = sa("web");
+    let half = &whole[..whole.find("metadata").unwrap()];
+    rewrite_in_place(&file, &format!("{NS}---\n{half}"));
+    let delta = state.scan();
+    assert!(
+        delta.changes.is_empty() && delta.reports.is_empty(),
+        "{delta:?}"
+    );
+    // ...and finishes before the next: only the whole document is read.
+    rewrite_in_place(&file, &format!("{NS}---\n{whole}"));
+    let delta = state.scan();
+    assert!(delta.changes.is_empty(), "{delta:?}");
+    let delta = state.scan();
+    assert!(delta.reports.is_empty(), "{delta:?}");
+    assert_eq!(delta.changes.len(), 1);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "web"));
+}
+
+#[test]
+fn a_key_in_two_directories_is_reported_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (team_a, team_b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir(&team_a).unwrap();
+    fs::create_dir(&team_b).unwrap();
+    let a = team_a.join("sa.yaml");
+    let b = team_b.join("sa.yaml");
+    fs::write(&a, sa("web")).unwrap();
+    fs::write(
+        &b,
+        format!(
+            "{NS}---\n{}",
+            sa("web").replace("{name: web", "{name: web, labels: {team: b}")
+        ),
+    )
+    .unwrap();
+    let mut state = DirState::with_roots(vec![team_a.clone(), team_b.clone()]);
+    let delta = settle(&mut state);
+    assert_eq!(delta.changes.len(), 2, "{:?}", delta.changes);
+    let web = state
+        .objects()
+        .into_iter()
+        .find(|o| o.meta().name == "web")
+        .unwrap();
+    assert!(
+        web.meta().labels.is_empty(),
+        "the first directory's definition wins"
+    );
+    let (origin, reports) = &delta.reports[0];
+    assert_eq!(origin, &b.display().to_string());
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].error.name, "web");
+    assert!(
+        reports[0].error.problem.contains(&a.display().to_string()),
+        "{reports:?}"
+    );
+
+    // The first definition goes: the other one takes over (not a delete).
+    fs::remove_file(&a).unwrap();
+    let delta = state.scan();
+    assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().labels["team"] == "b"));
+    assert_eq!(delta.reports, [(b.display().to_string(), Vec::new())]);
 }

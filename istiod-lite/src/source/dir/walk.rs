@@ -20,6 +20,11 @@ pub(super) struct Stat {
 }
 
 impl Stat {
+    /// The stat of the file at `path` (following a symlink).
+    pub fn read(path: &Path) -> io::Result<Self> {
+        fs::metadata(path).map(|meta| Self::of(&meta))
+    }
+
     fn of(meta: &fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self {
@@ -45,10 +50,13 @@ impl Listing {
     }
 }
 
-/// Lists `root` recursively.
-pub(super) fn list(root: &Path) -> Listing {
+/// Lists every root recursively into one listing (a file below two overlapping
+/// roots is listed once).
+pub(super) fn list_all(roots: &[PathBuf]) -> Listing {
     let mut listing = Listing::default();
-    visit(root, 0, &mut listing);
+    for root in roots {
+        visit(root, 0, &mut listing);
+    }
     listing
 }
 
@@ -140,7 +148,7 @@ mod tests {
         ] {
             fs::write(root.join(f), "x: 1").unwrap();
         }
-        let listing = list(root);
+        let listing = list_all(&[root.to_owned()]);
         let names: Vec<_> = listing
             .files
             .keys()
@@ -148,7 +156,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.yaml", "sub/b.yml", "sub/deeper/c.yaml"]);
         assert!(listing.unreadable.is_empty());
-        let missing = list(&root.join("nope"));
+        let missing = list_all(&[root.join("nope")]);
         assert_eq!(missing.unreadable.len(), 1);
         assert!(missing.hides(&root.join("nope/x.yaml")));
     }
