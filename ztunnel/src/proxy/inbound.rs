@@ -248,10 +248,12 @@ fn labels(
     });
     ConnLabels {
         reporter: "destination",
-        source_workload: src_workload.map(|w| w.name.clone()).unwrap_or_default(),
+        source_workload: src_workload
+            .map(|w| w.owner().to_string())
+            .unwrap_or_default(),
         source_workload_namespace: peer.namespace().to_string(),
         source_principal: peer.to_string(),
-        destination_workload: dst.name.clone(),
+        destination_workload: dst.owner().to_string(),
         destination_workload_namespace: dst.namespace.clone(),
         destination_principal: dst.identity().map(|i| i.to_string()).unwrap_or_default(),
     }
@@ -314,6 +316,39 @@ workloads:
         assert_eq!(
             labels(&state, &fe, known, &meta, &cart).source_workload,
             "frontend-1"
+        );
+    }
+
+    /// With the owning workload known (istiod-lite's `workload_name`), both
+    /// workload labels hold it, as Istio's: one series per Deployment, however
+    /// many pods it runs; a baggage claim of it holds too.
+    #[test]
+    fn the_workload_labels_name_the_owner_not_the_pod() {
+        let owned = STATE
+            .replace(
+                "frontend, addresses",
+                "frontend, workloadName: frontend, addresses",
+            )
+            .replace("cart, addresses", "cart, workloadName: cart, addresses");
+        let state = LocalState::parse(std::path::Path::new("s.yaml"), &owned)
+            .unwrap()
+            .into_state();
+        let cart = state.workload("cart-1").unwrap().clone();
+        let fe = mesh_core::testing::spiffe("shop", "frontend");
+        let by_address: SocketAddr = "198.18.1.2:40000".parse().unwrap();
+        let l = labels(&state, &fe, by_address, &SourceMetadata::default(), &cart);
+        assert_eq!(
+            (l.source_workload.as_str(), l.destination_workload.as_str()),
+            ("frontend", "cart")
+        );
+        let claim = SourceMetadata {
+            workload: Some("frontend".into()),
+            ..Default::default()
+        };
+        let unknown: SocketAddr = "198.18.9.9:40000".parse().unwrap();
+        assert_eq!(
+            labels(&state, &fe, unknown, &claim, &cart).source_workload,
+            "frontend"
         );
     }
 }

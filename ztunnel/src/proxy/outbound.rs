@@ -135,9 +135,15 @@ impl Outbound {
             Ok(r) => r,
             Err(e) => return self.refused(src, dst, None, reason::NO_ROUTE, e.to_string()),
         };
+        // The pod's owner as the control plane names it; the pod's own name until
+        // the pod is in the state.
+        let owner = state
+            .workload(&self.pod.uid)
+            .map_or(self.pod.name.as_str(), |w| w.owner())
+            .to_string();
         let src_labels = ConnLabels {
             reporter: "source",
-            source_workload: self.pod.name.clone(),
+            source_workload: owner.clone(),
             source_workload_namespace: self.pod.namespace.clone(),
             source_principal: self.identity.to_string(),
             ..Default::default()
@@ -204,7 +210,7 @@ impl Outbound {
                     source: SourceMetadata {
                         addr: Some(src.ip()),
                         namespace: Some(self.pod.namespace.clone()),
-                        workload: Some(self.pod.name.clone()),
+                        workload: Some(owner),
                         ..Default::default()
                     },
                     trace: TraceParent::new_root(),
@@ -229,7 +235,7 @@ impl Outbound {
                     }
                 };
                 let labels = ConnLabels {
-                    destination_workload: workload.name.clone(),
+                    destination_workload: workload.owner().to_string(),
                     destination_workload_namespace: workload.namespace.clone(),
                     destination_principal: dst_id.to_string(),
                     ..src_labels

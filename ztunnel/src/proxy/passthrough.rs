@@ -179,7 +179,7 @@ impl InboundPassthrough {
             destination: dst,
             labels: ConnLabels {
                 reporter: "destination",
-                destination_workload: workload.name.clone(),
+                destination_workload: workload.owner().to_string(),
                 destination_workload_namespace: workload.namespace.clone(),
                 destination_principal: workload
                     .identity()

@@ -124,9 +124,9 @@ impl ProxyState {
         self.by_ip.get(&ip)
     }
 
-    /// The workload named `name` that runs as `identity`, for a name a peer claims
-    /// (HBONE baggage): what the peer says is only believed when it matches ztunnel's
-    /// own state. A scan, so only for connections whose source address is no
+    /// A workload whose owner (see [`Workload::owner`]) is `name` and that runs as
+    /// `identity`, for a name a peer claims (HBONE baggage): what the peer says is
+    /// only believed when it matches ztunnel's own state. A scan, so only for connections whose source address is no
     /// workload's; a name that cannot be a pod's (over 253 bytes, or not lowercase
     /// letters, digits, `-` and `.`) is refused without one.
     pub fn workload_named(&self, name: &str, identity: &SpiffeId) -> Option<&Arc<Workload>> {
@@ -138,7 +138,7 @@ impl ProxyState {
             return None;
         }
         self.workloads.values().find(|w| {
-            w.name == name
+            w.owner() == name
                 && w.namespace == identity.namespace()
                 && w.service_account == identity.service_account()
                 && w.trust_domain == identity.trust_domain()

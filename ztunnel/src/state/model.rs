@@ -80,6 +80,10 @@ pub struct Workload {
     pub canonical_name: String,
     #[serde(default)]
     pub canonical_revision: String,
+    /// The workload that owns the pod (a Deployment, StatefulSet, ...: Istio's
+    /// `workload_name`); empty means the pod stands alone. See [`Workload::owner`].
+    #[serde(default)]
+    pub workload_name: String,
 }
 
 fn default_sa() -> String {
@@ -95,6 +99,17 @@ fn default_true() -> bool {
 }
 
 impl Workload {
+    /// The name of the workload that owns the pod, or the pod's own name: what
+    /// the `source_workload` and `destination_workload` labels hold (one series
+    /// per Deployment, not per pod, as Istio's).
+    pub fn owner(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+
     /// The workload's SPIFFE identity.
     pub fn identity(&self) -> Result<SpiffeId, ModelError> {
         SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
@@ -281,6 +296,7 @@ impl TryFrom<pb::Workload> for Workload {
             labels: w.labels.into_iter().collect(),
             canonical_name: w.canonical_name,
             canonical_revision: w.canonical_revision,
+            workload_name: w.workload_name,
         };
         workload.validate()?;
         Ok(workload)

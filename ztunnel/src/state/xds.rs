@@ -255,6 +255,24 @@ mod tests {
     }
 
     #[test]
+    fn a_workload_names_its_owner_or_else_the_pod() {
+        let store = Arc::new(StateStore::default());
+        let xds = XdsState::new(store.clone());
+        let mut owned = workload("web-7d9f-x2", [198, 18, 1, 1]);
+        owned.workload_name = "web".into();
+        let alone = workload("solo", [198, 18, 1, 2]);
+        xds.apply(
+            WORKLOAD_TYPE_URL,
+            vec![res("a", "1", &owned), res("b", "1", &alone)],
+            vec![],
+        )
+        .unwrap();
+        let state = store.snapshot();
+        assert_eq!(state.workload("web-7d9f-x2").unwrap().owner(), "web");
+        assert_eq!(state.workload("solo").unwrap().owner(), "solo");
+    }
+
+    #[test]
     fn a_bad_or_clashing_resource_is_refused_and_its_last_good_version_kept() {
         let store = Arc::new(StateStore::default());
         let xds = XdsState::new(store.clone());
