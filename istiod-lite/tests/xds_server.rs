@@ -460,6 +460,43 @@ async fn streams_without_a_valid_token_are_refused() {
     assert!(open(ch, Some("good-n1")).await.is_ok());
 }
 
+/// One node's credential holds at most `max_streams_per_node` streams, and a
+/// stream may ask only for the types served: neither can make the server keep
+/// state (or spend the shared push budget) without bound.
+#[tokio::test]
+async fn a_node_holds_few_streams_and_only_served_types() {
+    let settings = XdsSettings {
+        max_streams_per_node: 2,
+        ..fast_settings()
+    };
+    let mesh = start_with(settings, None).await;
+    let ch = channel(mesh.addr).await;
+    let first = open(ch.clone(), Some("good-n1")).await.unwrap();
+    let _second = open(ch.clone(), Some("good-n1")).await.unwrap();
+    let err = open(ch.clone(), Some("good-n1"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    let mut other = open(ch.clone(), Some("good-n2")).await.unwrap();
+    drop(first);
+    eventually("n1's first stream to go", || {
+        mesh.server.connected_clients() == 2
+    })
+    .await;
+    assert!(open(ch, Some("good-n1")).await.is_ok());
+
+    other
+        .send(subscribe("type.googleapis.com/no.such.Type", &[]))
+        .await;
+    let status = tokio::time::timeout(WAIT, other.rx.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the stream ends");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("is not served here"), "{status}");
+}
+
 #[tokio::test]
 async fn drain_ends_every_stream() {
     let (trigger, watcher) = drain::channel();

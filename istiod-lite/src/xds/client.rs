@@ -178,6 +178,10 @@ pub(crate) enum Feedback {
 pub(crate) enum RequestError {
     #[error("the request has no type_url")]
     NoTypeUrl,
+    #[error("type {0:?} is not served here (served: {types})", types = super::SERVED_TYPES.join(", "))]
+    UnknownType(String),
+    #[error("more than {max} resource names subscribed for {type_url}")]
+    TooManyNames { type_url: String, max: usize },
 }
 
 /// A response ready to go, with what the metrics need.
@@ -194,6 +198,7 @@ pub(crate) struct Outgoing {
 /// Limits a client's state is built with.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
+    pub(crate) max_names_per_type: usize,
     pub(crate) max_response_bytes: usize,
     pub(crate) max_in_flight: usize,
 }
@@ -236,6 +241,10 @@ impl ClientState {
         if req.type_url.is_empty() {
             return Err(RequestError::NoTypeUrl);
         }
+        // Every type a client names gets state and an answer: only served ones.
+        if !super::SERVED_TYPES.contains(&req.type_url.as_str()) {
+            return Err(RequestError::UnknownType(req.type_url));
+        }
         if self.node.is_none() {
             self.node = req
                 .node
@@ -266,6 +275,18 @@ impl ClientState {
                     ts.dirty.insert(name);
                 }
             }
+        }
+        let max_names = self.limits.max_names_per_type;
+        let new_names = req
+            .resource_names_subscribe
+            .iter()
+            .filter(|n| !ts.names.contains(n.as_str()))
+            .count();
+        if ts.names.len() + new_names > max_names {
+            return Err(RequestError::TooManyNames {
+                type_url: req.type_url,
+                max: max_names,
+            });
         }
         for name in req.resource_names_subscribe {
             ts.must_respond = true;

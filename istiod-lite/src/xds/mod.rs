@@ -34,6 +34,14 @@ pub use server::{AdsService, XdsServer};
 pub use settings::{SettingsError, XdsSettings};
 pub use store::{ChangeBatch, ResourceStore, Version, format_version, parse_version, version_of};
 
+/// The resource types this server serves; a request for another is refused, so a
+/// client cannot make the server keep state for types that do not exist.
+pub(crate) const SERVED_TYPES: [&str; 3] = [
+    ambit_proto::WORKLOAD_TYPE_URL,
+    ambit_proto::SERVICE_TYPE_URL,
+    ambit_proto::AUTHORIZATION_TYPE_URL,
+];
+
 /// One resource the translator (re)computed, or removed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResourceUpdate {

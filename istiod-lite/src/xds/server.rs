@@ -108,6 +108,7 @@ impl Core {
     ) -> Arc<ClientHandle> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let limits = Limits {
+            max_names_per_type: self.settings.max_names_per_type,
             max_response_bytes: self.settings.max_response_bytes,
             max_in_flight: self.settings.max_in_flight,
         };
@@ -120,6 +121,14 @@ impl Core {
         lock(&self.clients).insert(id, handle.clone());
         self.metrics.connected_clients.inc();
         handle
+    }
+
+    /// The streams open for `node`'s credential.
+    fn streams_of(&self, node: &str) -> usize {
+        self.handles()
+            .iter()
+            .filter(|c| lock(&c.state).caller.node == node)
+            .count()
     }
 
     pub(crate) fn deregister(&self, id: u64) {
@@ -276,6 +285,14 @@ impl<A: Authenticator> AggregatedDiscoveryService for AdsService<A> {
         })?;
         if *self.core.shutdown.borrow() {
             return Err(Status::unavailable("the xDS server is shutting down"));
+        }
+        let open = self.core.streams_of(&caller.node);
+        if open >= self.core.settings.max_streams_per_node {
+            tracing::warn!(peer = ?peer, node = %caller.node, open, "xDS stream refused: too many streams for the node");
+            return Err(Status::resource_exhausted(format!(
+                "node {} already holds {open} xDS streams, the most allowed",
+                caller.node
+            )));
         }
         let (tx, rx) = mpsc::channel(self.core.settings.client_queue);
         let client = self.core.register(caller.clone(), peer);

@@ -35,6 +35,13 @@ pub struct XdsSettings {
     /// `client_inbox`: change batches waiting for a client task before they are
     /// collapsed into a full resync of that client (default 32).
     pub client_inbox: usize,
+    /// `max_streams_per_node`: xDS streams one node's credential may hold open
+    /// at once (default 4: a ztunnel holds one, two while it restarts); more are
+    /// refused with RESOURCE_EXHAUSTED.
+    pub max_streams_per_node: usize,
+    /// `max_names_per_type`: resource names one stream may subscribe to by name,
+    /// per type (default 65,536); a request that would hold more is refused.
+    pub max_names_per_type: usize,
 }
 
 impl Default for XdsSettings {
@@ -48,6 +55,8 @@ impl Default for XdsSettings {
             push_budget_hold: Duration::from_secs(10),
             max_in_flight: 16,
             client_inbox: 32,
+            max_streams_per_node: 4,
+            max_names_per_type: 1 << 16,
         }
     }
 }
@@ -81,6 +90,12 @@ impl XdsSettings {
         }
         if self.client_inbox == 0 {
             return refuse("client_inbox", "must be at least 1");
+        }
+        if self.max_streams_per_node == 0 {
+            return refuse("max_streams_per_node", "must be at least 1");
+        }
+        if self.max_names_per_type == 0 {
+            return refuse("max_names_per_type", "must be at least 1");
         }
         Ok(())
     }

@@ -48,6 +48,7 @@ pub(super) fn client(max_response_bytes: usize) -> ClientState {
         caller(),
         None,
         Limits {
+            max_names_per_type: 4,
             max_response_bytes,
             max_in_flight: 4,
         },
@@ -375,4 +376,22 @@ fn changes_to_unsubscribed_types_are_ignored() {
     ]);
     c.merge_batch(&store.take_pending().unwrap());
     assert!(!c.has_work(store.released()));
+}
+
+#[test]
+fn a_stream_subscribes_a_bounded_number_of_names() {
+    let store = ResourceStore::new();
+    let mut c = client(1 << 20);
+    c.handle_request(req(&["a", "b", "c"]), &store.read())
+        .unwrap();
+    let err = c
+        .handle_request(req(&["d", "e"]), &store.read())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("more than 4 resource names"),
+        "{err}"
+    );
+    // Names already subscribed do not count again: a, b, c and a new d make 4.
+    c.handle_request(req(&["a", "b", "c", "d"]), &store.read())
+        .unwrap();
 }
