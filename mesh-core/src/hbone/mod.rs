@@ -65,8 +65,10 @@ pub fn keep_alive<S: std::os::fd::AsFd>(socket: &S) {
     }
 }
 
-/// Tuning shared by the HBONE client and server. The window sizes favour throughput:
-/// a stream may have 4 MiB in flight, a connection 16 MiB.
+/// Tuning shared by the HBONE client and server. A stream may have 2 MiB in flight,
+/// a connection 8 MiB: a receiving ztunnel holds at most that much of what its
+/// pod has not read yet (4 MiB per stream kept a stream's receiver above 20 MB
+/// in the e2e benchmark, for no more throughput there; docs/benchmarks.md).
 #[derive(Clone, Debug)]
 pub struct HboneConfig {
     /// HTTP/2 stream flow-control window, bytes.
@@ -95,8 +97,8 @@ pub struct HboneConfig {
 impl Default for HboneConfig {
     fn default() -> Self {
         Self {
-            stream_window: 4 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 8 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             max_send_buffer: 1024 * 1024,
             max_streams_per_connection: 100,
