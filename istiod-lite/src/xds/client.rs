@@ -477,7 +477,10 @@ impl ClientState {
         if step.is_empty() && !ts.must_respond {
             return None;
         }
-        ts.must_respond = false;
+        // A part of the first sync is always followed by another response, even
+        // an empty one (when all that was left turned out to be nothing to send):
+        // the client is synced only at a part not marked `MORE_TO_COME`.
+        ts.must_respond = more_to_come;
         self.nonces += 1;
         let nonce = format!("{:x}-{:x}", self.id, self.nonces);
         let resources: Vec<Resource> = step

@@ -395,3 +395,27 @@ fn a_stream_subscribes_a_bounded_number_of_names() {
     c.handle_request(req(&["a", "b", "c", "d"]), &store.read())
         .unwrap();
 }
+
+/// The first sync ends with a part not marked `MORE_TO_COME` even when all that
+/// was left after the last full part is nothing to send (here the tombstone of a
+/// removal from before the client came): an empty last part, not none.
+#[test]
+fn a_first_sync_always_ends_with_an_unmarked_part() {
+    let store = ResourceStore::new();
+    let big = "x".repeat(100);
+    store.apply((0..4).map(|i| put(&format!("r{i}"), &big)).collect());
+    store.apply(vec![del("r3")]);
+    let mut c = client(250);
+    c.handle_request(req(&[]), &store.read()).unwrap();
+    let r = drain_responses(&mut c, &store);
+    let more: Vec<bool> = r
+        .iter()
+        .map(|r| {
+            r.system_version_info
+                .ends_with(mesh_core::xds::MORE_TO_COME)
+        })
+        .collect();
+    assert_eq!(more, [true, false], "{r:?}");
+    assert_eq!(names(&r[0]), ["r0", "r1", "r2"]);
+    assert!(r[1].resources.is_empty() && r[1].removed_resources.is_empty());
+}
