@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub struct App {
     // Removed or replaced pods whose connections are still draining; finished
     // ones are pruned whenever one is added, so it holds only those draining.
     retired: Mutex<Vec<JoinHandle<DrainOutcome>>>,
+    // Set by `shutdown` under the `pods` lock: no pod is added after it.
+    closing: AtomicBool,
     drain: Mutex<Option<DrainTrigger>>,
 }
 
@@ -334,6 +337,7 @@ impl App {
             socks5_addr,
             pods: Default::default(),
             retired: Default::default(),
+            closing: AtomicBool::new(false),
             drain: Mutex::new(Some(trigger)),
         })
     }
@@ -364,6 +368,9 @@ impl App {
         let deadline = self.inputs.config.drain_deadline;
         // Held throughout, so that adds and removes of one pod apply in order.
         let mut pods = self.pods.lock().await;
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(StartError::ShuttingDown { pod: name });
+        }
         let same_namespace = match pods.get(&pod.uid) {
             Some(running) if running.proxy.pod == pod && running.netns == inode => {
                 if running.ports == ports {
@@ -441,23 +448,42 @@ impl App {
             .map(|t| t.watcher())
     }
 
-    /// Drains every pod and endpoint within the configured deadline.
+    /// Drains every pod and endpoint within the one configured deadline: the
+    /// process drain (the node agent's session, SOCKS5, the admin endpoints) and
+    /// every pod's at once. No pod is added once it has begun. Forced if any
+    /// drain was.
     pub async fn shutdown(&self) -> DrainOutcome {
         let deadline = self.inputs.config.drain_deadline;
-        let pods: Vec<RunningPod> = self.pods.lock().await.drain().map(|(_, p)| p).collect();
-        // Every pod drains at once, within the one deadline.
-        for running in pods {
-            let draining = running.proxy.close(deadline).await;
-            self.retire(draining);
-        }
-        let retired = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
-        for draining in retired {
-            let _ = draining.await;
-        }
         let trigger = self.drain.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match trigger {
-            Some(t) => t.drain(deadline).await,
-            None => DrainOutcome::Graceful,
+        let process = async move {
+            match trigger {
+                Some(t) => t.drain(deadline).await,
+                None => DrainOutcome::Graceful,
+            }
+        };
+        let pods = async {
+            let pods: Vec<RunningPod> = {
+                let mut pods = self.pods.lock().await;
+                self.closing.store(true, Ordering::Relaxed);
+                pods.drain().map(|(_, p)| p).collect()
+            };
+            for running in pods {
+                let draining = running.proxy.close(deadline).await;
+                self.retire(draining);
+            }
+            let retired =
+                std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut outcome = DrainOutcome::Graceful;
+            for draining in retired {
+                if !matches!(draining.await, Ok(DrainOutcome::Graceful)) {
+                    outcome = DrainOutcome::Forced;
+                }
+            }
+            outcome
+        };
+        match tokio::join!(process, pods) {
+            (DrainOutcome::Graceful, DrainOutcome::Graceful) => DrainOutcome::Graceful,
+            _ => DrainOutcome::Forced,
         }
     }
 }

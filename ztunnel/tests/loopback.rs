@@ -241,3 +241,54 @@ async fn certificates_rotate_under_traffic_without_a_failed_connection() {
     assert!(f.app.inputs.certs.get(&cart).unwrap().not_after() > first);
     f.app.shutdown().await;
 }
+
+/// Shutdown drains the pods and the rest (SOCKS5 here) at once, within the one
+/// deadline (2 s in these tests), not one deadline after the other; says it
+/// forced what did not finish; and takes no pod once it has begun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_everything_within_one_deadline_and_takes_no_new_pod() {
+    let f = start(48).await;
+    // A connection that never ends by itself: through SOCKS5 (the process's
+    // drain) and into cart's HBONE server (the pod's drain).
+    let (code, mut held) = socks5(f.app.socks5_addr.unwrap(), ip(48, 2), f.app_addr).await;
+    assert_eq!(code, 0);
+    held.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    held.read_exact(&mut echoed).await.unwrap();
+
+    let app = f.app.clone();
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(async move { app.shutdown().await });
+    // Once shutdown has taken the pods, a new one is refused.
+    let late = ztunnel::proxy::Pod {
+        uid: "late-1".into(),
+        name: "late-1".into(),
+        namespace: "shop".into(),
+        service_account: "late".into(),
+    };
+    let ports = ztunnel::proxy::PodPorts {
+        outbound: SocketAddr::new(ip(48, 5), 15001),
+        inbound_plaintext: SocketAddr::new(ip(48, 5), 15006),
+        hbone: SocketAddr::new(ip(48, 5), 15008),
+    };
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match f.app.add_pod(late.clone(), None, ports).await {
+            Err(e) => {
+                assert!(e.to_string().contains("shutting down"), "{e}");
+                break;
+            }
+            // Before shutdown took the pods: the pod is drained with them.
+            Ok(_) => assert!(std::time::Instant::now() < give_up),
+        }
+        tokio::task::yield_now().await;
+    }
+    let outcome = shutdown.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(outcome, mesh_core::drain::DrainOutcome::Forced);
+    assert!(
+        took < Duration::from_millis(3500),
+        "shutdown took {took:?} with a 2 s deadline"
+    );
+    assert!(f.app.pod_uids().await.is_empty());
+}

@@ -129,6 +129,8 @@ pub enum StartError {
     },
     #[error("pod {pod}: entering its network namespace: {error}")]
     Namespace { pod: String, error: std::io::Error },
+    #[error("pod {pod}: ztunnel is shutting down")]
+    ShuttingDown { pod: String },
     #[error("pod {pod}: listen on {addr}: {error}")]
     Listen {
         pod: String,
