@@ -139,16 +139,42 @@ pub enum StartError {
     },
 }
 
-/// Retries a pod's first certificate (100 ms doubling to 5 s) until it is issued
-/// or the pod is removed; renewals are `keep_fresh`'s.
-async fn fetch_until_issued(inputs: Arc<ProxyInputs>, identity: SpiffeId, drain: DrainWatcher) {
+/// A pod's first certificate fetch, run as its own task so that giving up
+/// waiting for it does not cancel it (the CA may be about to answer).
+type FirstFetch = JoinHandle<Result<(), String>>;
+
+/// Waits for `pending` (the first fetch, still running), then retries a pod's
+/// first certificate (100 ms doubling to 5 s) until it is issued or the pod is
+/// removed; renewals are `keep_fresh`'s.
+async fn fetch_until_issued(
+    inputs: Arc<ProxyInputs>,
+    identity: SpiffeId,
+    drain: DrainWatcher,
+    pending: Option<FirstFetch>,
+) {
+    if let Some(mut pending) = pending {
+        tokio::select! {
+            () = drain.signaled() => {
+                pending.abort();
+                return;
+            }
+            done = &mut pending => if matches!(done, Ok(Ok(()))) {
+                tracing::info!(%identity, "certificate issued");
+                return;
+            },
+        }
+    }
     let mut delay = Duration::from_millis(100);
     loop {
         tokio::select! {
             () = drain.signaled() => return,
             () = tokio::time::sleep(delay) => {}
         }
-        match inputs.ensure_certificate(&identity).await {
+        let fetched = tokio::select! {
+            () = drain.signaled() => return,
+            fetched = inputs.ensure_certificate(&identity) => fetched,
+        };
+        match fetched {
             Ok(()) => {
                 tracing::info!(%identity, "certificate issued");
                 return;
@@ -195,19 +221,28 @@ impl PodProxy {
         // The certificate is fetched now, and in the background while the CA
         // refuses or cannot be reached (e.g. it has not yet seen the pod): the
         // listeners serve meanwhile, and TLS works as soon as it arrives.
-        let first_fetch = match tokio::time::timeout(
-            FIRST_CERTIFICATE_WAIT,
-            inputs.ensure_certificate(&identity),
-        )
-        .await
-        {
-            Ok(fetched) => fetched.map_err(|e| e.to_string()),
-            Err(_) => Err(format!(
-                "no answer from the CA within {FIRST_CERTIFICATE_WAIT:?}"
-            )),
+        let mut first: FirstFetch = tokio::spawn({
+            let (inputs, identity) = (inputs.clone(), identity.clone());
+            async move {
+                inputs
+                    .ensure_certificate(&identity)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        // Done (well or not), or still running: then left to run, not cancelled.
+        let first_fetch = match tokio::time::timeout(FIRST_CERTIFICATE_WAIT, &mut first).await {
+            Ok(done) => Ok(done.unwrap_or_else(|e| Err(e.to_string()))),
+            Err(_) => Err(first),
         };
-        if let Err(error) = &first_fetch {
-            tracing::warn!(pod = %name, %identity, %error, "no certificate yet; retrying in the background");
+        match &first_fetch {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(pod = %name, %identity, %error, "no certificate yet; retrying in the background");
+            }
+            Err(_) => {
+                tracing::warn!(pod = %name, %identity, "no answer from the CA within {FIRST_CERTIFICATE_WAIT:?}; waiting in the background");
+            }
         }
         let listen = |addr: SocketAddr| {
             net.listen(addr).map_err(|error| StartError::Listen {
@@ -237,12 +272,22 @@ impl PodProxy {
         let tls = mesh_core::tls::server_config_with_roots(inputs.certs.clone(), &identity, roots)
             .map_err(tls_err)?;
         let (trigger, watcher) = drain::channel();
-        if first_fetch.is_err() {
-            tokio::spawn(fetch_until_issued(
-                inputs.clone(),
-                identity.clone(),
-                watcher.clone(),
-            ));
+        match first_fetch {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                let retry =
+                    fetch_until_issued(inputs.clone(), identity.clone(), watcher.clone(), None);
+                tokio::spawn(retry);
+            }
+            Err(pending) => {
+                let retry = fetch_until_issued(
+                    inputs.clone(),
+                    identity.clone(),
+                    watcher.clone(),
+                    Some(pending),
+                );
+                tokio::spawn(retry);
+            }
         }
         let own_ports = addrs.ports();
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), own_ports);
