@@ -163,6 +163,7 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
             (self.ack_timeout_ms == 0, "--ack-timeout-ms must be over 0"),
+            (self.zds_retry_ms == 0, "--zds-retry-ms must be over 0"),
             (
                 self.tool_timeout_ms == 0,
                 "--tool-timeout-ms must be over 0",
@@ -245,6 +246,9 @@ mod tests {
         let mut bad = cfg.clone();
         bad.state_file = cfg.zds_socket.clone();
         assert!(bad.validate().unwrap_err().contains("--state-file"));
+        let mut bad = cfg.clone();
+        bad.zds_retry_ms = 0;
+        assert!(bad.validate().unwrap_err().contains("--zds-retry-ms"));
         assert!(Cli::try_parse_from(["agent", "--proxy-mark", "zz"]).is_err());
     }
 }

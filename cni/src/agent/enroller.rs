@@ -394,7 +394,17 @@ impl Enroller {
             let netns = match pod.netns.try_clone() {
                 Ok(netns) => netns,
                 Err(e) => {
+                    // Out of descriptors: try again later, as for a refusal.
                     tracing::warn!(%uid, "cannot duplicate a namespace fd: {e}");
+                    let reason = format!("cannot duplicate its namespace fd: {e}");
+                    if let Some(pod) = state.pods.get_mut(&uid) {
+                        pod.handoff = Handoff::refused(
+                            reason,
+                            attempts + 1,
+                            self.retry_first,
+                            Instant::now(),
+                        );
+                    }
                     continue;
                 }
             };

@@ -75,7 +75,7 @@ impl Agent {
             .and_then(|l| restrict(&config.zds_socket).map(|()| l))
             .map_err(bind_err(&config.zds_socket))?;
         prepare_dir(&config.state_file).map_err(bind_err(&config.state_file))?;
-        let store = PodStore::new(&config.state_file);
+        let store = PodStore::locked(&config.state_file)?;
         let saved = store.load(own_netns)?;
         tracing::info!(pods = saved.len(), path = %store.path().display(), "loaded saved pods");
         let redirector = Redirector::new(config.redirect(), config.tools());

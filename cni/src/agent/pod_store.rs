@@ -5,8 +5,13 @@
 //! replaced whole (temp file, fsync, rename, fsync of the directory), so a crash
 //! leaves the old or the new file, never a truncated one.
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use mesh_core::os::NetNs;
 use serde::{Deserialize, Serialize};
@@ -34,6 +39,13 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "another node agent holds the pod state file {} (its lock {}): two agents \
+         would overwrite each other's pods",
+        path.display(),
+        lock.display()
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,11 +64,49 @@ struct SavedPod {
 #[derive(Debug, Clone)]
 pub(crate) struct PodStore {
     path: PathBuf,
+    // Held (flock, exclusive) while this store lives: one agent per state file.
+    _lock: Option<Arc<Flock<File>>>,
 }
 
+/// Names each save's temp file apart from any other save's, even one still
+/// finishing after its caller gave up on it.
+static SAVES: AtomicU64 = AtomicU64::new(0);
+
 impl PodStore {
+    /// A store for `path` without its lock (tests that only read and write).
+    #[cfg(test)]
     pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            _lock: None,
+        }
+    }
+
+    /// The store of `path`, locked for this process (`<path>.lock`): a second
+    /// agent on the same file is refused instead of overwriting this one's pods.
+    pub(crate) fn locked(path: impl Into<PathBuf>) -> Result<Self, StateError> {
+        let path = path.into();
+        let mut lock = path.clone().into_os_string();
+        lock.push(".lock");
+        let lock = PathBuf::from(lock);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(|source| StateError::Read {
+                path: lock.clone(),
+                source,
+            })?;
+        let held =
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| StateError::Locked {
+                path: path.clone(),
+                lock,
+            })?;
+        Ok(Self {
+            path,
+            _lock: Some(Arc::new(held)),
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -122,9 +172,13 @@ impl PodStore {
 /// new content, whole.
 fn replace_durably(path: &Path, body: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.to_owned().into_os_string();
-    tmp.push(".tmp");
+    let save = SAVES.fetch_add(1, Ordering::Relaxed);
+    tmp.push(format!(".tmp.{}.{save}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     file.write_all(body)?;
     file.sync_all()?;
     drop(file);
@@ -204,5 +258,20 @@ mod tests {
         // A directory where the file should be cannot be read.
         let store = PodStore::new(dir.path());
         assert!(matches!(store.load(0), Err(StateError::Read { .. })));
+    }
+
+    #[test]
+    fn one_agent_per_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pods.json");
+        let first = PodStore::locked(&path).unwrap();
+        let err = PodStore::locked(&path).unwrap_err().to_string();
+        assert!(err.contains("another node agent holds"), "{err}");
+        // Clones share the one lock; it is free once the last goes.
+        let clone = first.clone();
+        drop(first);
+        assert!(PodStore::locked(&path).is_err());
+        drop(clone);
+        PodStore::locked(&path).unwrap();
     }
 }
