@@ -174,14 +174,20 @@ pub(crate) enum Feedback {
 }
 
 /// Why a request was refused.
+/// The longest resource name a request may carry: far above any real one (a
+/// uid, `<namespace>/<name>`), so names cannot carry megabytes each.
+const MAX_NAME_LEN: usize = 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RequestError {
     #[error("the request has no type_url")]
     NoTypeUrl,
     #[error("type {0:?} is not served here (served: {types})", types = super::SERVED_TYPES.join(", "))]
     UnknownType(String),
-    #[error("more than {max} resource names subscribed for {type_url}")]
+    #[error("more than {max} resource names subscribed (or claimed held) for {type_url}")]
     TooManyNames { type_url: String, max: usize },
+    #[error("a resource name longer than {max} bytes")]
+    NameTooLong { max: usize },
 }
 
 /// A response ready to go, with what the metrics need.
@@ -252,6 +258,22 @@ impl ClientState {
                 .map(|n| n.id.clone())
                 .filter(|id| !id.is_empty());
         }
+        let max_names = self.limits.max_names_per_type;
+        let names = || {
+            req.resource_names_subscribe
+                .iter()
+                .chain(req.resource_names_unsubscribe.iter())
+                .chain(req.initial_resource_versions.keys())
+        };
+        if names().any(|n| n.len() > MAX_NAME_LEN) {
+            return Err(RequestError::NameTooLong { max: MAX_NAME_LEN });
+        }
+        if req.initial_resource_versions.len() > max_names {
+            return Err(RequestError::TooManyNames {
+                type_url: req.type_url,
+                max: max_names,
+            });
+        }
         let entries = store.get(&req.type_url);
         let ts = self.types.entry(req.type_url.clone()).or_default();
         if !ts.started {
@@ -276,7 +298,6 @@ impl ClientState {
                 }
             }
         }
-        let max_names = self.limits.max_names_per_type;
         let new_names = req
             .resource_names_subscribe
             .iter()

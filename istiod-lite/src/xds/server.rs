@@ -49,6 +49,8 @@ pub(crate) struct ClientHandle {
     /// `ClientState::needs_removals_from`, published by the client's task after
     /// every change to its state, for the tombstone collection.
     pub(crate) removals_from: AtomicU64,
+    /// The caller's node, for the bound on streams per node.
+    node: String,
 }
 
 impl ClientHandle {
@@ -101,11 +103,15 @@ impl Core {
         }
     }
 
+    /// A new client, unless its node already holds `max_streams_per_node`
+    /// streams (then how many it holds): counted and added under one lock, so
+    /// streams opened at the same moment cannot pass the bound together.
     pub(crate) fn register(
         &self,
         caller: Caller,
         peer: Option<std::net::SocketAddr>,
-    ) -> Arc<ClientHandle> {
+    ) -> Result<Arc<ClientHandle>, usize> {
+        let node = caller.node.clone();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let limits = Limits {
             max_names_per_type: self.settings.max_names_per_type,
@@ -117,18 +123,17 @@ impl Core {
             inbox: std::sync::Mutex::new(Inbox::default()),
             wake: Notify::new(),
             removals_from: AtomicU64::new(u64::MAX),
+            node: node.clone(),
         });
-        lock(&self.clients).insert(id, handle.clone());
+        let mut clients = lock(&self.clients);
+        let open = clients.values().filter(|c| c.node == node).count();
+        if open >= self.settings.max_streams_per_node {
+            return Err(open);
+        }
+        clients.insert(id, handle.clone());
+        drop(clients);
         self.metrics.connected_clients.inc();
-        handle
-    }
-
-    /// The streams open for `node`'s credential.
-    fn streams_of(&self, node: &str) -> usize {
-        self.handles()
-            .iter()
-            .filter(|c| lock(&c.state).caller.node == node)
-            .count()
+        Ok(handle)
     }
 
     pub(crate) fn deregister(&self, id: u64) {
@@ -286,16 +291,14 @@ impl<A: Authenticator> AggregatedDiscoveryService for AdsService<A> {
         if *self.core.shutdown.borrow() {
             return Err(Status::unavailable("the xDS server is shutting down"));
         }
-        let open = self.core.streams_of(&caller.node);
-        if open >= self.core.settings.max_streams_per_node {
+        let client = self.core.register(caller.clone(), peer).map_err(|open| {
             tracing::warn!(peer = ?peer, node = %caller.node, open, "xDS stream refused: too many streams for the node");
-            return Err(Status::resource_exhausted(format!(
+            Status::resource_exhausted(format!(
                 "node {} already holds {open} xDS streams, the most allowed",
                 caller.node
-            )));
-        }
+            ))
+        })?;
         let (tx, rx) = mpsc::channel(self.core.settings.client_queue);
-        let client = self.core.register(caller.clone(), peer);
         let id = lock(&client.state).id;
         tracing::info!(client = id, principal = %caller.principal, node = %caller.node, peer = ?peer, "xDS client connected");
         let session = Session {

@@ -43,12 +43,16 @@ fn caller() -> Caller {
 }
 
 pub(super) fn client(max_response_bytes: usize) -> ClientState {
+    client_with_names(max_response_bytes, 1 << 16)
+}
+
+pub(super) fn client_with_names(max_response_bytes: usize, max_names: usize) -> ClientState {
     ClientState::new(
         7,
         caller(),
         None,
         Limits {
-            max_names_per_type: 4,
+            max_names_per_type: max_names,
             max_response_bytes,
             max_in_flight: 4,
         },
@@ -176,7 +180,7 @@ async fn several_applies_become_one_push() {
         drain,
     )
     .unwrap();
-    let handle = server_core(&server).register(caller(), None);
+    let handle = server_core(&server).register(caller(), None).unwrap();
     for i in 0..5 {
         server.apply(vec![put(&format!("w{i}"), "x")]);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -381,7 +385,7 @@ fn changes_to_unsubscribed_types_are_ignored() {
 #[test]
 fn a_stream_subscribes_a_bounded_number_of_names() {
     let store = ResourceStore::new();
-    let mut c = client(1 << 20);
+    let mut c = client_with_names(1 << 20, 4);
     c.handle_request(req(&["a", "b", "c"]), &store.read())
         .unwrap();
     let err = c
@@ -394,6 +398,16 @@ fn a_stream_subscribes_a_bounded_number_of_names() {
     // Names already subscribed do not count again: a, b, c and a new d make 4.
     c.handle_request(req(&["a", "b", "c", "d"]), &store.read())
         .unwrap();
+    // Nor can a reconnect claim more, or a name be huge.
+    let mut claims = req(&[]);
+    claims.initial_resource_versions = (0..5).map(|i| (format!("r{i}"), "1".into())).collect();
+    let mut fresh = client_with_names(1 << 20, 4);
+    let err = fresh.handle_request(claims, &store.read()).unwrap_err();
+    assert!(err.to_string().contains("claimed held"), "{err}");
+    let err = fresh
+        .handle_request(req(&[&"n".repeat(2000)]), &store.read())
+        .unwrap_err();
+    assert!(err.to_string().contains("longer than 1024 bytes"), "{err}");
 }
 
 /// The first sync ends with a part not marked `MORE_TO_COME` even when all that
