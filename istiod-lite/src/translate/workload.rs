@@ -51,17 +51,18 @@ fn first_label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Optio
         .filter(|v| !v.is_empty())
 }
 
-/// The pod's workload, or `None` while it has no address of its own. As in Istio,
-/// a finished pod (`Succeeded`/`Failed`) has none: its IP goes back to the pool
-/// and may already be another pod's, which ztunnel's by-address index would
-/// refuse as a clash. A hostNetwork pod's addresses are its node's, which no
-/// workload may claim.
+/// The pod's workload, or `None` while it has no address. As in Istio, a finished
+/// pod (`Succeeded`/`Failed`) has none: its IP goes back to the pool and may
+/// already be another pod's, which ztunnel's by-address index would refuse as a
+/// clash. A hostNetwork pod's addresses are its node's: its workload says so
+/// (`host_network`), so that it serves as a service endpoint without claiming
+/// the node's address.
 pub(super) fn build(
     store: &Store,
     settings: &TranslateSettings,
     pod: &Pod,
 ) -> Option<pb::Workload> {
-    if pod.ips.is_empty() || pod.terminal || pod.host_network {
+    if pod.ips.is_empty() || pod.terminal {
         return None;
     }
     let ns = &pod.meta.namespace;
@@ -100,6 +101,7 @@ pub(super) fn build(
         uid: workload_uid(pod),
         name: pod.meta.name.clone(),
         workload_name: super::owner::workload_name(pod),
+        host_network: pod.host_network,
         namespace: ns.clone(),
         addresses: pod.ips.iter().map(ip_bytes).collect(),
         service_account: pod.service_account.clone(),

@@ -70,7 +70,8 @@ impl ProxyState {
         let mut state = ProxyState::default();
         for w in workloads {
             let w = Arc::new(w);
-            for ip in &w.addresses {
+            // A hostNetwork pod's addresses are its node's, not its own.
+            for ip in w.addresses.iter().filter(|_| !w.host_network) {
                 state.by_ip.insert(*ip, w.clone());
             }
             for key in w.services.keys() {

@@ -84,6 +84,10 @@ pub struct Workload {
     /// `workload_name`); empty means the pod stands alone. See [`Workload::owner`].
     #[serde(default)]
     pub workload_name: String,
+    /// The pod shares its node's network: a service endpoint (never captured),
+    /// but not indexed by address, which is its node's and other pods' too.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 fn default_sa() -> String {
@@ -297,6 +301,7 @@ impl TryFrom<pb::Workload> for Workload {
             canonical_name: w.canonical_name,
             canonical_revision: w.canonical_revision,
             workload_name: w.workload_name,
+            host_network: w.host_network,
         };
         workload.validate()?;
         Ok(workload)

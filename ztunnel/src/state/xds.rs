@@ -140,7 +140,9 @@ impl Held {
         if let Some(owner) = clash(&self.uids, &w.uid, &r.name) {
             return Err(format!("uid {} belongs to workload {owner}", w.uid));
         }
-        for ip in &w.addresses {
+        // A hostNetwork pod shares its node's addresses: it claims none.
+        let claimed: &[std::net::IpAddr] = if w.host_network { &[] } else { &w.addresses };
+        for ip in claimed {
             if let Some(owner) = clash(&self.ips, ip, &r.name) {
                 return Err(format!("address {ip} belongs to workload {owner}"));
             }
@@ -150,7 +152,7 @@ impl Held {
         }
         self.remove_workload(&r.name);
         self.uids.insert(w.uid.clone(), r.name.clone());
-        for ip in &w.addresses {
+        for ip in claimed {
             self.ips.insert(*ip, r.name.clone());
         }
         self.workloads.insert(r.name.clone(), w);
@@ -161,7 +163,10 @@ impl Held {
         if let Some(old) = self.workloads.remove(name) {
             self.uids.remove(&old.uid);
             for ip in &old.addresses {
-                self.ips.remove(ip);
+                // Only its own claims (a hostNetwork pod made none).
+                if self.ips.get(ip).is_some_and(|owner| owner == name) {
+                    self.ips.remove(ip);
+                }
             }
         }
     }
@@ -252,6 +257,65 @@ mod tests {
             version: version.into(),
             body: Bytes::from(m.encode_to_vec()),
         }
+    }
+
+    /// hostNetwork pods share their node's address: each is accepted, none is
+    /// found by that address, and a service picks them as plain-TCP endpoints.
+    #[test]
+    fn host_network_pods_share_the_node_address_and_serve_services() {
+        let store = Arc::new(StateStore::default());
+        let xds = XdsState::new(store.clone());
+        let node = [198, 18, 0, 9];
+        let host = |uid: &str| {
+            let mut w = workload(uid, node);
+            w.host_network = true;
+            w.services = [(
+                "shop/agent.shop.svc.cluster.local".to_string(),
+                pb::PortList { ports: vec![] },
+            )]
+            .into();
+            w
+        };
+        let svc = pb::Service {
+            name: "agent".into(),
+            namespace: "shop".into(),
+            hostname: "agent.shop.svc.cluster.local".into(),
+            addresses: vec![pb::NetworkAddress {
+                address: vec![198, 18, 100, 9],
+                ..Default::default()
+            }],
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: 9100,
+            }],
+            ..Default::default()
+        };
+        xds.apply(
+            WORKLOAD_TYPE_URL,
+            vec![res("h1", "1", &host("h1")), res("h2", "1", &host("h2"))],
+            vec![],
+        )
+        .unwrap();
+        xds.apply(
+            SERVICE_TYPE_URL,
+            vec![res("shop/agent.shop.svc.cluster.local", "1", &svc)],
+            vec![],
+        )
+        .unwrap();
+        let state = store.snapshot();
+        assert_eq!(state.workloads().count(), 2);
+        assert!(state.workload_by_ip(node.into()).is_none());
+        let to_vip = "198.18.100.9:80".parse().unwrap();
+        match state.route(to_vip).unwrap() {
+            crate::state::Route::Passthrough { addr } => {
+                assert_eq!(addr, "198.18.0.9:9100".parse().unwrap())
+            }
+            other => panic!("expected plain TCP to the node, got {other:?}"),
+        }
+        // Removing one takes no claim of the other's with it.
+        xds.apply(WORKLOAD_TYPE_URL, vec![], vec!["h1".into()])
+            .unwrap();
+        assert_eq!(store.snapshot().workloads().count(), 1);
     }
 
     #[test]
