@@ -32,6 +32,13 @@ impl Watched {
         for (name, text) in files {
             write(dir.path(), name, text);
         }
+        Self::start_in(dir).await
+    }
+
+    /// [`Watched::start`] on a directory already prepared.
+    async fn start_in(
+        dir: tempfile::TempDir,
+    ) -> (Self, Vec<ObjectChange>, Vec<(String, Vec<Report>)>) {
         let (tx, rx) = mpsc::channel(16);
         let (trigger, watcher) = drain::channel();
         let source = DirSource::new(dir.path().to_owned(), Duration::from_millis(20));
@@ -344,4 +351,36 @@ async fn drain_stops_the_source() {
     assert_eq!(trigger.drain(WAIT).await, drain::DrainOutcome::Graceful);
     task.await.unwrap();
     drop((rx, dir));
+}
+
+/// A file rewritten at every poll does not keep the source from syncing: the
+/// first view comes without it (after `FIRST_VIEW_MAX_POLLS` polls), and its
+/// objects follow once it stops changing.
+#[tokio::test]
+async fn a_file_that_never_settles_does_not_hold_up_the_first_view() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ns.yaml", NS);
+    let busy = dir.path().join("busy.yaml");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                // Another size each time, so every poll sees it change.
+                let text = format!("{}{}", sa("busy", "1"), "#\n".repeat(i % 5 + 1));
+                fs::write(&busy, text).unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let (mut w, changes, _) = Watched::start_in(dir).await;
+    assert_eq!(upserted(&changes), ["Namespace shop"]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(upserted(&w.changes().await), ["ServiceAccount shop/busy"]);
+    w.stop().await;
 }

@@ -45,6 +45,10 @@ enum DirError {
     Syntax(serde_yaml_ng::Error),
 }
 
+/// Polls the first view waits at most for files still being written (5 s at the
+/// default 250 ms): a file rewritten at every poll cannot keep the mesh unsynced.
+pub const FIRST_VIEW_MAX_POLLS: u32 = 20;
+
 /// Watched directories of Kubernetes YAML, read as one.
 #[derive(Debug)]
 pub struct DirSource {
@@ -67,7 +71,8 @@ impl DirSource {
 
     /// Sends the directory's objects, then its changes, until drained (or until
     /// the receiver is gone). The first complete view (the first scans, until no
-    /// file is still settling: a poll or two) arrives as one
+    /// file is still settling: a poll or two, at most [`FIRST_VIEW_MAX_POLLS`], after
+    /// which a file still changing is left out until it settles) arrives as one
     /// [`SourceEvent::Changes`], then every origin's reports, then
     /// [`SourceEvent::Synced`]; after that only differences are sent.
     pub async fn run(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
@@ -110,12 +115,13 @@ impl DirSource {
             let delta = if first {
                 initial.absorb(delta);
                 if !initial.pending.is_empty() {
-                    // A file changing at every poll for long is worth a word.
                     unsettled_polls += 1;
-                    if unsettled_polls.is_power_of_two() && unsettled_polls >= 8 {
-                        tracing::warn!(files = ?initial.pending, polls = unsettled_polls, "still being written; not synced yet");
+                    if unsettled_polls < FIRST_VIEW_MAX_POLLS {
+                        continue;
                     }
-                    continue;
+                    // A file that changes at every poll must not hold up the
+                    // whole mesh: its objects follow once it settles.
+                    tracing::warn!(files = ?initial.pending, polls = unsettled_polls, "still being written; synced without them, they apply once they stop changing");
                 }
                 std::mem::take(&mut initial)
             } else {
