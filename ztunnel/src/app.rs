@@ -262,6 +262,8 @@ impl App {
             ));
         }
         let hbone = HboneConfig {
+            stream_window: config.hbone_window,
+            connection_window: config.hbone_window * 4,
             max_streams_per_connection: config.pool_max_streams as usize,
             pool_idle_timeout: config.pool_idle_timeout,
             server_max_connections: config.max_connections as usize,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use mesh_core::SpiffeId;
-use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback};
+use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback, parse_size};
 use serde::Serialize;
 
 /// ztunnel: the per-node L4 proxy of the Ambit mesh.
@@ -114,6 +114,13 @@ pub struct Config {
     #[arg(long, env = "AMBIT_POOL_MAX_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub pool_max_streams: u32,
 
+    /// HTTP/2 flow-control window of an HBONE tunnel (its connection's is four
+    /// times it): what a receiving ztunnel holds per tunnel at most, and what
+    /// bounds one tunnel to this much per round trip (2 MiB: 32 Gbit/s at 0.5 ms,
+    /// 3.4 at 5 ms; raise it for long links). 64KiB to 256MiB.
+    #[arg(long, env = "AMBIT_HBONE_WINDOW", default_value = "2MiB", value_parser = parse_window)]
+    pub hbone_window: u32,
+
     /// A pooled HBONE connection idle this long is closed.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "duration_as_text")]
@@ -147,6 +154,16 @@ fn parse_host_port(s: &str) -> Result<String, String> {
         Ok(p) if p > 0 => Ok(s.to_string()),
         _ => Err(format!("{s:?}: port {port:?} is not 1-65535")),
     }
+}
+
+/// An HTTP/2 stream window: 64 KiB to 256 MiB (its connection's, four times
+/// it, must stay under HTTP/2's 2^31 - 1).
+fn parse_window(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    if !(64 << 10..=256 << 20).contains(&bytes) {
+        return Err(format!("{s:?}: a window is 64KiB to 256MiB"));
+    }
+    u32::try_from(bytes).map_err(|e| e.to_string())
 }
 
 /// A Kubernetes namespace name, as SPIFFE identities hold it.
@@ -224,6 +241,16 @@ mod tests {
         let err = parse(&["--worker-threads", "0"]).unwrap_err().to_string();
         assert!(err.contains("--worker-threads"), "{err}");
         assert_eq!(parse(&["--worker-threads", "1"]).unwrap().worker_threads, 1);
+        let err = parse(&["--hbone-window", "16KiB"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--hbone-window") && err.contains("64KiB to 256MiB"),
+            "{err}"
+        );
+        assert_eq!(
+            parse(&["--hbone-window", "8MiB"]).unwrap().hbone_window,
+            8 << 20
+        );
+        assert_eq!(parse(&[]).unwrap().hbone_window, 2 << 20);
         let err = parse(&["--root-namespace", "Not/A/Namespace"])
             .unwrap_err()
             .to_string();
