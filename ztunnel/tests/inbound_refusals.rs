@@ -19,12 +19,9 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
     let proxy = f.app.socks5_addr.unwrap();
     // frontend's own address is a mesh workload without a proxy here; asking cart's
     // HBONE listener for another address is refused. Use the pool directly.
-    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
-    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
-    f.app.inputs.ensure_certificate(&frontend).await.unwrap();
-    let pool = mesh_core::hbone::HbonePool::new(f.app.inputs.certs.clone(), Default::default());
+    let (pool, cart) = f.frontend_client(43).await;
     let hbone = SocketAddr::new(ip(43, 3), 15008);
-    let key = || mesh_core::hbone::PoolKey::new(frontend.clone(), vec![cart.clone()], hbone);
+    let key = || cart.clone();
     let err = pool
         .connect(
             key(),
@@ -65,17 +62,8 @@ async fn a_connect_for_an_address_not_of_the_pod_gets_400_and_the_pod_keeps_serv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_takes_at_most_max_connections_tunnels() {
     let f = start_with(46, &["--max-connections", "2"]).await;
-    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
-    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
-    f.app.inputs.ensure_certificate(&frontend).await.unwrap();
-    let pool = mesh_core::hbone::HbonePool::new(f.app.inputs.certs.clone(), Default::default());
-    let key = || {
-        mesh_core::hbone::PoolKey::new(
-            frontend.clone(),
-            vec![cart.clone()],
-            SocketAddr::new(ip(46, 3), 15008),
-        )
-    };
+    let (pool, cart) = f.frontend_client(46).await;
+    let key = || cart.clone();
     let open = || pool.connect(key(), mesh_core::hbone::ConnectRequest::new(f.app_addr));
     let first = open().await.unwrap();
     let _second = open().await.unwrap();
@@ -206,17 +194,8 @@ async fn a_forwarded_source_counts_only_for_the_callers_own_workloads() {
         return;
     }
     let mut f = start(47).await;
-    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
-    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
-    f.app.inputs.ensure_certificate(&frontend).await.unwrap();
-    let pool = mesh_core::hbone::HbonePool::new(f.app.inputs.certs.clone(), Default::default());
-    let key = || {
-        mesh_core::hbone::PoolKey::new(
-            frontend.clone(),
-            vec![cart.clone()],
-            SocketAddr::new(ip(47, 3), 15008),
-        )
-    };
+    let (pool, cart) = f.frontend_client(47).await;
+    let key = || cart.clone();
     let mut seen_from = async |claimed| {
         let mut req = mesh_core::hbone::ConnectRequest::new(f.app_addr);
         req.source.addr = Some(claimed);

@@ -161,6 +161,39 @@ impl Drop for TestNetns {
     }
 }
 
+/// A ztunnel (drain deadline `drain`) serving pod-a and pod-b, each in a
+/// namespace of its own (`tag` names them apart), over a session still open.
+struct TwoPods {
+    ns_a: TestNetns,
+    ns_b: TestNetns,
+    app: Arc<App>,
+    listener: SeqPacketListener,
+    conn: SeqPacket,
+    _dir: tempfile::TempDir,
+}
+
+async fn two_pods(tag: &str, drain: &str) -> TwoPods {
+    let (ns_a, ns_b) = (
+        TestNetns::new(&format!("{tag}a")),
+        TestNetns::new(&format!("{tag}b")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (app, listener) = start(dir.path(), drain).await;
+    let conn = session(&listener).await;
+    for (uid, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
+        conn.send(&add(uid), Some(ns.open().as_fd())).await.unwrap();
+        assert_eq!(ack(&conn).await, "", "add {uid}");
+    }
+    TwoPods {
+        ns_a,
+        ns_b,
+        app,
+        listener,
+        conn,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
     if !mesh_core::testing::require_root(
@@ -168,14 +201,14 @@ async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
     ) {
         return;
     }
-    let (ns_a, ns_b) = (TestNetns::new("a"), TestNetns::new("b"));
-    let dir = tempfile::tempdir().unwrap();
-    let (app, listener) = start(dir.path(), "1s").await;
-    let conn = session(&listener).await;
-    for (uid, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
-        conn.send(&add(uid), Some(ns.open().as_fd())).await.unwrap();
-        assert_eq!(ack(&conn).await, "", "add {uid}");
-    }
+    let TwoPods {
+        ns_a,
+        ns_b: _ns_b,
+        app,
+        listener,
+        conn,
+        _dir,
+    } = two_pods("", "1s").await;
     let mut pods = app.pod_uids().await;
     pods.sort();
     assert_eq!(pods, ["pod-a", "pod-b"]);
@@ -222,14 +255,14 @@ async fn re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain() {
     ) {
         return;
     }
-    let (ns_a, ns_b) = (TestNetns::new("ka"), TestNetns::new("kb"));
-    let dir = tempfile::tempdir().unwrap();
-    let (app, listener) = start(dir.path(), "30s").await;
-    let conn = session(&listener).await;
-    for (uid, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
-        conn.send(&add(uid), Some(ns.open().as_fd())).await.unwrap();
-        assert_eq!(ack(&conn).await, "", "add {uid}");
-    }
+    let TwoPods {
+        ns_a,
+        ns_b,
+        app,
+        listener,
+        conn,
+        _dir,
+    } = two_pods("k", "30s").await;
     // A connection to each pod's HBONE listener, held open: it is in flight
     // (waiting for its TLS handshake), so a drain would wait for it.
     let held_a = ns_a.connect(15008).unwrap();

@@ -162,3 +162,23 @@ pub fn metric(text: &str, name: &str, must_contain: &[&str]) -> Option<f64> {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .reduce(|a, b| a + b)
 }
+
+impl Fixture {
+    /// A client of cart's HBONE listener (net `net`) as frontend: a pool holding
+    /// frontend's certificate, and the key of cart's listener.
+    pub async fn frontend_client(
+        &self,
+        net: u8,
+    ) -> (mesh_core::hbone::HbonePool, mesh_core::hbone::PoolKey) {
+        let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+        let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+        self.app.inputs.ensure_certificate(&frontend).await.unwrap();
+        let pool =
+            mesh_core::hbone::HbonePool::new(self.app.inputs.certs.clone(), Default::default());
+        let hbone = SocketAddr::new(ip(net, 3), 15008);
+        (
+            pool,
+            mesh_core::hbone::PoolKey::new(frontend, vec![cart], hbone),
+        )
+    }
+}
