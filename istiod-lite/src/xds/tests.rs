@@ -77,6 +77,17 @@ pub(super) fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
     n
 }
 
+/// Which of `responses` say more parts of the first sync follow.
+fn more_to_come(responses: &[DeltaDiscoveryResponse]) -> Vec<bool> {
+    responses
+        .iter()
+        .map(|r| {
+            r.system_version_info
+                .ends_with(mesh_core::xds::MORE_TO_COME)
+        })
+        .collect()
+}
+
 /// Every response the client is owed now.
 pub(super) fn drain_responses(
     client: &mut ClientState,
@@ -341,13 +352,7 @@ fn large_pushes_are_split_and_nonces_are_fresh() {
     assert_eq!(c.debug(&store.read()).types[0].in_flight, 4);
     // The first sync's parts say more follow, but its last: the client is synced
     // only once it has everything.
-    let more: Vec<bool> = r
-        .iter()
-        .map(|r| {
-            r.system_version_info
-                .ends_with(mesh_core::xds::MORE_TO_COME)
-        })
-        .collect();
+    let more = more_to_come(&r);
     assert_eq!(more, [true, true, true, false]);
     // A later push split the same way is not part of the first sync.
     store.apply(
@@ -422,13 +427,7 @@ fn a_first_sync_always_ends_with_an_unmarked_part() {
     let mut c = client(250);
     c.handle_request(req(&[]), &store.read()).unwrap();
     let r = drain_responses(&mut c, &store);
-    let more: Vec<bool> = r
-        .iter()
-        .map(|r| {
-            r.system_version_info
-                .ends_with(mesh_core::xds::MORE_TO_COME)
-        })
-        .collect();
+    let more = more_to_come(&r);
     assert_eq!(more, [true, false], "{r:?}");
     assert_eq!(names(&r[0]), ["r0", "r1", "r2"]);
     assert!(r[1].resources.is_empty() && r[1].removed_resources.is_empty());
