@@ -350,8 +350,9 @@ impl App {
     /// re-sends every pod after a reconnect) keeps its running proxy and its
     /// connections. A changed pod gets a new proxy; the old one's listeners close
     /// and its connections drain in the background, so this returns without
-    /// waiting for them. If the new proxy cannot start, a proxy in another
-    /// namespace is kept.
+    /// waiting for them. In a new namespace the new proxy starts before the old
+    /// one closes; if it cannot start, the old one goes all the same (its
+    /// sandbox is gone) and the pod is not served until it is sent again.
     pub async fn add_pod(
         &self,
         pod: Pod,
@@ -388,17 +389,18 @@ impl App {
         if same_namespace && let Some(old) = pods.remove(&pod.uid) {
             self.retire(old.proxy.close(deadline).await);
         }
-        let spoof = netns.is_some() || nix::unistd::Uid::effective().is_root();
-        let mut net = match netns {
-            Some(ns) => PodNet::new(ns, self.inputs.config.packet_mark)
-                .map_err(|error| StartError::Namespace { pod: name, error })?,
-            None => PodNet::local(self.inputs.config.packet_mark),
-        };
-        if !spoof {
-            net = net.without_source_spoofing();
-        }
         let uid = pod.uid.clone();
-        let proxy = PodProxy::start(pod, net, ports, self.inputs.clone()).await?;
+        let proxy = match self.start_proxy(pod, netns, ports, name).await {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                // The agent reports the pod's current namespace: a proxy left in
+                // an older one would serve a sandbox that is gone.
+                if let Some(old) = pods.remove(&uid) {
+                    self.retire(old.proxy.close(deadline).await);
+                }
+                return Err(e);
+            }
+        };
         let hbone = proxy.addrs.hbone;
         let running = RunningPod {
             proxy,
@@ -409,6 +411,25 @@ impl App {
             self.retire(old.proxy.close(deadline).await);
         }
         Ok(hbone)
+    }
+
+    async fn start_proxy(
+        &self,
+        pod: Pod,
+        netns: Option<NetNs>,
+        ports: PodPorts,
+        name: String,
+    ) -> Result<PodProxy, StartError> {
+        let spoof = netns.is_some() || nix::unistd::Uid::effective().is_root();
+        let mut net = match netns {
+            Some(ns) => PodNet::new(ns, self.inputs.config.packet_mark)
+                .map_err(|error| StartError::Namespace { pod: name, error })?,
+            None => PodNet::local(self.inputs.config.packet_mark),
+        };
+        if !spoof {
+            net = net.without_source_spoofing();
+        }
+        PodProxy::start(pod, net, ports, self.inputs.clone()).await
     }
 
     /// Stops proxying a pod: its listeners are closed when this returns, its

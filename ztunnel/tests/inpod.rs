@@ -315,3 +315,33 @@ async fn re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain() {
     drop((held_a, held_b));
     app.shutdown().await;
 }
+
+/// A pod sent again in another namespace (a new sandbox) whose proxy cannot
+/// start there (here pod-b's listeners already hold the ports): the error is
+/// acked, and the old sandbox's proxy is not kept serving a namespace that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_moved_to_a_namespace_where_it_cannot_start_is_not_served_from_the_old_one() {
+    if !mesh_core::testing::require_root(
+        "a_pod_moved_to_a_namespace_where_it_cannot_start_is_not_served_from_the_old_one",
+    ) {
+        return;
+    }
+    let TwoPods {
+        ns_a,
+        ns_b,
+        app,
+        listener: _listener,
+        conn,
+        _dir,
+    } = two_pods("m", "1s").await;
+    conn.send(&add("pod-a"), Some(ns_b.open().as_fd()))
+        .await
+        .unwrap();
+    let error = ack(&conn).await;
+    assert!(error.contains("listen on"), "{error}");
+    assert_eq!(app.pod_uids().await, ["pod-b"]);
+    // pod-a's old listeners are closed.
+    let refused = ns_a.connect(15008).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    app.shutdown().await;
+}
