@@ -22,6 +22,10 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Locals drop in reverse order, and before parameters: the listener is closed
+    // before the drain watcher goes, so a drain that has ended means its port is free.
+    let drain = drain;
+    let listener = listener;
     let limit = Arc::new(Semaphore::new(max));
     loop {
         // A drain stops the loop also while it waits for a free slot, and wins over
@@ -98,5 +102,24 @@ mod tests {
             "the listener is closed"
         );
         draining.abort();
+    }
+
+    /// Once a drain has ended, the listener's port is free: a restarted server
+    /// binds it at once (the watcher goes only after the listener is closed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn when_the_drain_ends_the_port_is_free() {
+        for _ in 0..20 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (trigger, watcher) = crate::drain::channel();
+            tokio::spawn(accept_loop(listener, 1, watcher, "test", |_, _| async {}));
+            trigger.drain(Duration::from_secs(5)).await;
+            // Without SO_REUSEADDR a socket in TIME_WAIT could stand in the way;
+            // there is none here, only the listener, which must be gone.
+            let again =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            again.bind(&addr.into()).unwrap();
+            again.listen(1).unwrap();
+        }
     }
 }

@@ -157,6 +157,11 @@ async fn accept_loop(
     conns: mpsc::Sender<ServerIo>,
     drain: DrainWatcher,
 ) {
+    // Locals drop in reverse order, and before parameters: so the listener is
+    // closed before the drain watcher goes, and a drain that has ended means
+    // the port is free (a restart can bind it at once).
+    let drain = drain;
+    let listener = listener;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = tokio::select! {
