@@ -194,6 +194,20 @@ async fn two_pods(tag: &str, drain: &str) -> TwoPods {
     }
 }
 
+/// A new session's snapshot as the agent sends it, holding pod-a only: its add,
+/// then the marker, each acked without error.
+async fn snapshot_of_pod_a(conn: &SeqPacket, ns_a: &TestNetns) {
+    conn.send(&add("pod-a"), Some(ns_a.open().as_fd()))
+        .await
+        .unwrap();
+    assert_eq!(ack(conn).await, "");
+    let snap = NodeAgentMessage {
+        payload: Some(Payload::SnapshotSent(SnapshotSent {})),
+    };
+    conn.send(&snap.encode_to_vec(), None).await.unwrap();
+    assert_eq!(ack(conn).await, "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
     if !mesh_core::testing::require_root(
@@ -219,15 +233,7 @@ async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
     assert_eq!(app.pod_uids().await.len(), 2);
 
     // The new session re-sends only pod-a: pod-b is dropped at the snapshot.
-    conn.send(&add("pod-a"), Some(ns_a.open().as_fd()))
-        .await
-        .unwrap();
-    assert_eq!(ack(&conn).await, "");
-    let snap = NodeAgentMessage {
-        payload: Some(Payload::SnapshotSent(SnapshotSent {})),
-    };
-    conn.send(&snap.encode_to_vec(), None).await.unwrap();
-    assert_eq!(ack(&conn).await, "");
+    snapshot_of_pod_a(&conn, &ns_a).await;
     assert_eq!(app.pod_uids().await, ["pod-a"]);
     app.shutdown().await;
 }
@@ -271,15 +277,7 @@ async fn re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain() {
     drop(conn);
     let conn = session(&listener).await;
     let started = std::time::Instant::now();
-    conn.send(&add("pod-a"), Some(ns_a.open().as_fd()))
-        .await
-        .unwrap();
-    assert_eq!(ack(&conn).await, "");
-    let snap = NodeAgentMessage {
-        payload: Some(Payload::SnapshotSent(SnapshotSent {})),
-    };
-    conn.send(&snap.encode_to_vec(), None).await.unwrap();
-    assert_eq!(ack(&conn).await, "");
+    snapshot_of_pod_a(&conn, &ns_a).await;
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(3),
