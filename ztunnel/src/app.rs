@@ -368,7 +368,6 @@ impl App {
                 pod: name.clone(),
                 error,
             })?;
-        let deadline = self.inputs.config.drain_deadline;
         // Held throughout, so that adds and removes of one pod apply in order.
         let mut pods = self.pods.lock().await;
         if self.closing.load(Ordering::Relaxed) {
@@ -387,7 +386,7 @@ impl App {
         };
         // In the same namespace the new listeners need the old ones' ports.
         if same_namespace && let Some(old) = pods.remove(&pod.uid) {
-            self.retire(old.proxy.close(deadline).await);
+            self.retire(old).await;
         }
         let uid = pod.uid.clone();
         let proxy = match self.start_proxy(pod, netns, ports, name).await {
@@ -396,7 +395,7 @@ impl App {
                 // The agent reports the pod's current namespace: a proxy left in
                 // an older one would serve a sandbox that is gone.
                 if let Some(old) = pods.remove(&uid) {
-                    self.retire(old.proxy.close(deadline).await);
+                    self.retire(old).await;
                 }
                 return Err(e);
             }
@@ -408,7 +407,7 @@ impl App {
             ports,
         };
         if let Some(old) = pods.insert(uid, running) {
-            self.retire(old.proxy.close(deadline).await);
+            self.retire(old).await;
         }
         Ok(hbone)
     }
@@ -438,16 +437,17 @@ impl App {
         let mut pods = self.pods.lock().await;
         match pods.remove(uid) {
             Some(running) => {
-                let draining = running.proxy.close(self.inputs.config.drain_deadline).await;
-                self.retire(draining);
+                self.retire(running).await;
                 true
             }
             None => false,
         }
     }
 
-    /// Keeps a draining pod's task until it ends, for [`App::shutdown`] to wait on.
-    fn retire(&self, draining: JoinHandle<DrainOutcome>) {
+    /// Closes a pod's listeners and keeps its draining task until it ends, for
+    /// [`App::shutdown`] to wait on.
+    async fn retire(&self, pod: RunningPod) {
+        let draining = pod.proxy.close(self.inputs.config.drain_deadline).await;
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         retired.retain(|d| !d.is_finished());
         retired.push(draining);
@@ -491,8 +491,7 @@ impl App {
                 pods.drain().map(|(_, p)| p).collect()
             };
             for running in pods {
-                let draining = running.proxy.close(deadline).await;
-                self.retire(draining);
+                self.retire(running).await;
             }
             let retired =
                 std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));

@@ -230,20 +230,29 @@ impl PodProxy {
                     .map_err(|e| e.to_string())
             }
         });
-        // Done (well or not), or still running: then left to run, not cancelled.
-        let first_fetch = match tokio::time::timeout(FIRST_CERTIFICATE_WAIT, &mut first).await {
-            Ok(done) => Ok(done.unwrap_or_else(|e| Err(e.to_string()))),
-            Err(_) => Err(first),
-        };
-        match &first_fetch {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+        // What the background retry is left with: nothing (issued), no fetch
+        // (refused: retry), or the fetch still running (left to run, not
+        // cancelled: the retry waits for it first).
+        let retry: Option<Option<FirstFetch>> = match tokio::time::timeout(
+            FIRST_CERTIFICATE_WAIT,
+            &mut first,
+        )
+        .await
+        {
+            Ok(Ok(Ok(()))) => None,
+            Ok(done) => {
+                let error = match done {
+                    Ok(fetched) => fetched.err().unwrap_or_default(),
+                    Err(panicked) => panicked.to_string(),
+                };
                 tracing::warn!(pod = %name, %identity, %error, "no certificate yet; retrying in the background");
+                Some(None)
             }
             Err(_) => {
                 tracing::warn!(pod = %name, %identity, "no answer from the CA within {FIRST_CERTIFICATE_WAIT:?}; waiting in the background");
+                Some(Some(first))
             }
-        }
+        };
         let listen = |addr: SocketAddr| {
             net.listen(addr).map_err(|error| StartError::Listen {
                 pod: name.clone(),
@@ -272,22 +281,10 @@ impl PodProxy {
         let tls = mesh_core::tls::server_config_with_roots(inputs.certs.clone(), &identity, roots)
             .map_err(tls_err)?;
         let (trigger, watcher) = drain::channel();
-        match first_fetch {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                let retry =
-                    fetch_until_issued(inputs.clone(), identity.clone(), watcher.clone(), None);
-                tokio::spawn(retry);
-            }
-            Err(pending) => {
-                let retry = fetch_until_issued(
-                    inputs.clone(),
-                    identity.clone(),
-                    watcher.clone(),
-                    Some(pending),
-                );
-                tokio::spawn(retry);
-            }
+        if let Some(pending) = retry {
+            let retry =
+                fetch_until_issued(inputs.clone(), identity.clone(), watcher.clone(), pending);
+            tokio::spawn(retry);
         }
         let own_ports = addrs.ports();
         let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), own_ports);
