@@ -349,13 +349,7 @@ impl KindWatch {
     /// Logs an error; false when it is part of normal operation (410 Gone).
     fn on_error(&mut self, error: &watcher::Error, failing: bool) -> bool {
         let kind = self.kind;
-        let status = match error {
-            watcher::Error::InitialListFailed(kube::Error::Api(status))
-            | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => Some(status.code),
-            watcher::Error::WatchError(status) => Some(status.code),
-            _ => None,
-        };
-        match status {
+        match status_code(error) {
             // The normal end of a watch whose resource version expired: relist.
             Some(410) => {
                 tracing::debug!(%kind, "watch expired (410 Gone), relisting");
@@ -391,11 +385,16 @@ impl KindWatch {
         true
     }
 
-    /// The reports of origin `kube:<Kind>:api`: the kind's API, as opposed to
+    /// `kube:<Kind>:api`: the origin of reports on the kind's API, as opposed to
     /// its objects (`kube:<Kind>`).
+    fn api_origin(&self) -> String {
+        format!("kube:{}:api", self.kind.api().1)
+    }
+
+    /// The reports of origin [`Self::api_origin`].
     fn missing_report(&self, reports: Vec<Report>) -> SourceEvent {
         SourceEvent::Reports {
-            origin: format!("kube:{}:api", self.kind.api().1),
+            origin: self.api_origin(),
             reports,
         }
     }
@@ -410,7 +409,7 @@ impl KindWatch {
             .collect::<Vec<_>>()
             .join(" nor ");
         Report {
-            origin: format!("kube:{}:api", self.kind.api().1),
+            origin: self.api_origin(),
             document: None,
             error: ObjectError {
                 kind: self.kind.api().1.into(),
@@ -458,11 +457,16 @@ impl KindWatch {
 
 /// Whether the error is a 404: the API server does not serve the resource.
 fn is_not_found(error: &watcher::Error) -> bool {
+    status_code(error) == Some(404)
+}
+
+/// The HTTP status the API server answered a failed list or watch with.
+fn status_code(error: &watcher::Error) -> Option<u16> {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
-        watcher::Error::WatchError(status) => status.code == 404,
-        _ => false,
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => Some(status.code),
+        watcher::Error::WatchError(status) => Some(status.code),
+        _ => None,
     }
 }
 
