@@ -61,9 +61,8 @@ impl ConnectHandler for InboundHandler {
                       reason: &'static str,
                       explanation: String,
                       policy: Option<(String, Option<usize>)>| {
-            self.inputs.metrics.deny(reason);
             let (policy, rule) = policy.map_or((None, None), |(p, r)| (Some(p), r));
-            self.inputs.why.record(Refused {
+            self.inputs.refuse(Refused {
                 at: Refused::now(),
                 direction: "inbound",
                 source: src.to_string(),

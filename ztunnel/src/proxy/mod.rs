@@ -28,7 +28,7 @@ pub use socks5::Socks5;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
-use crate::why::WhyLog;
+use crate::why::{Refused, WhyLog};
 
 /// What every listener of every pod shares.
 #[derive(Debug)]
@@ -44,6 +44,12 @@ pub struct ProxyInputs {
 }
 
 impl ProxyInputs {
+    /// A refused connection: counted by its reason and kept for the why view.
+    pub fn refuse(&self, refused: Refused) {
+        self.metrics.deny(refused.reason);
+        self.why.record(refused);
+    }
+
     /// The certificate of `id`, issued now if the store has none past half its
     /// life. A certificate still valid is used while the CA cannot issue a new
     /// one: it is never dropped early (renewal keeps trying in `keep_fresh`).

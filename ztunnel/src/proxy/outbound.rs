@@ -259,8 +259,7 @@ impl Outbound {
         reason: &'static str,
         explanation: String,
     ) -> Result<T, &'static str> {
-        self.inputs.metrics.deny(reason);
-        self.inputs.why.record(Refused {
+        self.inputs.refuse(Refused {
             at: Refused::now(),
             direction: "outbound",
             source: src.to_string(),

@@ -86,8 +86,7 @@ impl InboundPassthrough {
                 }
             }
             Err(refusal) => {
-                self.inputs.metrics.deny(refusal.reason);
-                self.inputs.why.record(Refused {
+                self.inputs.refuse(Refused {
                     at: Refused::now(),
                     direction: "inbound_plaintext",
                     source: src.to_string(),
