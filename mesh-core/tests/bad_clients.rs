@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use mesh_core::hbone::{HboneConfig, REASON_HEADER, RefusalKind};
+use mesh_core::hbone::{HboneConfig, MAX_HEADER_LIST, REASON_HEADER, RefusalKind};
 use mesh_core::tls;
 use rustls_pki_types::ServerName;
 use support::*;
@@ -178,6 +178,33 @@ async fn bad_requests_get_4xx_with_a_reason_on_a_connection_that_keeps_working()
         kinds,
         "the observer saw each one"
     );
+    assert_still_serving(&mesh, &server).await;
+}
+
+/// HEADERS are not flow-controlled: a CONNECT whose headers exceed
+/// `MAX_HEADER_LIST` is refused (431, or the stream reset) instead of being held,
+/// and the connection goes on serving.
+#[tokio::test]
+async fn a_connect_with_oversized_headers_is_refused() {
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let h2 = raw_h2(&mesh, &server).await;
+    let big = "k=".to_string() + &"v".repeat(MAX_HEADER_LIST as usize);
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("198.18.0.10:8080")
+        .header("baggage", big)
+        .body(())
+        .unwrap();
+    let mut ready = h2.clone().ready().await.unwrap();
+    let (resp, _body) = ready.send_request(req, false).unwrap();
+    match resp.await {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}"),
+    }
+    // A CONNECT just under the bound on the same connection is served.
+    let (status, _) = send(&h2, Method::CONNECT, "198.18.0.10:8080").await;
+    assert_eq!(status, StatusCode::OK);
     assert_still_serving(&mesh, &server).await;
 }
 

@@ -217,6 +217,7 @@ pub(crate) async fn open_connection<D: TcpDialer>(
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
         .max_frame_size(config.max_frame_size)
+        .max_header_list_size(super::MAX_HEADER_LIST)
         .max_send_buffer_size(config.max_send_buffer)
         .enable_push(false)
         .handshake(tls);

@@ -65,6 +65,13 @@ pub fn keep_alive<S: std::os::fd::AsFd>(socket: &S) {
     }
 }
 
+/// Largest header list (HPACK-decoded, as HTTP/2 counts it) either end accepts in
+/// one HEADERS block. A CONNECT carries `:authority`, `forwarded`, `baggage` and
+/// `traceparent`, an answer less; HEADERS frames are not flow-controlled, so without
+/// this bound a peer could park h2's 16 MiB default on every stream. A server
+/// answers a larger request with 431, a client resets a larger answer.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+
 /// Tuning shared by the HBONE client and server. A stream may have 2 MiB in flight,
 /// a connection 8 MiB: a receiving ztunnel holds at most that much of what its
 /// pod has not read yet (4 MiB per stream kept a stream's receiver above 20 MB

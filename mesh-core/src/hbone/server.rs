@@ -282,6 +282,7 @@ impl<H: ConnectHandler> Connection<H> {
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_frame_size(self.config.max_frame_size)
+            .max_header_list_size(super::MAX_HEADER_LIST)
             .max_send_buffer_size(self.config.max_send_buffer)
             .max_concurrent_streams(self.config.server_max_streams)
             .handshake::<_, Bytes>(tls);
