@@ -46,8 +46,25 @@ pub(super) struct Translated {
 pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) -> Translated {
     let spec = &policy.spec;
     let mut out = Translated::default();
-    // targetRef(s) attach the policy to a waypoint: nothing for ztunnel.
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+    // targetRef(s) attach the policy to a waypoint: nothing for ztunnel. Ambit has
+    // no waypoint yet, so such a policy is enforced nowhere: say so rather than
+    // drop it in silence.
+    let target = match (&spec.target_ref, spec.target_refs.first()) {
+        (_, Some(first)) => Some(("spec.targetRefs", first)),
+        (Some(one), None) => Some(("spec.targetRef", one)),
+        (None, None) => None,
+    };
+    if let Some((field, target)) = target {
+        out.problems.push(Problem {
+            field: field.into(),
+            problem: format!(
+                "attaches the policy to {} {:?}, which a waypoint enforces; Ambit has no \
+                 waypoint yet, so this policy is NOT enforced (use a selector or no \
+                 targetRefs to have ztunnel enforce its L4 part)",
+                target.kind.as_deref().unwrap_or("Gateway"),
+                target.name
+            ),
+        });
         return out;
     }
     let action = match spec.action {

@@ -167,9 +167,24 @@ fn target_refs_audit_and_custom_send_nothing() {
     assert_eq!(updates.len(), 1);
     assert!(updates[0].body.is_none());
     assert_eq!(t.counts(), (0, 0, 0));
+    // ... and the policy is reported as enforced nowhere, naming its target.
+    let reports = t.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].error.field, "spec.targetRefs");
+    assert!(
+        reports[0].error.problem.contains("NOT enforced")
+            && reports[0].error.problem.contains("Service \"web\""),
+        "{}",
+        reports[0].error.problem
+    );
     let mut s = spec(PolicyAction::Allow, vec![]);
     s.target_ref = Some(ParentRef::default());
     assert!(translate(&mut t, "shop", s).is_none());
+    let reports = t.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].error.field, "spec.targetRef");
+    // Back to a selector-less policy: ztunnel enforces it and the report goes.
+    assert!(translate(&mut t, "shop", spec(PolicyAction::Allow, vec![])).is_some());
     assert!(t.reports().is_empty());
 
     assert!(translate(&mut t, "shop", spec(PolicyAction::Audit, vec![])).is_none());

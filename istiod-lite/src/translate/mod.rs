@@ -120,6 +120,14 @@ impl Translator {
                 }
             };
             mark(&self.store, &key, old.as_ref(), &mut dirty);
+            if let Some(problem) = waypoint_only(key.kind) {
+                let present = self.store.get(&key).is_some();
+                let problems = present.then(|| authz::Problem {
+                    field: "spec".into(),
+                    problem: problem.into(),
+                });
+                self.set_reports(key, problems.into_iter().collect());
+            }
         }
         let mut updates = Vec::new();
         for (ns, name) in &dirty.services {
@@ -214,6 +222,29 @@ impl Translator {
         }
     }
 
+    /// Replaces the translation problems reported about `key` (none clears them).
+    fn set_reports(&mut self, key: ObjectKey, problems: Vec<authz::Problem>) {
+        if problems.is_empty() {
+            self.reports.remove(&key);
+            return;
+        }
+        let reports = problems
+            .into_iter()
+            .map(|p| Report {
+                origin: REPORT_ORIGIN.into(),
+                document: None,
+                error: ObjectError {
+                    kind: key.kind.api().1.into(),
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    field: p.field,
+                    problem: p.problem,
+                },
+            })
+            .collect();
+        self.reports.insert(key, reports);
+    }
+
     fn update_authorization(&mut self, ns: &str, name: &str) -> Option<ResourceUpdate> {
         let key = ObjectKey::new(Kind::AuthorizationPolicy, ns, name);
         let translated = self
@@ -221,26 +252,7 @@ impl Translator {
             .policy(ns, name)
             .map(|p| authz::build(&self.settings, p))
             .unwrap_or_default();
-        if translated.problems.is_empty() {
-            self.reports.remove(&key);
-        } else {
-            let reports = translated
-                .problems
-                .into_iter()
-                .map(|p| Report {
-                    origin: REPORT_ORIGIN.into(),
-                    document: None,
-                    error: ObjectError {
-                        kind: Kind::AuthorizationPolicy.api().1.into(),
-                        namespace: ns.into(),
-                        name: name.into(),
-                        field: p.field,
-                        problem: p.problem,
-                    },
-                })
-                .collect();
-            self.reports.insert(key, reports);
-        }
+        self.set_reports(key, translated.problems);
         let resource = format!("{ns}/{name}");
         match translated.authorization {
             Some(authorization) => {
@@ -313,6 +325,23 @@ fn mark(store: &Store, key: &ObjectKey, old: Option<&Object>, dirty: &mut Dirty)
             }
         }
         Kind::ServiceAccount | Kind::Gateway | Kind::HttpRoute | Kind::DestinationRule => {}
+    }
+}
+
+/// For the kinds only a waypoint acts on, what is reported while one is loaded:
+/// Ambit has no waypoint yet, so their settings take effect nowhere.
+fn waypoint_only(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::HttpRoute => Some(
+            "kept, but NOT enforced: HTTPRoute rules (matches, timeouts, retries, \
+             weights) are applied by a waypoint, and Ambit has no waypoint yet",
+        ),
+        Kind::DestinationRule => Some(
+            "kept, but NOT enforced: DestinationRule traffic policy (connection \
+             pool, outlier detection, load balancing) is applied by a waypoint, and \
+             Ambit has no waypoint yet",
+        ),
+        _ => None,
     }
 }
 

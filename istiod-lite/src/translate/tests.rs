@@ -565,3 +565,45 @@ fn debug_view_lists_objects() {
     let key = ObjectKey::new(Kind::Pod, "shop", "a");
     assert!(matches!(t.object(&key), Some(Object::Pod(_))));
 }
+
+#[test]
+fn waypoint_only_kinds_are_reported_as_not_enforced_while_loaded() {
+    let mut t = translator();
+    let route = Object::HttpRoute(crate::model::HttpRoute {
+        meta: meta("shop", "r", &[]),
+        parent_refs: Vec::new(),
+        rules: serde_json::Value::Null,
+    });
+    let rule = Object::DestinationRule(crate::model::DestinationRule {
+        meta: meta("shop", "d", &[]),
+        host: "web.shop.svc.cluster.local".into(),
+        traffic_policy: serde_json::Value::Null,
+    });
+    let updates = t.apply(vec![
+        ObjectChange::Upsert(route.clone()),
+        ObjectChange::Upsert(rule),
+    ]);
+    assert!(updates.is_empty(), "nothing reaches ztunnel");
+    let reports = t.reports();
+    let named: Vec<(&str, &str)> = reports
+        .iter()
+        .map(|r| (r.error.kind.as_str(), r.error.name.as_str()))
+        .collect();
+    assert_eq!(named, [("HTTPRoute", "r"), ("DestinationRule", "d")]);
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.error.problem.contains("NOT enforced"))
+    );
+    // Re-applied unchanged: still one report each; deleted: its report goes.
+    t.apply(vec![ObjectChange::Upsert(route)]);
+    assert_eq!(t.reports().len(), 2);
+    t.apply(vec![ObjectChange::Delete(ObjectKey::new(
+        Kind::HttpRoute,
+        "shop",
+        "r",
+    ))]);
+    let reports = t.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].error.kind, "DestinationRule");
+}
