@@ -202,6 +202,32 @@ async fn a_pod_ztunnel_refuses_is_rolled_back_and_the_add_fails() {
     assert_not_redirected(&ns);
 }
 
+/// A pod the state file cannot hold would be lost by a restarted agent while its
+/// rules stay; the ADD fails instead, with the file named, and the rules go.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_add_that_cannot_be_saved_fails_and_is_rolled_back() {
+    if !have_root("an_add_that_cannot_be_saved_fails_and_is_rolled_back") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start_in(dir.path());
+    let (_zt, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    // The state file's directory vanishes under the running agent.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.21");
+    let out = run_plugin("ADD", &ns.path(), &pod_args("db-1", "uid-db-1"), &conf);
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("could not be saved") && msg.contains("pods.json"),
+        "{err}"
+    );
+    assert_not_redirected(&ns);
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_agent_still_knows_its_pods_and_resends_them() {
     if !have_root("a_restarted_agent_still_knows_its_pods_and_resends_them") {

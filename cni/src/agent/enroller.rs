@@ -51,6 +51,12 @@ pub(crate) enum EnrollError {
     RulesMissing { uid: String },
     #[error("pod {uid} is redirected but not served: {why}")]
     NotServed { uid: String, why: String },
+    #[error("pod {uid} could not be saved to {}, so an agent restart would lose it: {reason}", path.display())]
+    NotSaved {
+        uid: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,7 +69,7 @@ impl EnrollError {
             Self::Rules { .. } | Self::RulesMissing { .. } => FailureKind::Rules,
             Self::Refused { .. } | Self::NotServed { .. } => FailureKind::Ztunnel,
             Self::UnknownPod { .. } => FailureKind::UnknownPod,
-            Self::Internal(_) => FailureKind::Internal,
+            Self::Internal(_) | Self::NotSaved { .. } => FailureKind::Internal,
         }
     }
 }
@@ -143,13 +149,15 @@ impl Enroller {
         }
     }
 
-    /// Saves the pods after a change. A failure is logged: the pods stay served,
-    /// only a restart would forget them.
-    async fn persist(&self, state: &State) {
+    /// Saves the pods after a change. A failure is logged and returned; after a
+    /// removal it is only logged (a removed pod's namespace is gone by the next
+    /// start, and the load forgets it), an ADD fails on it (see `add`).
+    async fn persist(&self, state: &State) -> Result<(), String> {
         let pods = state.pods.values().map(|p| (&p.pod, &p.netns));
-        if let Err(e) = self.store.save(pods).await {
+        self.store.save(pods).await.map_err(|e| {
             tracing::error!(path = %self.store.path().display(), "cannot save the pods: {e}");
-        }
+            e.to_string()
+        })
     }
 
     /// Answers one plugin request.
@@ -200,7 +208,7 @@ impl Enroller {
             let mut state = self.state.lock().await;
             let old = state.pods.remove(&uid);
             if old.is_some() {
-                self.persist(&state).await;
+                let _ = self.persist(&state).await; // logged there
             }
             old
         };
@@ -222,7 +230,23 @@ impl Enroller {
                 handoff,
             },
         );
-        self.persist(&state).await;
+        // A pod the file does not hold would be forgotten by a restarted agent
+        // while its rules stay: its traffic would go to listeners nobody opens.
+        // Failing the ADD instead lets the runtime retry it, visibly.
+        if let Err(reason) = self.persist(&state).await {
+            let gone = state.pods.remove(&uid);
+            drop(state);
+            if let Some(gone) = gone
+                && let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await
+            {
+                tracing::warn!("{e}");
+            }
+            return Err(EnrollError::NotSaved {
+                uid,
+                path: self.store.path().to_path_buf(),
+                reason,
+            });
+        }
         let delivery = self.tell_ztunnel(&mut state, msg, Some(attached)).await;
         if let (Delivery::Acked, Some(pod)) = (&delivery, state.pods.get_mut(&uid)) {
             pod.handoff = Handoff::Acked;
@@ -237,7 +261,7 @@ impl Enroller {
             ))),
             Delivery::Refused(reason) => {
                 let gone = state.pods.remove(&uid);
-                self.persist(&state).await;
+                let _ = self.persist(&state).await; // logged there
                 drop(state);
                 if let Some(gone) = gone
                     && let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await
@@ -264,7 +288,7 @@ impl Enroller {
         if let Some(why) = &stale {
             tracing::info!(%uid, "DEL of another sandbox than the enrolled one, ignored: {why}");
         } else if let Some(old) = state.pods.remove(uid) {
-            self.persist(&state).await;
+            let _ = self.persist(&state).await; // logged there
             drop(state);
             self.retire(old).await;
             tracing::info!(%uid, "pod removed");
