@@ -70,6 +70,12 @@ pub enum RootError {
     Incomplete { present: PathBuf, missing: PathBuf },
     #[error("{}: {problem}", path.display())]
     Invalid { path: PathBuf, problem: String },
+    #[error("{} with {}: {source}", cert.display(), key.display())]
+    Root {
+        cert: PathBuf,
+        key: PathBuf,
+        source: Box<CertError>,
+    },
     #[error("CA certificate lifetimes: {0}")]
     Ttl(String),
     #[error("trust domain {0:?}: {1}")]
@@ -83,7 +89,6 @@ pub struct CaRoot {
     ca: LocalCa,
     trust_domain: String,
     ttl: CertTtl,
-    root_not_after: OffsetDateTime,
 }
 
 impl std::fmt::Debug for CaRoot {
@@ -92,7 +97,7 @@ impl std::fmt::Debug for CaRoot {
         f.debug_struct("CaRoot")
             .field("trust_domain", &self.trust_domain)
             .field("ttl", &self.ttl)
-            .field("root_not_after", &self.root_not_after)
+            .field("root_not_after", &self.ca.not_after())
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +136,16 @@ impl CaRoot {
         if fs::read_to_string(&public).ok().as_deref() != Some(root.root_pem()) {
             write_atomically(&public, root.root_pem().as_bytes(), 0o644)?;
         }
+        let left = root.not_after() - OffsetDateTime::now_utc();
+        if time::Duration::try_from(ttl.max).map_or(true, |max| max > left) {
+            // Not refused: every root gets there as it ages. Signing cuts each
+            // certificate at the root's end.
+            tracing::warn!(
+                max_cert_ttl = ?ttl.max,
+                root_not_after = %root.not_after(),
+                "the maximum certificate TTL reaches past the root's expiry: certificates end with the root"
+            );
+        }
         Ok(root)
     }
 
@@ -138,15 +153,10 @@ impl CaRoot {
     pub fn generate(trust_domain: &str, ttl: CertTtl) -> Result<Self, RootError> {
         check_settings(trust_domain, ttl)?;
         let ca = LocalCa::generate(&format!("Ambit mesh root ({trust_domain})"), ttl.default)?;
-        let root_not_after = not_after_of(&ca.root()).map_err(|problem| RootError::Invalid {
-            path: PathBuf::from("<generated root>"),
-            problem,
-        })?;
         Ok(Self {
             ca,
             trust_domain: trust_domain.to_owned(),
             ttl,
-            root_not_after,
         })
     }
 
@@ -169,39 +179,20 @@ impl CaRoot {
         }
         let cert_pem = fs::read_to_string(cert_path).map_err(io_at(cert_path))?;
         let key_pem = fs::read_to_string(key_path).map_err(io_at(key_path))?;
-        let invalid = |path: &Path| {
-            let path = path.to_owned();
-            move |problem: String| RootError::Invalid { path, problem }
-        };
-        let key = rcgen::KeyPair::from_pem(&key_pem)
-            .map_err(|e| invalid(key_path)(format!("not a PKCS#8 private key: {e}")))?;
-        let ca = LocalCa::from_pem(&cert_pem, &key_pem, ttl.default)
-            .map_err(|e| invalid(cert_path)(e.to_string()))?;
-        let root = ca.root();
-        let (_, parsed) = x509_parser::parse_x509_certificate(root.as_ref())
-            .map_err(|e| invalid(cert_path)(e.to_string()))?;
-        if !parsed.is_ca() {
-            return Err(invalid(cert_path)("the certificate is not a CA".into()));
-        }
-        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
-        {
-            return Err(invalid(key_path)(format!(
-                "the key is not the key of {}",
-                cert_path.display()
-            )));
-        }
-        let root_not_after = parsed.validity().not_after.to_datetime();
-        if root_not_after <= OffsetDateTime::now_utc() {
-            return Err(invalid(cert_path)(format!(
-                "the root expired at {root_not_after}"
-            )));
-        }
+        // The checks ztunnel's --ca-cert/--ca-key get too: the key is the
+        // certificate's, which is a CA and has not expired.
+        let ca = LocalCa::from_pem(&cert_pem, &key_pem, ttl.default).map_err(|source| {
+            RootError::Root {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+                source: Box::new(source),
+            }
+        })?;
         tracing::info!(cert = %cert_path.display(), trust_domain, "loaded the mesh root");
         Ok(Self {
             ca,
             trust_domain: trust_domain.to_owned(),
             ttl,
-            root_not_after,
         })
     }
 
@@ -221,17 +212,22 @@ impl CaRoot {
         self.ca.root_pem()
     }
 
+    /// When the root expires: no certificate it signs outlives it.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.ca.not_after()
+    }
+
     /// Signs the CSR's key for its verified identity, valid `ttl` (already granted
     /// by [`CertTtl::grant`]) and never past the root. Returns the PEM chain, leaf
     /// first and root last.
     pub fn sign(&self, csr: &VerifiedCsr, ttl: Duration) -> Result<Vec<String>, RootError> {
-        let (not_before, not_after) = validity_for(ttl)?;
+        let (not_before, not_after) = validity_for(ttl);
         let leaf = self.ca.sign_public_key(
             csr.public_key(),
             &[csr.identity().to_string()],
             &[],
             not_before,
-            not_after.min(self.root_not_after),
+            not_after,
         )?;
         Ok(vec![leaf.pem(), self.root_pem().to_owned()])
     }
@@ -244,13 +240,13 @@ impl CaRoot {
     ) -> Result<(rcgen::KeyPair, CertificateDer<'static>), RootError> {
         let key =
             rcgen::KeyPair::generate().map_err(|e| CertError::Ca(format!("generate key: {e}")))?;
-        let (not_before, not_after) = validity_for(self.ttl.default)?;
+        let (not_before, not_after) = validity_for(self.ttl.default);
         let cert = self.ca.sign_public_key(
             &key,
             &[identity.to_string()],
             dns_names,
             not_before,
-            not_after.min(self.root_not_after),
+            not_after,
         )?;
         Ok((key, cert.der().clone()))
     }
@@ -271,12 +267,6 @@ fn check_settings(trust_domain: &str, ttl: CertTtl) -> Result<(), RootError> {
         )));
     }
     Ok(())
-}
-
-fn not_after_of(cert: &CertificateDer<'_>) -> Result<OffsetDateTime, String> {
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| e.to_string())?;
-    Ok(parsed.validity().not_after.to_datetime())
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RootError + '_ {
@@ -391,8 +381,11 @@ mod tests {
         .unwrap();
         let err =
             CaRoot::load_or_generate(dir.path(), "cluster.local", CertTtl::default()).unwrap_err();
+        assert!(matches!(err, RootError::Root { .. }), "{err}");
         assert!(
-            err.to_string().contains("the key is not the key of"),
+            err.to_string().contains(
+                "ca-key.pem: certificate authority: root key: not the key of the root certificate"
+            ),
             "{err}"
         );
 
@@ -401,6 +394,28 @@ mod tests {
             CaRoot::load_or_generate(dir.path(), "cluster.local", CertTtl::default()).unwrap_err();
         assert!(matches!(err, RootError::Incomplete { .. }), "{err}");
         assert!(err.to_string().contains("ca-key.pem does not"), "{err}");
+    }
+
+    #[test]
+    fn a_huge_ttl_is_signed_up_to_the_root_end() {
+        let ttl = CertTtl {
+            default: mesh_core::ca::DEFAULT_CERT_TTL,
+            max: Duration::MAX,
+        };
+        let root = CaRoot::generate("cluster.local", ttl).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/cart".try_into().unwrap(),
+        )];
+        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+        let csr = super::super::csr::verify_csr(&pem, "cluster.local").unwrap();
+        let granted = ttl.grant(Duration::from_secs(i64::MAX as u64));
+        let chain = root.sign(&csr, granted).unwrap();
+        let leaf: CertificateDer<'_> =
+            rustls_pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes()).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        assert_eq!(parsed.validity().not_after.to_datetime(), root.not_after());
     }
 
     #[test]
