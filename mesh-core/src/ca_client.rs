@@ -80,13 +80,13 @@ impl RemoteCa {
         })
     }
 
-    /// Replaces the per-call timeout.
-    #[must_use]
     /// The mesh roots the issued certificates must chain to.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
 
+    /// Replaces the per-call timeout.
+    #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
