@@ -12,6 +12,7 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
 use crate::{CertError, CertificateSource, SpiffeId, WorkloadCertificate};
 
@@ -107,8 +108,9 @@ impl LocalCa {
     }
 
     /// The root's private key as PKCS#8 PEM: only for writing the root to disk.
-    pub fn root_key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
+    /// Wiped when dropped.
+    pub fn root_key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.issuer.key().serialize_pem())
     }
 
     pub fn ttl(&self) -> Duration {
@@ -136,8 +138,9 @@ impl LocalCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<(PrivateKeyDer<'static>, Vec<CertificateDer<'static>>), CertError> {
-        let key = KeyPair::generate().map_err(|e| ca_err("generate leaf key", e))?;
-        let cert = self.sign_public_key(&key, uris, &[], not_before, not_after)?;
+        // Wiped when dropped; the caller's copy is the DER returned.
+        let key = Zeroizing::new(KeyPair::generate().map_err(|e| ca_err("generate leaf key", e))?);
+        let cert = self.sign_public_key(&*key, uris, &[], not_before, not_after)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((key, vec![cert.der().clone()]))
     }

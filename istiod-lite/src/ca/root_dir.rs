@@ -12,6 +12,7 @@ use mesh_core::ca::LocalCa;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
 use super::root::{CA_CERT_FILE, CA_KEY_FILE, CaRoot, CertTtl, ROOT_CERT_FILE, RootError};
 
@@ -95,7 +96,7 @@ fn load(dir: &Path, trust_domain: &str, ttl: CertTtl) -> Result<CaRoot, RootErro
         });
     }
     let cert_pem = fs::read_to_string(&cert_path).map_err(io_at(&cert_path))?;
-    let key_pem = fs::read_to_string(&key_path).map_err(io_at(&key_path))?;
+    let key_pem = Zeroizing::new(fs::read_to_string(&key_path).map_err(io_at(&key_path))?);
     // The checks ztunnel's --ca-cert/--ca-key get too: the key is the
     // certificate's, which is a CA and has not expired.
     let ca =
