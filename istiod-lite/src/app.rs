@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::review::TokenReviewer;
 use crate::auth::tokens::TokenFile;
-use crate::auth::{AuthError, Authenticator, Caller};
+use crate::auth::{AuthError, Authenticator, CaCaller, Caller};
 use crate::ca::{CaMetrics, CaRoot, CaService, CertTtl, IdentityPolicy, ReservedIdentities};
 use crate::config::Config;
 use crate::model::{Report, SourceEvent};
@@ -69,6 +69,13 @@ impl Authenticator for NodeAuth {
         match self {
             NodeAuth::Tokens(t) => t.authenticate(token).await,
             NodeAuth::Kube(k) => k.authenticate(token).await,
+        }
+    }
+
+    async fn authenticate_for_ca(&self, token: &str) -> Result<CaCaller, AuthError> {
+        match self {
+            NodeAuth::Tokens(t) => t.authenticate_for_ca(token).await,
+            NodeAuth::Kube(k) => k.authenticate_for_ca(token).await,
         }
     }
 }

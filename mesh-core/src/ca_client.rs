@@ -16,6 +16,7 @@ use rustls::server::ParsedCertificate;
 use rustls_pki_types::pem::PemObject as _;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use zeroize::Zeroizing;
 
 use crate::control::{BearerToken, ControlError, ControlPlane};
 use crate::tls::{identity_of_cert, provider};
@@ -80,20 +81,21 @@ impl RemoteCa {
         })
     }
 
-    /// Replaces the per-call timeout.
-    #[must_use]
     /// The mesh roots the issued certificates must chain to.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
 
+    /// Replaces the per-call timeout.
+    #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     async fn request(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
-        let key = KeyPair::generate().map_err(|e| ca_err("generate key", e))?;
+        // Wiped when dropped; the certificate keeps the DER copy.
+        let key = Zeroizing::new(KeyPair::generate().map_err(|e| ca_err("generate key", e))?);
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         let uri = identity
@@ -102,7 +104,7 @@ impl RemoteCa {
             .map_err(|e| ca_err("URI SAN", e))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         let csr = params
-            .serialize_request(&key)
+            .serialize_request(&*key)
             .and_then(|csr| csr.pem())
             .map_err(|e| ca_err("CSR", e))?;
         let request = CreateCertificateRequest {

@@ -2,7 +2,8 @@
 //! authenticator maps it to the node the caller runs on.
 //!
 //! Embedded mode: a token file, one `<node> <token>` per line. Kubernetes mode:
-//! the projected service-account token, checked with a TokenReview.
+//! the projected service-account token, checked with a TokenReview; for the CA
+//! only, a pod's token of any other account stands for that account alone.
 
 pub mod review;
 pub mod tokens;
@@ -30,15 +31,56 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// Who asks the CA, and so which identities it may obtain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaCaller {
+    /// A node proxy: the identities of the pods its node runs.
+    Node(Caller),
+    /// A workload's own token (a waypoint's): exactly its service account's
+    /// identity, as Istio grants by default.
+    Workload {
+        caller: Caller,
+        namespace: String,
+        service_account: String,
+    },
+}
+
+impl CaCaller {
+    /// The caller, for logs.
+    pub fn caller(&self) -> &Caller {
+        match self {
+            CaCaller::Node(caller) | CaCaller::Workload { caller, .. } => caller,
+        }
+    }
+}
+
 /// Maps a bearer token to its caller.
 pub trait Authenticator: Send + Sync + 'static {
+    /// A node proxy's token (xDS and the CA).
     fn authenticate(&self, token: &str) -> impl Future<Output = Result<Caller, AuthError>> + Send;
+
+    /// A token for the CA: a node proxy's, or where the credential can say so a
+    /// workload's. By default node proxies only.
+    fn authenticate_for_ca(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<CaCaller, AuthError>> + Send {
+        let node = self.authenticate(token);
+        async move { node.await.map(CaCaller::Node) }
+    }
 }
 
 /// One authenticator shared by the xDS server and the CA.
 impl<T: Authenticator> Authenticator for std::sync::Arc<T> {
     fn authenticate(&self, token: &str) -> impl Future<Output = Result<Caller, AuthError>> + Send {
         self.as_ref().authenticate(token)
+    }
+
+    fn authenticate_for_ca(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<CaCaller, AuthError>> + Send {
+        self.as_ref().authenticate_for_ca(token)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Kubernetes-mode authentication: a projected service-account token checked with
 //! a TokenReview. Only allowed service accounts (ztunnel's, by default) may act for
-//! a node, and the node is the one the API server bound the token to.
+//! a node, and the node is the one the API server bound the token to. For the CA,
+//! a pod-bound token of any other account stands for that account (a waypoint).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -10,10 +11,12 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::api::PostParams;
 use kube::{Api, Client};
 
-use super::{AuthError, Authenticator, Caller};
+use super::{AuthError, Authenticator, CaCaller, Caller};
 
 /// The `user.extra` key under which a pod-bound token names its node.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The `user.extra` key under which a pod-bound token names its pod.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
@@ -83,8 +86,8 @@ impl TokenReviewer {
             .ok_or_else(|| AuthError::Unavailable("TokenReview answer has no status".into()))
     }
 
-    /// The caller a reviewed token stands for, or why it is refused.
-    fn caller(&self, status: TokenReviewStatus) -> Result<Caller, AuthError> {
+    /// The service account an authenticated token for our audiences belongs to.
+    fn reviewed(&self, status: TokenReviewStatus) -> Result<Reviewed, AuthError> {
         if status.authenticated != Some(true) {
             let reason = status
                 .error
@@ -113,30 +116,87 @@ impl TokenReviewer {
                 "{username:?} is not a service account"
             )));
         };
-        if !self
-            .allowed
-            .contains(&(namespace.to_owned(), account.to_owned()))
-        {
+        let account = (namespace.to_owned(), account.to_owned());
+        let mut extra = user.extra.unwrap_or_default();
+        let mut first = |key: &str| {
+            extra
+                .remove(key)
+                .and_then(|values| values.into_iter().next())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(Reviewed {
+            node: first(NODE_NAME_EXTRA),
+            pod: first(POD_NAME_EXTRA),
+            username,
+            account,
+        })
+    }
+
+    /// The node proxy a reviewed token stands for, or why it is refused.
+    fn caller(&self, status: TokenReviewStatus) -> Result<Caller, AuthError> {
+        self.node_proxy(self.reviewed(status)?)
+    }
+
+    fn node_proxy(&self, reviewed: Reviewed) -> Result<Caller, AuthError> {
+        let (namespace, account) = &reviewed.account;
+        if !self.allowed.contains(&reviewed.account) {
             return Err(AuthError::Invalid(format!(
                 "service account {namespace}/{account} may not act as a node proxy"
             )));
         }
-        let node = user
-            .extra
-            .unwrap_or_default()
-            .remove(NODE_NAME_EXTRA)
-            .and_then(|names| names.into_iter().next())
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| {
-                AuthError::Invalid(
-                    "the token is not bound to a pod on a node (use a projected token)".into(),
-                )
-            })?;
+        let node = reviewed.node.ok_or_else(|| {
+            AuthError::Invalid(
+                "the token is not bound to a pod on a node (use a projected token)".into(),
+            )
+        })?;
         Ok(Caller {
             node,
-            principal: username,
+            principal: reviewed.username,
         })
     }
+
+    /// For the CA: a node proxy's token as for xDS; any other account's token,
+    /// bound to a pod, stands for that account's identity alone.
+    fn ca_caller(&self, status: TokenReviewStatus) -> Result<CaCaller, AuthError> {
+        let reviewed = self.reviewed(status)?;
+        if self.allowed.contains(&reviewed.account) {
+            return self.node_proxy(reviewed).map(CaCaller::Node);
+        }
+        let (namespace, service_account) = reviewed.account;
+        if reviewed.pod.is_none() && reviewed.node.is_none() {
+            return Err(AuthError::Invalid(format!(
+                "the token of {namespace}/{service_account} is not bound to a pod (use a projected token)"
+            )));
+        }
+        Ok(CaCaller::Workload {
+            caller: Caller {
+                node: reviewed.node.unwrap_or_else(|| "-".into()),
+                principal: reviewed.username,
+            },
+            namespace,
+            service_account,
+        })
+    }
+}
+
+/// An authenticated service-account token and what it is bound to.
+struct Reviewed {
+    username: String,
+    /// `(namespace, service account)`.
+    account: (String, String),
+    node: Option<String>,
+    pod: Option<String>,
+}
+
+fn logged<T>(result: Result<T, AuthError>, caller: impl Fn(&T) -> &Caller) -> Result<T, AuthError> {
+    match &result {
+        Ok(ok) => {
+            let caller = caller(ok);
+            tracing::debug!(node = %caller.node, principal = %caller.principal, "token reviewed");
+        }
+        Err(error) => tracing::info!(%error, "token refused"),
+    }
+    result
 }
 
 impl Authenticator for TokenReviewer {
@@ -145,14 +205,15 @@ impl Authenticator for TokenReviewer {
             return Err(AuthError::Missing);
         }
         let status = self.review(token).await?;
-        let result = self.caller(status);
-        match &result {
-            Ok(caller) => {
-                tracing::debug!(node = %caller.node, principal = %caller.principal, "token reviewed")
-            }
-            Err(error) => tracing::info!(%error, "token refused"),
+        logged(self.caller(status), |c| c)
+    }
+
+    async fn authenticate_for_ca(&self, token: &str) -> Result<CaCaller, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
         }
-        result
+        let status = self.review(token).await?;
+        logged(self.ca_caller(status), CaCaller::caller)
     }
 }
 
@@ -208,5 +269,47 @@ mod tests {
         assert!(r.caller(status(sa, Some("n1"), &["istio-ca"])).is_ok());
         let wrong = r.caller(status(sa, Some("n1"), &["other"]));
         assert!(matches!(wrong, Err(AuthError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn for_the_ca_a_pod_token_stands_for_its_account() {
+        let r = reviewer(&["istio-ca"]);
+        let node = r.ca_caller(status(
+            "system:serviceaccount:istio-system:ztunnel",
+            Some("n1"),
+            &["istio-ca"],
+        ));
+        assert!(
+            matches!(node, Ok(CaCaller::Node(ref c)) if c.node == "n1"),
+            "{node:?}"
+        );
+        // Bound to a pod by name only (API servers before 1.30 name no node).
+        let mut pod_only = status("system:serviceaccount:shop:waypoint", None, &["istio-ca"]);
+        if let Some(user) = pod_only.user.as_mut() {
+            user.extra = Some(BTreeMap::from([(
+                POD_NAME_EXTRA.to_owned(),
+                vec!["waypoint-7d9".to_owned()],
+            )]));
+        }
+        let CaCaller::Workload {
+            caller,
+            namespace,
+            service_account,
+        } = r.ca_caller(pod_only).unwrap()
+        else {
+            panic!("not a workload caller");
+        };
+        assert_eq!(
+            (namespace.as_str(), service_account.as_str()),
+            ("shop", "waypoint")
+        );
+        assert_eq!(caller.principal, "system:serviceaccount:shop:waypoint");
+        // The audience check holds for workloads too.
+        let wrong = r.ca_caller(status(
+            "system:serviceaccount:shop:waypoint",
+            Some("n1"),
+            &["other"],
+        ));
+        assert!(matches!(wrong, Err(AuthError::Invalid(_))), "{wrong:?}");
     }
 }

@@ -5,6 +5,7 @@
 pub mod csr;
 mod metrics;
 pub mod root;
+mod root_dir;
 pub mod service;
 mod serving;
 

@@ -1,6 +1,7 @@
 //! `CreateCertificate`: authenticate the caller's bearer token, verify the CSR,
-//! authorize the identity for the caller's node, cap the lifetime, sign. Every
-//! decision is counted and logged; a refusal tells the caller why.
+//! authorize the identity (a node proxy: those its node runs; a workload such as
+//! a waypoint: its own only), cap the lifetime, sign. Every decision is counted
+//! and logged; a refusal tells the caller why.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::csr::verify_csr;
 use super::metrics::CaMetrics;
 use super::root::CaRoot;
-use crate::auth::{AuthError, Authenticator, Caller, bearer_token};
+use crate::auth::{AuthError, Authenticator, CaCaller, Caller, bearer_token};
 
 /// Which identities a node may obtain: in the mesh, those of service accounts
 /// that have a pod on that node.
@@ -131,8 +132,8 @@ impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<CreateCertificateResponse, Refusal> {
-        let caller = match bearer_token(&request) {
-            Ok(token) => self.auth.authenticate(token).await,
+        let ca_caller = match bearer_token(&request) {
+            Ok(token) => self.auth.authenticate_for_ca(token).await,
             Err(e) => Err(e),
         }
         .map_err(|e| match e {
@@ -143,16 +144,17 @@ impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
                 Refusal::new("unauthenticated", Status::unauthenticated(e.to_string()))
             }
         })?;
+        let caller = ca_caller.caller();
         let request = request.into_inner();
         let csr = verify_csr(&request.csr, self.root.trust_domain()).map_err(|e| {
-            Refusal::new(e.reason(), Status::invalid_argument(e.to_string())).by(&caller)
+            Refusal::new(e.reason(), Status::invalid_argument(e.to_string())).by(caller)
         })?;
         let requested = u64::try_from(request.validity_seconds).map_err(|_| {
             let message = format!(
                 "validity_seconds is {}: it must be 0 (the CA's default) or positive",
                 request.validity_seconds
             );
-            Refusal::new("invalid_ttl", Status::invalid_argument(message)).by(&caller)
+            Refusal::new("invalid_ttl", Status::invalid_argument(message)).by(caller)
         })?;
         let id = csr.identity();
         if let Some(holder) = self.reserved.holder(id.namespace(), id.service_account()) {
@@ -162,27 +164,48 @@ impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
                 caller.node
             );
             return Err(
-                Refusal::new("reserved_identity", Status::permission_denied(message)).by(&caller),
+                Refusal::new("reserved_identity", Status::permission_denied(message)).by(caller),
             );
         }
-        if !self
-            .policy
-            .may_issue(&caller.node, id.namespace(), id.service_account())
-        {
-            let message = format!(
-                "node {} runs no pod of service account {} in namespace {}: {} may not obtain {id}",
-                caller.node,
-                id.service_account(),
-                id.namespace(),
-                caller.principal,
-            );
-            return Err(
-                Refusal::new("not_on_node", Status::permission_denied(message)).by(&caller),
-            );
+        match &ca_caller {
+            CaCaller::Node(_) => {
+                if !self
+                    .policy
+                    .may_issue(&caller.node, id.namespace(), id.service_account())
+                {
+                    let message = format!(
+                        "node {} runs no pod of service account {} in namespace {}: {} may not obtain {id}",
+                        caller.node,
+                        id.service_account(),
+                        id.namespace(),
+                        caller.principal,
+                    );
+                    return Err(
+                        Refusal::new("not_on_node", Status::permission_denied(message)).by(caller),
+                    );
+                }
+            }
+            CaCaller::Workload {
+                namespace,
+                service_account,
+                ..
+            } => {
+                if id.namespace() != namespace || id.service_account() != service_account {
+                    let message = format!(
+                        "a workload's token obtains only its own identity: {} may not obtain {id}",
+                        caller.principal,
+                    );
+                    return Err(Refusal::new(
+                        "not_own_identity",
+                        Status::permission_denied(message),
+                    )
+                    .by(caller));
+                }
+            }
         }
         let ttl = self.root.ttl().grant(Duration::from_secs(requested));
         let cert_chain = self.root.sign(&csr, ttl).map_err(|e| {
-            Refusal::new("signing_failed", Status::internal(e.to_string())).by(&caller)
+            Refusal::new("signing_failed", Status::internal(e.to_string())).by(caller)
         })?;
         self.metrics.signed.inc();
         tracing::info!(

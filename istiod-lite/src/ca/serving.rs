@@ -11,6 +11,7 @@ use mesh_core::tls::{ALPN_H2, provider};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
 
 use super::root::{CaRoot, RootError};
 
@@ -127,12 +128,15 @@ impl ResolvesServerCert for ServingCert {
 
 fn issue(root: &CaRoot, identity: &SpiffeId, dns_names: &[String]) -> Result<Current, RootError> {
     let (key, cert) = root.sign_serving(identity, dns_names)?;
+    let key = Zeroizing::new(key);
     let (not_before, not_after) = validity_of(&cert)?;
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing = provider()
-        .key_provider
-        .load_private_key(der)
-        .map_err(mesh_core::CertError::Key)?;
+    // Loaded from a borrowed, wiped copy: the provider's load_private_key takes
+    // the DER by value and drops it unwiped. The workspace provider is aws-lc-rs.
+    let der = Zeroizing::new(key.serialize_der());
+    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+        PrivatePkcs8KeyDer::from(der.as_slice()),
+    ))
+    .map_err(mesh_core::CertError::Key)?;
     let life = not_after
         .duration_since(not_before)
         .unwrap_or(Duration::ZERO);
