@@ -185,10 +185,8 @@ impl MeshCluster {
         nodes: u8,
         control: Option<(Option<PathBuf>, Vec<std::ffi::OsString>)>,
     ) -> Result<Self, MeshError> {
-        let dir = tempfile::Builder::new()
-            // The pid lets a later run sweep this directory if this one is killed.
-            .prefix(&format!("ambit-e2e-{}-mesh-", std::process::id()))
-            .tempdir()
+        // Named so that a later run sweeps it if this one is killed.
+        let dir = crate::naming::temp_dir("mesh")
             .map_err(|e| MeshError::Setup(format!("temp dir: {e}")))?;
         let ca = LocalCa::generate("ambit-e2e-root", Duration::from_secs(24 * 3600))
             .map_err(|e| MeshError::Setup(e.to_string()))?;

@@ -150,7 +150,7 @@ pub struct EchoSession {
 impl EchoSession {
     /// Connects from `from` to `to` and returns after the first echo.
     pub async fn start(tool: &EchoTool, from: &Pod, to: SocketAddr) -> Result<Self, MeshError> {
-        let dir = tempfile::tempdir().map_err(|e| setup("temp dir", e))?;
+        let dir = crate::naming::temp_dir("session").map_err(|e| setup("temp dir", e))?;
         let stop = dir.path().join("stop");
         let mut cmd = from.command(tool.path());
         cmd.arg("session").arg(to.to_string()).arg(&stop);
@@ -225,7 +225,7 @@ pub struct WireCapture {
 impl WireCapture {
     /// Starts capturing in node `node` and returns once tcpdump listens.
     pub async fn start(mesh: &MeshCluster, node: u8, host: Ipv4Addr) -> Result<Self, MeshError> {
-        let dir = tempfile::tempdir().map_err(|e| setup("temp dir", e))?;
+        let dir = crate::naming::temp_dir("capture").map_err(|e| setup("temp dir", e))?;
         let file = dir.path().join("wire.pcap");
         let mut cmd = mesh
             .cluster

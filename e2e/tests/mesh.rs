@@ -109,7 +109,7 @@ async fn the_wire_between_nodes_carries_only_tls_to_15008() {
     let _srv = echo().serve(&far, 8080).await.unwrap();
 
     // Capture in node 1's namespace everything to or from the far pod.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ambit_e2e::naming::temp_dir("capture").unwrap();
     let pcap = dir.path().join("wire.pcap");
     let mut cmd = mesh.cluster.node(1).unwrap().command("tcpdump");
     // Immediate mode: packets reach the file as they come, not when a buffer fills.
@@ -348,7 +348,7 @@ async fn a_live_policy_applies_within_a_second_and_keeps_established_connections
     );
 
     // A long-lived connection from frontend.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = ambit_e2e::naming::temp_dir("session").unwrap();
     let stop = dir.path().join("stop");
     let mut cmd = frontend.command(env!("CARGO_BIN_EXE_e2e-tool"));
     cmd.arg("session").arg(addr.to_string()).arg(&stop);
