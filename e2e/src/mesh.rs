@@ -137,6 +137,8 @@ pub enum MeshError {
     Process(#[from] ProcessError),
     #[error("{0}")]
     Setup(String),
+    #[error("teardown left problems: {}", .0.join("; "))]
+    Teardown(Vec<String>),
 }
 
 /// One node's mesh processes.
@@ -228,6 +230,46 @@ impl MeshCluster {
             mesh.nodes.push(node);
         }
         Ok(mesh)
+    }
+
+    /// Tears the mesh down now and reports every problem (dropping it does the same
+    /// but can only print them): the node agents, ztunnels and istiod-lite first,
+    /// then the cluster's pods and namespaces, then the shared files (CA key, node
+    /// tokens, sockets).
+    pub async fn shutdown(self) -> Result<(), MeshError> {
+        let Self {
+            nodes,
+            control,
+            cluster,
+            dir,
+            ..
+        } = self;
+        let mut problems = Vec::new();
+        for mut node in nodes {
+            for process in [&mut node.ztunnel, &mut node.agent] {
+                if let Err(e) = process.stop().await {
+                    problems.push(e.to_string());
+                }
+            }
+        }
+        if let Some(mut control) = control
+            && let Err(e) = control.process.stop().await
+        {
+            problems.push(e.to_string());
+        }
+        match cluster.shutdown() {
+            Ok(()) => {}
+            Err(ClusterError::Teardown(found)) => problems.extend(found),
+            Err(e) => problems.push(e.to_string()),
+        }
+        if let Err(e) = dir.close() {
+            problems.push(format!("removing the mesh's temp dir: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(MeshError::Teardown(problems))
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
