@@ -322,7 +322,10 @@ impl MeshCluster {
             .arg("--drain-deadline")
             .arg("2s")
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info");
+            // The debug line of each applied xDS update carries the time the new
+            // state took effect: tests measure how fast config reaches ztunnel by
+            // it, not by probes whose start-up time would count too.
+            .env("RUST_LOG", "info,ztunnel::state::xds=debug");
         let mut ztunnel = NsProcess::spawn(format!("ztunnel {n}"), zt_cmd)?;
         ztunnel
             .wait_for_line("ztunnel serving", MESH_WAIT, |l| {
