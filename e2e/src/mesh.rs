@@ -424,35 +424,6 @@ impl MeshCluster {
         self.control()?.write_config(name, yaml)
     }
 
-    /// Waits until every ztunnel's config dump satisfies `ready` (polled; the
-    /// dump is read from each node's admin endpoint).
-    pub async fn wait_for_dump(
-        &self,
-        what: &str,
-        ready: impl Fn(&serde_json::Value) -> bool,
-    ) -> Result<(), MeshError> {
-        let deadline = std::time::Instant::now() + MESH_WAIT;
-        let nodes = self.nodes.len() as u8;
-        for n in 1..=nodes {
-            loop {
-                let dump = self
-                    .fetch(n, "127.0.0.1:15000", "/config_dump")
-                    .ok()
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
-                if dump.as_ref().is_some_and(&ready) {
-                    break;
-                }
-                if std::time::Instant::now() > deadline {
-                    return Err(MeshError::Setup(format!(
-                        "node {n}'s ztunnel did not get {what} within {MESH_WAIT:?}"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        Ok(())
-    }
-
     /// Writes the state file: one workload per pod (its uid is the container id,
     /// as the plugin reports it), plus `extra` YAML appended at the top level; then
     /// waits until every ztunnel applied it.
@@ -491,38 +462,6 @@ pub fn enrolled(pod: &Pod) -> bool {
 }
 
 impl MeshCluster {
-    /// GETs `path` from `addr` inside node `node`'s namespace (the admin endpoint is
-    /// on the node's loopback) and returns the body.
-    pub fn fetch(&self, node: u8, addr: &str, path: &str) -> Result<String, MeshError> {
-        use std::io::{Read, Write};
-        let node = self
-            .cluster
-            .node(node)
-            .ok_or_else(|| MeshError::Setup(format!("no node {node}")))?;
-        let ns = mesh_core::os::NetNs::open(format!("/run/netns/{}", node.netns_name()))
-            .map_err(|e| MeshError::Setup(format!("open node namespace: {e}")))?;
-        let addr = addr.to_string();
-        let path = path.to_string();
-        let text = ns
-            .run(move || -> std::io::Result<String> {
-                let mut s = std::net::TcpStream::connect(&addr)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                write!(
-                    s,
-                    "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-                )?;
-                let mut out = String::new();
-                s.read_to_string(&mut out)?;
-                Ok(out)
-            })
-            .map_err(|e| MeshError::Setup(format!("enter node namespace: {e}")))?
-            .map_err(|e| MeshError::Setup(format!("GET {}: {e}", "admin")))?;
-        Ok(text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default())
-    }
-
     /// Overwrites the state file with `yaml` as given (bad input tests).
     pub fn write_raw_state(&self, yaml: &str) -> Result<(), MeshError> {
         std::fs::write(self.path("state.yaml"), yaml)

@@ -135,6 +135,19 @@ impl NsProcess {
         self.child.id()
     }
 
+    /// Whether the process has ended (reaped, gone, or a zombie not yet reaped),
+    /// without waiting and without needing `&mut`: for checks inside a poll loop.
+    pub fn has_exited(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return true;
+        };
+        // The state is the first field after the command name's closing parenthesis.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rfind(')')
+                .is_some_and(|i| stat[i + 1..].trim_start().starts_with(['Z', 'X']))
+        })
+    }
+
     /// What the process wrote to stderr so far (its tail).
     pub fn stderr(&self) -> String {
         self.stderr
