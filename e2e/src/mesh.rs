@@ -6,13 +6,13 @@
 //! ([`MeshCluster::start_local`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_core::ca::LocalCa;
 use serde_json::json;
 
+pub use crate::build::workspace_bin;
 use crate::cluster::{Cluster, ClusterError};
 use crate::cni::CniPlugin;
 use crate::control_plane::ControlPlane;
@@ -21,61 +21,6 @@ use crate::process::{NsProcess, ProcessError};
 
 /// How long a mesh process gets to come up.
 pub const MESH_WAIT: Duration = Duration::from_secs(30);
-
-/// The workspace's binaries (`ztunnel`, `ambit-cni`, `e2e-tool`), built once per
-/// test process so a test never runs stale ones.
-pub fn workspace_bin(name: &str) -> PathBuf {
-    // Tests run from target/<profile>/deps/, benchmarks from target/release/deps/
-    // (and measure release binaries), `meshctl demo` from target/<profile>/.
-    let exe = std::env::current_exe().expect("current exe");
-    let mut dir = exe.parent().expect("target dir").to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.pop();
-    }
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        // `cargo test --workspace` has built them already; a nested build would
-        // resolve features without dev-dependencies and rebuild half the tree.
-        let names = ["ztunnel", "ambit-cni", "e2e-tool", "istiod-lite"];
-        if names.iter().all(|n| is_fresh(&dir.join(n))) {
-            return Ok(());
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "ztunnel",
-            "-p",
-            "ambit-cni",
-            "-p",
-            "ambit-e2e",
-            "-p",
-            "istiod-lite",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-        status
-            .success()
-            .then_some(())
-            .ok_or_else(|| format!("cargo build failed: {status}"))
-    });
-    if let Err(e) = built {
-        panic!("building the mesh binaries: {e}");
-    }
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found after building",
-        path.display()
-    );
-    path
-}
 
 /// Names a program (with its arguments, split at whitespace) that every ztunnel
 /// runs under, such as a profiler: `benches/code-order.sh` runs ztunnel under
@@ -87,45 +32,6 @@ pub fn ztunnel_wrapper() -> Option<Vec<String>> {
     let wrapper = std::env::var(ZTUNNEL_WRAPPER_ENV).ok()?;
     let words: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
     (!words.is_empty()).then_some(words)
-}
-
-/// Whether `bin` exists and is newer than every source file it is built from.
-fn is_fresh(bin: &Path) -> bool {
-    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-        let mut latest = None;
-        for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
-            let path = entry.path();
-            let t = if path.is_dir() {
-                newest(&path)
-            } else {
-                entry.metadata().and_then(|m| m.modified()).ok()
-            };
-            latest = latest.max(t);
-        }
-        latest
-    }
-    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
-        return false;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let sources = [
-        "ztunnel",
-        "istiod-lite",
-        "cni",
-        "mesh-core",
-        "proto",
-        "e2e/src",
-        "Cargo.lock",
-    ];
-    sources.iter().all(|s| {
-        let path = root.join(s);
-        let newest = if path.is_dir() {
-            newest(&path)
-        } else {
-            std::fs::metadata(&path).and_then(|m| m.modified()).ok()
-        };
-        newest.is_none_or(|t| t <= built)
-    })
 }
 
 /// Why the mesh did not come up.
