@@ -2,7 +2,7 @@
 //! access log, and lookups in config dumps.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -31,20 +31,43 @@ pub async fn assert_echo(tool: &EchoTool, from: &Pod, to: SocketAddr, message: &
     assert_eq!(reply.trim(), message, "{} -> {to}", from.name());
 }
 
-/// A connection the destination refused: the captured connection is closed
-/// without a reply (or the client fails).
+/// A connection the destination's ztunnel refused (its policy): ztunnel aborts
+/// the captured connection, so the client sees a reset (see [`assert_reset`]).
+/// Anything else fails, a reply as much as a client that never ran or timed out.
 pub async fn assert_refused(tool: &EchoTool, from: &Pod, to: SocketAddr) {
-    let reply = tool
-        .connect(from, to, "should-be-refused")
-        .await
-        .unwrap_or_default();
-    assert_eq!(reply, "", "{} -> {to} was not refused", from.name());
+    assert_reset_sending(tool, from, to, "should-be-refused").await;
+}
+
+/// What a client saw of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connection ended in order with this reply (possibly empty).
+    Reply(String),
+    /// The connection was reset: how ztunnel refuses a captured connection.
+    Reset,
+}
+
+/// The errors of a connection that was reset: ECONNRESET, or ENOTCONN / EPIPE when
+/// the reset came before the client's half-close or write. None follows a FIN.
+const RESET_ERRORS: [&str; 3] = ["os error 104", "os error 107", "os error 32"];
+
+/// Reads [`EchoTool::connect`]'s result: a reply, a reset, or (the `Err`) any other
+/// failure: the client did not start, timed out, could not connect, ...
+pub fn connect_outcome(result: Result<String, ProcessError>) -> Result<Outcome, String> {
+    match result {
+        Ok(reply) => Ok(Outcome::Reply(reply)),
+        Err(ProcessError::Failed { stderr, .. })
+            if RESET_ERRORS.iter().any(|code| stderr.contains(code)) =>
+        {
+            Ok(Outcome::Reset)
+        }
+        Err(e) => Err(format!("failed without a reset: {e}")),
+    }
 }
 
 /// A captured connection its ztunnel refused (the destination's policy, no route):
 /// the client sees a reset, never an orderly close that a client could take for an
-/// empty reply. Its error is ECONNRESET, or ENOTCONN / EPIPE when the reset came
-/// before its half-close or write: none of these follows a FIN.
+/// empty reply.
 pub async fn assert_reset(tool: &EchoTool, from: &Pod, to: SocketAddr) {
     assert_reset_sending(tool, from, to, "should-be-reset").await;
 }
@@ -52,21 +75,39 @@ pub async fn assert_reset(tool: &EchoTool, from: &Pod, to: SocketAddr) {
 /// Like [`assert_reset`], sending `message`: [`crate::echo::RESET_REQUEST`] has
 /// the server itself reset the connection.
 pub async fn assert_reset_sending(tool: &EchoTool, from: &Pod, to: SocketAddr, message: &str) {
-    match tool.connect(from, to, message).await {
-        Ok(reply) => panic!(
+    match connect_outcome(tool.connect(from, to, message).await) {
+        Ok(Outcome::Reset) => {}
+        Ok(Outcome::Reply(reply)) => panic!(
             "{} -> {to} was closed in order (reply {reply:?}), not reset",
             from.name()
         ),
-        Err(ProcessError::Failed { stderr, .. }) => {
-            let reset = ["os error 104", "os error 107", "os error 32"];
-            assert!(
-                reset.iter().any(|code| stderr.contains(code)),
-                "{} -> {to} failed without a reset: {stderr}",
-                from.name()
-            );
-        }
-        Err(e) => panic!("{} -> {to}: {e}", from.name()),
+        Err(e) => panic!("{} -> {to} {e}", from.name()),
     }
+}
+
+/// The time at the start of a log line of the Ambit binaries (tracing's
+/// `2026-11-23T01:04:21.123456Z`, UTC), for measuring when a process did something.
+pub fn log_time(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut parts = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (parts.next()??, parts.next()??, parts.next()??);
+    let valid = (1..=12).contains(&m) && (1..=31).contains(&d) && hh < 24 && mm < 60 && ss < 61;
+    if !valid || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()?;
+    let nanos: u32 = format!("{frac:0<9}").parse().ok()?;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 /// `client` reaches `near` (same node) and `far` (node 2) on port 8080 through
@@ -144,4 +185,83 @@ pub fn namespace_yaml(name: &str, ambient: bool) -> String {
         ""
     };
     format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::*;
+
+    fn failed(stderr: &str) -> ProcessError {
+        ProcessError::Failed {
+            label: "client".into(),
+            status: ExitStatus::from_raw(256),
+            stdout: String::new(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_reset_counts_as_a_refusal() {
+        let reset = "Error: read reply\n\nCaused by:\n    Connection reset by peer (os error 104)";
+        assert_eq!(connect_outcome(Err(failed(reset))), Ok(Outcome::Reset));
+        assert_eq!(
+            connect_outcome(Ok(String::new())),
+            Ok(Outcome::Reply(String::new()))
+        );
+        let not_refusals = [
+            failed("Cannot open network namespace: No such file or directory"),
+            failed("connect 198.18.1.2:8080: Connection timed out (os error 110)"),
+            ProcessError::Spawn {
+                label: "client".into(),
+                source: std::io::Error::other("no such file"),
+            },
+            ProcessError::Timeout {
+                label: "client".into(),
+                waited_for: "exit".into(),
+                timeout: Duration::from_secs(20),
+                stderr: String::new(),
+            },
+        ];
+        for e in not_refusals {
+            let shown = e.to_string();
+            assert!(connect_outcome(Err(e)).is_err(), "{shown}");
+        }
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "failed without a reset")]
+    async fn a_client_that_never_ran_is_not_a_refusal() {
+        let pod = Pod {
+            name: "ghost".into(),
+            namespace: "default".into(),
+            node: 1,
+            netns: "ambit-e2e-no-such-namespace".into(),
+            container_id: "ghost".into(),
+            ip: std::net::Ipv4Addr::new(198, 18, 1, 2),
+            cni_result: crate::cni::CniResult::parse(serde_json::json!({})).unwrap(),
+            cni_args: Vec::new(),
+            labels: Vec::new(),
+        };
+        let tool = EchoTool::new("/nonexistent/e2e-tool");
+        assert_refused(&tool, &pod, SocketAddr::from(([198, 18, 1, 3], 8080))).await;
+    }
+
+    #[test]
+    fn log_times_are_read_as_utc() {
+        let at = |s: &str| log_time(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap());
+        assert_eq!(at("1970-01-01T00:00:00Z INFO x"), Some(Duration::ZERO));
+        assert_eq!(
+            at("2000-03-01T00:00:01.5Z DEBUG ztunnel::state::xds: xDS state applied"),
+            Some(Duration::new(951_868_801, 500_000_000))
+        );
+        assert_eq!(
+            at("2026-11-23T01:04:21.123456Z  INFO y"),
+            Some(Duration::new(1_795_395_861, 123_456_000))
+        );
+        assert_eq!(log_time("INFO no time"), None);
+        assert_eq!(log_time("2026-13-01T00:00:00Z x"), None);
+    }
 }

@@ -6,12 +6,13 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -53,13 +54,11 @@ pub enum CniError {
         status: String,
         output: String,
     },
-    #[error(
-        "CNI {command} of {plugin} hung for {:?} and was killed",
-        PLUGIN_TIMEOUT
-    )]
+    #[error("CNI {command} of {plugin} hung for {timeout:?} and was killed")]
     Hung {
         plugin: String,
         command: &'static str,
+        timeout: Duration,
     },
     #[error("CNI {command} of {plugin} returned an unusable result: {reason}")]
     BadResult {
@@ -253,6 +252,17 @@ fn invoke(
     inv: &Invocation,
     conf: &Value,
 ) -> Result<Value, CniError> {
+    invoke_within(plugin, command, inv, conf, PLUGIN_TIMEOUT)
+}
+
+/// [`invoke`], killing the plugin (and what it started) after `timeout`.
+fn invoke_within(
+    plugin: &CniPlugin,
+    command: &'static str,
+    inv: &Invocation,
+    conf: &Value,
+    timeout: Duration,
+) -> Result<Value, CniError> {
     let label = plugin.label();
     let mut cni_path = OsString::from(CNI_BIN_DIR);
     if let Some(dir) = plugin
@@ -278,26 +288,38 @@ fn invoke(
         source,
     };
     let command_line = describe(&cmd);
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(conf.to_string().as_bytes())
-            .map_err(spawn_err)?;
+    // A group of its own: a plugin runs its IPAM plugin as a child, which holds the
+    // stdout pipe too, so a hung plugin is killed with everything it started.
+    let mut child = cmd.process_group(0).spawn().map_err(spawn_err)?;
+    let group = i32::try_from(child.id()).ok().map(Pid::from_raw);
+    let kill_group = || {
+        if let Some(group) = group {
+            let _already_gone = killpg(group, Signal::SIGKILL);
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take()
+        && let Err(e) = stdin.write_all(conf.to_string().as_bytes())
+    {
+        // The plugin exited (or closed stdin) before reading its config: never
+        // leave it running or unreaped.
+        kill_group();
+        let _reaped = child.wait();
+        return Err(spawn_err(e));
     }
-    let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _receiver_gone = tx.send(child.wait_with_output());
     });
-    let output = match rx.recv_timeout(PLUGIN_TIMEOUT) {
+    let output = match rx.recv_timeout(timeout) {
         Ok(out) => out.map_err(spawn_err)?,
         Err(_) => {
-            if let Ok(raw) = i32::try_from(pid) {
-                let _already_gone = kill(Pid::from_raw(raw), Signal::SIGKILL);
-            }
+            // Killing the group closes every holder of the pipes, so the waiter
+            // thread reads EOF, reaps the plugin and ends.
+            kill_group();
             return Err(CniError::Hung {
                 plugin: label,
                 command,
+                timeout,
             });
         }
     };
@@ -444,5 +466,78 @@ mod tests {
                 .stdin_config("n", None)
                 .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod hang_tests {
+    use super::*;
+    use nix::sys::signal::kill;
+
+    use crate::naming::ClusterPrefix;
+    use crate::netns::Netns;
+
+    /// Whether `pid` is gone (or a zombie nobody reaped yet: it runs no more).
+    fn is_dead(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    }
+
+    #[test]
+    fn a_hung_plugin_is_killed_with_the_children_that_hold_its_pipe() {
+        if !crate::require_root("a_hung_plugin_is_killed_with_the_children_that_hold_its_pipe") {
+            return;
+        }
+        let dir = crate::naming::temp_dir("cni-hang").unwrap();
+        let child_pid = dir.path().join("child.pid");
+        let script = dir.path().join("hang");
+        // Like bridge running host-local: a child that inherits the stdout pipe.
+        let text = format!(
+            "#!/bin/sh\nsleep 600 &\necho $! > {}\nexec sleep 600\n",
+            child_pid.display()
+        );
+        // Written by a child process: were this process to hold the file open for
+        // writing, a fork by a parallel test could make exec fail with ETXTBSY.
+        let written = Command::new("sh")
+            .args([
+                "-c",
+                "printf '%s' \"$1\" > \"$2\" && chmod 755 \"$2\"",
+                "sh",
+            ])
+            .arg(&text)
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(written.success());
+        let netns = Netns::create(&ClusterPrefix::next().name("cni-hang")).unwrap();
+        let plugin = CniPlugin::new(&script, json!({}));
+        let inv = Invocation {
+            runner_netns: netns.name().to_owned(),
+            container_id: "hang".into(),
+            netns_path: netns.path(),
+            ifname: "eth0".into(),
+            args: String::new(),
+        };
+        let conf = plugin.stdin_config("net", None).unwrap();
+        let outcome = invoke_within(&plugin, "ADD", &inv, &conf, Duration::from_secs(2));
+        assert!(matches!(outcome, Err(CniError::Hung { .. })), "{outcome:?}");
+        let pid: u32 = std::fs::read_to_string(&child_pid)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !is_dead(pid) {
+            if std::time::Instant::now() > deadline {
+                let _cleanup = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                panic!("the plugin's child {pid} outlived the plugin's kill");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! Addresses come from 198.18.0.0/15 only (see [`underlay`]); nothing is added to the
 //! root namespace. Needs root: start each test with [`require_root`].
 
+pub mod build;
 pub mod checks;
 pub mod cluster;
 pub mod cni;

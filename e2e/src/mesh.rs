@@ -6,13 +6,13 @@
 //! ([`MeshCluster::start_local`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_core::ca::LocalCa;
 use serde_json::json;
 
+pub use crate::build::workspace_bin;
 use crate::cluster::{Cluster, ClusterError};
 use crate::cni::CniPlugin;
 use crate::control_plane::ControlPlane;
@@ -21,61 +21,6 @@ use crate::process::{NsProcess, ProcessError};
 
 /// How long a mesh process gets to come up.
 pub const MESH_WAIT: Duration = Duration::from_secs(30);
-
-/// The workspace's binaries (`ztunnel`, `ambit-cni`, `e2e-tool`), built once per
-/// test process so a test never runs stale ones.
-pub fn workspace_bin(name: &str) -> PathBuf {
-    // Tests run from target/<profile>/deps/, benchmarks from target/release/deps/
-    // (and measure release binaries), `meshctl demo` from target/<profile>/.
-    let exe = std::env::current_exe().expect("current exe");
-    let mut dir = exe.parent().expect("target dir").to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.pop();
-    }
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        // `cargo test --workspace` has built them already; a nested build would
-        // resolve features without dev-dependencies and rebuild half the tree.
-        let names = ["ztunnel", "ambit-cni", "e2e-tool", "istiod-lite"];
-        if names.iter().all(|n| is_fresh(&dir.join(n))) {
-            return Ok(());
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "ztunnel",
-            "-p",
-            "ambit-cni",
-            "-p",
-            "ambit-e2e",
-            "-p",
-            "istiod-lite",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-        status
-            .success()
-            .then_some(())
-            .ok_or_else(|| format!("cargo build failed: {status}"))
-    });
-    if let Err(e) = built {
-        panic!("building the mesh binaries: {e}");
-    }
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found after building",
-        path.display()
-    );
-    path
-}
 
 /// Names a program (with its arguments, split at whitespace) that every ztunnel
 /// runs under, such as a profiler: `benches/code-order.sh` runs ztunnel under
@@ -89,45 +34,6 @@ pub fn ztunnel_wrapper() -> Option<Vec<String>> {
     (!words.is_empty()).then_some(words)
 }
 
-/// Whether `bin` exists and is newer than every source file it is built from.
-fn is_fresh(bin: &Path) -> bool {
-    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-        let mut latest = None;
-        for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
-            let path = entry.path();
-            let t = if path.is_dir() {
-                newest(&path)
-            } else {
-                entry.metadata().and_then(|m| m.modified()).ok()
-            };
-            latest = latest.max(t);
-        }
-        latest
-    }
-    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
-        return false;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let sources = [
-        "ztunnel",
-        "istiod-lite",
-        "cni",
-        "mesh-core",
-        "proto",
-        "e2e/src",
-        "Cargo.lock",
-    ];
-    sources.iter().all(|s| {
-        let path = root.join(s);
-        let newest = if path.is_dir() {
-            newest(&path)
-        } else {
-            std::fs::metadata(&path).and_then(|m| m.modified()).ok()
-        };
-        newest.is_none_or(|t| t <= built)
-    })
-}
-
 /// Why the mesh did not come up.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -137,6 +43,8 @@ pub enum MeshError {
     Process(#[from] ProcessError),
     #[error("{0}")]
     Setup(String),
+    #[error("teardown left problems: {}", .0.join("; "))]
+    Teardown(Vec<String>),
 }
 
 /// One node's mesh processes.
@@ -185,10 +93,8 @@ impl MeshCluster {
         nodes: u8,
         control: Option<(Option<PathBuf>, Vec<std::ffi::OsString>)>,
     ) -> Result<Self, MeshError> {
-        let dir = tempfile::Builder::new()
-            // The pid lets a later run sweep this directory if this one is killed.
-            .prefix(&format!("ambit-e2e-{}-mesh-", std::process::id()))
-            .tempdir()
+        // Named so that a later run sweeps it if this one is killed.
+        let dir = crate::naming::temp_dir("mesh")
             .map_err(|e| MeshError::Setup(format!("temp dir: {e}")))?;
         let ca = LocalCa::generate("ambit-e2e-root", Duration::from_secs(24 * 3600))
             .map_err(|e| MeshError::Setup(e.to_string()))?;
@@ -230,6 +136,46 @@ impl MeshCluster {
             mesh.nodes.push(node);
         }
         Ok(mesh)
+    }
+
+    /// Tears the mesh down now and reports every problem (dropping it does the same
+    /// but can only print them): the node agents, ztunnels and istiod-lite first,
+    /// then the cluster's pods and namespaces, then the shared files (CA key, node
+    /// tokens, sockets).
+    pub async fn shutdown(self) -> Result<(), MeshError> {
+        let Self {
+            nodes,
+            control,
+            cluster,
+            dir,
+            ..
+        } = self;
+        let mut problems = Vec::new();
+        for mut node in nodes {
+            for process in [&mut node.ztunnel, &mut node.agent] {
+                if let Err(e) = process.stop().await {
+                    problems.push(e.to_string());
+                }
+            }
+        }
+        if let Some(mut control) = control
+            && let Err(e) = control.process.stop().await
+        {
+            problems.push(e.to_string());
+        }
+        match cluster.shutdown() {
+            Ok(()) => {}
+            Err(ClusterError::Teardown(found)) => problems.extend(found),
+            Err(e) => problems.push(e.to_string()),
+        }
+        if let Err(e) = dir.close() {
+            problems.push(format!("removing the mesh's temp dir: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(MeshError::Teardown(problems))
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -282,7 +228,10 @@ impl MeshCluster {
             .arg("--drain-deadline")
             .arg("2s")
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info");
+            // The debug line of each applied xDS update carries the time the new
+            // state took effect: tests measure how fast config reaches ztunnel by
+            // it, not by probes whose start-up time would count too.
+            .env("RUST_LOG", "info,ztunnel::state::xds=debug");
         let mut ztunnel = NsProcess::spawn(format!("ztunnel {n}"), zt_cmd)?;
         ztunnel
             .wait_for_line("ztunnel serving", MESH_WAIT, |l| {
@@ -381,35 +330,6 @@ impl MeshCluster {
         self.control()?.write_config(name, yaml)
     }
 
-    /// Waits until every ztunnel's config dump satisfies `ready` (polled; the
-    /// dump is read from each node's admin endpoint).
-    pub async fn wait_for_dump(
-        &self,
-        what: &str,
-        ready: impl Fn(&serde_json::Value) -> bool,
-    ) -> Result<(), MeshError> {
-        let deadline = std::time::Instant::now() + MESH_WAIT;
-        let nodes = self.nodes.len() as u8;
-        for n in 1..=nodes {
-            loop {
-                let dump = self
-                    .fetch(n, "127.0.0.1:15000", "/config_dump")
-                    .ok()
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
-                if dump.as_ref().is_some_and(&ready) {
-                    break;
-                }
-                if std::time::Instant::now() > deadline {
-                    return Err(MeshError::Setup(format!(
-                        "node {n}'s ztunnel did not get {what} within {MESH_WAIT:?}"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        Ok(())
-    }
-
     /// Writes the state file: one workload per pod (its uid is the container id,
     /// as the plugin reports it), plus `extra` YAML appended at the top level; then
     /// waits until every ztunnel applied it.
@@ -448,38 +368,6 @@ pub fn enrolled(pod: &Pod) -> bool {
 }
 
 impl MeshCluster {
-    /// GETs `path` from `addr` inside node `node`'s namespace (the admin endpoint is
-    /// on the node's loopback) and returns the body.
-    pub fn fetch(&self, node: u8, addr: &str, path: &str) -> Result<String, MeshError> {
-        use std::io::{Read, Write};
-        let node = self
-            .cluster
-            .node(node)
-            .ok_or_else(|| MeshError::Setup(format!("no node {node}")))?;
-        let ns = mesh_core::os::NetNs::open(format!("/run/netns/{}", node.netns_name()))
-            .map_err(|e| MeshError::Setup(format!("open node namespace: {e}")))?;
-        let addr = addr.to_string();
-        let path = path.to_string();
-        let text = ns
-            .run(move || -> std::io::Result<String> {
-                let mut s = std::net::TcpStream::connect(&addr)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                write!(
-                    s,
-                    "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-                )?;
-                let mut out = String::new();
-                s.read_to_string(&mut out)?;
-                Ok(out)
-            })
-            .map_err(|e| MeshError::Setup(format!("enter node namespace: {e}")))?
-            .map_err(|e| MeshError::Setup(format!("GET {}: {e}", "admin")))?;
-        Ok(text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default())
-    }
-
     /// Overwrites the state file with `yaml` as given (bad input tests).
     pub fn write_raw_state(&self, yaml: &str) -> Result<(), MeshError> {
         std::fs::write(self.path("state.yaml"), yaml)

@@ -107,7 +107,7 @@ impl MeshCluster {
         timeout: Duration,
         mut cond: impl FnMut(&Self) -> Option<T>,
     ) -> Result<T, MeshError> {
-        let deadline = tokio::time::Instant::now() + timeout.min(MESH_WAIT * 4);
+        let deadline = poll_deadline(tokio::time::Instant::now(), timeout);
         loop {
             if let Some(v) = cond(self) {
                 return Ok(v);
@@ -118,6 +118,136 @@ impl MeshCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// When [`MeshCluster::poll`] gives up: exactly `timeout` after `now`, however
+/// long (a test asks what it needs, and the error message names that value).
+fn poll_deadline(now: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    now + timeout
+}
+
+impl MeshCluster {
+    /// Waits until every ztunnel's config dump satisfies `ready` (polled; the
+    /// dump is read from each node's admin endpoint), for at most [`MESH_WAIT`] in
+    /// all. On failure the error says what was last seen: the last dump, or why it
+    /// could not be fetched or read; a ztunnel that exited fails at once.
+    pub async fn wait_for_dump(
+        &self,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<(), MeshError> {
+        let deadline = std::time::Instant::now() + MESH_WAIT;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let n = u8::try_from(i + 1).map_err(|e| setup("node number", e))?;
+            loop {
+                let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+                // At least a short try, so a fetch started at the deadline can succeed.
+                let bound = remaining.max(Duration::from_millis(200));
+                let last = match self.fetch_within(n, ZTUNNEL_ADMIN, "/config_dump", bound) {
+                    Ok(body) => match serde_json::from_str::<serde_json::Value>(&body) {
+                        Ok(dump) if ready(&dump) => break,
+                        Ok(_) => format!("the last dump: {}", shorten(&body)),
+                        Err(e) => format!("an unreadable dump ({e}): {}", shorten(&body)),
+                    },
+                    Err(e) => format!("no dump: {e}"),
+                };
+                if node.ztunnel.has_exited() {
+                    return Err(MeshError::Setup(format!(
+                        "node {n}'s ztunnel exited while waiting for {what}; {last}; stderr: {}",
+                        node.ztunnel.stderr()
+                    )));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(MeshError::Setup(format!(
+                        "node {n}'s ztunnel did not get {what} within {MESH_WAIT:?}; {last}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// GETs `path` from `addr` inside node `node`'s namespace (the admin endpoint is
+    /// on the node's loopback) and returns the body.
+    pub fn fetch(&self, node: u8, addr: &str, path: &str) -> Result<String, MeshError> {
+        self.fetch_within(node, addr, path, FETCH_TIMEOUT)
+    }
+
+    /// [`MeshCluster::fetch`], giving up after `timeout` in all (connect, request
+    /// and the whole response).
+    pub fn fetch_within(
+        &self,
+        node: u8,
+        addr: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String, MeshError> {
+        let node = self
+            .cluster
+            .node(node)
+            .ok_or_else(|| MeshError::Setup(format!("no node {node}")))?;
+        let ns = mesh_core::os::NetNs::open(format!("/run/netns/{}", node.netns_name()))
+            .map_err(|e| setup("open node namespace", e))?;
+        let target: SocketAddr = addr.parse().map_err(|e| setup(addr, e))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let text = ns
+            .run(move || http_get(target, &request, timeout))
+            .map_err(|e| setup("enter node namespace", e))?
+            .map_err(|e| setup(&format!("GET {path} from {addr}"), e))?;
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
+    }
+}
+
+/// How long [`MeshCluster::fetch`] waits for a response.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of a config dump an error message shows.
+const SHOWN_DUMP: usize = 4096;
+
+/// The first [`SHOWN_DUMP`] bytes of `text`, cut at a character boundary.
+fn shorten(text: &str) -> String {
+    if text.len() <= SHOWN_DUMP {
+        return text.to_string();
+    }
+    let mut end = SHOWN_DUMP;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
+/// Sends `request` to `target` and reads the response until the server closes,
+/// all within `timeout`.
+fn http_get(target: SocketAddr, request: &str, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no complete response within {timeout:?}"),
+            ))
+        } else {
+            Ok(left)
+        }
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&target, left()?)?;
+    s.set_write_timeout(Some(left()?))?;
+    s.write_all(request.as_bytes())?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        s.set_read_timeout(Some(left()?))?;
+        match s.read(&mut buf)? {
+            0 => break,
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8(out).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// The sum of the samples of metric `name` whose line contains every one of
@@ -138,6 +268,44 @@ fn setup(what: &str, e: impl std::fmt::Display) -> MeshError {
     MeshError::Setup(format!("{what}: {e}"))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_waits_as_long_as_asked_even_past_two_minutes() {
+        let now = tokio::time::Instant::now();
+        for asked in [
+            Duration::from_secs(5),
+            Duration::from_secs(150),
+            MESH_WAIT * 10,
+        ] {
+            assert_eq!(poll_deadline(now, asked) - now, asked);
+        }
+    }
+
+    #[test]
+    fn a_fetch_gives_up_within_its_bound_when_the_server_never_answers() {
+        // A server that accepts (the kernel does, from the backlog) and never writes.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let err =
+            http_get(target, "GET / HTTP/1.1\r\n\r\n", Duration::from_millis(300)).unwrap_err();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        assert_eq!(shorten("short"), "short");
+        assert!(shorten(&"é".repeat(SHOWN_DUMP)).ends_with(&format!("({} bytes)", 2 * SHOWN_DUMP)));
+    }
+}
+
 /// `e2e-tool session` in a pod: one connection echoing a ping every 50 ms, for
 /// tests that must show an established connection survives something.
 #[derive(Debug)]
@@ -150,7 +318,7 @@ pub struct EchoSession {
 impl EchoSession {
     /// Connects from `from` to `to` and returns after the first echo.
     pub async fn start(tool: &EchoTool, from: &Pod, to: SocketAddr) -> Result<Self, MeshError> {
-        let dir = tempfile::tempdir().map_err(|e| setup("temp dir", e))?;
+        let dir = crate::naming::temp_dir("session").map_err(|e| setup("temp dir", e))?;
         let stop = dir.path().join("stop");
         let mut cmd = from.command(tool.path());
         cmd.arg("session").arg(to.to_string()).arg(&stop);
@@ -225,7 +393,7 @@ pub struct WireCapture {
 impl WireCapture {
     /// Starts capturing in node `node` and returns once tcpdump listens.
     pub async fn start(mesh: &MeshCluster, node: u8, host: Ipv4Addr) -> Result<Self, MeshError> {
-        let dir = tempfile::tempdir().map_err(|e| setup("temp dir", e))?;
+        let dir = crate::naming::temp_dir("capture").map_err(|e| setup("temp dir", e))?;
         let file = dir.path().join("wire.pcap");
         let mut cmd = mesh
             .cluster

@@ -1,10 +1,13 @@
-//! Unique, recognisable names for what a test creates (`ambit-e2e-<pid>-<n>`), and
-//! the sweeps that remove leftovers by name: a cluster's own after its teardown, and
-//! those of earlier test runs whose process is gone (killed before it could clean up).
+//! Unique, recognisable names for what a test creates
+//! (`ambit-e2e-<pid>-t<start>-<n>`), and the sweeps that remove leftovers by name: a
+//! cluster's own after its teardown, and those of earlier test runs whose process is
+//! gone (killed before it could clean up). The owner's start time (in clock ticks
+//! since boot, from `/proc/<pid>/stat`) tells a dead run's names from those of a
+//! live process that got the same pid later. These names are never interface names
+//! (those are short and live inside the namespaces), so their length is free.
 
-use std::path::Path;
-use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Once, OnceLock};
 
 use crate::netns::{delete_netns, list_netns};
 
@@ -14,8 +17,40 @@ pub const NAME_ROOT: &str = "ambit-e2e-";
 static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(1);
 static STALE_SWEEP: Once = Once::new();
 
-/// `ambit-e2e-<pid>-<n>`: unique per cluster across the threads of this process
-/// (the counter) and across test processes running at once (the pid).
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`); `None` when there is no such process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields are
+    // counted from after its closing parenthesis, which is field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// `ambit-e2e-<pid>-t<start>`: what every name this process creates starts with.
+pub fn process_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let pid = std::process::id();
+        // Without /proc the names fall back to the pid alone (the old form).
+        match start_time(pid) {
+            Some(start) => format!("{NAME_ROOT}{pid}-t{start}"),
+            None => format!("{NAME_ROOT}{pid}"),
+        }
+    })
+}
+
+/// A temp dir named `ambit-e2e-<pid>-t<start>-<what>-XXXXXX`: removed when the
+/// guard drops, and by a later run's sweep if this process is killed first.
+pub fn temp_dir(what: &str) -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("{}-{what}-", process_tag()))
+        .tempdir()
+}
+
+/// `ambit-e2e-<pid>-t<start>-<n>`: unique per cluster across the threads of this
+/// process (the counter), across test processes running at once (the pid) and
+/// across processes that got the same pid one after the other (the start time).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterPrefix(String);
 
@@ -23,7 +58,7 @@ impl ClusterPrefix {
     /// The next unused prefix of this process.
     pub fn next() -> Self {
         let n = NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed);
-        Self(format!("{NAME_ROOT}{}-{n}", std::process::id()))
+        Self(format!("{}-{n}", process_tag()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -49,17 +84,27 @@ impl std::fmt::Display for ClusterPrefix {
     }
 }
 
-/// The pid encoded in a name made by this library, if it is one.
-fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(NAME_ROOT)?;
-    let (pid, _) = rest.split_once('-')?;
-    pid.parse().ok()
+/// The owner encoded in a name made by this library, if it is one: its pid and,
+/// unless the name has the older pid-only form, its start time.
+fn owner(name: &str) -> Option<(u32, Option<u64>)> {
+    let mut parts = name.strip_prefix(NAME_ROOT)?.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    let start = parts
+        .next()
+        .and_then(|p| p.strip_prefix('t'))
+        .and_then(|t| t.parse().ok());
+    Some((pid, start))
 }
 
-/// Whether a name belongs to a test process that no longer exists. A pid reused by
-/// an unrelated process makes this false: the sweep then leaves the name alone.
+/// Whether a name belongs to a test process that no longer exists: its pid is gone,
+/// or now belongs to a process started at another time. A name of the older
+/// pid-only form whose pid is in use is left alone.
 fn is_stale(name: &str) -> bool {
-    owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    owner(name).is_some_and(|(pid, start)| match (start_time(pid), start) {
+        (None, _) => true,
+        (Some(now), Some(then)) => now != then,
+        (Some(_), None) => false,
+    })
 }
 
 /// Deletes every namespace this cluster prefix owns; returns the names it removed.
@@ -124,12 +169,36 @@ mod tests {
     }
 
     #[test]
-    fn owner_pid_is_read_back_from_names() {
+    fn the_owner_is_read_back_from_names() {
         let p = ClusterPrefix::next();
-        assert_eq!(owner_pid(&p.name("wire")), Some(std::process::id()));
-        assert_eq!(owner_pid("cni-1234"), None);
-        assert_eq!(owner_pid("ambit-e2e-notapid-1"), None);
+        let me = std::process::id();
+        let started = start_time(me);
+        assert!(started.is_some(), "no start time in /proc/self/stat");
+        assert_eq!(owner(&p.name("wire")), Some((me, started)));
+        assert_eq!(owner("ambit-e2e-12-3-node-1"), Some((12, None)));
+        assert_eq!(owner("cni-1234"), None);
+        assert_eq!(owner("ambit-e2e-notapid-1"), None);
         // This process is alive, so its names are never stale.
         assert!(!is_stale(&p.name("wire")));
+        let dir = temp_dir("naming").unwrap();
+        let dir_name = dir.path().file_name().unwrap().to_str().unwrap();
+        assert!(dir_name.starts_with(process_tag()), "{dir_name}");
+        assert!(!is_stale(dir_name));
+    }
+
+    #[test]
+    fn a_reused_pid_does_not_keep_a_dead_runs_names() {
+        let me = std::process::id();
+        let started = start_time(me).unwrap();
+        // The same pid, started at another time: a dead run's leftover, even though
+        // the pid is in use (by this process).
+        let earlier = format!("{NAME_ROOT}{me}-t{}-3-node-1", started.wrapping_sub(1));
+        assert!(is_stale(&earlier));
+        assert!(!is_stale(&format!("{NAME_ROOT}{me}-t{started}-3-node-1")));
+        // The older pid-only form stays conservative: a live pid keeps its names.
+        assert!(!is_stale(&format!("{NAME_ROOT}{me}-3-node-1")));
+        // No such process (pid_max is at most 2^22): stale in either form.
+        assert!(is_stale(&format!("{NAME_ROOT}4294967-t5-1-wire")));
+        assert!(is_stale(&format!("{NAME_ROOT}4294967-1-wire")));
     }
 }

@@ -2,6 +2,10 @@
 //! a line on stdout (readiness, events) with a bound instead of a fixed sleep, collect
 //! stderr for error messages, kill. The cluster's teardown also kills anything left
 //! in its namespaces, so a handle that outlives its test leaks nothing.
+//!
+//! Every process starts in a process group of its own: a terminal's Ctrl-C reaches
+//! only the test process or `meshctl demo`, which then tears the mesh down in order
+//! (processes, then namespaces) instead of every child dying at once under it.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -90,12 +94,13 @@ pub struct NsProcess {
 
 impl NsProcess {
     /// Starts `cmd` (usually from [`crate::Pod::command`]) with stdout and stderr
-    /// piped and kill-on-drop set. Needs a tokio runtime.
+    /// piped, kill-on-drop set, in a process group of its own. Needs a tokio runtime.
     pub fn spawn(label: impl Into<String>, mut cmd: Command) -> Result<Self, ProcessError> {
         let label = label.into();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
             label: label.clone(),
@@ -128,6 +133,19 @@ impl NsProcess {
     /// The pid, while the process has not been reaped.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Whether the process has ended (reaped, gone, or a zombie not yet reaped),
+    /// without waiting and without needing `&mut`: for checks inside a poll loop.
+    pub fn has_exited(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return true;
+        };
+        // The state is the first field after the command name's closing parenthesis.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rfind(')')
+                .is_some_and(|i| stat[i + 1..].trim_start().starts_with(['Z', 'X']))
+        })
     }
 
     /// What the process wrote to stderr so far (its tail).
@@ -230,6 +248,19 @@ impl NsProcess {
         })
     }
 
+    /// Ends the process if it still runs (SIGKILL) and reaps it. One that already
+    /// exited is not an error: this is teardown, not a check.
+    pub async fn stop(&mut self) -> Result<(), ProcessError> {
+        match self.child.try_wait() {
+            Ok(Some(_exited)) => Ok(()),
+            Ok(None) => self.kill().await,
+            Err(source) => Err(ProcessError::Io {
+                label: self.label.clone(),
+                source,
+            }),
+        }
+    }
+
     /// After stdout closed: the exit status (if it comes soon) and the rest of stderr.
     async fn finish(&mut self) -> String {
         let status = match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
@@ -262,7 +293,8 @@ async fn collect_tail(pipe: impl AsyncRead + Unpin, sink: Arc<Mutex<String>>) {
 }
 
 /// Runs `cmd` to completion within `timeout` and returns its stdout; a non-zero exit
-/// is an error carrying both outputs.
+/// is an error carrying both outputs. The process runs in a group of its own (see
+/// [`NsProcess::spawn`]).
 pub async fn run_output(
     label: &str,
     mut cmd: Command,
@@ -271,6 +303,7 @@ pub async fn run_output(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         label: label.to_owned(),

@@ -195,7 +195,7 @@ async fn failed_cni_add_is_undone_and_reported() {
         return;
     }
     // A chained plugin that refuses every ADD with a spec error object.
-    let bin = tempfile::tempdir().unwrap();
+    let bin = ambit_e2e::naming::temp_dir("refuse-plugin").unwrap();
     let refuse = bin.path().join("refuse");
     // Written by a child process: were this process to hold the file open for
     // writing, a fork by a parallel test could make exec fail with ETXTBSY.

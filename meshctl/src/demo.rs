@@ -5,13 +5,14 @@
 //! connection on the terminal: who called whom, with which identities, and what
 //! policy allowed or refused. Ctrl-C removes everything it created.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambit_e2e::{EchoTool, MeshCluster, Pod, PodSpec, workspace_bin};
 use anyhow::{Context, bail};
 
 use crate::demo_log::{Event, parse_event};
+use crate::stop_signal::StopSignals;
 
 /// The demo's service VIP (examples/services.yaml).
 const REVIEWS_VIP: &str = "198.19.200.10:9080";
@@ -49,23 +50,83 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     crate::packages::ensure()?;
+    // Before anything is created: from here on a signal stops the demo through its
+    // teardown. The mesh's processes run in process groups of their own, so a
+    // Ctrl-C reaches meshctl alone and the teardown goes in order.
+    let mut signals = StopSignals::register().context("registering signal handlers")?;
     let config_dir = args
         .config_dir
         .canonicalize()
         .with_context(|| format!("--config-dir {}", args.config_dir.display()))?;
     say("building the mesh binaries (first run: a few minutes)...");
-    let tool = EchoTool::new(workspace_bin("e2e-tool"));
+    let build = tokio::task::spawn_blocking(|| workspace_bin("e2e-tool"));
+    let tool = match signals.race(build).await {
+        Ok(built) => EchoTool::new(built.context("building the mesh binaries")?),
+        Err(signal) => {
+            say(&format!("{signal}: stopped before anything was created."));
+            return Ok(());
+        }
+    };
     say(&format!(
         "starting istiod-lite on {} and two nodes (node agent + ztunnel each)...",
         config_dir.display()
     ));
-    let mut mesh = MeshCluster::start_with_config(2, config_dir.clone())
+    // Interrupted while starting, the half-built mesh is dropped inside the
+    // future, and its guards remove what it had created.
+    let started = signals
+        .race(MeshCluster::start_with_config(2, config_dir.clone()))
+        .await;
+    let mut mesh = match started {
+        Ok(mesh) => mesh.context("starting the mesh")?,
+        Err(signal) => {
+            say(&format!(
+                "{signal}: stopped while starting; removed what was created."
+            ));
+            return Ok(());
+        }
+    };
+    let outcome = signals
+        .race(show(&mut mesh, &tool, &args, &config_dir))
+        .await;
+    let stopped_by = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => {
+            say("stopping after an error: removing pods, processes and namespaces...");
+            // The error is the one to report; a failed teardown is printed too.
+            if let Err(t) = mesh.shutdown().await {
+                eprintln!("meshctl demo: {t}");
+            }
+            return Err(e);
+        }
+        Err(signal) => Some(signal),
+    };
+    match stopped_by {
+        Some(signal) => say(&format!(
+            "{signal}: stopping: removing pods, processes and namespaces..."
+        )),
+        None => say("stopping: removing pods, processes and namespaces..."),
+    }
+    mesh.shutdown()
         .await
-        .context("starting the mesh")?;
+        .context("the demo's teardown failed; `ip netns list` and /tmp show what is left")?;
+    say("done: nothing left behind.");
+    Ok(())
+}
+
+/// The demo proper, on a running mesh: the sample pods and their servers, then
+/// rounds of requests with what the ztunnels saw, until `args.rounds` (or forever:
+/// the caller races this against the stop signals).
+async fn show(
+    mesh: &mut MeshCluster,
+    tool: &EchoTool,
+    args: &DemoArgs,
+    config_dir: &Path,
+) -> anyhow::Result<()> {
     // The namespaces come from examples/namespaces.yaml, not from the harness.
     mesh.own_namespace("shop");
     mesh.own_namespace("legacy");
-    let pods = add_pods(&mut mesh).await?;
+    let pods = add_pods(mesh).await?;
+    // Killed on drop; the teardown kills what runs in the pods anyway.
     let mut servers = Vec::new();
     for pod in [&pods.reviews_v1, &pods.reviews_v2] {
         servers.push(tool.serve(pod, SERVER_PORT).await?);
@@ -96,22 +157,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     loop {
         round += 1;
         say(&format!("-- round {round}"));
-        request(&tool, &pods.frontend, REVIEWS_VIP, "reviews (VIP)").await;
-        request(&tool, &pods.legacy, &reviews_v1, "reviews-v1").await;
-        report(&mut mesh).await;
+        request(tool, &pods.frontend, REVIEWS_VIP, "reviews (VIP)").await;
+        request(tool, &pods.legacy, &reviews_v1, "reviews-v1").await;
+        report(mesh, &[&pods.frontend, &pods.legacy]).await;
         if args.rounds != 0 && round >= args.rounds {
-            break;
+            return Ok(());
         }
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            () = tokio::time::sleep(args.interval) => {}
-        }
+        tokio::time::sleep(args.interval).await;
     }
-    say("stopping: removing pods, processes and namespaces...");
-    drop(servers);
-    drop(mesh);
-    say("done: nothing left behind.");
-    Ok(())
 }
 
 struct DemoPods {
@@ -178,13 +231,48 @@ async fn request(tool: &EchoTool, from: &Pod, addr: &str, what: &str) {
     }
 }
 
+/// How long a round waits for the ztunnels' lines about its requests: a request
+/// that never reached a ztunnel (the client failed) has none.
+const REPORT_WAIT: Duration = Duration::from_secs(3);
+/// How long one node is waited on before the next is looked at.
+const REPORT_STEP: Duration = Duration::from_millis(50);
+
 /// What the ztunnels logged since the last round: completed inbound connections
-/// with both identities, and refusals with the policy that decided.
-async fn report(mesh: &mut MeshCluster) {
-    for node in &mut mesh.nodes {
-        while let Ok(line) = node.ztunnel.next_line(Duration::from_millis(200)).await {
-            match parse_event(&line) {
-                Some(Event::Completed(c)) if c.direction == "inbound" => say(&format!(
+/// with both identities, and refusals with the policy that decided. Reads until
+/// every client of the round (`clients`, one request each) has its outcome logged
+/// (a completed inbound connection or a refusal from its address), at most
+/// [`REPORT_WAIT`], then takes what else is already there.
+async fn report(mesh: &mut MeshCluster, clients: &[&Pod]) {
+    let mut waiting: Vec<String> = clients.iter().map(|p| format!("{}:", p.ip())).collect();
+    let deadline = tokio::time::Instant::now() + REPORT_WAIT;
+    loop {
+        let done = waiting.is_empty() || tokio::time::Instant::now() >= deadline;
+        // Once done, only what is buffered already (a zero wait still takes it).
+        let wait = if done { Duration::ZERO } else { REPORT_STEP };
+        let mut read_any = false;
+        for node in &mut mesh.nodes {
+            let mut wait = wait;
+            while let Ok(line) = node.ztunnel.next_line(wait).await {
+                read_any = true;
+                wait = Duration::ZERO;
+                if let Some(src) = show_event(&line) {
+                    waiting.retain(|client| !src.starts_with(client.as_str()));
+                }
+            }
+        }
+        if done && !read_any {
+            return;
+        }
+    }
+}
+
+/// Prints a ztunnel log line the demo shows; returns the source address of a
+/// connection's outcome (completed inbound, or refused).
+fn show_event(line: &str) -> Option<String> {
+    match parse_event(line)? {
+        Event::Completed(c) if c.direction.starts_with("inbound") => {
+            if c.direction == "inbound" {
+                say(&format!(
                     "     ztunnel: {} ({}) -> {} ({}): {} B sent, {} B back",
                     c.src_workload,
                     c.src_identity,
@@ -192,20 +280,22 @@ async fn report(mesh: &mut MeshCluster) {
                     c.dst_identity,
                     c.sent,
                     c.received
-                )),
-                Some(Event::Refused(r)) => {
-                    let who = if r.src_identity == "-" {
-                        "no identity".to_string()
-                    } else {
-                        r.src_identity.clone()
-                    };
-                    say(&format!(
-                        "     ztunnel REFUSED {} ({who}) -> {}: {}",
-                        r.src, r.dst, r.explanation
-                    ));
-                }
-                _ => {}
+                ));
             }
+            Some(c.src)
+        }
+        Event::Completed(_) => None,
+        Event::Refused(r) => {
+            let who = if r.src_identity == "-" {
+                "no identity".to_string()
+            } else {
+                r.src_identity.clone()
+            };
+            say(&format!(
+                "     ztunnel REFUSED {} ({who}) -> {}: {}",
+                r.src, r.dst, r.explanation
+            ));
+            Some(r.src)
         }
     }
 }

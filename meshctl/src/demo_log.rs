@@ -6,6 +6,7 @@
 #[derive(Debug, PartialEq, Eq)]
 pub struct Completed {
     pub direction: String,
+    pub src: String,
     pub src_workload: String,
     pub src_identity: String,
     pub dst_workload: String,
@@ -73,6 +74,7 @@ pub fn parse_event(line: &str) -> Option<Event> {
     if line.contains("connection complete") {
         return Some(Event::Completed(Completed {
             direction: field(line, "direction"),
+            src: field(line, "src"),
             src_workload: field(line, "src_workload"),
             src_identity: field(line, "src_identity"),
             dst_workload: field(line, "dst_workload"),
@@ -102,6 +104,7 @@ mod tests {
             panic!("not parsed");
         };
         assert_eq!(c.direction, "inbound");
+        assert_eq!(c.src, "198.18.1.2:40000");
         assert_eq!(c.src_identity, "spiffe://cluster.local/ns/shop/sa/frontend");
         assert_eq!(c.dst_workload, "reviews-v2");
         assert_eq!(c.sent, "19");

@@ -3,11 +3,49 @@
 //! reviews VIP carried with both identities, the legacy client refused with the
 //! policy named, and nothing left behind.
 
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 
 /// The demo builds the mesh binaries on a first run; this bounds a hung demo.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long a hung demo gets to tear down after its SIGINT before it is killed.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for meshctl") {
+            return Some(status);
+        }
+        if started.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A demo that did not finish in time: SIGINT (a user's Ctrl-C, so it tears down),
+/// SIGKILL of its process group if that hangs too, then the sweep of what a dead
+/// demo leaves (namespaces with their processes, temp dirs); then the test fails.
+fn stop_hung_demo(child: &mut Child) -> ! {
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let _gone = signal::kill(pid, Signal::SIGINT);
+    let ended = match wait_bounded(child, TEARDOWN_TIMEOUT) {
+        Some(status) => format!("it then exited ({status}) after SIGINT"),
+        None => {
+            let _gone = signal::killpg(pid, Signal::SIGKILL);
+            let status = child.wait().expect("reap meshctl");
+            format!("it ignored SIGINT for {TEARDOWN_TIMEOUT:?} and was killed ({status})")
+        }
+    };
+    let swept = ambit_e2e::naming::sweep_stale();
+    panic!("meshctl demo still running after {DEMO_TIMEOUT:?}; {ended}; swept {swept:?}");
+}
 
 /// Runs `meshctl` with `args`; returns its pid, exit success, stdout and stderr.
 fn run_meshctl(args: &[&str]) -> (u32, bool, String, String) {
@@ -16,6 +54,8 @@ fn run_meshctl(args: &[&str]) -> (u32, bool, String, String) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A group of its own, so a hung demo can be killed with its build.
+        .process_group(0)
         .spawn()
         .expect("run meshctl");
     let pid = child.id();
@@ -30,20 +70,8 @@ fn run_meshctl(args: &[&str]) -> (u32, bool, String, String) {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut err, &mut s).map(|_| s)
     });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for meshctl") {
-            break status;
-        }
-        if started.elapsed() > DEMO_TIMEOUT {
-            // SIGINT, as a user's Ctrl-C: the demo cleans up and exits.
-            let _best_effort = Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status();
-            let status = child.wait().expect("wait for meshctl");
-            panic!("meshctl demo still running after {DEMO_TIMEOUT:?} ({status})");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let Some(status) = wait_bounded(&mut child, DEMO_TIMEOUT) else {
+        stop_hung_demo(&mut child);
     };
     let out = out.join().expect("stdout reader").unwrap_or_default();
     let err = err.join().expect("stderr reader").unwrap_or_default();
