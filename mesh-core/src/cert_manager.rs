@@ -1,19 +1,28 @@
 //! Keeps every certificate of a [`CertStore`] fresh: each is renewed at half its life;
-//! a failed renewal is retried with exponential backoff while the current
-//! certificate, still valid, stays in use. Never drops a certificate early.
+//! a failed renewal is retried with backoff while the current certificate, still
+//! valid, stays in use. A certificate that expires while renewal still fails is
+//! dropped; one the CA refuses outright is not asked for again, and is dropped when
+//! it expires unless something fetches it again meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::task::JoinSet;
+
 use crate::drain::DrainWatcher;
-use crate::{CertStore, CertificateSource, SpiffeId};
+use crate::{CertError, CertEvent, CertStore, CertificateSource, SpiffeId, WorkloadCertificate};
+
+/// Renewals in flight at once: a CA that does not answer holds at most this many,
+/// and no renewal waits behind another's timeout.
+pub const MAX_CONCURRENT_RENEWALS: usize = 8;
 
 /// Timing of renewals.
 #[derive(Clone, Debug)]
 pub struct RenewalConfig {
-    /// First retry delay after a failure; doubles per failure.
+    /// First retry delay after a failure; doubles per failure. Also the shortest.
     pub min_backoff: Duration,
+    /// Longest retry delay; shorter still near expiry (a quarter of the time left).
     pub max_backoff: Duration,
     /// Longest sleep between checks (the store's events wake it earlier).
     pub max_sleep: Duration,
@@ -29,16 +38,77 @@ impl Default for RenewalConfig {
     }
 }
 
-/// When a certificate is next due: its refresh time, or its retry after a failure.
-fn due_at(
-    failing: &HashMap<SpiffeId, (u32, SystemTime)>,
-    id: &SpiffeId,
-    refresh: SystemTime,
-) -> SystemTime {
-    failing.get(id).map_or(refresh, |f| f.1)
+impl RenewalConfig {
+    /// The wait before the `failures`-th retry of a certificate valid until
+    /// `not_after`: doubling from `min_backoff`, at most `max_backoff` and a quarter
+    /// of the time left, so that a CA back up is asked again well before expiry.
+    pub fn backoff(&self, failures: u32, now: SystemTime, not_after: SystemTime) -> Duration {
+        let left = not_after.duration_since(now).unwrap_or(Duration::ZERO);
+        self.min_backoff
+            .saturating_mul(1 << failures.saturating_sub(1).min(20))
+            .min(self.max_backoff)
+            .min(left / 4)
+            .max(self.min_backoff)
+    }
 }
 
-/// Renews the store's certificates from `source` until drained.
+/// Why an identity is not simply due at its refresh time.
+#[derive(Clone, Copy, Debug)]
+enum Retry {
+    /// Renewal failed `failures` times in a row; next attempt at `at`.
+    Failing { failures: u32, at: SystemTime },
+    /// The CA refused it: not asked again, dropped at expiry.
+    Refused,
+}
+
+/// The wall clock, advanced by tokio's clock too: the later of the system time
+/// and the system time at start plus tokio's elapsed time. Tokio's paused clock
+/// drives it in tests; a system clock stepped back never delays a renewal.
+struct Clock {
+    start: (SystemTime, tokio::time::Instant),
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            start: (SystemTime::now(), tokio::time::Instant::now()),
+        }
+    }
+
+    fn now(&self) -> SystemTime {
+        let ticked = self.start.0 + self.start.1.elapsed();
+        SystemTime::now().max(ticked)
+    }
+}
+
+/// The renewal schedule: which identities are retried or refused, and which
+/// are being renewed now.
+#[derive(Default)]
+struct Schedule {
+    retry: HashMap<SpiffeId, Retry>,
+    renewing: HashMap<tokio::task::Id, SpiffeId>,
+}
+
+impl Schedule {
+    /// When `cert` is next due: its refresh time, its retry after a failure, or
+    /// (refused) its expiry.
+    fn due_at(&self, cert: &WorkloadCertificate) -> SystemTime {
+        match self.retry.get(cert.identity()) {
+            None => cert.refresh_at(),
+            Some(Retry::Failing { at, .. }) => *at,
+            Some(Retry::Refused) => cert.not_after(),
+        }
+    }
+
+    fn is_renewing(&self, id: &SpiffeId) -> bool {
+        self.renewing.values().any(|r| r == id)
+    }
+}
+
+type Renewal = (SpiffeId, Result<Arc<WorkloadCertificate>, CertError>);
+
+/// Renews the store's certificates from `source` until drained; renewals still
+/// in flight then are cancelled.
 pub async fn keep_fresh<S: CertificateSource>(
     store: Arc<CertStore>,
     source: Arc<S>,
@@ -46,169 +116,129 @@ pub async fn keep_fresh<S: CertificateSource>(
     drain: DrainWatcher,
 ) {
     let mut events = store.subscribe();
-    // Identity -> (consecutive failures, next attempt).
-    let mut failing: HashMap<SpiffeId, (u32, SystemTime)> = HashMap::new();
+    let clock = Clock::new();
+    let mut schedule = Schedule::default();
+    // Dropped on return, which cancels what is still in flight.
+    let mut running: JoinSet<Renewal> = JoinSet::new();
     loop {
         let certs = store.all();
-        failing.retain(|id, _| certs.iter().any(|c| c.identity() == id));
-        let now = SystemTime::now();
-        let due: Vec<SpiffeId> = certs
-            .iter()
-            .filter(|c| now >= due_at(&failing, c.identity(), c.refresh_at()))
-            .map(|c| c.identity().clone())
-            .collect();
-        for id in due {
-            match source.issue(&id).await {
-                Ok(cert) if cert.identity() == &id => {
-                    tracing::info!(identity = %id, not_after = ?cert.not_after(), "certificate renewed");
-                    if cert.refresh_at() <= SystemTime::now() {
-                        // A certificate due at once would be renewed in a loop.
-                        failing.insert(id.clone(), (0, SystemTime::now() + config.min_backoff));
-                    } else {
-                        failing.remove(&id);
-                    }
-                    store.insert(cert);
-                }
-                other => {
-                    let error = match other {
-                        Err(e) => e.to_string(),
-                        Ok(c) => format!("the CA issued {} instead", c.identity()),
-                    };
-                    let n = failing.get(&id).map_or(1, |f| f.0 + 1);
-                    let backoff = config
-                        .min_backoff
-                        .saturating_mul(1 << (n - 1).min(20))
-                        .min(config.max_backoff);
-                    let valid_until = store.get(&id).map(|c| c.not_after());
-                    tracing::warn!(identity = %id, %error, failures = n, retry_in = ?backoff, ?valid_until, "certificate renewal failed; keeping the current certificate");
-                    failing.insert(id, (n, SystemTime::now() + backoff));
-                }
+        schedule
+            .retry
+            .retain(|id, _| certs.iter().any(|c| c.identity() == id));
+        let now = clock.now();
+        let mut next: Option<SystemTime> = None;
+        for cert in &certs {
+            let id = cert.identity();
+            if schedule.is_renewing(id) {
+                continue;
             }
+            let due = schedule.due_at(cert);
+            if now < due {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                continue;
+            }
+            if matches!(schedule.retry.get(id), Some(Retry::Refused)) {
+                tracing::info!(identity = %id, "certificate the CA refused to renew has expired; dropped");
+                store.remove(id);
+                continue;
+            }
+            if running.len() >= MAX_CONCURRENT_RENEWALS {
+                // Looked at again when a renewal ends.
+                continue;
+            }
+            let (store, source, id) = (store.clone(), source.clone(), id.clone());
+            let task = running.spawn(async move {
+                let renewed = store.fetch(&*source, &id).await;
+                (id, renewed)
+            });
+            schedule.renewing.insert(task.id(), cert.identity().clone());
         }
-        let next = store
-            .all()
-            .iter()
-            .map(|c| due_at(&failing, c.identity(), c.refresh_at()))
-            .min();
         let wait = next
-            .map(|t| {
-                t.duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-            })
+            .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
             .unwrap_or(config.max_sleep)
             .min(config.max_sleep);
         tokio::select! {
             () = drain.signaled() => return,
+            Some(done) = running.join_next_with_id() => {
+                let (task, renewal) = match done {
+                    Ok((task, renewal)) => (task, Some(renewal)),
+                    Err(e) => (e.id(), None),
+                };
+                let id = schedule.renewing.remove(&task);
+                if let Some((id, renewed)) = renewal {
+                    settle(&store, &config, &mut schedule, clock.now(), id, renewed);
+                } else if let Some(id) = id {
+                    tracing::error!(identity = %id, "certificate renewal task failed");
+                }
+            }
             () = tokio::time::sleep(wait) => {}
-            // A new or removed certificate changes the schedule.
-            _ = events.recv() => {}
+            event = events.recv() => match event {
+                // Fetched by someone else: the CA issues it again.
+                Ok(CertEvent::Updated(id)) => {
+                    if matches!(schedule.retry.get(&id), Some(Retry::Refused)) {
+                        schedule.retry.remove(&id);
+                    }
+                }
+                Ok(CertEvent::Removed(_)) => {}
+                // Which were fetched is lost: every refusal gets one more try.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    schedule.retry.retain(|_, r| !matches!(r, Retry::Refused));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
         }
     }
+}
+
+/// Records how a renewal of `id` ended.
+fn settle(
+    store: &CertStore,
+    config: &RenewalConfig,
+    schedule: &mut Schedule,
+    now: SystemTime,
+    id: SpiffeId,
+    renewed: Result<Arc<WorkloadCertificate>, CertError>,
+) {
+    let error = match renewed {
+        Ok(cert) => {
+            tracing::info!(identity = %id, not_after = ?cert.not_after(), "certificate renewed");
+            if cert.refresh_at() <= now {
+                // A certificate due at once would be renewed in a loop.
+                let at = now + config.min_backoff;
+                schedule
+                    .retry
+                    .insert(id, Retry::Failing { failures: 0, at });
+            } else {
+                schedule.retry.remove(&id);
+            }
+            return;
+        }
+        Err(error) => error,
+    };
+    let Some(held) = store.get(&id) else {
+        schedule.retry.remove(&id);
+        return;
+    };
+    if held.is_expired(now) {
+        tracing::warn!(identity = %id, %error, not_after = ?held.not_after(), "certificate expired and renewal still fails; dropped");
+        store.remove(&id);
+        schedule.retry.remove(&id);
+        return;
+    }
+    if error.is_permanent() {
+        tracing::warn!(identity = %id, %error, valid_until = ?held.not_after(), "the CA refused to renew the certificate; not asking again, keeping it until it expires");
+        schedule.retry.insert(id, Retry::Refused);
+        return;
+    }
+    let failures = match schedule.retry.get(&id) {
+        Some(Retry::Failing { failures, .. }) => failures + 1,
+        _ => 1,
+    };
+    let backoff = config.backoff(failures, now, held.not_after());
+    tracing::warn!(identity = %id, %error, failures, retry_in = ?backoff, valid_until = ?held.not_after(), "certificate renewal failed; keeping the current certificate");
+    let at = now + backoff;
+    schedule.retry.insert(id, Retry::Failing { failures, at });
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ca::LocalCa;
-    use crate::{CertError, CertEvent, WorkloadCertificate};
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A CA that fails its first `fail` requests, and records when each came.
-    struct FlakyCa {
-        ca: LocalCa,
-        fail: AtomicU32,
-        attempts: Mutex<Vec<std::time::Instant>>,
-    }
-
-    impl CertificateSource for FlakyCa {
-        async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
-            self.attempts
-                .lock()
-                .unwrap()
-                .push(std::time::Instant::now());
-            if self
-                .fail
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(CertError::Ca("unreachable".into()));
-            }
-            self.ca.issue_for(id)
-        }
-    }
-
-    fn setup(ttl: Duration, fail: u32) -> (Arc<CertStore>, Arc<FlakyCa>, SpiffeId) {
-        let ca = LocalCa::generate("renewal-test", ttl).unwrap();
-        let id = SpiffeId::new("cluster.local", "shop", "cart").unwrap();
-        let store = Arc::new(CertStore::new());
-        store.insert(ca.issue_for(&id).unwrap());
-        let source = Arc::new(FlakyCa {
-            ca,
-            fail: AtomicU32::new(fail),
-            attempts: Mutex::new(Vec::new()),
-        });
-        (store, source, id)
-    }
-
-    async fn next_update(events: &mut tokio::sync::broadcast::Receiver<CertEvent>) -> CertEvent {
-        tokio::time::timeout(Duration::from_secs(20), events.recv())
-            .await
-            .expect("no renewal")
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_certificate_is_renewed_at_half_its_life() {
-        let (store, source, id) = setup(Duration::from_secs(2), 0);
-        let first = store.get(&id).unwrap();
-        let mut events = store.subscribe();
-        let (trigger, watcher) = crate::drain::channel();
-        tokio::spawn(keep_fresh(
-            store.clone(),
-            source,
-            RenewalConfig::default(),
-            watcher,
-        ));
-        assert_eq!(
-            next_update(&mut events).await,
-            CertEvent::Updated(id.clone())
-        );
-        let renewed = store.get(&id).unwrap();
-        // A new certificate (X.509 times have 1 s granularity, so compare the DER).
-        assert_ne!(renewed.chain()[0], first.chain()[0]);
-        assert!(renewed.not_after() >= first.not_after());
-        // Not before half its life.
-        assert!(SystemTime::now() >= first.refresh_at());
-        trigger.drain(Duration::from_secs(5)).await;
-    }
-
-    #[tokio::test]
-    async fn failures_back_off_and_keep_the_valid_certificate() {
-        let (store, source, id) = setup(Duration::from_secs(2), 3);
-        let first = store.get(&id).unwrap();
-        let mut events = store.subscribe();
-        let (trigger, watcher) = crate::drain::channel();
-        let config = RenewalConfig {
-            min_backoff: Duration::from_millis(100),
-            ..RenewalConfig::default()
-        };
-        tokio::spawn(keep_fresh(store.clone(), source.clone(), config, watcher));
-        assert_eq!(
-            next_update(&mut events).await,
-            CertEvent::Updated(id.clone())
-        );
-        let attempts = source.attempts.lock().unwrap().clone();
-        assert_eq!(attempts.len(), 4, "three failures, then success");
-        // Each wait at least doubles: 100 ms, 200 ms, 400 ms.
-        for (i, pair) in attempts.windows(2).enumerate() {
-            let gap = pair[1] - pair[0];
-            assert!(
-                gap >= Duration::from_millis(100 << i),
-                "attempt {i}: {gap:?}"
-            );
-        }
-        assert_ne!(store.get(&id).unwrap().chain()[0], first.chain()[0]);
-        trigger.drain(Duration::from_secs(5)).await;
-    }
-}
+mod tests;

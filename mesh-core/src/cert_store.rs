@@ -1,27 +1,27 @@
 //! Where a proxy keeps the certificates of the identities it serves.
 //!
 //! Identity -> current chain and key, with expiry and a rotation hook. Keys live only
-//! in memory, inside rustls's signing key. Whoever issues certificates (the test CA
-//! today, the CA client of istiod-lite later) implements [`CertificateSource`]; TLS
-//! configs read the store at every handshake, so a rotated certificate is used by the
-//! next connection without rebuilding anything.
+//! in memory, inside rustls's signing key. Whoever issues certificates (a local root,
+//! [`crate::ca::LocalCa`], or istiod-lite's CA through [`crate::ca_client::RemoteCa`])
+//! implements [`CertificateSource`]; TLS configs read the store at every handshake, so
+//! a rotated certificate is used by the next connection without rebuilding anything.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::SpiffeId;
 use crate::tls::{IdentityError, identity_of_cert, provider};
 
 /// Why a certificate could not be stored or obtained.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CertError {
     #[error("certificate chain is empty")]
     EmptyChain,
@@ -40,6 +40,18 @@ pub enum CertError {
     },
     #[error("certificate authority: {0}")]
     Ca(String),
+    /// The CA will not issue this identity to us (e.g. its pod is not on this
+    /// node): asking again, unchanged, will not help.
+    #[error("certificate authority refused: {0}")]
+    Refused(String),
+}
+
+impl CertError {
+    /// Whether a retry cannot help until something changes (the CA said no, as
+    /// opposed to could not answer).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, CertError::Refused(_))
+    }
 }
 
 /// One identity's certificate: chain (leaf first), trusted roots, and signing key.
@@ -53,7 +65,8 @@ pub struct WorkloadCertificate {
 }
 
 impl WorkloadCertificate {
-    /// Builds from DER parts; the leaf must carry exactly one SPIFFE URI SAN.
+    /// Builds from DER parts; the leaf must carry exactly one SPIFFE URI SAN and
+    /// certify `key`.
     pub fn new(
         key: PrivateKeyDer<'static>,
         chain: Vec<CertificateDer<'static>>,
@@ -65,13 +78,12 @@ impl WorkloadCertificate {
         }
         let identity = identity_of_cert(leaf)?;
         let (not_before, not_after) = validity_of(leaf)?;
-        let signing_key = provider()
-            .key_provider
-            .load_private_key(key)
-            .map_err(CertError::Key)?;
+        // Checks that the leaf certifies the key: a mismatch would only show at
+        // the first handshake, as a peer's signature error.
+        let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(CertError::Key)?;
         Ok(Self {
             identity,
-            certified: Arc::new(CertifiedKey::new(chain, signing_key)),
+            certified: Arc::new(certified),
             roots,
             not_before,
             not_after,
@@ -160,7 +172,7 @@ fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Id
     ))
 }
 
-/// Issues certificates for identities: the test CA now, istiod-lite's CA client later.
+/// Issues certificates for identities: a local root or istiod-lite's CA client.
 pub trait CertificateSource: Send + Sync + 'static {
     fn issue(
         &self,
@@ -175,11 +187,18 @@ pub enum CertEvent {
     Removed(SpiffeId),
 }
 
+/// The outcome of a CA request, shared with whoever asked for the same identity
+/// meanwhile; `None` while it runs.
+type Shared = Option<Result<Arc<WorkloadCertificate>, CertError>>;
+
 /// Identity -> current certificate, shared by every listener and the pool.
 #[derive(Debug)]
 pub struct CertStore {
     certs: RwLock<HashMap<SpiffeId, Arc<WorkloadCertificate>>>,
     events: broadcast::Sender<CertEvent>,
+    // One CA request per identity at a time: a pod's first fetch, the prefetch and
+    // a renewal that overlap share it. One entry per identity being fetched.
+    in_flight: Mutex<HashMap<SpiffeId, watch::Sender<Shared>>>,
 }
 
 impl Default for CertStore {
@@ -195,6 +214,7 @@ impl CertStore {
         Self {
             certs: RwLock::new(HashMap::new()),
             events,
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -205,8 +225,41 @@ impl CertStore {
         let _ = self.events.send(CertEvent::Updated(id));
     }
 
-    /// Asks `source` for a certificate of `identity` and stores it.
+    /// Asks `source` for a certificate of `identity` and stores it. A request for
+    /// `identity` already in flight is joined instead of sending another; if its
+    /// caller gives up (is cancelled) before the answer, this one asks itself.
     pub async fn fetch<S: CertificateSource>(
+        &self,
+        source: &S,
+        identity: &SpiffeId,
+    ) -> Result<Arc<WorkloadCertificate>, CertError> {
+        loop {
+            let mut joined = {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                match in_flight.get(identity) {
+                    Some(running) => running.subscribe(),
+                    None => {
+                        in_flight.insert(identity.clone(), watch::channel(None).0);
+                        break;
+                    }
+                }
+            };
+            if let Ok(outcome) = joined.wait_for(Option::is_some).await
+                && let Some(outcome) = outcome.clone()
+            {
+                return outcome;
+            }
+        }
+        let request = InFlight {
+            store: self,
+            identity,
+        };
+        let outcome = self.issue(source, identity).await;
+        request.finish(outcome.clone());
+        outcome
+    }
+
+    async fn issue<S: CertificateSource>(
         &self,
         source: &S,
         identity: &SpiffeId,
@@ -218,8 +271,10 @@ impl CertStore {
                 got: Box::new(cert.identity().clone()),
             });
         }
-        self.insert(cert);
-        self.get(identity).ok_or(CertError::EmptyChain)
+        let cert = Arc::new(cert);
+        self.write().insert(identity.clone(), cert.clone());
+        let _ = self.events.send(CertEvent::Updated(identity.clone()));
+        Ok(cert)
     }
 
     pub fn get(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCertificate>> {
@@ -255,3 +310,39 @@ impl CertStore {
         self.certs.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// The request in flight for one identity; dropped, finished or cancelled, it
+/// leaves the map, so the next fetch asks the CA again.
+struct InFlight<'a> {
+    store: &'a CertStore,
+    identity: &'a SpiffeId,
+}
+
+impl InFlight<'_> {
+    /// Hands the outcome to the callers that joined.
+    fn finish(self, outcome: Result<Arc<WorkloadCertificate>, CertError>) {
+        let in_flight = self
+            .store
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(joined) = in_flight.get(self.identity) {
+            joined.send_replace(Some(outcome));
+        }
+        // Unlocked before `self` drops and takes the entry out.
+        drop(in_flight);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.store
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.identity);
+    }
+}
+
+#[cfg(test)]
+mod tests;

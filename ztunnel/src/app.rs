@@ -2,7 +2,7 @@
 //! delta xDS), metrics, admin endpoints, SOCKS5, and the pods handed over by the
 //! node agent. `main` and the tests both start an `App`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::node_certs::{prefetch_certificates, release_certificates};
 use crate::proxy::{ConnTable, Pod, PodNet, PodPorts, PodProxy, ProxyInputs, Socks5, StartError};
 use crate::state::{StateStore, XDS_TYPES, XdsState, load_local_state, watch_local_state};
 use crate::why::WhyLog;
@@ -46,6 +47,9 @@ pub struct App {
     // Set by `shutdown` under the `pods` lock: no pod is added after it.
     closing: AtomicBool,
     drain: Mutex<Option<DrainTrigger>>,
+    // Pod uid -> identity, of the pods proxied or starting: whose certificates
+    // `release_certificates` keeps.
+    pod_identities: tokio::sync::watch::Sender<HashMap<String, SpiffeId>>,
 }
 
 /// A pod's proxy, with what it was started from: a pod re-sent with the same
@@ -149,53 +153,6 @@ fn start_xds(
     Ok(status)
 }
 
-/// Requests, in the background, the certificate of every identity with a workload
-/// on this node, as workloads appear: the node agent's hand-over of the pod then
-/// finds the certificate ready. A failure is retried at the next state change and,
-/// in any case, when the pod is added.
-async fn prefetch_certificates(inputs: Arc<ProxyInputs>, drain: DrainWatcher) {
-    let mut changes = inputs.state.subscribe();
-    let in_flight: Arc<Mutex<HashSet<SpiffeId>>> = Arc::default();
-    loop {
-        let state = inputs.state.snapshot();
-        let node = &inputs.config.node_name;
-        let wanted: HashSet<SpiffeId> = state
-            .workloads()
-            .filter(|w| &w.node == node)
-            .filter_map(|w| w.identity().ok())
-            .collect();
-        for id in wanted {
-            if inputs.certs.get(&id).is_some() {
-                continue;
-            }
-            if !in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone())
-            {
-                continue;
-            }
-            let (inputs, in_flight) = (inputs.clone(), in_flight.clone());
-            tokio::spawn(async move {
-                match inputs.ensure_certificate(&id).await {
-                    Ok(()) => tracing::info!(identity = %id, "certificate prefetched"),
-                    Err(error) => {
-                        tracing::warn!(identity = %id, %error, "certificate prefetch failed")
-                    }
-                }
-                in_flight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-            });
-        }
-        tokio::select! {
-            () = drain.signaled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
 /// Loads the CA root; the key file must not be readable by group or others.
 fn load_ca(config: &Config) -> anyhow::Result<LocalCa> {
     match (&config.ca_cert, &config.ca_key) {
@@ -289,6 +246,16 @@ impl App {
         if config.uses_xds() {
             tokio::spawn(prefetch_certificates(inputs.clone(), watcher.clone()));
         }
+        // And release those of identities no longer on the node.
+        let pod_identities = tokio::sync::watch::Sender::new(HashMap::new());
+        tokio::spawn(release_certificates(
+            inputs.certs.clone(),
+            inputs.state.clone(),
+            config.node_name.clone(),
+            pod_identities.subscribe(),
+            config.cert_release_grace,
+            watcher.clone(),
+        ));
         let admin = Arc::new(AdminState {
             inputs: inputs.clone(),
             local_state_error,
@@ -341,6 +308,7 @@ impl App {
             retired: Default::default(),
             closing: AtomicBool::new(false),
             drain: Mutex::new(Some(trigger)),
+            pod_identities,
         })
     }
 
@@ -384,6 +352,13 @@ impl App {
             Some(running) => running.netns == inode,
             None => false,
         };
+        // Its certificate is kept from now on, while the proxy starts.
+        if let Ok(identity) = pod.identity(&self.inputs.config.trust_domain) {
+            let uid = pod.uid.clone();
+            self.pod_identities.send_modify(|ids| {
+                ids.insert(uid, identity);
+            });
+        }
         // In the same namespace the new listeners need the old ones' ports.
         if same_namespace && let Some(old) = pods.remove(&pod.uid) {
             self.retire(old).await;
@@ -397,6 +372,7 @@ impl App {
                 if let Some(old) = pods.remove(&uid) {
                     self.retire(old).await;
                 }
+                self.publish_pod_identities(&pods);
                 return Err(e);
             }
         };
@@ -409,7 +385,21 @@ impl App {
         if let Some(old) = pods.insert(uid, running) {
             self.retire(old).await;
         }
+        self.publish_pod_identities(&pods);
         Ok(hbone)
+    }
+
+    /// Tells `release_certificates` whose certificates the pods need now.
+    fn publish_pod_identities(&self, pods: &HashMap<String, RunningPod>) {
+        let trust_domain = &self.inputs.config.trust_domain;
+        let ids = pods
+            .iter()
+            .filter_map(|(uid, running)| {
+                let id = running.proxy.pod.identity(trust_domain).ok()?;
+                Some((uid.clone(), id))
+            })
+            .collect();
+        self.pod_identities.send_replace(ids);
     }
 
     async fn start_proxy(
@@ -438,6 +428,7 @@ impl App {
         match pods.remove(uid) {
             Some(running) => {
                 self.retire(running).await;
+                self.publish_pod_identities(&pods);
                 true
             }
             None => false,

@@ -78,6 +78,12 @@ pub struct Config {
     #[serde(serialize_with = "duration_as_text")]
     pub cert_ttl: Duration,
 
+    /// How long the certificate of an identity is kept once no workload of it is
+    /// left on this node (a pod restarting meanwhile finds it ready).
+    #[arg(long, env = "AMBIT_CERT_RELEASE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub cert_release_grace: Duration,
+
     /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods.
     #[arg(
         long,
@@ -219,6 +225,7 @@ mod tests {
         assert_eq!(c.socks5_addr, "127.0.0.1:15080".parse().unwrap());
         assert!(!c.socks5);
         assert_eq!(c.cert_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.cert_release_grace, Duration::from_secs(30));
         assert_eq!(c.pool_max_streams, 100);
         assert_eq!(c.worker_threads, 2);
     }

@@ -9,6 +9,7 @@ pub mod app;
 pub mod config;
 pub mod inpod;
 pub mod metrics;
+pub mod node_certs;
 pub mod policy;
 pub mod proxy;
 pub mod state;

@@ -292,3 +292,62 @@ async fn shutdown_drains_everything_within_one_deadline_and_takes_no_new_pod() {
     );
     assert!(f.app.pod_uids().await.is_empty());
 }
+
+/// Once the node's last workload of an identity is gone (here a pod the state
+/// does not know), its certificate goes after `--cert-release-grace`: it leaves
+/// the metrics and the config dump, and the CA is not asked to renew it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_of_an_identity_goes_with_its_last_pod() {
+    let f = start_with(49, &["--cert-release-grace", "200ms"]).await;
+    let batch = ztunnel::proxy::Pod {
+        uid: "batch-1".into(),
+        name: "batch-1".into(),
+        namespace: "shop".into(),
+        service_account: "batch".into(),
+    };
+    let ports = ztunnel::proxy::PodPorts {
+        outbound: SocketAddr::new(ip(49, 5), 15001),
+        inbound_plaintext: SocketAddr::new(ip(49, 5), 15006),
+        hbone: SocketAddr::new(ip(49, 5), 15008),
+    };
+    f.app.add_pod(batch, None, ports).await.unwrap();
+    let line =
+        "ambit_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/batch\"}";
+    let (_, text) = http_get(f.app.metrics_addr, "/metrics").await;
+    assert!(text.contains(line), "{text}");
+    let held = metric(&text, "ambit_certificates", &[]).unwrap();
+    // Past the grace, the pod's certificate is kept while it runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, text) = http_get(f.app.metrics_addr, "/metrics").await;
+    assert!(text.contains(line), "{text}");
+
+    assert!(f.app.remove_pod("batch-1").await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (_, text) = http_get(f.app.metrics_addr, "/metrics").await;
+        if !text.contains(line) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never released:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        metric(&text, "ambit_certificates", &[]),
+        Some(held - 1.0),
+        "{text}"
+    );
+    let (_, dump) = http_get(f.app.admin_addr, "/config_dump").await;
+    assert!(
+        !dump.contains("spiffe://cluster.local/ns/shop/sa/batch"),
+        "{dump}"
+    );
+    // cart's pod still runs: its certificate stays.
+    assert!(
+        dump.contains("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{dump}"
+    );
+    f.app.shutdown().await;
+}

@@ -1,0 +1,110 @@
+use std::path::Path;
+
+use mesh_core::testing::{TestCa, spiffe};
+
+use super::*;
+use crate::state::LocalState;
+
+/// A state with `batch` (if `with_batch`) and `cart` workloads on node-1.
+fn state(with_batch: bool) -> crate::state::ProxyState {
+    let mut yaml = String::from(
+        "workloads:\n  - {uid: cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: node-1, addresses: [\"198.18.0.3\"]}\n",
+    );
+    if with_batch {
+        yaml.push_str("  - {uid: batch-1, name: batch-1, namespace: shop, serviceAccount: batch, node: node-1, addresses: [\"198.18.0.5\"]}\n");
+    }
+    LocalState::parse(Path::new("test.yaml"), &yaml)
+        .unwrap()
+        .into_state()
+}
+
+struct Fixture {
+    certs: Arc<CertStore>,
+    state: Arc<StateStore>,
+    pods: watch::Sender<HashMap<String, SpiffeId>>,
+    _drain: mesh_core::drain::DrainTrigger,
+}
+
+const GRACE: Duration = Duration::from_secs(30);
+
+fn start() -> Fixture {
+    let ca = TestCa::new();
+    let certs = ca.store_for(&[&spiffe("shop", "cart"), &spiffe("shop", "batch")]);
+    let state = Arc::new(StateStore::new(state(true)));
+    let pods = watch::Sender::new(HashMap::new());
+    let (trigger, watcher) = mesh_core::drain::channel();
+    tokio::spawn(release_certificates(
+        certs.clone(),
+        state.clone(),
+        "node-1".into(),
+        pods.subscribe(),
+        GRACE,
+        watcher,
+    ));
+    Fixture {
+        certs,
+        state,
+        pods,
+        _drain: trigger,
+    }
+}
+
+fn held(certs: &CertStore) -> Vec<String> {
+    let mut ids: Vec<String> = certs
+        .all()
+        .iter()
+        .map(|c| c.identity().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_goes_a_grace_after_the_last_workload_of_its_identity() {
+    let f = start();
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(held(&f.certs).len(), 2, "both have a workload here");
+    let mut events = f.certs.subscribe();
+    let left = Instant::now();
+    f.state.replace(state(false));
+    assert_eq!(
+        events.recv().await.unwrap(),
+        mesh_core::CertEvent::Removed(spiffe("shop", "batch"))
+    );
+    assert!(left.elapsed() >= GRACE);
+    assert!(left.elapsed() < GRACE + Duration::from_secs(1));
+    assert_eq!(held(&f.certs), ["spiffe://cluster.local/ns/shop/sa/cart"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_of_the_identity_keeps_it_and_its_removal_releases_it() {
+    let f = start();
+    f.pods.send_modify(|p| {
+        p.insert("batch-2".into(), spiffe("shop", "batch"));
+    });
+    f.state.replace(state(false));
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(held(&f.certs).len(), 2, "the pod still runs");
+    f.pods.send_replace(HashMap::new());
+    tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
+    assert_eq!(held(&f.certs), ["spiffe://cluster.local/ns/shop/sa/cart"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_identity_back_within_the_grace_keeps_its_certificate() {
+    let f = start();
+    f.state.replace(state(false));
+    tokio::time::sleep(GRACE / 2).await;
+    // The pod restarts with the same identity.
+    f.pods.send_modify(|p| {
+        p.insert("batch-2".into(), spiffe("shop", "batch"));
+    });
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(held(&f.certs).len(), 2);
+    // A certificate fetched for an identity with no workload here goes too.
+    let ca = TestCa::new();
+    f.certs.insert(ca.issue_cert(&spiffe("shop", "stray")));
+    tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
+    assert_eq!(held(&f.certs).len(), 2);
+    assert!(f.certs.get(&spiffe("shop", "stray")).is_none());
+}
