@@ -200,8 +200,9 @@ async fn a_service_account_without_a_pod_on_the_callers_node_is_refused() {
     let admin = SpiffeId::new("cluster.local", "shop", "admin").unwrap();
     let err = ca.remote("token-a", HOUR).issue(&admin).await.unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, CertError::Ca(_)), "{text}");
+    assert!(matches!(err, CertError::Refused(_)), "{text}");
     assert!(text.contains("PermissionDenied"), "{text}");
+    assert!(err.is_permanent(), "a refusal is not retried");
     assert!(
         text.contains("node node-a runs no pod of service account admin in namespace shop"),
         "{text}"

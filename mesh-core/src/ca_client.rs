@@ -122,11 +122,21 @@ impl RemoteCa {
                 ))
             })?
             .map_err(|status| {
-                CertError::Ca(format!(
+                let text = format!(
                     "CreateCertificate for {identity} refused ({:?}): {}",
                     status.code(),
                     status.message()
-                ))
+                );
+                // The CA judged the request itself (not on this node, reserved,
+                // a TTL it will not grant): the same request fails again, so
+                // renewal stops asking. Unauthenticated stays retryable, since a
+                // projected token rotates.
+                match status.code() {
+                    tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                        CertError::Refused(text)
+                    }
+                    _ => CertError::Ca(text),
+                }
             })?
             .into_inner();
         let chain = self.checked_chain(identity, &key, &response.cert_chain)?;

@@ -208,8 +208,9 @@ async fn a_refusal_keeps_the_servers_reason() {
     let f = fixture(Answer::Refuse).await;
     let err = f.ca.issue(&spiffe("shop", "cart")).await.unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, CertError::Ca(_)), "{text}");
+    assert!(matches!(err, CertError::Refused(_)), "{text}");
     assert!(text.contains("PermissionDenied"), "{text}");
+    assert!(err.is_permanent(), "a refusal is not retried");
     assert!(
         text.contains("node n1 runs no pod of service account cart in namespace shop"),
         "{text}"
