@@ -73,7 +73,7 @@ pub struct Config {
     #[arg(long, env = "AMBIT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
-    /// Lifetime of the workload certificates the local CA signs.
+    /// Workload certificate lifetime: requested from istiod-lite or signed by the local CA.
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     #[serde(serialize_with = "duration_as_text")]
     pub cert_ttl: Duration,
