@@ -163,7 +163,7 @@ fn load_ca(config: &Config) -> anyhow::Result<LocalCa> {
                 .mode();
             anyhow::ensure!(
                 mode & 0o077 == 0,
-                "--ca-key {}: mode {:o} lets others read the CA key; use 0600",
+                "--ca-key {}: mode {:o} lets group or others read the CA key; use 0600 or 0400",
                 key.display(),
                 mode & 0o777
             );

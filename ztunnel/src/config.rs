@@ -42,7 +42,7 @@ pub struct Config {
     #[arg(long, env = "AMBIT_CA_CERT", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
 
-    /// Local CA mode: PEM private key of the root certificate (mode 0600).
+    /// Local CA mode: PEM private key of the root certificate (no access for group or others: 0600 or 0400).
     #[arg(long, env = "AMBIT_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
 
