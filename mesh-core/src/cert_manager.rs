@@ -1,8 +1,10 @@
 //! Keeps every certificate of a [`CertStore`] fresh: each is renewed at half its life;
 //! a failed renewal is retried with backoff while the current certificate, still
 //! valid, stays in use. A certificate that expires while renewal still fails is
-//! dropped; one the CA refuses outright is not asked for again, and is dropped when
-//! it expires unless something fetches it again meanwhile.
+//! dropped. A refusal (the CA judged the request, e.g. the identity's pod is not on
+//! this node as far as it knows) is retried only at the longest backoff: it may be
+//! a control plane that has not seen the pod yet, and an identity that really left
+//! the node is released by its owner ([`CertStore::remove_if_current`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
 
 use crate::drain::DrainWatcher;
-use crate::{CertError, CertEvent, CertStore, CertificateSource, SpiffeId, WorkloadCertificate};
+use crate::{CertError, CertStore, CertificateSource, SpiffeId, WorkloadCertificate};
 
 /// Renewals in flight at once: a CA that does not answer holds at most this many,
 /// and no renewal waits behind another's timeout.
@@ -26,6 +28,19 @@ pub struct RenewalConfig {
     pub max_backoff: Duration,
     /// Longest sleep between checks (the store's events wake it earlier).
     pub max_sleep: Duration,
+    /// What "now" is.
+    pub clock: RenewalClock,
+}
+
+/// The time renewals are scheduled by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RenewalClock {
+    /// The system clock, which certificates' validity is judged by.
+    #[default]
+    System,
+    /// The system time at start advanced by tokio's clock: tests drive renewals
+    /// with tokio's paused clock.
+    Tokio,
 }
 
 impl Default for RenewalConfig {
@@ -34,6 +49,7 @@ impl Default for RenewalConfig {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             max_sleep: Duration::from_secs(60),
+            clock: RenewalClock::System,
         }
     }
 }
@@ -52,37 +68,40 @@ impl RenewalConfig {
     }
 }
 
-/// Why an identity is not simply due at its refresh time.
-#[derive(Clone, Copy, Debug)]
-enum Retry {
-    /// Renewal failed `failures` times in a row; next attempt at `at`.
-    Failing { failures: u32, at: SystemTime },
-    /// The CA refused it: not asked again, dropped at expiry.
-    Refused,
+/// Renewal of an identity failed `failures` times in a row; next attempt at `at`.
+/// It applies to the certificate `of`: once another is stored (fetched by someone
+/// else), that one is due at its own refresh time.
+#[derive(Clone, Debug)]
+struct Retry {
+    failures: u32,
+    at: SystemTime,
+    of: Arc<WorkloadCertificate>,
 }
 
-/// The wall clock, advanced by tokio's clock too: the later of the system time
-/// and the system time at start plus tokio's elapsed time. Tokio's paused clock
-/// drives it in tests; a system clock stepped back never delays a renewal.
+/// "Now" for the schedule; see [`RenewalClock`].
 struct Clock {
+    kind: RenewalClock,
     start: (SystemTime, tokio::time::Instant),
 }
 
 impl Clock {
-    fn new() -> Self {
+    fn new(kind: RenewalClock) -> Self {
         Self {
+            kind,
             start: (SystemTime::now(), tokio::time::Instant::now()),
         }
     }
 
     fn now(&self) -> SystemTime {
-        let ticked = self.start.0 + self.start.1.elapsed();
-        SystemTime::now().max(ticked)
+        match self.kind {
+            RenewalClock::System => SystemTime::now(),
+            RenewalClock::Tokio => self.start.0 + self.start.1.elapsed(),
+        }
     }
 }
 
-/// The renewal schedule: which identities are retried or refused, and which
-/// are being renewed now.
+/// The renewal schedule: which identities are retried, and which are being
+/// renewed now.
 #[derive(Default)]
 struct Schedule {
     retry: HashMap<SpiffeId, Retry>,
@@ -90,14 +109,19 @@ struct Schedule {
 }
 
 impl Schedule {
-    /// When `cert` is next due: its refresh time, its retry after a failure, or
-    /// (refused) its expiry.
-    fn due_at(&self, cert: &WorkloadCertificate) -> SystemTime {
-        match self.retry.get(cert.identity()) {
+    /// When `cert` is next due: its refresh time, or its retry after a failure.
+    fn due_at(&self, cert: &Arc<WorkloadCertificate>) -> SystemTime {
+        match self.retry_of(cert) {
             None => cert.refresh_at(),
-            Some(Retry::Failing { at, .. }) => *at,
-            Some(Retry::Refused) => cert.not_after(),
+            Some(retry) => retry.at,
         }
+    }
+
+    /// The retry recorded for `cert` itself, if any.
+    fn retry_of(&self, cert: &Arc<WorkloadCertificate>) -> Option<&Retry> {
+        self.retry
+            .get(cert.identity())
+            .filter(|r| Arc::ptr_eq(&r.of, cert))
     }
 
     fn is_renewing(&self, id: &SpiffeId) -> bool {
@@ -116,7 +140,7 @@ pub async fn keep_fresh<S: CertificateSource>(
     drain: DrainWatcher,
 ) {
     let mut events = store.subscribe();
-    let clock = Clock::new();
+    let clock = Clock::new(config.clock);
     let mut schedule = Schedule::default();
     // Dropped on return, which cancels what is still in flight.
     let mut running: JoinSet<Renewal> = JoinSet::new();
@@ -135,11 +159,6 @@ pub async fn keep_fresh<S: CertificateSource>(
             let due = schedule.due_at(cert);
             if now < due {
                 next = Some(next.map_or(due, |n| n.min(due)));
-                continue;
-            }
-            if matches!(schedule.retry.get(id), Some(Retry::Refused)) {
-                tracing::info!(identity = %id, "certificate the CA refused to renew has expired; dropped");
-                store.remove(id);
                 continue;
             }
             if running.len() >= MAX_CONCURRENT_RENEWALS {
@@ -173,17 +192,9 @@ pub async fn keep_fresh<S: CertificateSource>(
             }
             () = tokio::time::sleep(wait) => {}
             event = events.recv() => match event {
-                // Fetched by someone else: the CA issues it again.
-                Ok(CertEvent::Updated(id)) => {
-                    if matches!(schedule.retry.get(&id), Some(Retry::Refused)) {
-                        schedule.retry.remove(&id);
-                    }
-                }
-                Ok(CertEvent::Removed(_)) => {}
-                // Which were fetched is lost: every refusal gets one more try.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    schedule.retry.retain(|_, r| !matches!(r, Retry::Refused));
-                }
+                // A change (a certificate fetched by someone else is due at its
+                // own refresh time: see `Retry`): look again.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
         }
@@ -204,10 +215,12 @@ fn settle(
             tracing::info!(identity = %id, not_after = ?cert.not_after(), "certificate renewed");
             if cert.refresh_at() <= now {
                 // A certificate due at once would be renewed in a loop.
-                let at = now + config.min_backoff;
-                schedule
-                    .retry
-                    .insert(id, Retry::Failing { failures: 0, at });
+                let retry = Retry {
+                    failures: 0,
+                    at: now + config.min_backoff,
+                    of: cert.clone(),
+                };
+                schedule.retry.insert(id, retry);
             } else {
                 schedule.retry.remove(&id);
             }
@@ -220,24 +233,33 @@ fn settle(
         return;
     };
     if held.is_expired(now) {
-        tracing::warn!(identity = %id, %error, not_after = ?held.not_after(), "certificate expired and renewal still fails; dropped");
-        store.remove(&id);
+        if store.remove_if_current(&held) {
+            tracing::warn!(identity = %id, %error, not_after = ?held.not_after(), "certificate expired and renewal still fails; dropped");
+        }
         schedule.retry.remove(&id);
         return;
     }
-    if error.is_permanent() {
-        tracing::warn!(identity = %id, %error, valid_until = ?held.not_after(), "the CA refused to renew the certificate; not asking again, keeping it until it expires");
-        schedule.retry.insert(id, Retry::Refused);
-        return;
-    }
-    let failures = match schedule.retry.get(&id) {
-        Some(Retry::Failing { failures, .. }) => failures + 1,
-        _ => 1,
-    };
-    let backoff = config.backoff(failures, now, held.not_after());
+    let failures = schedule.retry_of(&held).map_or(0, |r| r.failures) + 1;
+    // A refusal goes straight to the longest wait: asking sooner would get the
+    // same answer unless the control plane's view changed.
+    let backoff = config.backoff(
+        if error.is_permanent() {
+            u32::MAX
+        } else {
+            failures
+        },
+        now,
+        held.not_after(),
+    );
     tracing::warn!(identity = %id, %error, failures, retry_in = ?backoff, valid_until = ?held.not_after(), "certificate renewal failed; keeping the current certificate");
-    let at = now + backoff;
-    schedule.retry.insert(id, Retry::Failing { failures, at });
+    schedule.retry.insert(
+        id,
+        Retry {
+            failures,
+            at: now + backoff,
+            of: held.clone(),
+        },
+    );
 }
 
 #[cfg(test)]

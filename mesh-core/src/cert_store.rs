@@ -289,6 +289,20 @@ impl CertStore {
         removed
     }
 
+    /// Removes `judged` if it is still its identity's certificate: a decision
+    /// taken on a snapshot ([`CertStore::all`]) never removes one stored since.
+    pub fn remove_if_current(&self, judged: &Arc<WorkloadCertificate>) -> bool {
+        let id = judged.identity();
+        let mut certs = self.write();
+        if !certs.get(id).is_some_and(|held| Arc::ptr_eq(held, judged)) {
+            return false;
+        }
+        certs.remove(id);
+        drop(certs);
+        let _ = self.events.send(CertEvent::Removed(id.clone()));
+        true
+    }
+
     /// Every stored certificate, for the admin view and for renewal scheduling.
     pub fn all(&self) -> Vec<Arc<WorkloadCertificate>> {
         self.read().values().cloned().collect()

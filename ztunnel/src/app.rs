@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::node_certs::{prefetch_certificates, release_certificates};
+use crate::node_certs::{NodeCertificates, keep_node_certificates};
 use crate::proxy::{ConnTable, Pod, PodNet, PodPorts, PodProxy, ProxyInputs, Socks5, StartError};
 use crate::state::{StateStore, XDS_TYPES, XdsState, load_local_state, watch_local_state};
 use crate::why::WhyLog;
@@ -48,7 +48,7 @@ pub struct App {
     closing: AtomicBool,
     drain: Mutex<Option<DrainTrigger>>,
     // Pod uid -> identity, of the pods proxied or starting: whose certificates
-    // `release_certificates` keeps.
+    // `keep_node_certificates` keeps.
     pod_identities: tokio::sync::watch::Sender<HashMap<String, SpiffeId>>,
 }
 
@@ -243,17 +243,18 @@ impl App {
             mesh_core::cert_manager::RenewalConfig::default(),
             watcher.clone(),
         ));
-        if config.uses_xds() {
-            tokio::spawn(prefetch_certificates(inputs.clone(), watcher.clone()));
-        }
-        // And release those of identities no longer on the node.
+        // Fetch those of identities with a workload here, release the others.
         let pod_identities = tokio::sync::watch::Sender::new(HashMap::new());
-        tokio::spawn(release_certificates(
-            inputs.certs.clone(),
-            inputs.state.clone(),
-            config.node_name.clone(),
-            pod_identities.subscribe(),
-            config.cert_release_grace,
+        tokio::spawn(keep_node_certificates(
+            NodeCertificates {
+                certs: inputs.certs.clone(),
+                ca: inputs.ca.clone(),
+                state: inputs.state.clone(),
+                node: config.node_name.clone(),
+                pods: pod_identities.subscribe(),
+                prefetch: config.uses_xds(),
+                grace: config.cert_release_grace,
+            },
             watcher.clone(),
         ));
         let admin = Arc::new(AdminState {
@@ -389,7 +390,7 @@ impl App {
         Ok(hbone)
     }
 
-    /// Tells `release_certificates` whose certificates the pods need now.
+    /// Tells `keep_node_certificates` whose certificates the pods need now.
     fn publish_pod_identities(&self, pods: &HashMap<String, RunningPod>) {
         let trust_domain = &self.inputs.config.trust_domain;
         let ids = pods

@@ -1,19 +1,34 @@
-//! The certificates of the identities this node serves: fetched ahead of time for
-//! the workloads the state places here, and released once no workload of an
-//! identity is left on the node (neither a pod handed over by the node agent nor
-//! a workload of the state), so the CA is not asked to renew them forever.
+//! The certificates of the identities this node serves. One task keeps the store in
+//! line with the identities that have a workload here (the node agent's pods,
+//! including those starting, and the workloads the state places on this node):
+//! - a missing certificate is fetched, and fetched again with backoff whenever it
+//!   goes missing (a first fetch that failed, one dropped at expiry after its
+//!   renewals failed): a running pod is never left without one for long;
+//! - the certificate of an identity with no workload left is released after a
+//!   grace (a pod restarting with it finds it ready), so the CA is not asked to
+//!   renew it forever.
+//!
+//! The state's workloads are fetched ahead of their pods only with a control plane
+//! (`prefetch`): the node agent's hand-over then finds the certificate ready.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::drain::DrainWatcher;
-use mesh_core::{CertStore, SpiffeId};
+use mesh_core::{CertError, CertStore, CertificateSource, SpiffeId};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::proxy::ProxyInputs;
 use crate::state::StateStore;
+
+/// Certificate requests in flight at once.
+const MAX_FETCHES: usize = 8;
+/// First wait after a failed fetch of a missing certificate; doubles per failure.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between fetches of a missing certificate.
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The identities of the workloads the state places on `node`.
 fn state_identities(state: &StateStore, node: &str) -> HashSet<SpiffeId> {
@@ -25,83 +40,134 @@ fn state_identities(state: &StateStore, node: &str) -> HashSet<SpiffeId> {
         .collect()
 }
 
-/// Requests, in the background, the certificate of every identity with a workload
-/// on this node, as workloads appear: the node agent's hand-over of the pod then
-/// finds the certificate ready. A failure is retried at the next state change and,
-/// in any case, when the pod is added.
-pub async fn prefetch_certificates(inputs: Arc<ProxyInputs>, drain: DrainWatcher) {
-    let mut changes = inputs.state.subscribe();
-    let in_flight: Arc<Mutex<HashSet<SpiffeId>>> = Arc::default();
-    loop {
-        for id in state_identities(&inputs.state, &inputs.config.node_name) {
-            if inputs.certs.get(&id).is_some() {
-                continue;
-            }
-            if !in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone())
-            {
-                continue;
-            }
-            let (inputs, in_flight) = (inputs.clone(), in_flight.clone());
-            tokio::spawn(async move {
-                match inputs.ensure_certificate(&id).await {
-                    Ok(()) => tracing::info!(identity = %id, "certificate prefetched"),
-                    Err(error) => {
-                        tracing::warn!(identity = %id, %error, "certificate prefetch failed")
-                    }
-                }
-                in_flight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-            });
-        }
-        tokio::select! {
-            () = drain.signaled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
-        }
+/// What [`keep_node_certificates`] works from.
+pub struct NodeCertificates<S> {
+    pub certs: Arc<CertStore>,
+    pub ca: Arc<S>,
+    pub state: Arc<StateStore>,
+    pub node: String,
+    /// Pod uid -> identity: the node agent's pods, including those starting.
+    pub pods: watch::Receiver<HashMap<String, SpiffeId>>,
+    /// Fetch the state's workloads' identities before their pods come.
+    pub prefetch: bool,
+    /// How long an identity with no workload here keeps its certificate.
+    pub grace: Duration,
+}
+
+impl<S> std::fmt::Debug for NodeCertificates<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCertificates")
+            .field("node", &self.node)
+            .field("prefetch", &self.prefetch)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
     }
 }
 
-/// Removes from `certs` the certificate of every identity that has had no
-/// workload on `node` for `grace`: neither one of `pods` (pod uid -> identity,
-/// the node agent's pods, including those starting) nor a workload of `state`.
-/// The grace spares a refetch to a pod that restarts with the same identity.
-pub async fn release_certificates(
-    certs: Arc<CertStore>,
-    state: Arc<StateStore>,
-    node: String,
-    mut pods: watch::Receiver<HashMap<String, SpiffeId>>,
-    grace: Duration,
+/// A failed fetch of a missing certificate: how many in a row, and when next.
+struct Retry {
+    failures: u32,
+    at: Instant,
+}
+
+fn retry_after(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(10))
+        .min(RETRY_MAX)
+}
+
+/// Keeps the node's certificates (see the module doc) until drained.
+pub async fn keep_node_certificates<S: CertificateSource>(
+    mut node: NodeCertificates<S>,
     drain: DrainWatcher,
 ) {
-    let mut state_changes = state.subscribe();
-    let mut cert_events = certs.subscribe();
-    // Identity held without a workload -> since when; at most one per certificate.
+    let mut state_changes = node.state.subscribe();
+    let mut cert_events = node.certs.subscribe();
+    // Identity held without a workload -> since when.
     let mut unused_since: HashMap<SpiffeId, Instant> = HashMap::new();
+    let mut retries: HashMap<SpiffeId, Retry> = HashMap::new();
+    let mut fetching: JoinSet<Result<(), CertError>> = JoinSet::new();
+    let mut in_flight: HashMap<tokio::task::Id, SpiffeId> = HashMap::new();
     loop {
-        let mut wanted = state_identities(&state, &node);
-        wanted.extend(pods.borrow_and_update().values().cloned());
+        let in_state = state_identities(&node.state, &node.node);
+        let of_pods: HashSet<SpiffeId> = node.pods.borrow_and_update().values().cloned().collect();
         let now = Instant::now();
-        let held: Vec<SpiffeId> = certs.all().iter().map(|c| c.identity().clone()).collect();
-        unused_since.retain(|id, _| held.contains(id) && !wanted.contains(id));
-        for id in held.into_iter().filter(|id| !wanted.contains(id)) {
-            let since = *unused_since.entry(id.clone()).or_insert(now);
-            if now >= since + grace {
-                tracing::info!(identity = %id, "no workload of this identity left on the node; certificate released");
-                certs.remove(&id);
-                unused_since.remove(&id);
+
+        // Release what no workload here needs any more. A pod or a state change
+        // since the snapshot above is looked at first: it may want one of them.
+        let held = node.certs.all();
+        let wanted = |id: &SpiffeId| in_state.contains(id) || of_pods.contains(id);
+        unused_since.retain(|id, _| held.iter().any(|c| c.identity() == id) && !wanted(id));
+        if !node.pods.has_changed().unwrap_or(false)
+            && !state_changes.has_changed().unwrap_or(false)
+        {
+            for cert in held.iter().filter(|c| !wanted(c.identity())) {
+                let id = cert.identity();
+                let since = *unused_since.entry(id.clone()).or_insert(now);
+                // Only the certificate judged here: never one fetched since.
+                if now >= since + node.grace && node.certs.remove_if_current(cert) {
+                    tracing::info!(identity = %id, "no workload of this identity left on the node; certificate released");
+                    unused_since.remove(id);
+                }
             }
         }
-        let next = unused_since.values().min().map(|since| *since + grace);
+
+        // Fetch what a workload here needs and the store lacks.
+        let to_fetch =
+            |id: &SpiffeId| of_pods.contains(id) || (node.prefetch && in_state.contains(id));
+        retries.retain(|id, _| to_fetch(id));
+        let missing: Vec<SpiffeId> = of_pods
+            .iter()
+            .chain(in_state.iter().filter(|_| node.prefetch))
+            .filter(|id| node.certs.get(id).is_none() && !in_flight.values().any(|f| f == *id))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for id in missing {
+            if fetching.len() >= MAX_FETCHES {
+                break;
+            }
+            if retries.get(&id).is_some_and(|r| r.at > now) {
+                continue;
+            }
+            let (certs, ca, asked) = (node.certs.clone(), node.ca.clone(), id.clone());
+            let task = fetching.spawn(async move { certs.fetch(&*ca, &asked).await.map(drop) });
+            in_flight.insert(task.id(), id);
+        }
+
+        let next_release = unused_since.values().min().map(|since| *since + node.grace);
+        let next_retry = retries
+            .iter()
+            .filter(|(id, _)| !in_flight.values().any(|f| f == *id))
+            .map(|(_, r)| r.at)
+            .min();
+        let next = [next_release, next_retry].into_iter().flatten().min();
         tokio::select! {
             () = drain.signaled() => return,
             changed = state_changes.changed() => if changed.is_err() { return },
-            changed = pods.changed() => if changed.is_err() { return },
-            // A certificate fetched or renewed for an identity no longer here.
+            changed = node.pods.changed() => if changed.is_err() { return },
+            // A certificate fetched, renewed or dropped.
             _ = cert_events.recv() => {}
+            Some(done) = fetching.join_next_with_id() => {
+                let (task, outcome) = match done {
+                    Ok((task, outcome)) => (task, outcome),
+                    Err(e) => (e.id(), Err(CertError::Ca(format!("fetch task failed: {e}")))),
+                };
+                let Some(id) = in_flight.remove(&task) else { continue };
+                match outcome {
+                    Ok(()) => {
+                        tracing::info!(identity = %id, "certificate fetched for a workload on this node");
+                        retries.remove(&id);
+                    }
+                    Err(error) => {
+                        let failures = retries.get(&id).map_or(0, |r| r.failures) + 1;
+                        let wait = retry_after(failures);
+                        tracing::warn!(identity = %id, %error, failures, retry_in = ?wait, "certificate fetch for a workload on this node failed");
+                        retries.insert(id, Retry { failures, at: Instant::now() + wait });
+                    }
+                }
+            }
             () = async { tokio::time::sleep_until(next.unwrap_or(now)).await }, if next.is_some() => {}
         }
     }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::time::Instant;
 
 use super::*;
+use crate::CertEvent;
 use crate::ca::LocalCa;
 use crate::drain::DrainOutcome;
 
@@ -65,6 +66,14 @@ fn refused() -> Answer {
     Answer::Fail(CertError::Refused("PermissionDenied: not on node".into()))
 }
 
+/// Renewal on tokio's (paused) clock.
+fn paused() -> RenewalConfig {
+    RenewalConfig {
+        clock: RenewalClock::Tokio,
+        ..RenewalConfig::default()
+    }
+}
+
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "shop", sa).unwrap()
 }
@@ -93,7 +102,7 @@ fn setup(
 }
 
 async fn next_event(events: &mut tokio::sync::broadcast::Receiver<CertEvent>) -> CertEvent {
-    tokio::time::timeout(Duration::from_secs(3600), events.recv())
+    tokio::time::timeout(Duration::from_secs(5 * 3600), events.recv())
         .await
         .expect("no event")
         .unwrap()
@@ -134,7 +143,7 @@ async fn failures_back_off_and_keep_the_valid_certificate() {
     let (trigger, watcher) = crate::drain::channel();
     let config = RenewalConfig {
         min_backoff: Duration::from_millis(100),
-        ..RenewalConfig::default()
+        ..paused()
     };
     tokio::spawn(keep_fresh(store.clone(), source.clone(), config, watcher));
     assert_eq!(
@@ -155,7 +164,7 @@ async fn failures_back_off_and_keep_the_valid_certificate() {
 
 #[test]
 fn backoff_is_capped_by_a_quarter_of_the_time_left() {
-    let config = RenewalConfig::default();
+    let config = paused();
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
     let far = now + Duration::from_secs(86_400);
     assert_eq!(config.backoff(1, now, far), Duration::from_secs(1));
@@ -177,12 +186,7 @@ async fn a_certificate_that_expires_while_renewal_fails_is_dropped() {
     let (start, wall) = (Instant::now(), SystemTime::now());
     let mut events = store.subscribe();
     let (trigger, watcher) = crate::drain::channel();
-    tokio::spawn(keep_fresh(
-        store.clone(),
-        source.clone(),
-        RenewalConfig::default(),
-        watcher,
-    ));
+    tokio::spawn(keep_fresh(store.clone(), source.clone(), paused(), watcher));
     assert_eq!(
         next_event(&mut events).await,
         CertEvent::Removed(id("cart"))
@@ -212,55 +216,97 @@ async fn a_certificate_that_expires_while_renewal_fails_is_dropped() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_refused_renewal_is_not_retried_and_the_certificate_goes_at_expiry() {
-    let ttl = Duration::from_secs(600);
+async fn a_refused_renewal_waits_the_longest_backoff_and_the_certificate_goes_at_expiry() {
+    let ttl = Duration::from_secs(4000);
     let (store, source) = setup(ttl, &["cart"], vec![], refused());
     let not_after = store.get(&id("cart")).unwrap().not_after();
     let (start, wall) = (Instant::now(), SystemTime::now());
     let mut events = store.subscribe();
     let (trigger, watcher) = crate::drain::channel();
-    tokio::spawn(keep_fresh(
-        store.clone(),
-        source.clone(),
-        RenewalConfig::default(),
-        watcher,
-    ));
+    tokio::spawn(keep_fresh(store.clone(), source.clone(), paused(), watcher));
     assert_eq!(
         next_event(&mut events).await,
         CertEvent::Removed(id("cart"))
     );
     assert!(wall + start.elapsed() + Duration::from_secs(1) >= not_after);
-    assert_eq!(source.attempts.lock().unwrap().len(), 1, "asked once");
+    let attempts = source.attempts.lock().unwrap().clone();
+    // No doubling from 1 s: straight to 300 s (or a quarter of the time left).
+    let at = |t: Instant| wall + (t - start);
+    for pair in attempts.windows(2) {
+        let left = not_after.duration_since(at(pair[0])).unwrap_or_default();
+        let want = Duration::from_secs(300)
+            .min(left / 4)
+            .max(Duration::from_secs(1));
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap + Duration::from_millis(10) >= want,
+            "gap {gap:?}, want {want:?}"
+        );
+    }
+    assert!(
+        attempts.len() >= 2 && attempts.len() < 40,
+        "{} attempts",
+        attempts.len()
+    );
     trigger.drain(Duration::from_secs(5)).await;
 }
 
+/// A refusal can be a control plane that has not seen the pod yet: the next try,
+/// at the longest backoff, renews it.
 #[tokio::test(start_paused = true)]
-async fn a_refused_identity_is_renewed_again_once_fetched_again() {
-    let ttl = Duration::from_secs(600);
+async fn a_refusal_that_passes_is_renewed_at_the_next_try() {
+    let ttl = Duration::from_secs(4000);
+    let (store, source) = setup(ttl, &["cart"], vec![refused()], Answer::Issue);
+    let first = store.get(&id("cart")).unwrap();
+    let mut events = store.subscribe();
+    let (trigger, watcher) = crate::drain::channel();
+    tokio::spawn(keep_fresh(store.clone(), source.clone(), paused(), watcher));
+    assert_eq!(
+        next_event(&mut events).await,
+        CertEvent::Updated(id("cart"))
+    );
+    assert_ne!(store.get(&id("cart")).unwrap().chain()[0], first.chain()[0]);
+    let attempts = source.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 2);
+    let gap = attempts[1] - attempts[0];
+    assert!(
+        gap >= Duration::from_secs(300) && gap < Duration::from_secs(301),
+        "{gap:?}"
+    );
+    trigger.drain(Duration::from_secs(5)).await;
+}
+
+/// A renewal retry belongs to the certificate that failed: one fetched meanwhile
+/// by someone else (a pod's start) is due at its own refresh time. (The test CA
+/// dates certificates by the system clock, which stands still here while tokio's
+/// runs, so a certificate fetched mid-test is due at once.)
+#[tokio::test(start_paused = true)]
+async fn a_certificate_fetched_meanwhile_is_not_held_to_the_old_retry() {
+    let ttl = Duration::from_secs(4000);
     let (store, source) = setup(ttl, &["cart"], vec![refused()], Answer::Issue);
     let mut events = store.subscribe();
     let (trigger, watcher) = crate::drain::channel();
-    tokio::spawn(keep_fresh(
-        store.clone(),
-        source.clone(),
-        RenewalConfig::default(),
-        watcher,
-    ));
+    tokio::spawn(keep_fresh(store.clone(), source.clone(), paused(), watcher));
     while source.attempts.lock().unwrap().is_empty() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // A pod of that identity comes back, and its fetch is granted.
+    // Refused: the old certificate's retry is 300 s away. A pod's start fetches.
     store.fetch(&*source, &id("cart")).await.unwrap();
     assert_eq!(
         next_event(&mut events).await,
         CertEvent::Updated(id("cart"))
     );
-    // Its renewal is keep_fresh's again.
     assert_eq!(
         next_event(&mut events).await,
         CertEvent::Updated(id("cart"))
     );
-    assert_eq!(source.attempts.lock().unwrap().len(), 3);
+    let attempts = source.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 3);
+    let gap = attempts[2] - attempts[1];
+    assert!(
+        gap < Duration::from_secs(10),
+        "held to the old retry: {gap:?}"
+    );
     trigger.drain(Duration::from_secs(5)).await;
 }
 
@@ -270,12 +316,7 @@ async fn renewals_run_side_by_side_bounded_and_a_hung_ca_does_not_hold_up_drain(
     let sas: Vec<&str> = sas.iter().map(String::as_str).collect();
     let (store, source) = setup(Duration::from_secs(600), &sas, vec![], Answer::Hang);
     let (trigger, watcher) = crate::drain::channel();
-    let renewing = tokio::spawn(keep_fresh(
-        store.clone(),
-        source.clone(),
-        RenewalConfig::default(),
-        watcher,
-    ));
+    let renewing = tokio::spawn(keep_fresh(store.clone(), source.clone(), paused(), watcher));
     // Past half life, every identity is due; a CA that never answers.
     tokio::time::sleep(Duration::from_secs(400)).await;
     assert_eq!(

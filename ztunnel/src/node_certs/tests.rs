@@ -28,17 +28,25 @@ struct Fixture {
 const GRACE: Duration = Duration::from_secs(30);
 
 fn start() -> Fixture {
-    let ca = TestCa::new();
+    start_with(false)
+}
+
+fn start_with(prefetch: bool) -> Fixture {
+    let ca = Arc::new(TestCa::new());
     let certs = ca.store_for(&[&spiffe("shop", "cart"), &spiffe("shop", "batch")]);
     let state = Arc::new(StateStore::new(state(true)));
     let pods = watch::Sender::new(HashMap::new());
     let (trigger, watcher) = mesh_core::drain::channel();
-    tokio::spawn(release_certificates(
-        certs.clone(),
-        state.clone(),
-        "node-1".into(),
-        pods.subscribe(),
-        GRACE,
+    tokio::spawn(keep_node_certificates(
+        NodeCertificates {
+            certs: certs.clone(),
+            ca,
+            state: state.clone(),
+            node: "node-1".into(),
+            pods: pods.subscribe(),
+            prefetch,
+            grace: GRACE,
+        },
         watcher,
     ));
     Fixture {
@@ -107,4 +115,47 @@ async fn an_identity_back_within_the_grace_keeps_its_certificate() {
     tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
     assert_eq!(held(&f.certs).len(), 2);
     assert!(f.certs.get(&spiffe("shop", "stray")).is_none());
+}
+
+/// A running pod's certificate that goes missing (dropped at expiry after its
+/// renewals failed, or released in a race with the pod's start) is fetched again
+/// at once, without waiting for any other change.
+#[tokio::test(start_paused = true)]
+async fn a_pods_certificate_that_goes_missing_is_fetched_again() {
+    let f = start();
+    f.pods.send_modify(|p| {
+        p.insert("web-1".into(), spiffe("shop", "web"));
+    });
+    let mut events = f.certs.subscribe();
+    // Not held yet: fetched for the pod.
+    assert_eq!(
+        events.recv().await.unwrap(),
+        mesh_core::CertEvent::Updated(spiffe("shop", "web"))
+    );
+    f.certs.remove(&spiffe("shop", "web"));
+    assert_eq!(
+        events.recv().await.unwrap(),
+        mesh_core::CertEvent::Removed(spiffe("shop", "web"))
+    );
+    assert_eq!(
+        events.recv().await.unwrap(),
+        mesh_core::CertEvent::Updated(spiffe("shop", "web"))
+    );
+    assert!(f.certs.get(&spiffe("shop", "web")).is_some());
+}
+
+/// With a control plane, the state's workloads on this node get theirs before
+/// their pods come; without, only pods do.
+#[tokio::test(start_paused = true)]
+async fn the_states_workloads_are_fetched_ahead_only_with_prefetch() {
+    for prefetch in [false, true] {
+        let f = start_with(prefetch);
+        f.certs.remove(&spiffe("shop", "cart"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            f.certs.get(&spiffe("shop", "cart")).is_some(),
+            prefetch,
+            "prefetch {prefetch}"
+        );
+    }
 }
