@@ -29,10 +29,12 @@ impl IdentityPolicy for NodeOneRunsCart {
     }
 }
 
+/// A pod-bound token (the pod on `node`), or an unbound one without `node`.
 fn answer(username: &str, node: Option<&str>) -> TokenAnswer {
     TokenAnswer {
         username: username.into(),
         node: node.map(Into::into),
+        pod: node.map(|n| format!("a-pod-on-{n}")),
         audiences: vec!["istio-ca".into()],
     }
 }
@@ -59,6 +61,23 @@ async fn api_server() -> FakeApiServer {
         "unbound-token",
         answer("system:serviceaccount:shop:waypoint", None),
     );
+    // Tokens bound to a Node object: a node name, no pod. Anyone allowed to mint
+    // tokens for the account can get one without running a pod as it.
+    for (token, username) in [
+        ("node-bound-token", "system:serviceaccount:shop:waypoint"),
+        (
+            "node-bound-ztunnel-token",
+            "system:serviceaccount:istio-system:ztunnel",
+        ),
+    ] {
+        server.add_token(
+            token,
+            TokenAnswer {
+                pod: None,
+                ..answer(username, Some("node-1"))
+            },
+        );
+    }
     server
 }
 
@@ -171,6 +190,24 @@ async fn a_token_bound_to_no_pod_is_refused() {
     let (code, message) = f.ask("unbound-token", WAYPOINT).await.unwrap_err();
     assert_eq!(code, Code::Unauthenticated, "{message}");
     assert!(message.contains("not bound to a pod"), "{message}");
+}
+
+#[tokio::test]
+async fn a_token_bound_to_a_node_object_is_refused() {
+    let f = fixture().await;
+    let (code, message) = f.ask("node-bound-token", WAYPOINT).await.unwrap_err();
+    assert_eq!(code, Code::Unauthenticated, "{message}");
+    assert!(message.contains("not bound to a pod"), "{message}");
+    // Not as a node proxy either.
+    let refused = f
+        .reviewer
+        .authenticate("node-bound-ztunnel-token")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("not bound to a pod"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]

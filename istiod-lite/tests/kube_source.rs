@@ -413,6 +413,7 @@ async fn reviewer_server() -> FakeApiServer {
         TokenAnswer {
             username: ZTUNNEL.into(),
             node: Some("node-1".into()),
+            pod: Some("a-pod-on-node-1".into()),
             audiences: vec!["istio-ca".into()],
         },
     );
@@ -421,6 +422,7 @@ async fn reviewer_server() -> FakeApiServer {
         TokenAnswer {
             username: "system:serviceaccount:shop:default".into(),
             node: Some("node-1".into()),
+            pod: Some("a-pod-on-node-1".into()),
             audiences: vec!["istio-ca".into()],
         },
     );
@@ -467,6 +469,7 @@ async fn the_configured_reviewer_wants_tokens_for_istio_ca() {
         TokenAnswer {
             username: ZTUNNEL.into(),
             node: Some("node-1".into()),
+            pod: Some("a-pod-on-node-1".into()),
             audiences: vec!["https://kubernetes.default.svc".into()],
         },
     );

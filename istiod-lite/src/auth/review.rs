@@ -144,11 +144,16 @@ impl TokenReviewer {
                 "service account {namespace}/{account} may not act as a node proxy"
             )));
         }
-        let node = reviewed.node.ok_or_else(|| {
-            AuthError::Invalid(
-                "the token is not bound to a pod on a node (use a projected token)".into(),
-            )
-        })?;
+        // Bound to a pod (its node recorded in the token): a token bound to a Node
+        // object names a node but proves no proxy pod runs there.
+        let node = reviewed
+            .node
+            .filter(|_| reviewed.pod.is_some())
+            .ok_or_else(|| {
+                AuthError::Invalid(
+                    "the token is not bound to a pod on a node (use a projected token)".into(),
+                )
+            })?;
         Ok(Caller {
             node,
             principal: reviewed.username,
@@ -163,7 +168,9 @@ impl TokenReviewer {
             return self.node_proxy(reviewed).map(CaCaller::Node);
         }
         let (namespace, service_account) = reviewed.account;
-        if reviewed.pod.is_none() && reviewed.node.is_none() {
+        // A pod-bound token: the API server binds one to a pod only if the pod
+        // runs as this account (a Node-bound one proves no such thing).
+        if reviewed.pod.is_none() {
             return Err(AuthError::Invalid(format!(
                 "the token of {namespace}/{service_account} is not bound to a pod (use a projected token)"
             )));
@@ -225,9 +232,14 @@ mod tests {
 
     use super::*;
 
+    /// A pod-bound token's review (the pod on `node`), or an unbound one's.
     fn status(user: &str, node: Option<&str>, audiences: &[&str]) -> TokenReviewStatus {
-        let extra =
-            node.map(|n| BTreeMap::from([(NODE_NAME_EXTRA.to_owned(), vec![n.to_owned()])]));
+        let extra = node.map(|n| {
+            BTreeMap::from([
+                (NODE_NAME_EXTRA.to_owned(), vec![n.to_owned()]),
+                (POD_NAME_EXTRA.to_owned(), vec![format!("pod-on-{n}")]),
+            ])
+        });
         TokenReviewStatus {
             authenticated: Some(true),
             audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
@@ -261,6 +273,22 @@ mod tests {
             &[],
         ));
         assert!(matches!(no_node, Err(AuthError::Invalid(_))));
+        // Bound to a Node object: a node, no pod.
+        let mut node_bound = status("system:serviceaccount:istio-system:ztunnel", None, &[]);
+        if let Some(user) = node_bound.user.as_mut() {
+            user.extra = Some(BTreeMap::from([(
+                NODE_NAME_EXTRA.to_owned(),
+                vec!["n1".to_owned()],
+            )]));
+        }
+        assert!(matches!(
+            r.caller(node_bound.clone()),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            r.ca_caller(node_bound),
+            Err(AuthError::Invalid(_))
+        ));
         let not_sa = r.caller(status("alice", Some("n1"), &[]));
         assert!(matches!(not_sa, Err(AuthError::Invalid(_))));
 

@@ -53,6 +53,9 @@ pub struct TokenAnswer {
     pub username: String,
     /// Put in `user.extra["authentication.kubernetes.io/node-name"]`.
     pub node: Option<String>,
+    /// Put in `user.extra["authentication.kubernetes.io/pod-name"]`: a token
+    /// bound to a pod has it, one bound to a Node object only `node`.
+    pub pod: Option<String>,
     /// The audiences the token was issued for.
     pub audiences: Vec<String>,
 }
@@ -413,6 +416,9 @@ fn token_review(state: &State, review: Value) -> Response<Body> {
                         "authentication.kubernetes.io/node-name".into(),
                         json!([node]),
                     );
+                }
+                if let Some(pod) = &answer.pod {
+                    extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
                 }
                 json!({
                     "authenticated": true,
