@@ -34,8 +34,13 @@ impl CaRoot {
         let key_path = dir.join(CA_KEY_FILE);
         // Both files in place are final (the certificate is written last): no lock,
         // so a read-only directory loads.
-        let root = if exists(&cert_path)? && exists(&key_path)? {
+        let (has_cert, has_key) = (exists(&cert_path)?, exists(&key_path)?);
+        let root = if has_cert && has_key {
             load(dir, trust_domain, ttl)?
+        } else if has_cert {
+            // Never a moment of generation (the certificate comes last), so no
+            // lock to wait for: say what is missing, also in a read-only directory.
+            return Err(incomplete(cert_path, key_path));
         } else {
             fs::DirBuilder::new()
                 .recursive(true)

@@ -180,3 +180,17 @@ fn concurrent_first_starts_agree_on_one_root() {
     let loaded = CaRoot::load_or_generate(&ca_dir, "cluster.local", CertTtl::default()).unwrap();
     assert_eq!(loaded.root(), roots[0]);
 }
+
+/// A certificate without its key is never a moment of generation: the error says
+/// what is missing without taking the lock, so a read-only directory (a Secret
+/// mount) gets that message rather than a failure to create the lock file.
+#[test]
+fn a_certificate_without_its_key_is_reported_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = CaRoot::generate("cluster.local", CertTtl::default()).unwrap();
+    fs::write(dir.path().join(CA_CERT_FILE), root.root_pem()).unwrap();
+    let err =
+        CaRoot::load_or_generate(dir.path(), "cluster.local", CertTtl::default()).unwrap_err();
+    assert!(matches!(err, RootError::Incomplete { .. }), "{err}");
+    assert!(!dir.path().join(LOCK_FILE).exists(), "the lock was taken");
+}
