@@ -5,10 +5,29 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The checkout this library was compiled from.
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The pid of the `cargo build` [`workspace_bin`] is waiting for, or 0.
+static BUILDING: AtomicU32 = AtomicU32::new(0);
+
+/// Stops the build [`workspace_bin`] may be waiting for (it then fails), for a
+/// caller interrupted meanwhile: the build is not left running behind it.
+pub fn cancel_build() {
+    let pid = BUILDING.load(Ordering::SeqCst);
+    if let Ok(pid) = i32::try_from(pid)
+        && pid > 0
+    {
+        // The build's whole process group: cargo and the compilers it runs.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
 }
 
 /// The workspace's binaries (`ztunnel`, `ambit-cni`, `e2e-tool`), built once per
@@ -46,7 +65,13 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
+        // A group of its own, so [`cancel_build`] stops rustc's processes too.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|e| format!("cargo build: {e}"))?;
+        BUILDING.store(child.id(), Ordering::SeqCst);
+        let status = child.wait();
+        BUILDING.store(0, Ordering::SeqCst);
+        let status = status.map_err(|e| format!("cargo build: {e}"))?;
         status
             .success()
             .then_some(())

@@ -25,7 +25,7 @@ pub use cluster::{Cluster, ClusterBuilder, ClusterError};
 pub use cni::{CniChain, CniError, CniPlugin, CniResult};
 pub use control_plane::ControlPlane;
 pub use echo::{EchoServer, EchoTool};
-pub use mesh::{MeshCluster, MeshError, NodeMesh, workspace_bin};
+pub use mesh::{MeshCluster, MeshError, NodeMesh, cancel_build, workspace_bin};
 pub use naming::ClusterPrefix;
 pub use netns::{Netns, NetnsError, list_netns};
 pub use node::Node;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use mesh_core::ca::LocalCa;
 use serde_json::json;
 
-pub use crate::build::workspace_bin;
+pub use crate::build::{cancel_build, workspace_bin};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cni::CniPlugin;
 use crate::control_plane::ControlPlane;

@@ -59,10 +59,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("--config-dir {}", args.config_dir.display()))?;
     say("building the mesh binaries (first run: a few minutes)...");
-    let build = tokio::task::spawn_blocking(|| workspace_bin("e2e-tool"));
-    let tool = match signals.race(build).await {
+    let mut build = tokio::task::spawn_blocking(|| workspace_bin("e2e-tool"));
+    let tool = match signals.race(&mut build).await {
         Ok(built) => EchoTool::new(built.context("building the mesh binaries")?),
         Err(signal) => {
+            // The runtime would wait for the blocking build on the way out: stop
+            // it, and let it end (it fails at once) before returning.
+            ambit_e2e::cancel_build();
+            let _ = build.await;
             say(&format!("{signal}: stopped before anything was created."));
             return Ok(());
         }
