@@ -14,7 +14,6 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
 use super::{H2Stream, HboneConfig, REASON_HEADER, parse_authority};
 use crate::SpiffeId;
@@ -144,7 +143,7 @@ fn send_refusal(mut respond: SendResponse<Bytes>, refusal: &Refusal) {
 /// An HBONE listener.
 pub struct HboneServer<H> {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
     config: HboneConfig,
     stats: Arc<ServerStats>,
@@ -162,13 +161,16 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// A server for `listener` presenting `tls` (see [`crate::tls::server_config`]).
     pub fn new(
         listener: TcpListener,
-        tls: rustls::ServerConfig,
+        mut tls: rustls::ServerConfig,
         handler: H,
         config: HboneConfig,
     ) -> Self {
+        // Our record layer takes the traffic secrets once rustls finished the
+        // handshake (the client's certificate verified).
+        tls.enable_secret_extraction = true;
         Self {
             listener,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            tls: Arc::new(tls),
             handler: Arc::new(handler),
             config,
             stats: Arc::new(ServerStats::default()),
@@ -189,7 +191,7 @@ impl<H: ConnectHandler> HboneServer<H> {
         let addr = self.listener.local_addr().ok();
         let Self {
             listener,
-            acceptor,
+            tls,
             handler,
             config,
             stats,
@@ -200,7 +202,7 @@ impl<H: ConnectHandler> HboneServer<H> {
         let watcher = drain.clone();
         accept_loop(listener, max, drain, "HBONE", move |tcp, peer| {
             let conn = Connection {
-                acceptor: acceptor.clone(),
+                tls: tls.clone(),
                 handler: handler.clone(),
                 config: config.clone(),
                 stats: stats.clone(),
@@ -216,7 +218,7 @@ impl<H: ConnectHandler> HboneServer<H> {
 
 /// One accepted TCP connection.
 struct Connection<H> {
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
     config: HboneConfig,
     stats: Arc<ServerStats>,
@@ -232,7 +234,8 @@ impl<H: ConnectHandler> Connection<H> {
                 .record_own_refusal(RefusalRecord::new(kind, self.peer, id, None, reason));
         };
         let timeout = self.config.handshake_timeout;
-        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+        let accept = crate::tls::accept(self.tls.clone(), tcp);
+        let tls = match tokio::time::timeout(timeout, accept).await {
             Err(_) => {
                 return refuse(
                     RefusalKind::HandshakeTimeout,
@@ -248,14 +251,9 @@ impl<H: ConnectHandler> Connection<H> {
                     None,
                 );
             }
-            Ok(Ok(mut tls)) => {
-                tls.get_mut()
-                    .1
-                    .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
-                tls
-            }
+            Ok(Ok(tls)) => tls,
         };
-        let (_, session) = tls.get_ref();
+        let session = tls.session();
         if session.alpn_protocol() != Some(ALPN_H2) {
             return refuse(
                 RefusalKind::NoAlpn,
@@ -263,7 +261,7 @@ impl<H: ConnectHandler> Connection<H> {
                 None,
             );
         }
-        let identity = match session.peer_certificates().and_then(|c| c.first()) {
+        let identity = match session.peer_certificates().first() {
             Some(cert) => identity_of_cert(cert),
             None => {
                 return refuse(

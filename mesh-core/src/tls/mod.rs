@@ -5,7 +5,9 @@
 //! with [`provider`] explicitly, never with a process-wide default.
 
 mod config;
+mod handshake;
 mod identity;
+mod stream;
 mod verifier;
 
 use std::sync::{Arc, OnceLock};
@@ -13,7 +15,9 @@ use std::sync::{Arc, OnceLock};
 use rustls::crypto::CryptoProvider;
 
 pub use config::{client_config, root_store, server_config, server_config_with_roots};
+pub use handshake::{accept, connect};
 pub use identity::{IdentityError, identity_of_cert};
+pub use stream::{Session, TlsStream};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// The ALPN protocol HBONE speaks.
