@@ -8,6 +8,7 @@
 //! (processes, then namespaces) instead of every child dying at once under it.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,6 +81,25 @@ async fn read_lines(
     }
 }
 
+/// Whether the processes started from now on get process groups of their own.
+static OWN_GROUPS: AtomicBool = AtomicBool::new(false);
+
+/// From now on, every process started here runs in a process group of its own,
+/// so a terminal's Ctrl-C reaches the caller alone, which then tears the mesh
+/// down in order (`meshctl demo`, which handles the signals). Tests leave their
+/// processes in their own group, so a Ctrl-C of `cargo test`, which runs no
+/// teardown, still stops them all.
+pub fn use_own_process_groups() {
+    OWN_GROUPS.store(true, Ordering::SeqCst);
+}
+
+/// Puts `cmd` in a group of its own if [`use_own_process_groups`] was called.
+fn maybe_own_group(cmd: &mut Command) {
+    if OWN_GROUPS.load(Ordering::SeqCst) {
+        cmd.process_group(0);
+    }
+}
+
 /// A running process with its stdout read line by line.
 #[derive(Debug)]
 pub struct NsProcess {
@@ -94,14 +114,15 @@ pub struct NsProcess {
 
 impl NsProcess {
     /// Starts `cmd` (usually from [`crate::Pod::command`]) with stdout and stderr
-    /// piped, kill-on-drop set, in a process group of its own. Needs a tokio runtime.
+    /// piped, kill-on-drop set (in a process group of its own after
+    /// [`use_own_process_groups`]). Needs a tokio runtime.
     pub fn spawn(label: impl Into<String>, mut cmd: Command) -> Result<Self, ProcessError> {
         let label = label.into();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
+        maybe_own_group(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
             label: label.clone(),
             source,
@@ -303,8 +324,8 @@ pub async fn run_output(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+    maybe_own_group(&mut cmd);
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         label: label.to_owned(),
         source,

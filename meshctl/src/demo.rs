@@ -54,6 +54,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // teardown. The mesh's processes run in process groups of their own, so a
     // Ctrl-C reaches meshctl alone and the teardown goes in order.
     let mut signals = StopSignals::register().context("registering signal handlers")?;
+    ambit_e2e::process::use_own_process_groups();
     let config_dir = args
         .config_dir
         .canonicalize()
