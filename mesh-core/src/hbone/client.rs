@@ -11,9 +11,11 @@ use h2::client::{Connection, SendRequest};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::{HboneConfig, PoolKey, REASON_HEADER, SourceMetadata, TRACEPARENT, TraceParent};
-use crate::tls::{ALPN_H2, TlsError, TlsStream, client_config};
+use crate::tls::{ALPN_H2, TlsError, client_config};
 use crate::{CertStore, SpiffeId};
 
 /// Why a tunnel could not be opened.
@@ -185,31 +187,32 @@ pub(crate) async fn open_connection<D: TcpDialer>(
 ) -> Result<(SendRequest<Bytes>, ClientConnection), ConnectError> {
     let addr = key.next_hop;
     let timeout = |step| ConnectError::Timeout { step, addr };
-    let mut tls =
+    let tls =
         client_config(store.clone(), &key.source, key.destinations.clone()).map_err(|error| {
             ConnectError::Config {
                 source_id: key.source.clone(),
                 error,
             }
         })?;
-    // Our record layer takes the traffic secrets once rustls finished the handshake.
-    tls.enable_secret_extraction = true;
     let tcp = tokio::time::timeout(config.connect_timeout, dialer.dial(addr))
         .await
         .map_err(|_| timeout("TCP connect"))?
         .map_err(|error| ConnectError::Dial { addr, error })?;
     super::keep_alive(&tcp);
     let server_name = ServerName::IpAddress(addr.ip().into());
-    let tls = tokio::time::timeout(
+    let mut tls = tokio::time::timeout(
         config.connect_timeout,
-        crate::tls::connect(Arc::new(tls), server_name, tcp),
+        TlsConnector::from(Arc::new(tls)).connect(server_name, tcp),
     )
     .await
     .map_err(|_| timeout("TLS handshake"))?
     .map_err(|error| ConnectError::Tls { addr, error })?;
-    if tls.session().alpn_protocol() != Some(ALPN_H2) {
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
         return Err(ConnectError::NoAlpn { addr });
     }
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     let handshake = h2::client::Builder::new()
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)

@@ -40,8 +40,8 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Why the server refused a CONNECT, beside its status code.
 pub const REASON_HEADER: &str = "ambit-reason";
 
-/// Sealed TLS records buffered per connection before writes wait (rustls' default
-/// is 64 KiB): larger batches of records per write (docs/benchmarks.md).
+/// Plaintext rustls buffers per connection before writes wait (its default is 64
+/// KiB): larger batches of records per `writev` (docs/benchmarks.md).
 pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// Idle time before TCP keepalive probes a connection, the time between probes,

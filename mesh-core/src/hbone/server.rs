@@ -14,6 +14,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use super::{H2Stream, HboneConfig, REASON_HEADER, parse_authority};
 use crate::SpiffeId;
@@ -143,7 +144,7 @@ fn send_refusal(mut respond: SendResponse<Bytes>, refusal: &Refusal) {
 /// An HBONE listener.
 pub struct HboneServer<H> {
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    acceptor: TlsAcceptor,
     handler: Arc<H>,
     config: HboneConfig,
     stats: Arc<ServerStats>,
@@ -161,16 +162,13 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// A server for `listener` presenting `tls` (see [`crate::tls::server_config`]).
     pub fn new(
         listener: TcpListener,
-        mut tls: rustls::ServerConfig,
+        tls: rustls::ServerConfig,
         handler: H,
         config: HboneConfig,
     ) -> Self {
-        // Our record layer takes the traffic secrets once rustls finished the
-        // handshake (the client's certificate verified).
-        tls.enable_secret_extraction = true;
         Self {
             listener,
-            tls: Arc::new(tls),
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
             handler: Arc::new(handler),
             config,
             stats: Arc::new(ServerStats::default()),
@@ -191,7 +189,7 @@ impl<H: ConnectHandler> HboneServer<H> {
         let addr = self.listener.local_addr().ok();
         let Self {
             listener,
-            tls,
+            acceptor,
             handler,
             config,
             stats,
@@ -202,7 +200,7 @@ impl<H: ConnectHandler> HboneServer<H> {
         let watcher = drain.clone();
         accept_loop(listener, max, drain, "HBONE", move |tcp, peer| {
             let conn = Connection {
-                tls: tls.clone(),
+                acceptor: acceptor.clone(),
                 handler: handler.clone(),
                 config: config.clone(),
                 stats: stats.clone(),
@@ -218,7 +216,7 @@ impl<H: ConnectHandler> HboneServer<H> {
 
 /// One accepted TCP connection.
 struct Connection<H> {
-    tls: Arc<rustls::ServerConfig>,
+    acceptor: TlsAcceptor,
     handler: Arc<H>,
     config: HboneConfig,
     stats: Arc<ServerStats>,
@@ -234,8 +232,7 @@ impl<H: ConnectHandler> Connection<H> {
                 .record_own_refusal(RefusalRecord::new(kind, self.peer, id, None, reason));
         };
         let timeout = self.config.handshake_timeout;
-        let accept = crate::tls::accept(self.tls.clone(), tcp);
-        let tls = match tokio::time::timeout(timeout, accept).await {
+        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
             Err(_) => {
                 return refuse(
                     RefusalKind::HandshakeTimeout,
@@ -251,9 +248,14 @@ impl<H: ConnectHandler> Connection<H> {
                     None,
                 );
             }
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(mut tls)) => {
+                tls.get_mut()
+                    .1
+                    .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+                tls
+            }
         };
-        let session = tls.session();
+        let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
             return refuse(
                 RefusalKind::NoAlpn,
@@ -261,7 +263,7 @@ impl<H: ConnectHandler> Connection<H> {
                 None,
             );
         }
-        let identity = match session.peer_certificates().first() {
+        let identity = match session.peer_certificates().and_then(|c| c.first()) {
             Some(cert) => identity_of_cert(cert),
             None => {
                 return refuse(

@@ -5,9 +5,7 @@
 //! with [`provider`] explicitly, never with a process-wide default.
 
 mod config;
-mod handshake;
 mod identity;
-mod stream;
 mod verifier;
 
 use std::sync::{Arc, OnceLock};
@@ -15,9 +13,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::crypto::CryptoProvider;
 
 pub use config::{client_config, root_store, server_config, server_config_with_roots};
-pub use handshake::{accept, connect};
 pub use identity::{IdentityError, identity_of_cert};
-pub use stream::{Session, TlsStream};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// The ALPN protocol HBONE speaks.
