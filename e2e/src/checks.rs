@@ -38,6 +38,40 @@ pub async fn assert_refused(tool: &EchoTool, from: &Pod, to: SocketAddr) {
     assert_reset_sending(tool, from, to, "should-be-refused").await;
 }
 
+/// [`assert_refused`], and the refusal was node `node`'s policy decision: that
+/// ztunnel's `ambit_connections_denied_total{reason="policy"}` went up. A reset
+/// for any other cause (no route, no certificate, a ztunnel gone) fails.
+pub async fn assert_denied_by_policy(
+    mesh: &MeshCluster,
+    node: u8,
+    tool: &EchoTool,
+    from: &Pod,
+    to: SocketAddr,
+) {
+    let denied = || {
+        let text = mesh
+            .fetch(node, "127.0.0.1:15020", "/metrics")
+            .unwrap_or_else(|e| panic!("node {node}'s metrics: {e}"));
+        crate::mesh_control::metric_sum(
+            &text,
+            "ambit_connections_denied_total",
+            &["reason=\"policy\""],
+        )
+    };
+    let before = denied();
+    assert_refused(tool, from, to).await;
+    // Counted when refused, before the reset: a short wait covers the scrape race.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while denied() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} -> {to} was reset, but node {node}'s policy denials did not go up",
+            from.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// What a client saw of one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use ambit_e2e::checks::{spiffe, workload};
 use ambit_e2e::mesh_control::metric_sum;
 use ambit_e2e::{MeshCluster, require_root};
-use common::{WAIT, access_log, assert_echo, assert_refused, echo, pod};
+use common::{WAIT, access_log, assert_denied, assert_echo, echo, pod};
 use serde_json::Value;
 
 const WORKLOAD_TYPE: &str = "type.googleapis.com/ambit.workload.v1.Workload";
@@ -118,7 +118,7 @@ async fn bad_yaml_and_an_invalid_policy_are_reported_and_the_mesh_keeps_working(
     mesh.write_config("policy.yaml", GOOD_POLICY).unwrap();
     mesh.wait_for_dump("the policy", has_policy).await.unwrap();
     assert_echo(&frontend, addr, "allowed").await;
-    assert_refused(&outsider, addr).await;
+    assert_denied(&mesh, 2, &outsider, addr).await;
 
     // The policy edited into an invalid one, a file with a good and a malformed
     // document, and a file that is not YAML at all.
@@ -182,8 +182,8 @@ async fn bad_yaml_and_an_invalid_policy_are_reported_and_the_mesh_keeps_working(
     }
     assert_echo(&frontend, addr, "still allowed").await;
     assert_echo(&frontend, vip, "through the VIP").await;
-    assert_refused(&outsider, addr).await;
-    assert_refused(&outsider, vip).await;
+    assert_denied(&mesh, 2, &outsider, addr).await;
+    assert_denied(&mesh, 2, &outsider, vip).await;
 
     // Fixing the files clears the reports.
     mesh.write_config("policy.yaml", GOOD_POLICY).unwrap();
@@ -198,7 +198,7 @@ async fn bad_yaml_and_an_invalid_policy_are_reported_and_the_mesh_keeps_working(
     })
     .await
     .unwrap();
-    assert_refused(&outsider, addr).await;
+    assert_denied(&mesh, 2, &outsider, addr).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::hbone::{ConnectError, HboneConfig, HbonePool, PoolKey, RefusalKind};
+use mesh_core::hbone::{
+    ConnectError, ConnectHandler, HboneConfig, HbonePool, InboundConnect, PoolKey, RefusalKind,
+};
 use mesh_core::testing::{LeafOptions, TestCa, spiffe};
 use mesh_core::tls::{IdentityError, SpiffeClientVerifier, identity_error_of, provider};
 use mesh_core::{CertStore, SpiffeId, WorkloadCertificate};
@@ -187,4 +189,48 @@ async fn a_certificate_with_two_spiffe_sans_is_refused() {
         ),
         "{err}"
     );
+}
+
+/// Puts the server's certificate back just before the first handshake, as a pod's
+/// certificate arriving from the CA after its first connection was accepted.
+struct CertArrives {
+    store: Arc<CertStore>,
+    cert: std::sync::Mutex<Option<WorkloadCertificate>>,
+}
+
+impl ConnectHandler for CertArrives {
+    async fn before_handshake(&self) {
+        let cert = self.cert.lock().unwrap().take();
+        if let Some(cert) = cert {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.store.insert(cert);
+        }
+    }
+
+    async fn handle(&self, connect: InboundConnect) {
+        Echo.handle(connect).await;
+    }
+}
+
+/// The handler's `before_handshake` runs before the TLS handshake: a certificate
+/// that arrives meanwhile is the one presented, instead of a failed handshake.
+#[tokio::test]
+async fn the_handshake_waits_for_the_handlers_before_handshake() {
+    let mesh = Mesh::new();
+    let handler = CertArrives {
+        store: mesh.server_store.clone(),
+        cert: std::sync::Mutex::new(Some(mesh.ca.issue_cert(&mesh.server_id))),
+    };
+    let server = Server::start(
+        mesh.server_store.clone(),
+        &mesh.server_id,
+        handler,
+        HboneConfig::default(),
+    )
+    .await;
+    // Not there when the client connects.
+    assert!(mesh.server_store.remove(&mesh.server_id).is_some());
+    let pool = mesh.pool(HboneConfig::default());
+    let mut s = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut s, b"just in time").await, b"just in time");
 }

@@ -30,6 +30,11 @@ pub async fn assert_refused(from: &Pod, to: SocketAddr) {
     checks::assert_refused(&echo(), from, to).await;
 }
 
+/// Refused by node `node`'s policy (see [`checks::assert_denied_by_policy`]).
+pub async fn assert_denied(mesh: &MeshCluster, node: u8, from: &Pod, to: SocketAddr) {
+    checks::assert_denied_by_policy(mesh, node, &echo(), from, to).await;
+}
+
 pub async fn access_log(mesh: &mut MeshCluster, node: u8, what: &str, want: &[&str]) -> String {
     checks::access_log(mesh, node, what, want, WAIT).await
 }

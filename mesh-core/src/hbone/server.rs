@@ -51,6 +51,13 @@ pub trait ConnectHandler: Send + Sync + 'static {
     /// stream `accept` returns, so a handler decides on the CONNECT before any of
     /// it can reach an upstream, and a refusal drops it unread.
     fn handle(&self, connect: InboundConnect) -> impl Future<Output = ()> + Send;
+
+    /// Runs for each accepted TCP connection before its TLS handshake, within the
+    /// handshake timeout: a handler whose certificate may still be on its way (a
+    /// pod that just started) waits for it here rather than fail the handshake.
+    fn before_handshake(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// One validated CONNECT, waiting for its answer.
@@ -232,7 +239,11 @@ impl<H: ConnectHandler> Connection<H> {
                 .record_own_refusal(RefusalRecord::new(kind, self.peer, id, None, reason));
         };
         let timeout = self.config.handshake_timeout;
-        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+        let handshake = async {
+            self.handler.before_handshake().await;
+            self.acceptor.accept(tcp).await
+        };
+        let tls = match tokio::time::timeout(timeout, handshake).await {
             Err(_) => {
                 return refuse(
                     RefusalKind::HandshakeTimeout,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use mesh_core::SpiffeId;
 use mesh_core::copy::{SpliceIo, copy_bidirectional};
 use mesh_core::hbone::{
     ConnectHandler, InboundConnect, Refusal, RefusalKind, SourceMetadata, StatusCode,
@@ -23,6 +24,8 @@ use crate::why::{Refused, reason};
 #[derive(Debug)]
 pub struct InboundHandler {
     pod: Pod,
+    /// The pod's identity, whose certificate its listener presents.
+    identity: SpiffeId,
     net: PodNet,
     inputs: Arc<ProxyInputs>,
     /// The pod's proxy listeners' ports, never a tunnel's target.
@@ -34,10 +37,17 @@ pub struct InboundHandler {
 }
 
 impl InboundHandler {
-    pub fn new(pod: Pod, net: PodNet, inputs: Arc<ProxyInputs>, own_ports: [u16; 3]) -> Self {
+    pub fn new(
+        pod: Pod,
+        identity: SpiffeId,
+        net: PodNet,
+        inputs: Arc<ProxyInputs>,
+        own_ports: [u16; 3],
+    ) -> Self {
         let tunnels = Arc::new(Semaphore::new(inputs.config.max_connections as usize));
         Self {
             pod,
+            identity,
             net,
             inputs,
             own_ports,
@@ -47,6 +57,12 @@ impl InboundHandler {
 }
 
 impl ConnectHandler for InboundHandler {
+    async fn before_handshake(&self) {
+        self.inputs
+            .await_certificate(&self.identity, super::CERTIFICATE_WAIT)
+            .await;
+    }
+
     async fn handle(&self, connect: InboundConnect) {
         let state = self.inputs.state.snapshot();
         let target = connect.target();

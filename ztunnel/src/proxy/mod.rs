@@ -68,7 +68,52 @@ impl ProxyInputs {
             Err(error) => Err(error),
         }
     }
+
+    /// Waits, at most `max`, until the store holds a certificate of `id`, asking
+    /// the CA meanwhile (50 ms doubling to 400 ms between asks; a request in
+    /// flight is joined). A pod's first connections can come before its
+    /// certificate: the CA refuses until the control plane has seen the pod, and
+    /// failing the connection then would reset a client for a few milliseconds'
+    /// difference. Returns at `max` either way; the caller then fails as before.
+    pub async fn await_certificate(&self, id: &SpiffeId, max: Duration) {
+        if self.certs.get(id).is_some() {
+            return;
+        }
+        let mut events = self.certs.subscribe();
+        let deadline = tokio::time::Instant::now() + max;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let asked = tokio::time::timeout_at(deadline, self.ensure_certificate(id)).await;
+            if matches!(asked, Ok(Ok(()))) || self.certs.get(id).is_some() {
+                return;
+            }
+            let next = (tokio::time::Instant::now() + pause).min(deadline);
+            // Someone else's fetch may land first.
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(mesh_core::CertEvent::Updated(got)) if got == *id => return,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if self.certs.get(id).is_some() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    () = tokio::time::sleep_until(next) => break,
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            pause = (pause * 2).min(Duration::from_millis(400));
+        }
+    }
 }
+
+/// How long a connection waits for its pod's certificate (see
+/// [`ProxyInputs::await_certificate`]).
+pub const CERTIFICATE_WAIT: Duration = Duration::from_secs(3);
 
 /// A pod the node agent handed over.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -293,7 +338,13 @@ impl PodProxy {
             tokio::spawn(retry);
         }
         let own_ports = addrs.ports();
-        let handler = InboundHandler::new(pod.clone(), net.clone(), inputs.clone(), own_ports);
+        let handler = InboundHandler::new(
+            pod.clone(),
+            identity.clone(),
+            net.clone(),
+            inputs.clone(),
+            own_ports,
+        );
         let server = HboneServer::new(hbone_listener, tls, handler, inputs.hbone.clone());
         let hbone_stats = server.stats();
         inputs.why.watch_server(&name, hbone_stats.clone());

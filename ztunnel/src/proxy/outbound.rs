@@ -216,6 +216,10 @@ impl Outbound {
                     trace: TraceParent::new_root(),
                     early_data: early,
                 };
+                // A pod's first connection may beat its certificate.
+                self.inputs
+                    .await_certificate(&self.identity, super::CERTIFICATE_WAIT)
+                    .await;
                 let tunnel = match self.pool.connect(key, req).await {
                     Ok(t) => t,
                     Err(e) => {
