@@ -46,13 +46,24 @@ async fn labelling_a_namespace_enrolls_its_pods_live() {
     })
     .await
     .unwrap();
-    let capture = WireCapture::start(&mesh, 1, server.ip()).await.unwrap();
+    // The capture has been seen to miss a packet under load (the server acked the
+    // marker's segment, which the capture did not hold): a few tries. Tunnelled,
+    // the marker would be in none of them.
     let marker = "PLAIN-BEFORE-LABEL-41d7";
-    assert_echo(&client, addr, marker).await;
-    let (bytes, lines) = capture.finish().await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let capture = WireCapture::start(&mesh, 1, server.ip()).await.unwrap();
+        assert_echo(&client, addr, marker).await;
+        let (bytes, lines) = capture.finish().await.unwrap();
+        if contains(&bytes, marker) {
+            seen.clear();
+            break;
+        }
+        seen.push(lines);
+    }
     assert!(
-        contains(&bytes, marker),
-        "not in the mesh yet, the connection should be plaintext: {lines:?}"
+        seen.is_empty(),
+        "not in the mesh yet, the connection should be plaintext: {seen:?}"
     );
 
     // `kubectl label namespace late istio.io/dataplane-mode=ambient`.
