@@ -178,10 +178,11 @@ fn backoff_is_capped_by_a_quarter_of_the_time_left() {
     assert_eq!(config.backoff(30, near, now), Duration::from_secs(1));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_certificate_that_expires_while_renewal_fails_is_dropped() {
-    let ttl = Duration::from_secs(600);
-    let (store, source) = setup(ttl, &["cart"], vec![], unreachable());
+/// Runs renewal of one certificate living `ttl` against a CA that always answers
+/// `answer` until the certificate is dropped; checks it went only at expiry and
+/// returns, for each renewal attempt, the time left and the wait to the next.
+async fn renew_until_dropped(ttl: Duration, answer: Answer) -> Vec<(Duration, Duration)> {
+    let (store, source) = setup(ttl, &["cart"], vec![], answer);
     let not_after = store.get(&id("cart")).unwrap().not_after();
     let (start, wall) = (Instant::now(), SystemTime::now());
     let mut events = store.subscribe();
@@ -196,59 +197,48 @@ async fn a_certificate_that_expires_while_renewal_fails_is_dropped() {
     let at = |t: Instant| wall + (t - start);
     // Dropped only once expired (X.509 times have 1 s granularity).
     assert!(at(Instant::now()) + Duration::from_secs(1) >= not_after);
-    // Each retry came within a quarter of the time left (or the 1 s floor):
-    // with 300 s backoff the last ones would have come after expiry.
-    for pair in attempts.windows(2) {
-        let left = not_after.duration_since(at(pair[0])).unwrap_or_default();
-        let gap = pair[1] - pair[0];
-        assert!(
-            gap <= (left / 4).max(Duration::from_secs(1)) + Duration::from_millis(10),
-            "gap {gap:?} with {left:?} left"
-        );
-    }
-    // Bounded: doubling, then quartering the time left down to the 1 s floor.
-    assert!(attempts.len() < 40, "{} attempts", attempts.len());
-    // And nothing more is asked once it is gone.
-    let asked = attempts.len();
-    tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(source.attempts.lock().unwrap().len(), asked);
-    trigger.drain(Duration::from_secs(5)).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_refused_renewal_waits_the_longest_backoff_and_the_certificate_goes_at_expiry() {
-    let ttl = Duration::from_secs(4000);
-    let (store, source) = setup(ttl, &["cart"], vec![], refused());
-    let not_after = store.get(&id("cart")).unwrap().not_after();
-    let (start, wall) = (Instant::now(), SystemTime::now());
-    let mut events = store.subscribe();
-    let (trigger, watcher) = crate::drain::channel();
-    tokio::spawn(keep_fresh(store.clone(), source.clone(), paused(), watcher));
-    assert_eq!(
-        next_event(&mut events).await,
-        CertEvent::Removed(id("cart"))
-    );
-    assert!(wall + start.elapsed() + Duration::from_secs(1) >= not_after);
-    let attempts = source.attempts.lock().unwrap().clone();
-    // No doubling from 1 s: straight to 300 s (or a quarter of the time left).
-    let at = |t: Instant| wall + (t - start);
-    for pair in attempts.windows(2) {
-        let left = not_after.duration_since(at(pair[0])).unwrap_or_default();
-        let want = Duration::from_secs(300)
-            .min(left / 4)
-            .max(Duration::from_secs(1));
-        let gap = pair[1] - pair[0];
-        assert!(
-            gap + Duration::from_millis(10) >= want,
-            "gap {gap:?}, want {want:?}"
-        );
-    }
+    // Bounded: at most doubling, then quartering the time left to the 1 s floor.
     assert!(
         attempts.len() >= 2 && attempts.len() < 40,
         "{} attempts",
         attempts.len()
     );
+    // And nothing more is asked once it is gone.
+    let asked = attempts.len();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(source.attempts.lock().unwrap().len(), asked);
     trigger.drain(Duration::from_secs(5)).await;
+    attempts
+        .windows(2)
+        .map(|pair| {
+            let left = not_after.duration_since(at(pair[0])).unwrap_or_default();
+            (left, pair[1] - pair[0])
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_that_expires_while_renewal_fails_is_dropped() {
+    // Each retry came within a quarter of the time left (or the 1 s floor):
+    // with 300 s backoff the last ones would have come after expiry.
+    for (left, gap) in renew_until_dropped(Duration::from_secs(600), unreachable()).await {
+        let most = (left / 4).max(Duration::from_secs(1)) + Duration::from_millis(10);
+        assert!(gap <= most, "gap {gap:?} with {left:?} left");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_renewal_waits_the_longest_backoff_and_the_certificate_goes_at_expiry() {
+    // No doubling from 1 s: straight to 300 s (or a quarter of the time left).
+    for (left, gap) in renew_until_dropped(Duration::from_secs(4000), refused()).await {
+        let want = Duration::from_secs(300)
+            .min(left / 4)
+            .max(Duration::from_secs(1));
+        assert!(
+            gap + Duration::from_millis(10) >= want,
+            "gap {gap:?}, want {want:?}"
+        );
+    }
 }
 
 /// A refusal can be a control plane that has not seen the pod yet: the next try,
