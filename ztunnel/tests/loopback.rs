@@ -351,3 +351,33 @@ async fn the_certificate_of_an_identity_goes_with_its_last_pod() {
     );
     f.app.shutdown().await;
 }
+
+/// A SOCKS5 caller that stalls mid-handshake is cut off after the handshake
+/// timeout (the HBONE server's, 10 s), which gives its connection slot back; the
+/// listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_socks5_handshake_is_cut_off() {
+    let f = start(50).await;
+    let proxy = f.app.socks5_addr.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    // A greeting cut short: the methods it announces never come.
+    stalled.write_all(&[5, 1]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut buf))
+        .await
+        .expect("a stalled handshake was never cut off");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "cut off before the timeout: {:?}",
+        started.elapsed()
+    );
+    let (code, s) = socks5(proxy, ip(50, 2), f.app_addr).await;
+    assert_eq!(code, 0);
+    drop(s);
+    assert_eq!(
+        f.app.shutdown().await,
+        mesh_core::drain::DrainOutcome::Graceful
+    );
+}
