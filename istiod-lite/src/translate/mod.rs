@@ -27,6 +27,8 @@ mod authz_tests;
 mod incremental_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waypoint_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
