@@ -48,7 +48,7 @@ pub async fn assert_denied_by_policy(
     from: &Pod,
     to: SocketAddr,
 ) {
-    let denied = || {
+    let denied = |mesh: &MeshCluster| {
         let text = mesh
             .fetch(node, "127.0.0.1:15020", "/metrics")
             .unwrap_or_else(|e| panic!("node {node}'s metrics: {e}"));
@@ -58,18 +58,15 @@ pub async fn assert_denied_by_policy(
             &["reason=\"policy\""],
         )
     };
-    let before = denied();
+    let before = denied(mesh);
     assert_refused(tool, from, to).await;
     // Counted when refused, before the reset: a short wait covers the scrape race.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while denied() <= before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} -> {to} was reset, but node {node}'s policy denials did not go up",
-            from.name()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("policy denial on node {node} for {} -> {to}", from.name());
+    mesh.poll(&what, Duration::from_secs(5), |m| {
+        (denied(m) > before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the connection was reset, but: {e}"));
 }
 
 /// What a client saw of one connection.

@@ -116,24 +116,21 @@ pub async fn keep_node_certificates<S: CertificateSource>(
         let to_fetch =
             |id: &SpiffeId| of_pods.contains(id) || (node.prefetch && in_state.contains(id));
         retries.retain(|id, _| to_fetch(id));
-        let missing: Vec<SpiffeId> = of_pods
+        let missing: HashSet<&SpiffeId> = of_pods
             .iter()
             .chain(in_state.iter().filter(|_| node.prefetch))
             .filter(|id| node.certs.get(id).is_none() && !in_flight.values().any(|f| f == *id))
-            .cloned()
-            .collect::<HashSet<_>>()
-            .into_iter()
             .collect();
         for id in missing {
             if fetching.len() >= MAX_FETCHES {
                 break;
             }
-            if retries.get(&id).is_some_and(|r| r.at > now) {
+            if retries.get(id).is_some_and(|r| r.at > now) {
                 continue;
             }
             let (certs, ca, asked) = (node.certs.clone(), node.ca.clone(), id.clone());
             let task = fetching.spawn(async move { certs.fetch(&*ca, &asked).await.map(drop) });
-            in_flight.insert(task.id(), id);
+            in_flight.insert(task.id(), id.clone());
         }
 
         let next_release = unused_since.values().min().map(|since| *since + node.grace);
