@@ -1,9 +1,12 @@
 //! The certificates of the identities this node serves. One task keeps the store in
 //! line with the identities that have a workload here (the node agent's pods,
 //! including those starting, and the workloads the state places on this node):
-//! - a missing certificate is fetched, and fetched again with backoff whenever it
-//!   goes missing (a first fetch that failed, one dropped at expiry after its
-//!   renewals failed): a running pod is never left without one for long;
+//! - a missing certificate is fetched, and fetched again with backoff (100 ms
+//!   doubling to 60 s) while it is missing (a new pod's first fetch refused
+//!   because the control plane has not seen the pod yet, one dropped at expiry
+//!   after its renewals failed): a running pod is never left without one for
+//!   long. This is the only retry of a missing certificate; a pod's start and
+//!   its connections wait a bounded time for it (`await_certificate`);
 //! - the certificate of an identity with no workload left is released after a
 //!   grace (a pod restarting with it finds it ready), so the CA is not asked to
 //!   renew it forever.
@@ -26,7 +29,9 @@ use crate::state::StateStore;
 /// Certificate requests in flight at once.
 const MAX_FETCHES: usize = 8;
 /// First wait after a failed fetch of a missing certificate; doubles per failure.
-const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Short: a new pod's first asks are refused until the control plane has seen
+/// it, usually for well under a second.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest wait between fetches of a missing certificate.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 

@@ -32,8 +32,13 @@ fn start() -> Fixture {
 }
 
 fn start_with(prefetch: bool) -> Fixture {
-    let ca = Arc::new(TestCa::new());
-    let certs = ca.store_for(&[&spiffe("shop", "cart"), &spiffe("shop", "batch")]);
+    start_with_ca(prefetch, Arc::new(TestCa::new()))
+}
+
+/// The fixture with `ca` asked for the missing certificates.
+fn start_with_ca<S: CertificateSource>(prefetch: bool, ca: Arc<S>) -> Fixture {
+    let issuer = TestCa::new();
+    let certs = issuer.store_for(&[&spiffe("shop", "cart"), &spiffe("shop", "batch")]);
     let state = Arc::new(StateStore::new(state(true)));
     let pods = watch::Sender::new(HashMap::new());
     let (trigger, watcher) = mesh_core::drain::channel();
@@ -156,6 +161,68 @@ async fn the_states_workloads_are_fetched_ahead_only_with_prefetch() {
             f.certs.get(&spiffe("shop", "cart")).is_some(),
             prefetch,
             "prefetch {prefetch}"
+        );
+    }
+}
+
+/// A CA that refuses its first `refusals` requests (as istiod-lite does before
+/// it has seen a new pod), then issues; it notes when each request came.
+struct RefusingCa {
+    ca: TestCa,
+    refusals: std::sync::atomic::AtomicU32,
+    asked: std::sync::Mutex<Vec<Instant>>,
+}
+
+impl CertificateSource for RefusingCa {
+    async fn issue(
+        &self,
+        identity: &SpiffeId,
+    ) -> Result<mesh_core::WorkloadCertificate, CertError> {
+        self.asked.lock().unwrap().push(Instant::now());
+        let left = self.refusals.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.refusals
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(CertError::Refused("pod not seen yet".into()));
+        }
+        self.ca.issue(identity).await
+    }
+}
+
+/// A new pod whose first asks are refused gets its certificate within a second
+/// of the refusals ending (100 ms doubling), not after seconds of backoff, and
+/// the asks still back off (no tight loop).
+#[tokio::test(start_paused = true)]
+async fn a_new_pods_refused_certificate_is_asked_again_quickly_with_backoff() {
+    let ca = Arc::new(RefusingCa {
+        ca: TestCa::new(),
+        refusals: 4.into(),
+        asked: Default::default(),
+    });
+    let f = start_with_ca(false, ca.clone());
+    let mut events = f.certs.subscribe();
+    let added = Instant::now();
+    f.pods.send_modify(|p| {
+        p.insert("web-1".into(), spiffe("shop", "web"));
+    });
+    assert_eq!(
+        events.recv().await.unwrap(),
+        mesh_core::CertEvent::Updated(spiffe("shop", "web"))
+    );
+    // Asked at 0, then after 100, 200, 400 and 800 ms: issued at 1.5 s.
+    assert!(
+        added.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        added.elapsed()
+    );
+    let asked = ca.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 5, "{asked:?}");
+    for (i, pair) in asked.windows(2).enumerate() {
+        let want = Duration::from_millis(100) * (1 << i);
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= want && gap < want + Duration::from_millis(50),
+            "gap {i}: {gap:?}"
         );
     }
 }

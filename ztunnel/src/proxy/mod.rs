@@ -190,52 +190,6 @@ pub enum StartError {
     },
 }
 
-/// A pod's first certificate fetch, run as its own task so that giving up
-/// waiting for it does not cancel it (the CA may be about to answer).
-type FirstFetch = JoinHandle<Result<(), String>>;
-
-/// Waits for `pending` (the first fetch, still running), then retries a pod's
-/// first certificate (100 ms doubling to 5 s) until it is issued or the pod is
-/// removed; renewals are `keep_fresh`'s.
-async fn fetch_until_issued(
-    inputs: Arc<ProxyInputs>,
-    identity: SpiffeId,
-    drain: DrainWatcher,
-    pending: Option<FirstFetch>,
-) {
-    if let Some(mut pending) = pending {
-        tokio::select! {
-            () = drain.signaled() => {
-                pending.abort();
-                return;
-            }
-            done = &mut pending => if matches!(done, Ok(Ok(()))) {
-                tracing::info!(%identity, "certificate issued");
-                return;
-            },
-        }
-    }
-    let mut delay = Duration::from_millis(100);
-    loop {
-        tokio::select! {
-            () = drain.signaled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-        let fetched = tokio::select! {
-            () = drain.signaled() => return,
-            fetched = inputs.ensure_certificate(&identity) => fetched,
-        };
-        match fetched {
-            Ok(()) => {
-                tracing::info!(%identity, "certificate issued");
-                return;
-            }
-            Err(error) => tracing::debug!(%identity, %error, "certificate still refused"),
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// How long a pod's start waits for its first certificate before it lets the
 /// fetch go on in the background: well under the node agent's ack timeout (5 s),
 /// so a CA that does not answer never makes the agent give up on ztunnel.
@@ -269,41 +223,16 @@ impl PodProxy {
                     pod: name.clone(),
                     error,
                 })?;
-        // The certificate is fetched now, and in the background while the CA
-        // refuses or cannot be reached (e.g. it has not yet seen the pod): the
-        // listeners serve meanwhile, and TLS works as soon as it arrives.
-        let mut first: FirstFetch = tokio::spawn({
-            let (inputs, identity) = (inputs.clone(), identity.clone());
-            async move {
-                inputs
-                    .ensure_certificate(&identity)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        });
-        // What the background retry is left with: nothing (issued), no fetch
-        // (refused: retry), or the fetch still running (left to run, not
-        // cancelled: the retry waits for it first).
-        let retry: Option<Option<FirstFetch>> = match tokio::time::timeout(
-            FIRST_CERTIFICATE_WAIT,
-            &mut first,
-        )
-        .await
-        {
-            Ok(Ok(Ok(()))) => None,
-            Ok(done) => {
-                let error = match done {
-                    Ok(fetched) => fetched.err().unwrap_or_default(),
-                    Err(panicked) => panicked.to_string(),
-                };
-                tracing::warn!(pod = %name, %identity, %error, "no certificate yet; retrying in the background");
-                Some(None)
-            }
-            Err(_) => {
-                tracing::warn!(pod = %name, %identity, "no answer from the CA within {FIRST_CERTIFICATE_WAIT:?}; waiting in the background");
-                Some(Some(first))
-            }
-        };
+        // `keep_node_certificates` fetches the certificate from the moment the
+        // pod is announced, and again with backoff while the CA refuses (it may
+        // not have seen the pod yet). Wait a little so the first connections find
+        // it, then serve anyway: TLS works as soon as it arrives.
+        inputs
+            .await_certificate(&identity, FIRST_CERTIFICATE_WAIT)
+            .await;
+        if inputs.certs.get(&identity).is_none() {
+            tracing::warn!(pod = %name, %identity, "no certificate within {FIRST_CERTIFICATE_WAIT:?}; it is fetched in the background");
+        }
         let listen = |addr: SocketAddr| {
             net.listen(addr).map_err(|error| StartError::Listen {
                 pod: name.clone(),
@@ -332,11 +261,6 @@ impl PodProxy {
         let tls = mesh_core::tls::server_config_with_roots(inputs.certs.clone(), &identity, roots)
             .map_err(tls_err)?;
         let (trigger, watcher) = drain::channel();
-        if let Some(pending) = retry {
-            let retry =
-                fetch_until_issued(inputs.clone(), identity.clone(), watcher.clone(), pending);
-            tokio::spawn(retry);
-        }
         let own_ports = addrs.ports();
         let handler = InboundHandler::new(
             pod.clone(),
