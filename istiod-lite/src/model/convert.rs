@@ -362,8 +362,37 @@ struct Envelope<S> {
     spec: Option<S>,
 }
 
-/// A `parentRef` / `targetRef` beyond what serde checks: a name, and a port in range.
-fn check_parent_ref(field: &str, parent: &super::ParentRef) -> Checked<()> {
+/// The kinds an Istio `targetRef` may name, each with its API group ("" is core).
+pub(super) const TARGET_KINDS: RefKinds = RefKinds {
+    kinds: &[
+        ("", "Service"),
+        ("gateway.networking.k8s.io", "Gateway"),
+        ("gateway.networking.k8s.io", "GatewayClass"),
+        ("networking.istio.io", "ServiceEntry"),
+    ],
+    default_kind: None,
+};
+
+/// The kinds a Gateway API `parentRef` may name in a mesh (Gateway by default).
+pub(super) const PARENT_KINDS: RefKinds = RefKinds {
+    kinds: &[
+        ("gateway.networking.k8s.io", "Gateway"),
+        ("", "Service"),
+        ("networking.istio.io", "ServiceEntry"),
+    ],
+    default_kind: Some("Gateway"),
+};
+
+/// What a reference may point at.
+pub(super) struct RefKinds {
+    kinds: &'static [(&'static str, &'static str)],
+    default_kind: Option<&'static str>,
+}
+
+/// A `parentRef` / `targetRef` beyond what serde checks: a name, a port in range,
+/// a kind it may name and, when given, that kind's group (an omitted group is the
+/// kind's own, so `kind: Service` alone is the core Service).
+fn check_parent_ref(field: &str, parent: &super::ParentRef, refs: &RefKinds) -> Checked<()> {
     if parent.name.is_empty() {
         return Err(Fault::new(join(field, "name"), "required"));
     }
@@ -372,6 +401,39 @@ fn check_parent_ref(field: &str, parent: &super::ParentRef) -> Checked<()> {
             join(field, "port"),
             "port 0 is out of range 1-65535",
         ));
+    }
+    let names = || {
+        let names: Vec<&str> = refs.kinds.iter().map(|(_, kind)| *kind).collect();
+        names.join(", ")
+    };
+    let Some(kind) = parent.kind.as_deref().or(refs.default_kind) else {
+        return Err(Fault::new(
+            join(field, "kind"),
+            format!("required: one of {}", names()),
+        ));
+    };
+    let Some((group, _)) = refs.kinds.iter().find(|(_, k)| *k == kind) else {
+        return Err(Fault::new(
+            join(field, "kind"),
+            format!(
+                "`{kind}` is not a kind this reference may name: one of {}",
+                names()
+            ),
+        ));
+    };
+    if let Some(given) = parent.group.as_deref() {
+        let given_core = given.is_empty() || given == "core";
+        if !(given == *group || (group.is_empty() && given_core)) {
+            let want = if group.is_empty() {
+                "\"\" (core)"
+            } else {
+                group
+            };
+            return Err(Fault::new(
+                join(field, "group"),
+                format!("kind {kind} is in group {want}, not `{given}`"),
+            ));
+        }
     }
     Ok(())
 }

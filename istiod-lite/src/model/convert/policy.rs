@@ -5,7 +5,8 @@
 use serde_json::Value;
 
 use super::{
-    Checked, Envelope, Fault, check_parent_ref, check_port_text, deserialize, reduce_meta,
+    Checked, Envelope, Fault, TARGET_KINDS, check_parent_ref, check_port_text, deserialize,
+    reduce_meta,
 };
 use crate::model::{
     AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, Kind, Operation, PolicyAction,
@@ -55,10 +56,10 @@ fn check_spec(spec: &AuthorizationPolicySpec) -> Checked<()> {
         }
     }
     if let Some(target) = &spec.target_ref {
-        check_parent_ref("spec.targetRef", target)?;
+        check_parent_ref("spec.targetRef", target, &TARGET_KINDS)?;
     }
     for (i, target) in spec.target_refs.iter().enumerate() {
-        check_parent_ref(&format!("spec.targetRefs[{i}]"), target)?;
+        check_parent_ref(&format!("spec.targetRefs[{i}]"), target, &TARGET_KINDS)?;
     }
     for (r, rule) in spec.rules.iter().enumerate() {
         let base = format!("spec.rules[{r}]");

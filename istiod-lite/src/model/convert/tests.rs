@@ -392,6 +392,11 @@ spec:
         "{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: r}, spec: {parentRefs: [{name: a, port: 70000}]}}",
     );
     assert_eq!(e.field, "spec.parentRefs[0].port");
+    // A parentRef names a Gateway (the default), a Service or a ServiceEntry.
+    let e = err(
+        "{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: r}, spec: {parentRefs: [{name: a}, {kind: Deployment, name: b}]}}",
+    );
+    assert_eq!(e.field, "spec.parentRefs[1].kind");
     let e = err(
         "{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: r}, spec: {rules: {}}}",
     );

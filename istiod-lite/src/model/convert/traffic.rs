@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Checked, Envelope, Fault, NameRule, check_name, check_parent_ref, check_port, deserialize,
-    parse_ip, reduce_meta,
+    Checked, Envelope, Fault, NameRule, PARENT_KINDS, check_name, check_parent_ref, check_port,
+    deserialize, parse_ip, reduce_meta,
 };
 use crate::model::{DestinationRule, Gateway, GatewayListener, HttpRoute, Kind, ParentRef};
 
@@ -117,7 +117,7 @@ pub(super) fn http_route(value: Value) -> Checked<HttpRoute> {
     let meta = reduce_meta(Kind::HttpRoute, envelope.metadata)?;
     let spec = envelope.spec.unwrap_or_default();
     for (i, parent) in spec.parent_refs.iter().enumerate() {
-        check_parent_ref(&format!("spec.parentRefs[{i}]"), parent)?;
+        check_parent_ref(&format!("spec.parentRefs[{i}]"), parent, &PARENT_KINDS)?;
     }
     let rules = match spec.rules {
         None | Some(Value::Null) => Value::Array(Vec::new()),

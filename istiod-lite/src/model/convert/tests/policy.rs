@@ -105,6 +105,39 @@ fn selector_with_target_refs_is_refused() {
     assert_eq!(field, "spec.targetRefs[0].name");
 }
 
+/// A targetRef names a kind a policy can attach to, in that kind's group: a
+/// typo or a wrong group is an error on the field, not a policy silently
+/// attached to nothing.
+#[test]
+fn target_refs_name_a_known_kind_in_its_group() {
+    for spec in [
+        "{targetRefs: [{kind: Service, name: web}]}",
+        "{targetRefs: [{kind: Service, group: '', name: web}]}",
+        "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]}",
+        "{targetRef: {kind: ServiceEntry, group: networking.istio.io, name: ext}}",
+    ] {
+        let Object::AuthorizationPolicy(_) = ok(&format!("{HEAD}spec: {spec}")) else {
+            panic!("{spec}")
+        };
+    }
+    let (field, problem) = spec_err("{targetRefs: [{kind: Servce, name: web}]}");
+    assert_eq!(field, "spec.targetRefs[0].kind");
+    assert!(
+        problem.contains("Servce") && problem.contains("Gateway"),
+        "{problem}"
+    );
+    let (field, problem) = spec_err("{targetRefs: [{name: web}]}");
+    assert_eq!(field, "spec.targetRefs[0].kind");
+    assert!(problem.contains("required"), "{problem}");
+    let (field, problem) = spec_err(
+        "{targetRefs: [{kind: Service, name: a}, {kind: Service, group: networking.istio.io, name: b}]}",
+    );
+    assert_eq!(field, "spec.targetRefs[1].group");
+    assert!(problem.contains("core"), "{problem}");
+    let (field, _) = spec_err("{targetRef: {kind: Gateway, group: '', name: w}}");
+    assert_eq!(field, "spec.targetRef.group");
+}
+
 #[test]
 fn ports_must_be_numbers_in_range() {
     let (field, _) = spec_err("{rules: [{to: [{operation: {ports: ['80', http]}}]}]}");
