@@ -4,6 +4,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod backoff;
 pub mod ca;
 pub mod ca_client;
 pub mod cert_manager;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use ambit_proto::zds::{
     Ack, NodeAgentMessage, ZdsHello, ZtunnelMessage, node_agent_message::Payload, ztunnel_message,
 };
+use mesh_core::backoff::{Backoff, BackoffConfig};
 use mesh_core::os::{NetNs, SeqPacket};
 use prost::Message;
 
@@ -21,18 +22,21 @@ use crate::proxy::{Pod, PodPorts};
 
 /// The zds protocol version ztunnel speaks.
 pub const ZDS_VERSION: u32 = 1;
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// A session that lasted this long was healthy: the next reconnect is quick again.
-/// A shorter one (the agent closing it at once, e.g. for another ztunnel on the
-/// same socket) keeps the backoff growing, so two clients never fight at full speed.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Reconnect delays: 50 ms doubling to 5 s, with jitter. A session that lasted
+/// 10 s was healthy: the next reconnect is quick again. A shorter one (the agent
+/// closing it at once, e.g. for another ztunnel on the same socket) keeps the
+/// delay growing, so two clients never fight at full speed.
+const RECONNECT: BackoffConfig = BackoffConfig {
+    min: Duration::from_millis(50),
+    max: Duration::from_secs(5),
+    stable_after: Duration::from_secs(10),
+};
 
 /// Connects to the node agent and serves it until the process drains.
 pub async fn run(app: Arc<App>) {
     let Some(drain) = app.watcher() else { return };
     let path = app.inputs.config.node_agent_socket.clone();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(RECONNECT);
     loop {
         let mut connected = None;
         let session = async {
@@ -41,21 +45,21 @@ pub async fn run(app: Arc<App>) {
             connected = Some(std::time::Instant::now());
             serve(&app, &sock).await
         };
+        let ended = tokio::select! {
+            () = drain.signaled() => return,
+            r = session => r,
+        };
+        let delay = backoff.after_session(connected.map_or(Duration::ZERO, |at| at.elapsed()));
+        match ended {
+            Ok(()) => tracing::warn!("node agent closed the connection; reconnecting in {delay:?}"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "node agent unreachable; retrying in {delay:?}")
+            }
+        }
         tokio::select! {
             () = drain.signaled() => return,
-            r = session => match r {
-                Ok(()) => tracing::warn!("node agent closed the connection; reconnecting"),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "node agent unreachable; retrying in {backoff:?}"),
-            },
+            () = tokio::time::sleep(delay) => {}
         }
-        if connected.is_some_and(|at| at.elapsed() >= HEALTHY_SESSION) {
-            backoff = MIN_BACKOFF;
-        }
-        tokio::select! {
-            () = drain.signaled() => return,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

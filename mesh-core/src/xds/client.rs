@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::backoff::{Backoff, BackoffConfig};
 use super::status::{Nack, XdsStatus};
 use super::{Handler, MAX_MESSAGE_SIZE, Node, Refusal, Resource};
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::control::{BearerToken, ControlError, ControlPlane};
 use crate::drain::DrainWatcher;
 
@@ -143,10 +143,7 @@ impl<H: Handler> XdsClient<H> {
                 () = drain.signaled() => break,
                 e = self.stream(&mut held, &mut seen) => e,
             };
-            if opened.elapsed() >= backoff.config().stable_after {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
+            let delay = backoff.after_session(opened.elapsed());
             let failures = backoff.failures();
             tracing::warn!(%address, %error, failures, retry_in = ?delay, "xDS stream failed; reconnecting");
             self.status.update(|s| {

@@ -5,7 +5,6 @@
 //! What the resources mean is the caller's business: a [`Handler`] receives each
 //! response's raw resources and says which it refused.
 
-mod backoff;
 mod client;
 mod status;
 #[cfg(feature = "testing")]
@@ -15,8 +14,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use crate::backoff::{Backoff, BackoffConfig};
 pub use ambit_proto::envoy::config::core::v3::Node;
-pub use backoff::{Backoff, BackoffConfig};
 pub use client::{XdsClient, XdsError};
 pub use status::{Nack, TypeStatus, XdsSnapshot, XdsStatus};
 

@@ -1,6 +1,6 @@
-//! Reconnect delays of the xDS stream: exponential (doubling from a minimum to a
-//! maximum) with jitter, so a fleet of proxies that lost the control plane at the
-//! same moment does not come back at the same moment.
+//! Reconnect delays (the xDS stream, ztunnel's node-agent session): exponential
+//! (doubling from a minimum to a maximum) with jitter, so a fleet of proxies that
+//! lost their peer at the same moment does not come back at the same moment.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ pub struct BackoffConfig {
     pub min: Duration,
     /// The delay stops doubling here.
     pub max: Duration,
-    /// A stream that stayed up this long resets the delay to `min`.
+    /// A session that stayed up this long resets the delay to `min`.
     pub stable_after: Duration,
 }
 
@@ -75,6 +75,16 @@ impl Backoff {
             .min(self.config.max)
     }
 
+    /// The wait after a session (or attempt) that lasted `lasted`: back to the
+    /// minimum after a stable one, else one more failure. A peer that accepts
+    /// and drops at once keeps the delay growing.
+    pub fn after_session(&mut self, lasted: Duration) -> Duration {
+        if lasted >= self.config.stable_after {
+            self.reset();
+        }
+        self.next_delay()
+    }
+
     /// Starts over from the minimum (the connection proved stable).
     pub fn reset(&mut self) {
         self.failures = 0;
@@ -126,6 +136,29 @@ mod tests {
             let d = b.next_delay();
             assert!(d >= nominal * 4 / 5 && d <= (nominal * 6 / 5).min(Duration::from_secs(15)));
         }
+    }
+
+    #[test]
+    fn a_stable_session_starts_over_and_a_short_one_keeps_growing() {
+        let config = BackoffConfig {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(15),
+            stable_after: Duration::from_secs(10),
+        };
+        let mut b = Backoff::new(config);
+        let within = |d: Duration, nominal: u64| {
+            let n = Duration::from_millis(nominal);
+            d >= n * 4 / 5 && d <= n * 6 / 5
+        };
+        for nominal in [100, 200, 400] {
+            let d = b.after_session(Duration::from_secs(1));
+            assert!(within(d, nominal), "{d:?} for {nominal}");
+        }
+        let d = b.after_session(Duration::from_secs(10));
+        assert!(within(d, 100), "{d:?}");
+        assert_eq!(b.failures(), 1);
+        let d = b.after_session(Duration::ZERO);
+        assert!(within(d, 200), "{d:?}");
     }
 
     #[test]
