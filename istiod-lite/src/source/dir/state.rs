@@ -122,6 +122,12 @@ impl DirState {
     /// has settled (see the module doc) and returns what changed since the last
     /// scan, with the files still settling.
     pub fn scan(&mut self) -> Delta {
+        self.scan_reading(&mut read)
+    }
+
+    /// [`DirState::scan`] with the file reader given (tests: a file that changes
+    /// while it is read).
+    pub(super) fn scan_reading(&mut self, read: &mut FileReader<'_>) -> Delta {
         let listing = walk::list_all(&self.roots);
         let mut dirty = false;
         let mut pending = Vec::new();
@@ -145,7 +151,7 @@ impl DirState {
                 pending.push(path.clone());
                 continue;
             }
-            match refresh(path, *stat, state) {
+            match refresh(path, *stat, state, read) {
                 Refresh::Unchanged => {}
                 Refresh::Changed => dirty = true,
                 Refresh::Moved => pending.push(path.clone()),
@@ -269,8 +275,11 @@ enum Refresh {
     Gone,
 }
 
+/// Reads a file whose stat was `Stat` (the contents, or why not).
+pub(super) type FileReader<'a> = dyn FnMut(&Path, Stat) -> Result<Vec<u8>, DirError> + 'a;
+
 /// Re-reads one file whose stat changed and settled.
-fn refresh(path: &Path, stat: Stat, state: &mut FileState) -> Refresh {
+fn refresh(path: &Path, stat: Stat, state: &mut FileState, read: &mut FileReader<'_>) -> Refresh {
     let origin = path.display().to_string();
     let read = read(path, stat).and_then(|bytes| {
         // What was read is the file at `stat` only if nothing moved meanwhile.
@@ -327,7 +336,7 @@ fn refresh(path: &Path, stat: Stat, state: &mut FileState) -> Refresh {
     Refresh::Changed
 }
 
-fn read(path: &Path, stat: Stat) -> Result<Vec<u8>, DirError> {
+pub(super) fn read(path: &Path, stat: Stat) -> Result<Vec<u8>, DirError> {
     if stat.len > MAX_FILE_BYTES {
         return Err(DirError::TooLarge {
             limit: MAX_FILE_BYTES,

@@ -216,6 +216,41 @@ fn a_half_written_document_is_never_published() {
     assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "web"));
 }
 
+/// A file rewritten in place while a poll reads it: that read (old bytes, new
+/// bytes or a mix) is discarded, and only the file as it settles is published.
+#[test]
+fn a_file_changed_while_it_is_read_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("x.yaml");
+    fs::write(&file, sa("old")).unwrap();
+    let mut state = DirState::new(dir.path().to_owned());
+    assert!(
+        state.scan().changes.is_empty(),
+        "first sight: not settled yet"
+    );
+    let mut rewrites = 0;
+    let delta = state.scan_reading(&mut |path, stat| {
+        let bytes = super::state::read(path, stat)?;
+        rewrite_in_place(path, &sa("newer-name"));
+        rewrites += 1;
+        Ok(bytes)
+    });
+    assert_eq!(rewrites, 1);
+    assert!(delta.changes.is_empty(), "{:?}", delta.changes);
+    assert_eq!(delta.pending, std::slice::from_ref(&file));
+    assert!(state.objects().is_empty());
+
+    // The stat seen after the read counts as this poll's sighting: the next poll
+    // reads the file if it has not moved again.
+    let delta = state.scan();
+    assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
+    assert!(
+        matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "newer-name"),
+        "{:?}",
+        delta.changes
+    );
+}
+
 #[test]
 fn a_key_in_two_directories_is_reported_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
