@@ -286,27 +286,34 @@ async fn run_model(
                 SourceEvent::Reports { origin, reports } => {
                     set_reports(&model, origin, reports);
                 }
-                SourceEvent::Synced => {
-                    synced += 1;
-                    if synced >= sources && !model.synced.send_replace(true) {
-                        tracing::info!("config synced");
-                    }
-                }
+                SourceEvent::Synced => synced += 1,
             }
         }
-        if changes.is_empty() {
-            continue;
+        if !changes.is_empty() {
+            let count = changes.len();
+            let (updates, reports) = {
+                let mut t = model.translator.write().unwrap_or_else(|e| e.into_inner());
+                let updates = t.apply(changes);
+                (updates, t.reports())
+            };
+            let resources = updates.len();
+            let changed = xds.apply(updates);
+            tracing::debug!(objects = count, resources, changed, "model updated");
+            set_reports(&model, "translate".into(), reports);
         }
-        let count = changes.len();
-        let (updates, reports) = {
-            let mut t = model.translator.write().unwrap_or_else(|e| e.into_inner());
-            let updates = t.apply(changes);
-            (updates, t.reports())
-        };
-        let resources = updates.len();
-        let changed = xds.apply(updates);
-        tracing::debug!(objects = count, resources, changed, "model updated");
-        set_reports(&model, "translate".into(), reports);
+        // Synced only once what the sources sent before it is in the model and
+        // released to the xDS clients (one debounce at most, once): the gRPC
+        // server and readiness open on it, and a first push or a CA check
+        // against a half-applied view would remove or refuse too much.
+        if synced >= sources && !*model.synced.borrow() {
+            let store = xds.store().clone();
+            tokio::select! {
+                () = drain.signaled() => return,
+                () = store.wait_released(store.generation()) => {}
+            }
+            model.synced.send_replace(true);
+            tracing::info!("config synced");
+        }
     }
 }
 
@@ -324,3 +331,7 @@ fn set_reports(model: &ModelState, origin: String, reports: Vec<Report>) {
         all.insert(origin, reports);
     }
 }
+
+#[cfg(test)]
+#[path = "app_tests.rs"]
+mod tests;

@@ -130,9 +130,10 @@ pub struct ResourceStore {
     resources: RwLock<Resources>,
     pending: Mutex<PendingChanges>,
     changed: Notify,
-    /// Mirrors of `Resources::generation` and `released`, readable without the lock.
+    /// Mirrors of `Resources::generation` and `released`, readable without the
+    /// lock (`released` also awaitable).
     generation: AtomicU64,
-    released: AtomicU64,
+    released: tokio::sync::watch::Sender<u64>,
 }
 
 /// Locks a mutex, ignoring poisoning: the data stays consistent between calls
@@ -226,7 +227,14 @@ impl ResourceStore {
 
     /// The newest generation the debouncer released to the clients.
     pub fn released(&self) -> u64 {
-        self.released.load(Ordering::Acquire)
+        *self.released.borrow()
+    }
+
+    /// Resolves once the debouncer has released `generation` to the clients.
+    pub async fn wait_released(&self, generation: u64) {
+        let mut released = self.released.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = released.wait_for(|r| *r >= generation).await;
     }
 
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Resources> {
@@ -264,7 +272,7 @@ impl ResourceStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         resources.release(batch.generation, batch.first_change);
-        self.released.store(resources.released, Ordering::Release);
+        self.released.send_replace(resources.released);
         Some(batch)
     }
 
