@@ -111,7 +111,7 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
                 field: field.path,
             });
         }
-        if enforce_without {
+        if enforce_without && let Some(converted) = converted {
             rules.push(converted);
         }
     }
@@ -153,14 +153,22 @@ impl Stripped {
 /// A list element whose match is empty once stripped matched on L7 alone: with
 /// the L7 part ignored it matches everything, so its clause is left out (a rule
 /// without clauses matches every connection).
-fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> pb::Rule {
+///
+/// `None` when the rule can never match (e.g. a source whose `ipBlocks` and
+/// `remoteIpBlocks` share no address).
+fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Rule> {
     let mut clauses = Vec::new();
-    let from = rule
+    let from: Vec<pb::Match> = rule
         .from
         .iter()
         .enumerate()
-        .map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), stripped));
-    clauses.extend(clause_of(from.collect()));
+        .filter_map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), stripped))
+        .collect();
+    if from.is_empty() && !rule.from.is_empty() {
+        // Every source can never match: neither can the rule.
+        return None;
+    }
+    clauses.extend(clause_of(from));
     let to = rule.to.iter().enumerate().map(|(j, t)| {
         operation_match(&t.operation, &format!("{path}.to[{j}].operation"), stripped)
     });
@@ -169,7 +177,7 @@ fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> 
         let m = condition_match(condition, &format!("{path}.when[{j}]"), stripped);
         clauses.extend(clause_of(vec![m]));
     }
-    pb::Rule { clauses }
+    Some(pb::Rule { clauses })
 }
 
 /// The clause for an OR list; `None` when the list is empty or one of its
@@ -185,7 +193,8 @@ fn is_empty(m: &pb::Match) -> bool {
     *m == pb::Match::default()
 }
 
-fn source_match(source: &Source, path: &str, stripped: &mut Vec<Stripped>) -> pb::Match {
+/// `None` when the source can never match.
+fn source_match(source: &Source, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Match> {
     let l7 = [
         ("requestPrincipals", &source.request_principals),
         ("notRequestPrincipals", &source.not_request_principals),
@@ -196,11 +205,23 @@ fn source_match(source: &Source, path: &str, stripped: &mut Vec<Stripped>) -> pb
         }
     }
     // ztunnel sees one source address (no proxy in front adds another), so the
-    // peer's and the remote address blocks are the same test.
-    let blocks = |a: &[crate::model::Cidr], b: &[crate::model::Cidr]| {
+    // peer's and the remote address blocks test the same address. The fields of
+    // a source all must hold: the address must be in both lists (their
+    // intersection), and in neither of the `not` lists (their union).
+    let source_ips = match (&source.ip_blocks[..], &source.remote_ip_blocks[..]) {
+        (only, []) | ([], only) => only.iter().map(|c| ip_block(&c.0)).collect(),
+        (a, b) => {
+            let common = intersect(a, b);
+            if common.is_empty() {
+                return None;
+            }
+            common.iter().map(ip_block).collect()
+        }
+    };
+    let not_blocks = |a: &[crate::model::Cidr], b: &[crate::model::Cidr]| {
         a.iter().chain(b).map(|c| ip_block(&c.0)).collect()
     };
-    pb::Match {
+    Some(pb::Match {
         principals: source.principals.iter().map(|p| principal(p)).collect(),
         not_principals: source.not_principals.iter().map(|p| principal(p)).collect(),
         namespaces: source.namespaces.iter().map(|n| string_match(n)).collect(),
@@ -209,10 +230,31 @@ fn source_match(source: &Source, path: &str, stripped: &mut Vec<Stripped>) -> pb
             .iter()
             .map(|n| string_match(n))
             .collect(),
-        source_ips: blocks(&source.ip_blocks, &source.remote_ip_blocks),
-        not_source_ips: blocks(&source.not_ip_blocks, &source.not_remote_ip_blocks),
+        source_ips,
+        not_source_ips: not_blocks(&source.not_ip_blocks, &source.not_remote_ip_blocks),
         ..Default::default()
+    })
+}
+
+/// The addresses in a block of `a` and in a block of `b`, as blocks: of two
+/// blocks that overlap, one contains the other.
+fn intersect(a: &[crate::model::Cidr], b: &[crate::model::Cidr]) -> Vec<IpNet> {
+    let mut common: Vec<IpNet> = Vec::new();
+    for x in a.iter().map(|c| c.0) {
+        for y in b.iter().map(|c| c.0) {
+            let inner = if x.contains(&y) {
+                y
+            } else if y.contains(&x) {
+                x
+            } else {
+                continue;
+            };
+            if !common.contains(&inner) {
+                common.push(inner);
+            }
+        }
     }
+    common
 }
 
 fn operation_match(op: &Operation, path: &str, stripped: &mut Vec<Stripped>) -> pb::Match {

@@ -219,7 +219,7 @@ fn sources_with_wildcards_and_not_forms() {
         namespaces: strings(&["shop", "team-*"]),
         not_namespaces: strings(&["kube-system"]),
         ip_blocks: cidrs(&["198.18.0.0/16"]),
-        remote_ip_blocks: cidrs(&["10.0.0.1/32"]),
+        remote_ip_blocks: cidrs(&["198.18.1.0/24", "198.19.0.0/15", "198.18.0.0/16"]),
         not_ip_blocks: cidrs(&["198.18.9.0/24"]),
         not_remote_ip_blocks: cidrs(&["fd00::/8"]),
         ..Default::default()
@@ -245,9 +245,10 @@ fn sources_with_wildcards_and_not_forms() {
         ]
     );
     assert_eq!(m.not_namespaces, [exact("kube-system")]);
+    // ipBlocks and remoteIpBlocks both hold: the addresses in both lists.
     assert_eq!(
         m.source_ips,
-        [block(&[198, 18, 0, 0], 16), block(&[10, 0, 0, 1], 32)]
+        [block(&[198, 18, 1, 0], 24), block(&[198, 18, 0, 0], 16)]
     );
     let mut v6 = vec![0xfd];
     v6.extend([0; 15]);
@@ -488,4 +489,32 @@ fn each_policy_change_recomputes_only_that_authorization() {
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0].name, "shop/p7");
     assert_eq!(t.counts(), (0, 0, 50));
+}
+
+/// `ipBlocks` and `remoteIpBlocks` of one source must both hold (Istio ANDs a
+/// source's fields): with no address in common that source never matches, and
+/// a rule whose every source never matches allows (or denies) nothing.
+#[test]
+fn disjoint_ip_and_remote_ip_blocks_never_match() {
+    let disjoint = Source {
+        ip_blocks: cidrs(&["198.18.0.0/24"]),
+        remote_ip_blocks: cidrs(&["198.19.0.0/24"]),
+        ..Default::default()
+    };
+    for action in [PolicyAction::Allow, PolicyAction::Deny] {
+        let a = one(spec(action, vec![rule_from(vec![disjoint.clone()])]));
+        assert!(a.rules.is_empty(), "{action:?}: {:?}", a.rules);
+    }
+    // Beside a source that can match, only that one is left.
+    let web = Source {
+        principals: strings(&["cluster.local/ns/shop/sa/web"]),
+        ..Default::default()
+    };
+    let a = one(spec(
+        PolicyAction::Allow,
+        vec![rule_from(vec![disjoint, web])],
+    ));
+    let m = only_match(&a);
+    assert_eq!(m.principals, [exact("cluster.local/ns/shop/sa/web")]);
+    assert!(m.source_ips.is_empty());
 }
