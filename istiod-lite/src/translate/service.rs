@@ -102,8 +102,9 @@ pub(super) fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 /// ztunnel only routes to addresses, and refuses a service without one.
 ///
 /// A named target port cannot be resolved at the service level (each pod may
-/// number it differently), so the service port stands in for it here and the
-/// real port travels in each workload's `services` entry.
+/// number it differently): it is 0 here (as in Istio) and the real port travels
+/// in each workload's `services` entry; a pod without that named port has no
+/// entry for it and ztunnel sends it none of that port's traffic.
 pub(super) fn build(store: &Store, svc: &Service) -> Option<pb::Service> {
     if svc.cluster_ips.is_empty() {
         return None;
@@ -116,8 +117,9 @@ pub(super) fn build(store: &Store, svc: &Service) -> Option<pb::Service> {
         .map(|p| pb::Port {
             service_port: p.port.into(),
             target_port: match p.target_port {
-                TargetPort::Number(n) if n != 0 => n.into(),
-                _ => p.port.into(),
+                TargetPort::Number(0) => p.port.into(),
+                TargetPort::Number(n) => n.into(),
+                TargetPort::Name(_) => 0,
             },
         })
         .collect();

@@ -333,8 +333,8 @@ fn service_fields_ports_and_headless() {
         .collect();
     assert_eq!(
         ports,
-        [(80, 8080), (9000, 9000), (7000, 7000)],
-        "UDP left out"
+        [(80, 8080), (9000, 0), (7000, 7000)],
+        "UDP left out; a named target is 0: each workload numbers it"
     );
     assert!(s.waypoint.is_none());
     assert_eq!(t.counts(), (0, 1, 0));

@@ -185,10 +185,24 @@ impl ProxyState {
                 service: key.clone(),
                 port,
             })?;
-        let healthy: Vec<&Arc<Workload>> = self
+        // The workload's own mapping for this service wins over the service's; a
+        // named target port (0 in the service) only the workload can number.
+        let target_of = |w: &Workload| {
+            w.services
+                .get(&key)
+                .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+                .map(|p| p.target_port)
+                .or(Some(mapping.target_port).filter(|t| *t != 0))
+        };
+        let healthy: Vec<(&Arc<Workload>, u16)> = self
             .endpoints
             .get(&key)
-            .map(|eps| eps.iter().filter(|w| w.healthy).collect())
+            .map(|eps| {
+                eps.iter()
+                    .filter(|w| w.healthy)
+                    .filter_map(|w| Some((w, target_of(w)?)))
+                    .collect()
+            })
             .unwrap_or_default();
         if healthy.is_empty() {
             return Err(RouteError::NoHealthyEndpoint { service: key });
@@ -198,13 +212,7 @@ impl ProxyState {
             .get(&key)
             .map(|c| c.fetch_add(1, Ordering::Relaxed))
             .unwrap_or(0);
-        let w = healthy[turn % healthy.len()];
-        // The workload's own mapping for this service wins over the service's.
-        let target = w
-            .services
-            .get(&key)
-            .and_then(|ports| ports.iter().find(|p| p.service_port == port))
-            .map_or(mapping.target_port, |p| p.target_port);
+        let (w, target) = healthy[turn % healthy.len()];
         let ip = w.addresses[0];
         let addr = SocketAddr::new(ip, target);
         Ok(match w.protocol {

@@ -45,7 +45,9 @@ pub enum Protocol {
     Hbone,
 }
 
-/// A service port and the workload port it maps to.
+/// A service port and the workload port it maps to. In a [`Service`], target
+/// port 0 means a named port that each endpoint numbers itself (its `services`
+/// entry): an endpoint without a mapping for that port does not serve it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortMapping {
@@ -186,12 +188,8 @@ impl Service {
         if self.vips.is_empty() {
             return err("vips", "a service needs at least one VIP");
         }
-        if self
-            .ports
-            .iter()
-            .any(|p| p.service_port == 0 || p.target_port == 0)
-        {
-            return err("ports", "ports must not be 0");
+        if self.ports.iter().any(|p| p.service_port == 0) {
+            return err("ports", "service ports must not be 0");
         }
         Ok(())
     }
@@ -222,18 +220,24 @@ fn port_of(kind: &'static str, name: &str, field: &'static str, p: u32) -> Resul
         .ok_or_else(|| ModelError::new(kind, name, field, format!("port {p} is not 1-65535")))
 }
 
+/// `ports` as mappings; a target port of 0 only where `named_targets` (a
+/// service's named port).
 fn ports_of(
     kind: &'static str,
     name: &str,
     field: &'static str,
     ports: &[pb::Port],
+    named_targets: bool,
 ) -> Result<Vec<PortMapping>, ModelError> {
     ports
         .iter()
         .map(|p| {
             Ok(PortMapping {
                 service_port: port_of(kind, name, field, p.service_port)?,
-                target_port: port_of(kind, name, field, p.target_port)?,
+                target_port: match p.target_port {
+                    0 if named_targets => 0,
+                    target => port_of(kind, name, field, target)?,
+                },
             })
         })
         .collect()
@@ -276,7 +280,12 @@ impl TryFrom<pb::Workload> for Workload {
         let services = w
             .services
             .iter()
-            .map(|(k, v)| Ok((k.clone(), ports_of(kind, &w.uid, "services", &v.ports)?)))
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    ports_of(kind, &w.uid, "services", &v.ports, false)?,
+                ))
+            })
             .collect::<Result<_, ModelError>>()?;
         let workload = Workload {
             trust_domain: if w.trust_domain.is_empty() {
@@ -319,7 +328,7 @@ impl TryFrom<pb::Service> for Service {
             .map(|a| ip_of("service", &name, "addresses", &a.address))
             .collect::<Result<_, _>>()?;
         let service = Service {
-            ports: ports_of("service", &name, "ports", &s.ports)?,
+            ports: ports_of("service", &name, "ports", &s.ports, true)?,
             name: s.name,
             namespace: s.namespace,
             hostname: s.hostname,

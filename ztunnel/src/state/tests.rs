@@ -76,6 +76,36 @@ fn a_vip_spreads_round_robin_over_healthy_endpoints_with_their_ports() {
     assert_eq!(seen, want);
 }
 
+/// A named target port (0 in the service): only the endpoints that number it
+/// get its traffic, each on its own port; an endpoint without it gets none
+/// (Kubernetes gives it no endpoint for that port), not the service port.
+#[test]
+fn a_named_target_port_goes_only_to_endpoints_that_number_it() {
+    let s = state(&FILE.replace("targetPort: 8000", "targetPort: 0"));
+    let mut seen: HashMap<std::net::SocketAddr, usize> = HashMap::new();
+    for _ in 0..200 {
+        match s.route("198.18.100.1:80".parse().unwrap()).unwrap() {
+            Route::Mesh { addr, .. } => *seen.entry(addr).or_default() += 1,
+            other => panic!("expected a mesh route, got {other:?}"),
+        }
+    }
+    let want: HashMap<std::net::SocketAddr, usize> = [
+        ("198.18.1.10:8080".parse().unwrap(), 100),
+        ("198.18.1.11:9090".parse().unwrap(), 100),
+    ]
+    .into();
+    assert_eq!(seen, want);
+    // No endpoint numbers it: an error, not a guess.
+    let none = FILE
+        .replace("targetPort: 8000", "targetPort: 0")
+        .replace("[{servicePort: 80, targetPort: 8080}]", "[]")
+        .replace("[{servicePort: 80, targetPort: 9090}]", "[]");
+    assert!(matches!(
+        state(&none).route("198.18.100.1:80".parse().unwrap()),
+        Err(RouteError::NoHealthyEndpoint { .. })
+    ));
+}
+
 #[test]
 fn round_robin_goes_on_across_state_updates_and_forgets_gone_services() {
     let store = StateStore::new(state(FILE));
