@@ -59,6 +59,11 @@ impl StateStore {
         self.version.send_modify(|v| *v += 1);
     }
 
+    /// The namespace whose policies apply mesh-wide.
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
     /// Resolves on each replacement.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()

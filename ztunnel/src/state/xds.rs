@@ -82,7 +82,7 @@ impl Handler for XdsState {
             let outcome = match type_url {
                 WORKLOAD_TYPE_URL => held.put_workload(&r),
                 SERVICE_TYPE_URL => held.put_service(&r),
-                AUTHORIZATION_TYPE_URL => held.put_policy(&r),
+                AUTHORIZATION_TYPE_URL => held.put_policy(&r, self.store.root_namespace()),
                 other => Err(format!("ztunnel does not use {other}")),
             };
             match outcome {
@@ -204,10 +204,21 @@ impl Held {
         }
     }
 
-    fn put_policy(&mut self, r: &Resource) -> Result<(), String> {
+    fn put_policy(&mut self, r: &Resource, root_namespace: &str) -> Result<(), String> {
         let p = Authorization::try_from(decode::<ambit_proto::security::Authorization>(r)?)
             .map_err(|e| e.to_string())?;
         p.validate().map_err(|e| e.to_string())?;
+        // The control plane made it mesh-wide from its root namespace: one that is
+        // not ours means the two disagree on --root-namespace, and the policy
+        // would apply to nothing here (a mesh-wide DENY failing open). Refused
+        // (NACK) so the control plane shows it.
+        if p.scope == crate::policy::Scope::Global && p.namespace != root_namespace {
+            return Err(format!(
+                "mesh-wide (GLOBAL) policy {} comes from namespace {}, but this ztunnel's --root-namespace is {root_namespace}: set the same root namespace on ztunnel and istiod-lite",
+                p.key(),
+                p.namespace
+            ));
+        }
         let key = p.key();
         if let Some(owner) = clash(&self.policy_keys, &key, &r.name) {
             return Err(format!("policy {key} is also resource {owner}"));
@@ -416,6 +427,7 @@ mod tests {
         let policy = ambit_proto::security::Authorization {
             name: "deny-all".into(),
             namespace: "shop".into(),
+            scope: ambit_proto::security::Scope::Namespace.into(),
             ..Default::default()
         };
         xds.apply(
@@ -430,5 +442,46 @@ mod tests {
         xds.apply(AUTHORIZATION_TYPE_URL, vec![], vec!["shop/deny-all".into()])
             .unwrap();
         assert!(store.snapshot().policies().is_empty());
+    }
+
+    /// A mesh-wide policy from a namespace that is not this ztunnel's root
+    /// namespace would apply to nothing here: refused, naming both settings.
+    #[test]
+    fn a_global_policy_from_another_root_namespace_is_refused() {
+        let store = Arc::new(StateStore::with_root_namespace(
+            ProxyState::default(),
+            "mesh-root".into(),
+        ));
+        let xds = XdsState::new(store.clone());
+        let global_in = |ns: &str| ambit_proto::security::Authorization {
+            name: "deny-all".into(),
+            namespace: ns.into(),
+            scope: ambit_proto::security::Scope::Global.into(),
+            action: ambit_proto::security::Action::Deny.into(),
+            ..Default::default()
+        };
+        let refused = xds
+            .apply(
+                AUTHORIZATION_TYPE_URL,
+                vec![res(
+                    "istio-system/deny-all",
+                    "1",
+                    &global_in("istio-system"),
+                )],
+                vec![],
+            )
+            .unwrap_err();
+        assert!(
+            refused[0].1.contains("istio-system") && refused[0].1.contains("mesh-root"),
+            "{refused:?}"
+        );
+        assert!(store.snapshot().policies().is_empty());
+        xds.apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![res("mesh-root/deny-all", "1", &global_in("mesh-root"))],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(store.snapshot().policies().len(), 1);
     }
 }
