@@ -26,7 +26,7 @@ use crate::redirect::Redirector;
 use enroller::Enroller;
 use plugin_server::PluginLimits;
 use pod_store::PodStore;
-use ztunnel_conn::ZdsTimeouts;
+use ztunnel_conn::ZdsSettings;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -123,13 +123,16 @@ impl Agent {
             io_timeout: config.plugin_io_timeout(),
             max_connections: config.max_plugin_connections,
         };
-        let timeouts = ZdsTimeouts {
+        let zds = ZdsSettings {
             hello: config.hello_timeout(),
             ack: config.ack_timeout(),
+            // Each plugin request has at most one message queued, and so has the
+            // re-offer task; the snapshot is one more.
+            queue: config.max_plugin_connections.saturating_add(2),
         };
         tokio::join!(
             plugin_server::serve(plugin_listener, enroller.clone(), limits, drain.clone()),
-            ztunnel_conn::serve(zds_listener, enroller.clone(), timeouts, drain.clone()),
+            ztunnel_conn::serve(zds_listener, enroller.clone(), zds, drain.clone()),
             enroller.reoffer_refused(drain),
         );
         for socket in &bound {
