@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::RedirectConfig;
+use super::{Mark, RedirectConfig};
 
 /// Our chains, per table: jumped to from PREROUTING and OUTPUT.
 pub const PREROUTING_CHAIN: &str = "AMBIT_PRERT";
@@ -168,17 +168,26 @@ pub fn ip_route_args(cfg: &RedirectConfig, verb: &str) -> Vec<String> {
         .collect()
 }
 
-/// Is our rule in `ip rule show` output?
+/// Is our rule in `ip rule show` output? The mark is compared as numbers:
+/// `ip` prints `fwmark 0x111` without the mask when it is 0xffffffff.
 pub fn ip_rule_present(cfg: &RedirectConfig, shown: &str) -> bool {
     let prefix = format!("{}:", cfg.rule_priority);
-    let mark = format!("{}/{}", cfg.conn_mark, cfg.mark_mask);
+    let ours = (cfg.conn_mark, cfg.mark_mask);
     let table = cfg.route_table.to_string();
     shown.lines().any(|l| {
         let words: Vec<&str> = l.split_whitespace().collect();
         words.first() == Some(&prefix.as_str())
-            && words.windows(2).any(|w| w == ["fwmark", mark.as_str()])
+            && words
+                .windows(2)
+                .any(|w| w[0] == "fwmark" && parse_fwmark(w[1]) == Some(ours))
             && words.ends_with(&["lookup", table.as_str()])
     })
+}
+
+/// `0x111/0xfff` or `0x111` (mask 0xffffffff) as `ip rule` prints a fwmark.
+fn parse_fwmark(word: &str) -> Option<(Mark, Mark)> {
+    let (mark, mask) = word.split_once('/').unwrap_or((word, "0xffffffff"));
+    Some((mark.parse().ok()?, mask.parse().ok()?))
 }
 
 /// Is our route in `ip route show table <t>` output?

@@ -159,6 +159,32 @@ fn policy_routing_arguments_and_checks() {
         &cfg,
         "32764:\tfrom all fwmark 0x111/0xfff lookup 1000\n"
     ));
+    // A full mask is printed without it: still our rule, so neither added twice
+    // nor left behind by the removal.
+    let full = RedirectConfig {
+        mark_mask: crate::redirect::Mark(0xffff_ffff),
+        ..RedirectConfig::default()
+    };
+    assert!(ip_rule_present(
+        &full,
+        "32764:\tfrom all fwmark 0x111 lookup 100\n"
+    ));
+    assert!(ip_rule_present(
+        &full,
+        "32764:\tfrom all fwmark 0x111/0xffffffff lookup 100\n"
+    ));
+    assert!(
+        !ip_rule_present(&full, shown),
+        "another mask is another rule"
+    );
+    assert!(!ip_rule_present(
+        &cfg,
+        "32764:\tfrom all fwmark 0x111 lookup 100\n"
+    ));
+    assert!(!ip_rule_present(
+        &full,
+        "32764:\tfrom all fwmark 0x112 lookup 100\n"
+    ));
     assert!(ip_route_present("local default dev lo scope host \n"));
     assert!(!ip_route_present(""));
 }
