@@ -104,6 +104,14 @@ async fn add_redirects_the_pod_and_hands_its_namespace_to_ztunnel_and_del_undoes
             .await
             .unwrap(),
     );
+    // A chain emptied behind the agent's back is no redirection: CHECK says so.
+    ns.exec(&["iptables", "-t", "nat", "-F", "AMBIT_OUTPUT"]);
+    let out = spawn_plugin("CHECK", &ns.path(), &args, &conf)
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "CHECK passed with a flushed chain");
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(err["msg"].as_str().unwrap().contains("incomplete"), "{err}");
 
     let plugin = spawn_plugin("DEL", &ns.path(), &args, &conf);
     let (msg, fd) = zt.recv().await;

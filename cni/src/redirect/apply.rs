@@ -73,7 +73,7 @@ impl Redirector {
     pub fn is_installed(&self, ns: &NetNs) -> Result<bool, RedirectError> {
         ns.run(|| {
             let saved = self.run(&self.tools.iptables_save, &[], None)?;
-            Ok(rules::rules_present(&saved)
+            Ok(rules::rules_present(&self.cfg, &saved)
                 && rules::ip_rule_present(&self.cfg, &self.show_rules()?)
                 && rules::ip_route_present(&self.show_routes()?))
         })
