@@ -529,3 +529,41 @@ async fn an_add_during_a_slow_snapshot_is_queued_after_it_and_holds_up_nothing()
     zt.ack("").await;
     success(&add.await.unwrap());
 }
+
+/// IPv6, which the redirection does not cover, is turned off in the pod but on
+/// loopback: no fe80:: address is left for a neighbour to reach the pod's
+/// listeners by. CHECK fails once it is turned on again. No IPv6 is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_is_turned_off_in_the_pod_and_check_notices_it_back_on() {
+    if !have_root("ipv6_is_turned_off_in_the_pod_and_check_notices_it_back_on") {
+        return;
+    }
+    let ns = TestNetns::new();
+    ns.add_veth_pair("eth0", "peer0");
+    let addrs = || ns.exec(&["ip", "-6", "addr", "show"]);
+    assert!(addrs().contains("inet6 fe80"), "{}", addrs());
+    let agent = TestAgent::start();
+    let (zt, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.90");
+    let args = pod_args("v4-0", "uid-v4-0");
+    let plugin = spawn_plugin("ADD", &ns.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+
+    for iface in ["eth0", "peer0", "default"] {
+        assert_eq!(ns.ipv6_disabled(iface), "1", "{iface}");
+    }
+    assert_eq!(ns.ipv6_disabled("lo"), "0");
+    let left = addrs();
+    assert!(!left.contains("fe80"), "{left}");
+    assert!(left.contains("inet6 ::1"), "{left}");
+    let check = || spawn_plugin("CHECK", &ns.path(), &args, &conf);
+    success(&check().await.unwrap());
+
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"]);
+    let out = check().await.unwrap();
+    assert!(!out.status.success(), "CHECK passed with IPv6 back on");
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(err["msg"].as_str().unwrap().contains("incomplete"), "{err}");
+}
