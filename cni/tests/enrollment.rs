@@ -104,6 +104,14 @@ async fn add_redirects_the_pod_and_hands_its_namespace_to_ztunnel_and_del_undoes
             .await
             .unwrap(),
     );
+    // A chain emptied behind the agent's back is no redirection: CHECK says so.
+    ns.exec(&["iptables", "-t", "nat", "-F", "AMBIT_OUTPUT"]);
+    let out = spawn_plugin("CHECK", &ns.path(), &args, &conf)
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "CHECK passed with a flushed chain");
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(err["msg"].as_str().unwrap().contains("incomplete"), "{err}");
 
     let plugin = spawn_plugin("DEL", &ns.path(), &args, &conf);
     let (msg, fd) = zt.recv().await;
@@ -439,9 +447,123 @@ async fn a_pod_ztunnel_refuses_in_a_snapshot_fails_check_until_a_retry_is_taken(
     assert!(matches!(msg, Payload::Add(a) if a.uid == "uid-cart-0"));
     assert_eq!(NetNs::from_fd(fd.unwrap()).inode().unwrap(), ns.inode());
     zt.ack("still no certificate").await;
-    assert!(failure(check().await).contains("still no certificate"));
+    // The agent takes each answer in after ztunnel sends it, with no lock held
+    // meanwhile: CHECK tells the new refusal once it has.
+    let out = check_until(&ns, &args, &conf, |out| {
+        String::from_utf8_lossy(&out.stdout).contains("still no certificate")
+    })
+    .await;
+    failure(out);
     assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
     zt.ack("").await;
-    // The ack is taken under the agent's lock, which CHECK waits for.
-    success(&check().await);
+    success(&check_until(&ns, &args, &conf, |out| out.status.success()).await);
+}
+
+/// Runs CHECK until `done` holds for its output; fails after [`EVENT_TIMEOUT`].
+async fn check_until(
+    ns: &TestNetns,
+    args: &str,
+    conf: &str,
+    done: impl Fn(&std::process::Output) -> bool,
+) -> std::process::Output {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let out = spawn_plugin("CHECK", &ns.path(), args, conf).await.unwrap();
+        if done(&out) {
+            return out;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CHECK never got there: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// An ADD while ztunnel sits on a snapshot's ack waits for its own ack without
+/// holding up the agent, and reaches ztunnel after the snapshot, never before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_add_during_a_slow_snapshot_is_queued_after_it_and_holds_up_nothing() {
+    if !have_root("an_add_during_a_slow_snapshot_is_queued_after_it_and_holds_up_nothing") {
+        return;
+    }
+    let (old, new) = (TestNetns::new(), TestNetns::new());
+    let agent = TestAgent::start();
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.80");
+    // Enrolled while no ztunnel is connected: it goes in the first snapshot.
+    success(
+        &spawn_plugin("ADD", &old.path(), &pod_args("old", "uid-old"), &conf)
+            .await
+            .unwrap(),
+    );
+    let zt = FakeZtunnel::connect(&agent.zds_socket).await;
+    zt.send_raw(&ambit_cni::zds::encode_hello(1)).await;
+    assert!(matches!(zt.recv().await, (Payload::Add(a), Some(_)) if a.uid == "uid-old"));
+
+    // ztunnel sits on that ack. Another pod's ADD is redirected and queued...
+    let add = spawn_plugin("ADD", &new.path(), &pod_args("new", "uid-new"), &conf);
+    wait_until("the new pod is redirected", || {
+        iptables(&new).contains("AMBIT_OUTPUT")
+    })
+    .await;
+    // ...and the agent answers meanwhile: a CHECK of the pod in the snapshot
+    // says it is not served yet, without waiting for ztunnel.
+    let started = std::time::Instant::now();
+    let out = spawn_plugin("CHECK", &old.path(), &pod_args("old", "uid-old"), &conf)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "CHECK took {:?}",
+        started.elapsed()
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not acked"));
+    assert!(!add.is_finished(), "the ADD did not wait for ztunnel's ack");
+
+    zt.ack("").await;
+    assert!(matches!(zt.recv().await, (Payload::SnapshotSent(_), None)));
+    zt.ack("").await;
+    assert!(matches!(zt.recv().await, (Payload::Add(a), Some(_)) if a.uid == "uid-new"));
+    zt.ack("").await;
+    success(&add.await.unwrap());
+}
+
+/// IPv6, which the redirection does not cover, is turned off in the pod but on
+/// loopback: no fe80:: address is left for a neighbour to reach the pod's
+/// listeners by. CHECK fails once it is turned on again. No IPv6 is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_is_turned_off_in_the_pod_and_check_notices_it_back_on() {
+    if !have_root("ipv6_is_turned_off_in_the_pod_and_check_notices_it_back_on") {
+        return;
+    }
+    let ns = TestNetns::new();
+    ns.add_veth_pair("eth0", "peer0");
+    let addrs = || ns.exec(&["ip", "-6", "addr", "show"]);
+    assert!(addrs().contains("inet6 fe80"), "{}", addrs());
+    let agent = TestAgent::start();
+    let (zt, _) = FakeZtunnel::attach(&agent.zds_socket).await;
+    let conf = net_conf(&agent.plugin_socket, "198.18.0.90");
+    let args = pod_args("v4-0", "uid-v4-0");
+    let plugin = spawn_plugin("ADD", &ns.path(), &args, &conf);
+    assert!(matches!(zt.recv().await, (Payload::Add(_), Some(_))));
+    zt.ack("").await;
+    success(&plugin.await.unwrap());
+
+    for iface in ["eth0", "peer0", "default"] {
+        assert_eq!(ns.ipv6_disabled(iface), "1", "{iface}");
+    }
+    assert_eq!(ns.ipv6_disabled("lo"), "0");
+    let left = addrs();
+    assert!(!left.contains("fe80"), "{left}");
+    assert!(left.contains("inet6 ::1"), "{left}");
+    let check = || spawn_plugin("CHECK", &ns.path(), &args, &conf);
+    success(&check().await.unwrap());
+
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"]);
+    let out = check().await.unwrap();
+    assert!(!out.status.success(), "CHECK passed with IPv6 back on");
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(err["msg"].as_str().unwrap().contains("incomplete"), "{err}");
 }

@@ -123,3 +123,61 @@ async fn the_agent_refuses_a_pod_with_an_ipv6_address() {
     assert_eq!(kind, ambit_cni::api::FailureKind::BadRequest);
     assert!(message.contains("IPv6 is not supported"), "{message}");
 }
+
+/// A slow ztunnel holds up only what needs its answer: while it sits on each
+/// ack of a snapshot, plugin requests that do not need it are answered at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_snapshot_does_not_hold_up_plugin_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    // Six saved pods; plain files stand in for their namespaces (what the agent
+    // checks at load is the inode).
+    let mut saved = Vec::new();
+    for i in 0..6 {
+        let netns = dir.path().join(format!("ns-{i}"));
+        std::fs::write(&netns, "").unwrap();
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&netns).unwrap());
+        let pod = ambit_cni::api::Pod {
+            uid: format!("uid-{i}"),
+            name: format!("web-{i}"),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            container_id: format!("c{i}"),
+            netns,
+            ips: vec![format!("198.18.0.{}", 100 + i).parse().unwrap()],
+        };
+        saved.push(serde_json::json!({ "pod": pod, "netnsInode": inode }));
+    }
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/pods.json"),
+        serde_json::json!({ "pods": saved }).to_string(),
+    )
+    .unwrap();
+    // The test agents' ack timeout (10 s) is well over the 3 s asked of List.
+    let agent = TestAgent::start_in(dir.path());
+
+    let zt = FakeZtunnel::connect(&agent.zds_socket).await;
+    zt.send_raw(&zds::encode_hello(1)).await;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        let (Payload::Add(add), Some(_)) = zt.recv().await else {
+            panic!("expected a pod of the snapshot");
+        };
+        got.push(add.uid);
+        // ztunnel sits on this ack; the plugin is answered meanwhile.
+        let client = AgentClient::new(&agent.plugin_socket, std::time::Duration::from_secs(3));
+        let reply = tokio::task::spawn_blocking(move || client.request(&AgentRequest::List))
+            .await
+            .unwrap();
+        let Ok(AgentReply::Ok { pods, .. }) = reply else {
+            panic!("List while ztunnel holds an ack: {reply:?}");
+        };
+        assert_eq!(pods.len(), 6);
+        zt.ack("").await;
+    }
+    assert!(matches!(zt.recv().await, (Payload::SnapshotSent(_), None)));
+    zt.ack("").await;
+    got.sort();
+    assert_eq!(got, (0..6).map(|i| format!("uid-{i}")).collect::<Vec<_>>());
+    agent.stop().await;
+}

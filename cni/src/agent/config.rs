@@ -13,6 +13,9 @@ pub const DEFAULT_ZDS_SOCKET: &str = "/var/run/ambit/ztunnel.sock";
 /// Default path of the file the enrolled pods are saved to.
 pub const DEFAULT_STATE_FILE: &str = "/var/run/ambit/cni-pods.json";
 
+/// Routing tables the kernel reserves: unspec, default, main, local.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentConfig {
     /// Unix stream socket the CNI plugin sends pod events to.
@@ -181,6 +184,21 @@ impl AgentConfig {
                 "--max-plugin-connections must be over 0",
             ),
             (self.mark_mask.0 == 0, "--mark-mask must not be 0"),
+            // A mark of 0 under the mask is every unmarked packet: ztunnel's own
+            // (proxy mark) would be all traffic, never redirected; the conn
+            // mark's rule would route all of it to the local table.
+            (
+                self.proxy_mark.0 & self.mark_mask.0 == 0,
+                "--proxy-mark must not be 0 under --mark-mask",
+            ),
+            (
+                self.conn_mark.0 & self.mark_mask.0 == 0,
+                "--conn-mark must not be 0 under --mark-mask",
+            ),
+            (
+                RESERVED_TABLES.contains(&self.route_table),
+                "--route-table must not be 0, 253, 254 or 255 (unspec, default, main, local)",
+            ),
             (
                 self.proxy_mark.0 & self.mark_mask.0 == self.conn_mark.0 & self.mark_mask.0,
                 "--proxy-mark and --conn-mark must differ under --mark-mask",
@@ -249,6 +267,28 @@ mod tests {
         let mut bad = cfg.clone();
         bad.zds_retry_ms = 0;
         assert!(bad.validate().unwrap_err().contains("--zds-retry-ms"));
+        for table in [0, 253, 254, 255] {
+            let mut bad = cfg.clone();
+            bad.route_table = table;
+            let err = bad.validate().unwrap_err();
+            assert!(err.contains("--route-table"), "{table}: {err}");
+        }
+        let mut good = cfg.clone();
+        good.route_table = 252;
+        assert!(good.validate().is_ok());
+        for (mark, flag) in [(Mark(0), "--proxy-mark"), (Mark(0x1000), "--proxy-mark")] {
+            let mut bad = cfg.clone();
+            bad.proxy_mark = mark;
+            assert!(bad.validate().unwrap_err().contains(flag), "{mark}");
+        }
+        for mark in [Mark(0), Mark(0x7000)] {
+            let mut bad = cfg.clone();
+            bad.conn_mark = mark;
+            assert!(
+                bad.validate().unwrap_err().contains("--conn-mark"),
+                "{mark}"
+            );
+        }
         assert!(Cli::try_parse_from(["agent", "--proxy-mark", "zz"]).is_err());
     }
 }

@@ -15,8 +15,8 @@ pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 pub(crate) enum Handoff {
     /// The current (or last) ztunnel connection acked it.
     Acked,
-    /// Not acked yet: no ztunnel was connected, or the connection broke before
-    /// the ack. It goes in the next snapshot.
+    /// Not acked yet: no ztunnel was connected, the connection broke before the
+    /// ack (it goes in the next snapshot), or the answer is still to come.
     Waiting,
     /// ztunnel refused it; offered again at `retry_at`.
     Refused {
@@ -44,7 +44,10 @@ impl Handoff {
     pub(crate) fn problem(&self) -> Option<String> {
         match self {
             Self::Acked => None,
-            Self::Waiting => Some("ztunnel has not acked it yet (not connected)".into()),
+            Self::Waiting => Some(
+                "ztunnel has not acked it yet (not connected, or its answer is still to come)"
+                    .into(),
+            ),
             Self::Refused {
                 reason, attempts, ..
             } => Some(format!(

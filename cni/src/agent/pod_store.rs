@@ -175,19 +175,28 @@ fn replace_durably(path: &Path, body: &[u8]) -> std::io::Result<()> {
     let save = SAVES.fetch_add(1, Ordering::Relaxed);
     tmp.push(format!(".tmp.{}.{save}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)?;
-    file.write_all(body)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
+    if let Err(e) = write_and_rename(file, body, &tmp, path) {
+        // Nothing else would ever remove it: each save's name is new.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `body` to `file` (at `tmp`), syncs it and renames it over `path`.
+fn write_and_rename(mut file: File, body: &[u8], tmp: &Path, path: &Path) -> std::io::Result<()> {
+    file.write_all(body)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(tmp, path)
 }
 
 #[cfg(test)]
@@ -258,6 +267,20 @@ mod tests {
         // A directory where the file should be cannot be read.
         let store = PodStore::new(dir.path());
         assert!(matches!(store.load(0), Err(StateError::Read { .. })));
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: the rename onto it fails.
+        let path = dir.path().join("pods.json");
+        std::fs::create_dir(&path).unwrap();
+        assert!(replace_durably(&path, b"{}").is_err());
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["pods.json"], "a temp file was left behind");
     }
 
     #[test]

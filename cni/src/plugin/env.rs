@@ -44,18 +44,31 @@ pub struct CniArgs {
 }
 
 impl CniArgs {
-    /// Parses `K=V;K=V`. Empty values count as absent.
+    /// Parses `K=V;K=V`. Empty values count as absent. A bad entry is an error.
     pub fn parse(raw: &str) -> Result<Self, CniError> {
+        let (args, mut errors) = Self::parse_lenient(raw);
+        if errors.is_empty() {
+            Ok(args)
+        } else {
+            Err(errors.swap_remove(0))
+        }
+    }
+
+    /// Parses what it can: a bad entry is left out (for `AMBIT_ENROLL`, the
+    /// default stays) and its error returned beside the rest.
+    pub fn parse_lenient(raw: &str) -> (Self, Vec<CniError>) {
         let mut args = Self {
             enroll: true,
             ..Self::default()
         };
+        let mut errors = Vec::new();
         for pair in raw.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((key, value)) = pair.split_once('=') else {
-                return Err(CniError::new(
+                errors.push(CniError::new(
                     ErrorCode::InvalidEnvironment,
                     format!("CNI_ARGS entry `{pair}` is not KEY=VALUE"),
                 ));
+                continue;
             };
             let value = (!value.is_empty()).then(|| value.to_owned());
             match key {
@@ -63,11 +76,14 @@ impl CniArgs {
                 "K8S_POD_NAMESPACE" => args.pod_namespace = value,
                 "K8S_POD_UID" => args.pod_uid = value,
                 "K8S_POD_SERVICE_ACCOUNT" => args.service_account = value,
-                "AMBIT_ENROLL" => args.enroll = parse_enroll(value.as_deref())?,
+                "AMBIT_ENROLL" => match parse_enroll(value.as_deref()) {
+                    Ok(enroll) => args.enroll = enroll,
+                    Err(e) => errors.push(e),
+                },
                 _ => {}
             }
         }
-        Ok(args)
+        (args, errors)
     }
 }
 
@@ -114,12 +130,26 @@ impl CniEnv {
                 "CNI_NETNS is not set",
             ));
         }
+        let raw_args = get("CNI_ARGS").unwrap_or_default();
+        let args = match command {
+            CniCommand::Add | CniCommand::Check => CniArgs::parse(&raw_args)?,
+            // A DEL refused for its args could never succeed, and the runtime
+            // could never tear the sandbox down: what parses is used, the rest
+            // logged (VERSION reads no args at all).
+            CniCommand::Del | CniCommand::Version => {
+                let (args, errors) = CniArgs::parse_lenient(&raw_args);
+                for e in errors {
+                    tracing::warn!(container = %container_id, "{} (ignored for {command:?})", e.msg);
+                }
+                args
+            }
+        };
         Ok(Self {
             command,
             container_id,
             netns,
             ifname: get("CNI_IFNAME"),
-            args: CniArgs::parse(&get("CNI_ARGS").unwrap_or_default())?,
+            args,
         })
     }
 }

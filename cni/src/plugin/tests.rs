@@ -152,6 +152,26 @@ fn agent_down_fails_add_and_check_but_not_del() {
 }
 
 #[test]
+fn bad_cni_args_fail_add_and_check_but_not_del() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let bad = format!("{K8S_ARGS};AMBIT_ENROLL=maybe;JUNK");
+    for command in ["ADD", "CHECK"] {
+        let v = error_of(&invoke(command, &bad, &config(&socket)));
+        assert_eq!(v["code"], 4, "{command}: {v}");
+        assert!(v["msg"].as_str().unwrap().contains("maybe"), "{v}");
+    }
+    // DEL goes through, for the pod the good entries name.
+    let agent = fake_agent(&socket, AgentReply::ok());
+    let out = invoke("DEL", &bad, &config(&socket));
+    assert_eq!(out.exit_code, 0, "{}", out.stdout);
+    assert!(matches!(
+        agent.join().unwrap(),
+        AgentRequest::Del { uid, .. } if uid == "u-1"
+    ));
+}
+
+#[test]
 fn opted_out_pods_never_reach_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nobody.sock");

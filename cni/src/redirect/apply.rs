@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mesh_core::os::NetNs;
 
-use super::{RedirectConfig, RedirectTools, rules};
+use super::{RedirectConfig, RedirectTools, ipv6, rules};
 
 /// A failure to change or read a pod's redirection.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,8 @@ pub enum RedirectError {
     },
     #[error("`{command}` did not finish within {timeout:?} and was killed")]
     TimedOut { command: String, timeout: Duration },
+    #[error("could not turn IPv6 off in the pod: {0}")]
+    Ipv6(#[from] ipv6::SysctlError),
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
         command: String,
@@ -51,7 +53,8 @@ impl Redirector {
     }
 
     /// Installs the rules and policy routing in `ns`, replacing any earlier
-    /// install. On failure whatever was half-installed is removed again.
+    /// install, and turns IPv6 off there ([`ipv6`]). On failure whatever rules
+    /// were half-installed are removed again.
     pub fn install(&self, ns: &NetNs) -> Result<(), RedirectError> {
         ns.run(|| {
             let result = self.install_here();
@@ -63,17 +66,23 @@ impl Redirector {
         .map_err(RedirectError::Enter)?
     }
 
-    /// Removes exactly what [`Redirector::install`] adds; absent pieces are fine.
+    /// Removes exactly the rules and routing [`Redirector::install`] adds; absent
+    /// pieces are fine. IPv6 stays off: the sandbox is going away, and turning it
+    /// back on would only open the pod around the mesh meanwhile.
     pub fn remove(&self, ns: &NetNs) -> Result<(), RedirectError> {
         ns.run(|| self.remove_here())
             .map_err(RedirectError::Enter)?
     }
 
-    /// True when every piece of the redirection is in place in `ns`.
+    /// True when every piece of the redirection is in place in `ns`, IPv6 off
+    /// included.
     pub fn is_installed(&self, ns: &NetNs) -> Result<bool, RedirectError> {
         ns.run(|| {
+            if !ipv6::disabled(Path::new(ipv6::CONF))? {
+                return Ok(false);
+            }
             let saved = self.run(&self.tools.iptables_save, &[], None)?;
-            Ok(rules::rules_present(&saved)
+            Ok(rules::rules_present(&self.cfg, &saved)
                 && rules::ip_rule_present(&self.cfg, &self.show_rules()?)
                 && rules::ip_route_present(&self.show_routes()?))
         })
@@ -87,6 +96,7 @@ impl Redirector {
             self.ip(&rules::ip_rule_args(&self.cfg, "add"))?;
         }
         self.ip(&rules::ip_route_args(&self.cfg, "replace"))?;
+        ipv6::disable(Path::new(ipv6::CONF))?;
         Ok(())
     }
 

@@ -1,9 +1,11 @@
 //! In-pod redirection: the iptables rules and policy routing the agent installs
 //! inside a pod's network namespace so its TCP goes through ztunnel, and their
-//! exact removal. [`rules`] renders and parses the text; [`Redirector`] runs the
+//! exact removal; IPv6, which the rules do not cover, is turned off there
+//! ([`ipv6`]). [`rules`] renders and parses the text; [`Redirector`] runs the
 //! tools inside the namespace.
 
 mod apply;
+pub mod ipv6;
 pub mod rules;
 
 use std::fmt;

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::RedirectConfig;
+use super::{Mark, RedirectConfig};
 
 /// Our chains, per table: jumped to from PREROUTING and OUTPUT.
 pub const PREROUTING_CHAIN: &str = "AMBIT_PRERT";
@@ -128,9 +128,12 @@ pub fn render_removal(saved: &str) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
-/// True when `saved` holds both our chains and their jumps in both tables. The
-/// chains' contents are ours alone, so their presence is what is checked.
-pub fn rules_present(saved: &str) -> bool {
+/// True when `saved` holds both our chains in both tables, each jumped to and
+/// holding exactly the rules [`render_install`] puts there for `cfg`, in order
+/// (compared as `iptables-save` prints them, see [`normalise_rule`]): a flushed
+/// or edited chain is not the redirection.
+pub fn rules_present(cfg: &RedirectConfig, saved: &str) -> bool {
+    let wanted = render_install(cfg);
     TABLES.into_iter().all(|table| {
         let state = table_state(saved, table);
         let jumps_into = |chain: &str| {
@@ -139,10 +142,56 @@ pub fn rules_present(saved: &str) -> bool {
                 .iter()
                 .any(|j| j.split(" -j ").nth(1).map(str::trim) == Some(chain))
         };
-        CHAINS
-            .into_iter()
-            .all(|c| state.chains.contains(&c) && jumps_into(c))
+        CHAINS.into_iter().all(|c| {
+            state.chains.contains(&c)
+                && jumps_into(c)
+                && chain_rules(saved, table, c) == chain_rules(&wanted, table, c)
+        })
     })
+}
+
+/// The rules of `chain` in `table` of an `iptables-save` or `iptables-restore`
+/// text, in order, each normalised.
+fn chain_rules(text: &str, table: &str, chain: &str) -> Vec<Vec<String>> {
+    let mut rules = Vec::new();
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('*') {
+            inside = name == table;
+        } else if line == "COMMIT" {
+            inside = false;
+        } else if inside
+            && let Some(rule) = line.strip_prefix("-A ")
+            && rule.split_whitespace().next() == Some(chain)
+        {
+            rules.push(normalise_rule(rule));
+        }
+    }
+    rules
+}
+
+/// A rule's words as `iptables-save` prints them, whatever way they were
+/// written: without the `-m tcp` it adds for `--dport`, and with every mark as
+/// `value/mask` (it leaves out a full mask: `--mark 0x539`).
+fn normalise_rule(rule: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut words = rule.split_whitespace().peekable();
+    while let Some(word) = words.next() {
+        if word == "-m" && words.peek() == Some(&"tcp") {
+            words.next();
+            continue;
+        }
+        out.push(word.to_owned());
+        if matches!(word, "--mark" | "--set-xmark")
+            && let Some(value) = words.next()
+        {
+            out.push(match parse_fwmark(value) {
+                Some((mark, mask)) => format!("{mark}/{mask}"),
+                None => value.to_owned(),
+            });
+        }
+    }
+    out
 }
 
 /// `ip rule <verb> ...` arguments for our fwmark rule (`verb` is `add` or `del`).
@@ -168,17 +217,27 @@ pub fn ip_route_args(cfg: &RedirectConfig, verb: &str) -> Vec<String> {
         .collect()
 }
 
-/// Is our rule in `ip rule show` output?
+/// Is our rule in `ip rule show` output? The mark is compared as numbers:
+/// `ip` prints `fwmark 0x111` without the mask when it is 0xffffffff.
 pub fn ip_rule_present(cfg: &RedirectConfig, shown: &str) -> bool {
     let prefix = format!("{}:", cfg.rule_priority);
-    let mark = format!("{}/{}", cfg.conn_mark, cfg.mark_mask);
+    let ours = (cfg.conn_mark, cfg.mark_mask);
     let table = cfg.route_table.to_string();
     shown.lines().any(|l| {
         let words: Vec<&str> = l.split_whitespace().collect();
         words.first() == Some(&prefix.as_str())
-            && words.windows(2).any(|w| w == ["fwmark", mark.as_str()])
+            && words
+                .windows(2)
+                .any(|w| w[0] == "fwmark" && parse_fwmark(w[1]) == Some(ours))
             && words.ends_with(&["lookup", table.as_str()])
     })
+}
+
+/// `0x111/0xfff` or `0x111` (mask 0xffffffff), as `ip rule` prints a fwmark and
+/// `iptables-save` a mark.
+fn parse_fwmark(word: &str) -> Option<(Mark, Mark)> {
+    let (mark, mask) = word.split_once('/').unwrap_or((word, "0xffffffff"));
+    Some((mark.parse().ok()?, mask.parse().ok()?))
 }
 
 /// Is our route in `ip route show table <t>` output?

@@ -132,13 +132,88 @@ fn removal_handles_partial_and_absent_state() {
     );
 }
 
+/// What `iptables-save` v1.8.9 (nf_tables) printed after installing the rules
+/// of a config with a full mark mask: it leaves the mask out of `--mark`.
+const SAVED_FULL_MASK: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:AMBIT_OUTPUT - [0:0]
+:AMBIT_PRERT - [0:0]
+-A PREROUTING -j AMBIT_PRERT
+-A OUTPUT -j AMBIT_OUTPUT
+-A AMBIT_OUTPUT -m connmark --mark 0x111 -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A AMBIT_PRERT -m mark --mark 0x539 -j CONNMARK --set-xmark 0x111/0xffffffff
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:AMBIT_OUTPUT - [0:0]
+:AMBIT_PRERT - [0:0]
+-A PREROUTING -j AMBIT_PRERT
+-A OUTPUT -j AMBIT_OUTPUT
+-A AMBIT_OUTPUT -m mark --mark 0x539 -j RETURN
+-A AMBIT_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A AMBIT_OUTPUT -p tcp -j REDIRECT --to-ports 15001
+-A AMBIT_PRERT -i lo -j RETURN
+-A AMBIT_PRERT -m mark --mark 0x539 -j RETURN
+-A AMBIT_PRERT -p tcp -m tcp --dport 15008 -j RETURN
+-A AMBIT_PRERT -p tcp -j REDIRECT --to-ports 15006
+COMMIT
+";
+
 #[test]
-fn presence_needs_every_chain_and_jump() {
-    assert!(rules_present(SAVED));
+fn presence_needs_every_chain_jump_and_rule() {
+    let cfg = RedirectConfig::default();
+    assert!(rules_present(&cfg, SAVED));
     let without_nat_jump =
         SAVED.replacen("-A OUTPUT -j AMBIT_OUTPUT\n-A OUTPUT -d", "-A OUTPUT -d", 1);
-    assert!(!rules_present(&without_nat_jump));
-    assert!(!rules_present(""));
+    assert!(!rules_present(&cfg, &without_nat_jump));
+    assert!(!rules_present(&cfg, ""));
+
+    // `iptables -t nat -F AMBIT_OUTPUT`: declared and jumped to, but empty.
+    let nat_output = [
+        "-A AMBIT_OUTPUT -m mark --mark 0x539/0xfff -j RETURN\n",
+        "-A AMBIT_OUTPUT -d 127.0.0.0/8 -j RETURN\n",
+        "-A AMBIT_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n",
+    ];
+    let flushed = nat_output
+        .iter()
+        .fold(SAVED.to_owned(), |s, rule| s.replacen(rule, "", 1));
+    assert_ne!(flushed, SAVED);
+    assert!(!rules_present(&cfg, &flushed));
+    // Every chain of ours emptied.
+    let empty: String = SAVED
+        .lines()
+        .filter(|l| !l.starts_with("-A AMBIT_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!rules_present(&cfg, &empty));
+    // A rule changed, or one more appended: not ours either.
+    let changed = SAVED.replace("--to-ports 15001", "--to-ports 15002");
+    assert!(!rules_present(&cfg, &changed));
+    let extra = SAVED.replace(
+        "-A AMBIT_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n",
+        "-A AMBIT_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n-A AMBIT_OUTPUT -j ACCEPT\n",
+    );
+    assert!(!rules_present(&cfg, &extra));
+    // The rules of another config are not this one's.
+    let other = RedirectConfig {
+        proxy_mark: crate::redirect::Mark(0x42),
+        ..RedirectConfig::default()
+    };
+    assert!(!rules_present(&other, SAVED));
+}
+
+#[test]
+fn presence_reads_marks_as_iptables_save_prints_them() {
+    let full = RedirectConfig {
+        mark_mask: crate::redirect::Mark(0xffff_ffff),
+        ..RedirectConfig::default()
+    };
+    assert!(rules_present(&full, SAVED_FULL_MASK));
+    assert!(!rules_present(&RedirectConfig::default(), SAVED_FULL_MASK));
+    assert!(!rules_present(&full, SAVED));
 }
 
 #[test]
@@ -158,6 +233,32 @@ fn policy_routing_arguments_and_checks() {
     assert!(!ip_rule_present(
         &cfg,
         "32764:\tfrom all fwmark 0x111/0xfff lookup 1000\n"
+    ));
+    // A full mask is printed without it: still our rule, so neither added twice
+    // nor left behind by the removal.
+    let full = RedirectConfig {
+        mark_mask: crate::redirect::Mark(0xffff_ffff),
+        ..RedirectConfig::default()
+    };
+    assert!(ip_rule_present(
+        &full,
+        "32764:\tfrom all fwmark 0x111 lookup 100\n"
+    ));
+    assert!(ip_rule_present(
+        &full,
+        "32764:\tfrom all fwmark 0x111/0xffffffff lookup 100\n"
+    ));
+    assert!(
+        !ip_rule_present(&full, shown),
+        "another mask is another rule"
+    );
+    assert!(!ip_rule_present(
+        &cfg,
+        "32764:\tfrom all fwmark 0x111 lookup 100\n"
+    ));
+    assert!(!ip_rule_present(
+        &full,
+        "32764:\tfrom all fwmark 0x112 lookup 100\n"
     ));
     assert!(ip_route_present("local default dev lo scope host \n"));
     assert!(!ip_route_present(""));

@@ -67,6 +67,32 @@ impl TestNetns {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Gives the namespace an interface, as a pod has: a veth pair with both
+    /// ends inside it, up (so the kernel gives each an fe80:: address), and lo
+    /// up. Duplicate address detection and router solicitations are off first,
+    /// so nothing is sent for the addresses. Goes with the namespace.
+    pub fn add_veth_pair(&self, name: &str, peer: &str) {
+        for setting in ["dad_transmits", "router_solicitations"] {
+            self.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.default.{setting}=0"),
+            ]);
+        }
+        self.exec(&[
+            "ip", "link", "add", name, "type", "veth", "peer", "name", peer,
+        ]);
+        for dev in [name, peer, "lo"] {
+            self.exec(&["ip", "link", "set", dev, "up"]);
+        }
+    }
+
+    /// `net.ipv6.conf.<iface>.disable_ipv6` inside the namespace.
+    pub fn ipv6_disabled(&self, iface: &str) -> String {
+        let path = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+        self.exec(&["cat", &path]).trim().to_owned()
+    }
+
     pub fn inode(&self) -> u64 {
         mesh_core::os::NetNs::open(self.path())
             .unwrap()

@@ -7,8 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
+    self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -142,7 +141,7 @@ impl SeqPacket {
     /// descriptor, is an `InvalidData` error (the descriptors are closed).
     pub async fn recv(&self) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
         let mut buf = vec![0u8; MAX_PACKET];
-        let (n, mut fds, truncated) = self
+        let (n, mut fds, flags) = self
             .fd
             .async_io(Interest::READABLE, |sock| {
                 let mut iov = [IoSliceMut::new(&mut buf)];
@@ -154,23 +153,22 @@ impl SeqPacket {
                     MsgFlags::MSG_CMSG_CLOEXEC,
                 )
                 .map_err(io::Error::from)?;
-                let mut fds = Vec::new();
-                for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        for r in raw {
-                            // SAFETY: the kernel installed this descriptor in our table
-                            // for this message; we are its only owner.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-                        }
-                    }
-                }
-                let truncated = msg
-                    .flags
-                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                Ok((msg.bytes, fds, truncated))
+                let (bytes, flags) = (msg.bytes, msg.flags);
+                // Owned (and so closed on every path below) before anything can fail.
+                let fds = take_fds(&space);
+                Ok((bytes, fds, flags))
             })
             .await?;
-        if truncated {
+        if flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "more descriptors than fit with one message (control data truncated, {} received and closed)",
+                    fds.len()
+                ),
+            ));
+        }
+        if flags.contains(MsgFlags::MSG_TRUNC) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "message truncated",
@@ -188,6 +186,46 @@ impl SeqPacket {
         buf.truncate(n);
         Ok((buf, fds.pop()))
     }
+}
+
+/// Takes ownership of every descriptor the kernel installed with one message: those
+/// in the SCM_RIGHTS control messages of `control`, the zero-filled buffer recvmsg
+/// wrote into. Walked here rather than with nix's `cmsgs()`, which refuses a
+/// truncated buffer (MSG_CTRUNC) and so would leak the descriptors that did fit:
+/// the kernel writes whole headers only, each giving the length of what follows
+/// it, and our zeroes follow the last one.
+fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
+    use nix::libc::{SCM_RIGHTS, SOL_SOCKET, c_int, cmsghdr};
+    // CMSG_ALIGN on Linux (glibc and musl): to the size of a size_t.
+    let align = |len: usize| len.next_multiple_of(std::mem::size_of::<usize>());
+    // CMSG_LEN(0): where a message's data starts.
+    let header = align(std::mem::size_of::<cmsghdr>());
+    let mut fds = Vec::new();
+    let mut at = 0;
+    while let Some(bytes) = control.get(at..at + header) {
+        // SAFETY: `bytes` holds at least size_of::<cmsghdr>() bytes;
+        // read_unaligned copies them out whatever the buffer's alignment, and a
+        // cmsghdr is plain integers, valid for any bit pattern.
+        let cmsg: cmsghdr = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        #[allow(clippy::unnecessary_cast)] // usize on glibc, u32 on musl
+        let len = cmsg.cmsg_len as usize;
+        if len < header {
+            break; // the zeroes after the last message
+        }
+        let end = (at + len).min(control.len());
+        if cmsg.cmsg_level == SOL_SOCKET && cmsg.cmsg_type == SCM_RIGHTS {
+            for raw in control[at + header..end].chunks_exact(std::mem::size_of::<c_int>()) {
+                let Ok(raw) = <[u8; 4]>::try_from(raw) else {
+                    continue;
+                };
+                // SAFETY: the kernel installed this descriptor in our table for
+                // this message; we are its only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(RawFd::from_ne_bytes(raw)) });
+            }
+        }
+        at += align(len);
+    }
+    fds
 }
 
 impl AsFd for SeqPacket {
@@ -221,6 +259,50 @@ mod tests {
         drop(a);
         let (end, fd) = b.recv().await.unwrap();
         assert!(end.is_empty() && fd.is_none());
+    }
+
+    /// How many of this process's descriptors are open on one of `paths`. Other
+    /// tests open and close descriptors meanwhile, so the test's own files are
+    /// what is counted, not the whole table.
+    fn open_on(paths: &[std::path::PathBuf]) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .filter(|target| paths.contains(target))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn extra_descriptors_are_closed_and_the_session_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<_> = (0..8).map(|i| dir.path().join(format!("f{i}"))).collect();
+        let files: Vec<std::fs::File> = paths
+            .iter()
+            .map(|p| std::fs::File::create(p).unwrap())
+            .collect();
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let (a, b) = SeqPacket::pair().unwrap();
+        // 2 fit in the control buffer, 8 do not (the kernel installs what fits
+        // and flags the rest truncated): both are refused and every received
+        // descriptor is closed.
+        for count in [2, 8] {
+            assert_eq!(open_on(&paths), 8, "the test's own descriptors");
+            socket::sendmsg::<()>(
+                a.as_fd().as_raw_fd(),
+                &[IoSlice::new(b"many")],
+                &[ControlMessage::ScmRights(&raw[..count])],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+            let err = b.recv().await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{count}: {err}");
+            assert_eq!(open_on(&paths), 8, "{count} sent: received ones leaked");
+            // The session goes on.
+            a.send(b"next", None).await.unwrap();
+            let (next, fd) = b.recv().await.unwrap();
+            assert_eq!((next.as_slice(), fd.is_none()), (&b"next"[..], true));
+        }
     }
 
     #[tokio::test]

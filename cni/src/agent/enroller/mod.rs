@@ -3,26 +3,30 @@
 //! (re)connecting ztunnel gets. A lock per pod orders the requests for that pod,
 //! and the tools run under it alone, so a slow or hung tool (killed at its
 //! deadline) holds up only its own pod. The lock of the pod table orders what
-//! ztunnel hears, so a pod is either in a ztunnel's snapshot or sent to it
-//! afterwards, never lost in between; the only wait under it is for ztunnel's ack,
-//! bounded by the ack timeout.
+//! ztunnel hears: a message to ztunnel is queued on its connection under it
+//! ([`ztunnel`]), so a pod is either in a ztunnel's snapshot or queued after it,
+//! never lost in between, and one pod's messages keep their order. Nothing waits
+//! for ztunnel under it: answers are awaited once it is released, so a slow
+//! ztunnel holds up only the requests that need its answer, never the table.
+
+mod ztunnel;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::drain::DrainWatcher;
 use mesh_core::os::NetNs;
 use tokio::sync::{Mutex, Notify};
-use tokio::time::Instant;
 
 use super::handoff::Handoff;
 use super::pod_locks::PodLocks;
 use super::pod_store::PodStore;
-use super::ztunnel_conn::{ExchangeError, ZdsConnection, ZtunnelHandle};
+use super::ztunnel_conn::{self, ZtunnelHandle};
 use crate::api::{AgentReply, AgentRequest, FailureKind, Pod};
 use crate::redirect::{RedirectError, Redirector};
 use crate::zds;
+use ztunnel::{Delivery, delivered};
 
 /// Why a plugin request failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,23 +82,36 @@ impl EnrollError {
 #[derive(Debug)]
 struct EnrolledPod {
     pod: Pod,
-    netns: NetNs,
+    netns: Arc<NetNs>,
     handoff: Handoff,
+    /// Tells this enrollment apart from an earlier or later one of the same uid.
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
 struct State {
     pods: BTreeMap<String, EnrolledPod>,
+    /// The active ztunnel connection.
     ztunnel: Option<ZtunnelHandle>,
+    /// The connection that attached last: only its answers count.
+    latest_conn: u64,
+    next_generation: u64,
 }
 
-/// How telling ztunnel went.
-enum Delivery {
-    Acked,
-    NotConnected,
-    /// The connection broke; the pod is sent again when ztunnel reconnects.
-    Broken(String),
-    Refused(String),
+impl State {
+    /// Adds (or replaces) the pod, not yet with ztunnel; its generation.
+    fn enroll(&mut self, pod: Pod, netns: Arc<NetNs>) -> u64 {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let enrolled = EnrolledPod {
+            pod,
+            netns,
+            handoff: Handoff::Waiting,
+            generation,
+        };
+        self.pods.insert(enrolled.pod.uid.clone(), enrolled);
+        generation
+    }
 }
 
 #[derive(Debug)]
@@ -121,26 +138,13 @@ impl Enroller {
         saved: Vec<(Pod, NetNs)>,
         retry_first: Duration,
     ) -> Self {
-        let pods = saved
-            .into_iter()
-            .map(|(pod, netns)| {
-                let handoff = Handoff::Waiting;
-                (
-                    pod.uid.clone(),
-                    EnrolledPod {
-                        pod,
-                        netns,
-                        handoff,
-                    },
-                )
-            })
-            .collect();
+        let mut state = State::default();
+        for (pod, netns) in saved {
+            state.enroll(pod, Arc::new(netns));
+        }
         Self {
             pod_locks: PodLocks::default(),
-            state: Mutex::new(State {
-                pods,
-                ztunnel: None,
-            }),
+            state: Mutex::new(state),
             redirector,
             own_netns,
             store,
@@ -153,7 +157,7 @@ impl Enroller {
     /// removal it is only logged (a removed pod's namespace is gone by the next
     /// start, and the load forgets it), an ADD fails on it (see `add`).
     async fn persist(&self, state: &State) -> Result<(), String> {
-        let pods = state.pods.values().map(|p| (&p.pod, &p.netns));
+        let pods = state.pods.values().map(|p| (&p.pod, &*p.netns));
         self.store.save(pods).await.map_err(|e| {
             tracing::error!(path = %self.store.path().display(), "cannot save the pods: {e}");
             e.to_string()
@@ -206,53 +210,53 @@ impl Enroller {
         let _pod_lock = self.pod_locks.lock(&uid).await;
         let old = {
             let mut state = self.state.lock().await;
-            let old = state.pods.remove(&uid);
-            if old.is_some() {
-                let _ = self.persist(&state).await; // logged there
+            match state.pods.remove(&uid) {
+                Some(old) => {
+                    let _ = self.persist(&state).await; // logged there
+                    let del = state.queue(zds::encode_del(&uid), None);
+                    Some((old, del))
+                }
+                None => None,
             }
-            old
         };
-        if let Some(old) = old {
+        if let Some((old, del)) = old {
             tracing::info!(%uid, "pod added again: replacing its earlier enrollment");
-            self.retire(old).await;
+            self.retire(old, del).await;
         }
         self.redirect(&uid, &netns, Redirector::install).await?;
-        let msg = zds::encode_add(&pod);
-        let attached = clone_netns(&netns)?;
+        let netns = Arc::new(netns);
         tracing::info!(%uid, name = %pod.name, namespace = %pod.namespace, ips = ?pod.ips, "pod redirected");
-        let mut state = self.state.lock().await;
-        let handoff = Handoff::Waiting;
-        state.pods.insert(
-            uid.clone(),
-            EnrolledPod {
-                pod,
-                netns,
-                handoff,
-            },
-        );
-        // A pod the file does not hold would be forgotten by a restarted agent
-        // while its rules stay: its traffic would go to listeners nobody opens.
-        // Failing the ADD instead lets the runtime retry it, visibly.
-        if let Err(reason) = self.persist(&state).await {
-            let gone = state.pods.remove(&uid);
-            drop(state);
-            if let Some(gone) = gone
-                && let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await
-            {
-                tracing::warn!("{e}");
+        let msg = zds::encode_add(&pod);
+        let (generation, add) = {
+            let mut state = self.state.lock().await;
+            let generation = state.enroll(pod, netns.clone());
+            // A pod the file does not hold would be forgotten by a restarted agent
+            // while its rules stay: its traffic would go to listeners nobody opens.
+            // Failing the ADD instead lets the runtime retry it, visibly.
+            if let Err(reason) = self.persist(&state).await {
+                state.pods.remove(&uid);
+                drop(state);
+                if let Err(e) = self.redirect(&uid, &netns, Redirector::remove).await {
+                    tracing::warn!("{e}");
+                }
+                return Err(EnrollError::NotSaved {
+                    uid,
+                    path: self.store.path().to_path_buf(),
+                    reason,
+                });
             }
-            return Err(EnrollError::NotSaved {
-                uid,
-                path: self.store.path().to_path_buf(),
-                reason,
-            });
-        }
-        let delivery = self.tell_ztunnel(&mut state, msg, Some(attached)).await;
-        if let (Delivery::Acked, Some(pod)) = (&delivery, state.pods.get_mut(&uid)) {
-            pod.handoff = Handoff::Acked;
-        }
-        match delivery {
-            Delivery::Acked => Ok(None),
+            (generation, state.queue(msg, Some(netns.clone())))
+        };
+        // Awaited with the table free: other pods' requests go on meanwhile.
+        let conn = add.as_ref().map(|a| a.conn);
+        match delivered(add).await {
+            Delivery::Acked => {
+                if let Some(conn) = conn {
+                    let mut state = self.state.lock().await;
+                    state.record(&uid, generation, conn, Handoff::Acked);
+                }
+                Ok(None)
+            }
             Delivery::NotConnected => Ok(Some(
                 "ztunnel is not connected; the pod is sent when it connects".into(),
             )),
@@ -260,12 +264,23 @@ impl Enroller {
                 "ztunnel connection dropped ({reason}); the pod is sent when it reconnects"
             ))),
             Delivery::Refused(reason) => {
-                let gone = state.pods.remove(&uid);
-                let _ = self.persist(&state).await; // logged there
-                drop(state);
-                if let Some(gone) = gone
-                    && let Err(e) = self.redirect(&uid, &gone.netns, Redirector::remove).await
-                {
+                let del = {
+                    let mut state = self.state.lock().await;
+                    if state.pods.get(&uid).map(|p| p.generation) == Some(generation) {
+                        state.pods.remove(&uid);
+                        let _ = self.persist(&state).await; // logged there
+                    }
+                    // A newer connection had the pod in its snapshot: it hears
+                    // that the pod is gone.
+                    let newer = state.ztunnel.as_ref().is_some_and(|z| Some(z.id) != conn);
+                    newer
+                        .then(|| state.queue(zds::encode_del(&uid), None))
+                        .flatten()
+                };
+                if let Delivery::Refused(why) = delivered(del).await {
+                    tracing::debug!(%uid, "ztunnel refused the removal of a refused pod: {why}");
+                }
+                if let Err(e) = self.redirect(&uid, &netns, Redirector::remove).await {
                     tracing::warn!("{e}");
                 }
                 Err(EnrollError::Refused { uid, reason })
@@ -289,8 +304,9 @@ impl Enroller {
             tracing::info!(%uid, "DEL of another sandbox than the enrolled one, ignored: {why}");
         } else if let Some(old) = state.pods.remove(uid) {
             let _ = self.persist(&state).await; // logged there
+            let del = state.queue(zds::encode_del(uid), None);
             drop(state);
-            self.retire(old).await;
+            self.retire(old, del).await;
             tracing::info!(%uid, "pod removed");
             return Ok(None);
         }
@@ -338,156 +354,16 @@ impl Enroller {
         }
     }
 
-    /// A new ztunnel connection: every known pod, then `SnapshotSent`; then it
-    /// replaces the previous connection. Returns how many pods were sent.
-    pub(crate) async fn attach(
-        &self,
-        conn: &ZdsConnection,
-        handle: ZtunnelHandle,
-    ) -> Result<usize, ExchangeError> {
-        let mut state = self.state.lock().await;
-        let mut refused = false;
-        for (uid, pod) in &mut state.pods {
-            match conn
-                .exchange(&zds::encode_add(&pod.pod), Some(&pod.netns))
-                .await
-            {
-                Ok(()) => pod.handoff = Handoff::Acked,
-                Err(ExchangeError::Refused(reason)) => {
-                    tracing::warn!(%uid, "ztunnel refused the pod in its snapshot (it is offered again): {reason}");
-                    pod.handoff = Handoff::refused(reason, 1, self.retry_first, Instant::now());
-                    refused = true;
-                }
-                Err(broken) => return Err(broken),
-            }
-        }
-        match conn.exchange(&zds::encode_snapshot_sent(), None).await {
-            Ok(()) => {}
-            Err(ExchangeError::Refused(reason)) => {
-                tracing::warn!("ztunnel refused the end of the snapshot: {reason}")
-            }
-            Err(broken) => return Err(broken),
-        }
-        if let Some(old) = state.ztunnel.replace(handle) {
-            tracing::info!(old = old.id, "replacing the previous ztunnel connection");
-        }
-        if refused {
-            self.refused.notify_one();
-        }
-        Ok(state.pods.len())
-    }
-
-    /// Offers the pods ztunnel refused again, each when its backoff is over,
-    /// until the drain starts. A new snapshot offers every pod anyway.
-    pub(crate) async fn reoffer_refused(&self, drain: DrainWatcher) {
-        loop {
-            let next = {
-                let state = self.state.lock().await;
-                state
-                    .pods
-                    .values()
-                    .filter_map(|p| p.handoff.retry_at())
-                    .min()
-            };
-            // Far enough to mean "until woken".
-            let next = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                _ = drain.signaled() => return,
-                () = self.refused.notified() => continue,
-                () = tokio::time::sleep_until(next) => {}
-            }
-            self.reoffer_due().await;
-        }
-    }
-
-    async fn reoffer_due(&self) {
-        let mut state = self.state.lock().await;
-        let now = Instant::now();
-        let due: Vec<String> = state
-            .pods
-            .iter()
-            .filter(|(_, p)| p.handoff.retry_at().is_some_and(|at| at <= now))
-            .map(|(uid, _)| uid.clone())
-            .collect();
-        for uid in due {
-            let Some(pod) = state.pods.get(&uid) else {
-                continue;
-            };
-            let attempts = pod.handoff.attempts();
-            let msg = zds::encode_add(&pod.pod);
-            let netns = match pod.netns.try_clone() {
-                Ok(netns) => netns,
-                Err(e) => {
-                    // Out of descriptors: try again later, as for a refusal.
-                    tracing::warn!(%uid, "cannot duplicate a namespace fd: {e}");
-                    let reason = format!("cannot duplicate its namespace fd: {e}");
-                    if let Some(pod) = state.pods.get_mut(&uid) {
-                        pod.handoff = Handoff::refused(
-                            reason,
-                            attempts + 1,
-                            self.retry_first,
-                            Instant::now(),
-                        );
-                    }
-                    continue;
-                }
-            };
-            let delivery = self.tell_ztunnel(&mut state, msg, Some(netns)).await;
-            let Some(pod) = state.pods.get_mut(&uid) else {
-                continue;
-            };
-            match delivery {
-                Delivery::Acked => {
-                    tracing::info!(%uid, attempts, "ztunnel took the pod it had refused");
-                    pod.handoff = Handoff::Acked;
-                }
-                Delivery::Refused(reason) => {
-                    tracing::warn!(%uid, attempts = attempts + 1, "ztunnel refused the pod again: {reason}");
-                    pod.handoff =
-                        Handoff::refused(reason, attempts + 1, self.retry_first, Instant::now());
-                }
-                // The next ztunnel connection's snapshot offers it.
-                Delivery::NotConnected | Delivery::Broken(_) => {
-                    pod.handoff = Handoff::Waiting;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Tells ztunnel the pod (already out of the table) is gone, then removes its
-    /// redirection. Called with the pod's lock held and the table's lock free.
-    async fn retire(&self, old: EnrolledPod) {
+    /// Waits for ztunnel's answer to the removal of the pod (already out of the
+    /// table, its `DelWorkload` queued as `del`), then removes its redirection.
+    /// Called with the pod's lock held and the table's lock free.
+    async fn retire(&self, old: EnrolledPod, del: Option<ztunnel_conn::Pending>) {
         let uid = old.pod.uid.as_str();
-        let mut state = self.state.lock().await;
-        let delivery = self
-            .tell_ztunnel(&mut state, zds::encode_del(uid), None)
-            .await;
-        drop(state);
-        if let Delivery::Refused(reason) = delivery {
+        if let Delivery::Refused(reason) = delivered(del).await {
             tracing::warn!(%uid, "ztunnel refused the removal: {reason}");
         }
         if let Err(e) = self.redirect(uid, &old.netns, Redirector::remove).await {
             tracing::warn!("{e}");
-        }
-    }
-
-    async fn tell_ztunnel(
-        &self,
-        state: &mut State,
-        msg: Vec<u8>,
-        netns: Option<NetNs>,
-    ) -> Delivery {
-        let Some(handle) = state.ztunnel.clone() else {
-            return Delivery::NotConnected;
-        };
-        match handle.exchange(msg, netns).await {
-            Ok(()) => Delivery::Acked,
-            Err(ExchangeError::Refused(reason)) => Delivery::Refused(reason),
-            Err(ExchangeError::Broken(reason)) => {
-                state.ztunnel = None;
-                Delivery::Broken(reason)
-            }
         }
     }
 
