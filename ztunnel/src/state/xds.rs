@@ -35,6 +35,27 @@ struct Held {
     vips: HashMap<IpAddr, String>,
     /// Policy key -> resource name.
     policy_keys: HashMap<String, String>,
+    /// Resources refused only because another resource still claims their uid,
+    /// address, VIP, hostname or key, by (type URL, name): applied as soon as a
+    /// removal frees the claim. A response may carry a new claimant before the
+    /// removal of the old one (a renamed service keeping its VIP, a new pod
+    /// reusing an address), and the server does not send a refused version
+    /// again. At most one per resource the server sent.
+    parked: HashMap<(String, String), Resource>,
+}
+
+/// Why a resource was not applied.
+enum PutError {
+    /// Malformed, or not for ztunnel: refused for good.
+    Invalid(String),
+    /// Another resource claims what it claims: parked until that one goes.
+    Clash(String),
+}
+
+impl From<String> for PutError {
+    fn from(error: String) -> Self {
+        PutError::Invalid(error)
+    }
 }
 
 /// Applies xDS responses to a [`StateStore`].
@@ -76,27 +97,36 @@ impl Handler for XdsState {
         removed: Vec<String>,
     ) -> Result<(), Vec<Refusal>> {
         let mut held = self.lock();
+        let root_namespace = self.store.root_namespace();
         let mut refused = Vec::new();
         let mut changed = !removed.is_empty();
-        for r in updated {
-            let outcome = match type_url {
-                WORKLOAD_TYPE_URL => held.put_workload(&r),
-                SERVICE_TYPE_URL => held.put_service(&r),
-                AUTHORIZATION_TYPE_URL => held.put_policy(&r, self.store.root_namespace()),
-                other => Err(format!("ztunnel does not use {other}")),
-            };
-            match outcome {
-                Ok(()) => changed = true,
-                Err(error) => refused.push((r.name, error)),
-            }
-        }
+        // Removals first: they may free what this response's updates claim.
         for name in &removed {
+            held.parked.remove(&(type_url.to_string(), name.clone()));
             match type_url {
                 WORKLOAD_TYPE_URL => held.remove_workload(name),
                 SERVICE_TYPE_URL => held.remove_service(name),
                 AUTHORIZATION_TYPE_URL => held.remove_policy(name),
                 _ => {}
             }
+        }
+        for r in updated {
+            let key = (type_url.to_string(), r.name.clone());
+            held.parked.remove(&key);
+            match held.put(type_url, &r, root_namespace) {
+                Ok(()) => changed = true,
+                Err(PutError::Invalid(error)) => refused.push((r.name, error)),
+                Err(PutError::Clash(error)) => {
+                    refused.push((
+                        r.name.clone(),
+                        format!("{error}; held back until that one is removed"),
+                    ));
+                    held.parked.insert(key, r);
+                }
+            }
+        }
+        if !removed.is_empty() {
+            changed |= held.unpark(root_namespace);
         }
         if changed {
             self.store.replace(held.build());
@@ -134,20 +164,65 @@ fn clash<'a, K: std::hash::Hash + Eq>(
 }
 
 impl Held {
-    fn put_workload(&mut self, r: &Resource) -> Result<(), String> {
+    fn put(&mut self, type_url: &str, r: &Resource, root_namespace: &str) -> Result<(), PutError> {
+        match type_url {
+            WORKLOAD_TYPE_URL => self.put_workload(r),
+            SERVICE_TYPE_URL => self.put_service(r),
+            AUTHORIZATION_TYPE_URL => self.put_policy(r, root_namespace),
+            other => Err(PutError::Invalid(format!("ztunnel does not use {other}"))),
+        }
+    }
+
+    /// Applies the parked resources whose claims are free now (one freed may
+    /// free another); true if any was applied.
+    fn unpark(&mut self, root_namespace: &str) -> bool {
+        let mut applied = false;
+        loop {
+            let parked: Vec<(String, String)> = self.parked.keys().cloned().collect();
+            let mut progress = false;
+            for key in parked {
+                let Some(r) = self.parked.remove(&key) else {
+                    continue;
+                };
+                match self.put(&key.0, &r, root_namespace) {
+                    Ok(()) => {
+                        tracing::info!(type_url = %key.0, name = %r.name, "held-back xDS resource applied: what it claims is free now");
+                        progress = true;
+                    }
+                    Err(PutError::Clash(_)) => {
+                        self.parked.insert(key, r);
+                    }
+                    Err(PutError::Invalid(_)) => {}
+                }
+            }
+            applied |= progress;
+            if !progress {
+                return applied;
+            }
+        }
+    }
+
+    fn put_workload(&mut self, r: &Resource) -> Result<(), PutError> {
         let w = Workload::try_from(decode::<ambit_proto::workload::Workload>(r)?)
             .map_err(|e| e.to_string())?;
         if let Some(owner) = clash(&self.uids, &w.uid, &r.name) {
-            return Err(format!("uid {} belongs to workload {owner}", w.uid));
+            return Err(PutError::Clash(format!(
+                "uid {} belongs to workload {owner}",
+                w.uid
+            )));
         }
         // A hostNetwork pod shares its node's addresses: it claims none.
         let claimed: &[std::net::IpAddr] = if w.host_network { &[] } else { &w.addresses };
         for ip in claimed {
             if let Some(owner) = clash(&self.ips, ip, &r.name) {
-                return Err(format!("address {ip} belongs to workload {owner}"));
+                return Err(PutError::Clash(format!(
+                    "address {ip} belongs to workload {owner}"
+                )));
             }
             if let Some(owner) = self.vips.get(ip) {
-                return Err(format!("address {ip} is a VIP of service {owner}"));
+                return Err(PutError::Clash(format!(
+                    "address {ip} is a VIP of service {owner}"
+                )));
             }
         }
         self.remove_workload(&r.name);
@@ -171,19 +246,25 @@ impl Held {
         }
     }
 
-    fn put_service(&mut self, r: &Resource) -> Result<(), String> {
+    fn put_service(&mut self, r: &Resource) -> Result<(), PutError> {
         let s = Service::try_from(decode::<ambit_proto::workload::Service>(r)?)
             .map_err(|e| e.to_string())?;
         let key = s.key();
         if let Some(owner) = clash(&self.service_keys, &key, &r.name) {
-            return Err(format!("hostname {key} belongs to service {owner}"));
+            return Err(PutError::Clash(format!(
+                "hostname {key} belongs to service {owner}"
+            )));
         }
         for vip in &s.vips {
             if let Some(owner) = clash(&self.vips, vip, &r.name) {
-                return Err(format!("VIP {vip} belongs to service {owner}"));
+                return Err(PutError::Clash(format!(
+                    "VIP {vip} belongs to service {owner}"
+                )));
             }
             if let Some(owner) = self.ips.get(vip) {
-                return Err(format!("VIP {vip} is an address of workload {owner}"));
+                return Err(PutError::Clash(format!(
+                    "VIP {vip} is an address of workload {owner}"
+                )));
             }
         }
         self.remove_service(&r.name);
@@ -204,7 +285,7 @@ impl Held {
         }
     }
 
-    fn put_policy(&mut self, r: &Resource, root_namespace: &str) -> Result<(), String> {
+    fn put_policy(&mut self, r: &Resource, root_namespace: &str) -> Result<(), PutError> {
         let p = Authorization::try_from(decode::<ambit_proto::security::Authorization>(r)?)
             .map_err(|e| e.to_string())?;
         p.validate().map_err(|e| e.to_string())?;
@@ -213,15 +294,17 @@ impl Held {
         // would apply to nothing here (a mesh-wide DENY failing open). Refused
         // (NACK) so the control plane shows it.
         if p.scope == crate::policy::Scope::Global && p.namespace != root_namespace {
-            return Err(format!(
+            return Err(PutError::Invalid(format!(
                 "mesh-wide (GLOBAL) policy {} comes from namespace {}, but this ztunnel's --root-namespace is {root_namespace}: set the same root namespace on ztunnel and istiod-lite",
                 p.key(),
                 p.namespace
-            ));
+            )));
         }
         let key = p.key();
         if let Some(owner) = clash(&self.policy_keys, &key, &r.name) {
-            return Err(format!("policy {key} is also resource {owner}"));
+            return Err(PutError::Clash(format!(
+                "policy {key} is also resource {owner}"
+            )));
         }
         self.remove_policy(&r.name);
         self.policy_keys.insert(key, r.name.clone());
@@ -247,241 +330,5 @@ impl Held {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ambit_proto::workload as pb;
-    use bytes::Bytes;
-
-    fn workload(uid: &str, ip: [u8; 4]) -> pb::Workload {
-        pb::Workload {
-            uid: uid.into(),
-            name: uid.into(),
-            namespace: "shop".into(),
-            addresses: vec![ip.to_vec()],
-            ..Default::default()
-        }
-    }
-
-    fn res(name: &str, version: &str, m: &impl Message) -> Resource {
-        Resource {
-            name: name.into(),
-            version: version.into(),
-            body: Bytes::from(m.encode_to_vec()),
-        }
-    }
-
-    /// hostNetwork pods share their node's address: each is accepted, none is
-    /// found by that address, and a service picks them as plain-TCP endpoints.
-    #[test]
-    fn host_network_pods_share_the_node_address_and_serve_services() {
-        let store = Arc::new(StateStore::default());
-        let xds = XdsState::new(store.clone());
-        let node = [198, 18, 0, 9];
-        let host = |uid: &str| {
-            let mut w = workload(uid, node);
-            w.host_network = true;
-            w.services = [(
-                "shop/agent.shop.svc.cluster.local".to_string(),
-                pb::PortList { ports: vec![] },
-            )]
-            .into();
-            w
-        };
-        let svc = pb::Service {
-            name: "agent".into(),
-            namespace: "shop".into(),
-            hostname: "agent.shop.svc.cluster.local".into(),
-            addresses: vec![pb::NetworkAddress {
-                address: vec![198, 18, 100, 9],
-                ..Default::default()
-            }],
-            ports: vec![pb::Port {
-                service_port: 80,
-                target_port: 9100,
-            }],
-            ..Default::default()
-        };
-        xds.apply(
-            WORKLOAD_TYPE_URL,
-            vec![res("h1", "1", &host("h1")), res("h2", "1", &host("h2"))],
-            vec![],
-        )
-        .unwrap();
-        xds.apply(
-            SERVICE_TYPE_URL,
-            vec![res("shop/agent.shop.svc.cluster.local", "1", &svc)],
-            vec![],
-        )
-        .unwrap();
-        let state = store.snapshot();
-        assert_eq!(state.workloads().count(), 2);
-        assert!(state.workload_by_ip(node.into()).is_none());
-        let to_vip = "198.18.100.9:80".parse().unwrap();
-        match state.route(to_vip).unwrap() {
-            crate::state::Route::Passthrough { addr } => {
-                assert_eq!(addr, "198.18.0.9:9100".parse().unwrap())
-            }
-            other => panic!("expected plain TCP to the node, got {other:?}"),
-        }
-        // Removing one takes no claim of the other's with it.
-        xds.apply(WORKLOAD_TYPE_URL, vec![], vec!["h1".into()])
-            .unwrap();
-        assert_eq!(store.snapshot().workloads().count(), 1);
-    }
-
-    #[test]
-    fn a_workload_names_its_owner_or_else_the_pod() {
-        let store = Arc::new(StateStore::default());
-        let xds = XdsState::new(store.clone());
-        let mut owned = workload("web-7d9f-x2", [198, 18, 1, 1]);
-        owned.workload_name = "web".into();
-        let alone = workload("solo", [198, 18, 1, 2]);
-        xds.apply(
-            WORKLOAD_TYPE_URL,
-            vec![res("a", "1", &owned), res("b", "1", &alone)],
-            vec![],
-        )
-        .unwrap();
-        let state = store.snapshot();
-        assert_eq!(state.workload("web-7d9f-x2").unwrap().owner(), "web");
-        assert_eq!(state.workload("solo").unwrap().owner(), "solo");
-    }
-
-    #[test]
-    fn a_bad_or_clashing_resource_is_refused_and_its_last_good_version_kept() {
-        let store = Arc::new(StateStore::default());
-        let xds = XdsState::new(store.clone());
-        let a1 = res("a", "1", &workload("a", [10, 0, 0, 1]));
-        let b1 = res("b", "1", &workload("b", [10, 0, 0, 2]));
-        xds.apply(WORKLOAD_TYPE_URL, vec![a1, b1], vec![]).unwrap();
-        assert_eq!(store.snapshot().workloads().count(), 2);
-
-        let mut bad = workload("a", [10, 0, 0, 9]);
-        bad.addresses = vec![vec![1, 2, 3]];
-        let clashing = workload("c", [10, 0, 0, 2]);
-        let garbage = Resource {
-            name: "d".into(),
-            version: "1".into(),
-            body: Bytes::from_static(&[0xff, 0xff, 0xff]),
-        };
-        let refused = xds
-            .apply(
-                WORKLOAD_TYPE_URL,
-                vec![res("a", "2", &bad), res("c", "1", &clashing), garbage],
-                vec!["b".into()],
-            )
-            .unwrap_err();
-        let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a", "c", "d"]);
-        assert!(refused[0].1.contains("addresses"), "{}", refused[0].1);
-        assert!(
-            refused[1].1.contains("belongs to workload b"),
-            "{}",
-            refused[1].1
-        );
-        assert!(refused[2].1.contains("does not decode"), "{}", refused[2].1);
-        let state = store.snapshot();
-        let a = state.workload("a").unwrap();
-        assert_eq!(
-            a.addresses,
-            [IpAddr::from([10, 0, 0, 1])],
-            "a's last good version"
-        );
-        assert!(state.workload("b").is_none(), "the removal applied");
-        assert_eq!(xds.counts(), (1, 0, 0));
-
-        // b is gone, so its address is free again.
-        xds.apply(WORKLOAD_TYPE_URL, vec![res("c", "2", &clashing)], vec![])
-            .unwrap();
-        assert!(store.snapshot().workload("c").is_some());
-    }
-
-    #[test]
-    fn services_and_policies_convert_and_clash_on_their_keys() {
-        let store = Arc::new(StateStore::default());
-        let xds = XdsState::new(store.clone());
-        let svc = pb::Service {
-            name: "cart".into(),
-            namespace: "shop".into(),
-            hostname: "cart.shop.svc.cluster.local".into(),
-            addresses: vec![pb::NetworkAddress {
-                address: vec![10, 96, 0, 1],
-                ..Default::default()
-            }],
-            ports: vec![pb::Port {
-                service_port: 80,
-                target_port: 8080,
-            }],
-            ..Default::default()
-        };
-        xds.apply(SERVICE_TYPE_URL, vec![res("s1", "1", &svc)], vec![])
-            .unwrap();
-        let refused = xds
-            .apply(SERVICE_TYPE_URL, vec![res("s2", "1", &svc)], vec![])
-            .unwrap_err();
-        assert!(
-            refused[0].1.contains("belongs to service s1"),
-            "{refused:?}"
-        );
-
-        let policy = ambit_proto::security::Authorization {
-            name: "deny-all".into(),
-            namespace: "shop".into(),
-            scope: ambit_proto::security::Scope::Namespace.into(),
-            ..Default::default()
-        };
-        xds.apply(
-            AUTHORIZATION_TYPE_URL,
-            vec![res("shop/deny-all", "1", &policy)],
-            vec![],
-        )
-        .unwrap();
-        let state = store.snapshot();
-        assert_eq!(state.services().count(), 1);
-        assert_eq!(state.policies().len(), 1);
-        xds.apply(AUTHORIZATION_TYPE_URL, vec![], vec!["shop/deny-all".into()])
-            .unwrap();
-        assert!(store.snapshot().policies().is_empty());
-    }
-
-    /// A mesh-wide policy from a namespace that is not this ztunnel's root
-    /// namespace would apply to nothing here: refused, naming both settings.
-    #[test]
-    fn a_global_policy_from_another_root_namespace_is_refused() {
-        let store = Arc::new(StateStore::with_root_namespace(
-            ProxyState::default(),
-            "mesh-root".into(),
-        ));
-        let xds = XdsState::new(store.clone());
-        let global_in = |ns: &str| ambit_proto::security::Authorization {
-            name: "deny-all".into(),
-            namespace: ns.into(),
-            scope: ambit_proto::security::Scope::Global.into(),
-            action: ambit_proto::security::Action::Deny.into(),
-            ..Default::default()
-        };
-        let refused = xds
-            .apply(
-                AUTHORIZATION_TYPE_URL,
-                vec![res(
-                    "istio-system/deny-all",
-                    "1",
-                    &global_in("istio-system"),
-                )],
-                vec![],
-            )
-            .unwrap_err();
-        assert!(
-            refused[0].1.contains("istio-system") && refused[0].1.contains("mesh-root"),
-            "{refused:?}"
-        );
-        assert!(store.snapshot().policies().is_empty());
-        xds.apply(
-            AUTHORIZATION_TYPE_URL,
-            vec![res("mesh-root/deny-all", "1", &global_in("mesh-root"))],
-            vec![],
-        )
-        .unwrap();
-        assert_eq!(store.snapshot().policies().len(), 1);
-    }
-}
+#[path = "xds_tests.rs"]
+mod tests;

@@ -1,0 +1,357 @@
+//! Tests of applying xDS responses to the state.
+
+use super::*;
+use ambit_proto::workload as pb;
+use bytes::Bytes;
+
+use crate::state::Route;
+
+fn workload(uid: &str, ip: [u8; 4]) -> pb::Workload {
+    pb::Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "shop".into(),
+        addresses: vec![ip.to_vec()],
+        ..Default::default()
+    }
+}
+
+fn res(name: &str, version: &str, m: &impl Message) -> Resource {
+    Resource {
+        name: name.into(),
+        version: version.into(),
+        body: Bytes::from(m.encode_to_vec()),
+    }
+}
+
+/// hostNetwork pods share their node's address: each is accepted, none is
+/// found by that address, and a service picks them as plain-TCP endpoints.
+#[test]
+fn host_network_pods_share_the_node_address_and_serve_services() {
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let node = [198, 18, 0, 9];
+    let host = |uid: &str| {
+        let mut w = workload(uid, node);
+        w.host_network = true;
+        w.services = [(
+            "shop/agent.shop.svc.cluster.local".to_string(),
+            pb::PortList { ports: vec![] },
+        )]
+        .into();
+        w
+    };
+    let svc = pb::Service {
+        name: "agent".into(),
+        namespace: "shop".into(),
+        hostname: "agent.shop.svc.cluster.local".into(),
+        addresses: vec![pb::NetworkAddress {
+            address: vec![198, 18, 100, 9],
+            ..Default::default()
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 9100,
+        }],
+        ..Default::default()
+    };
+    xds.apply(
+        WORKLOAD_TYPE_URL,
+        vec![res("h1", "1", &host("h1")), res("h2", "1", &host("h2"))],
+        vec![],
+    )
+    .unwrap();
+    xds.apply(
+        SERVICE_TYPE_URL,
+        vec![res("shop/agent.shop.svc.cluster.local", "1", &svc)],
+        vec![],
+    )
+    .unwrap();
+    let state = store.snapshot();
+    assert_eq!(state.workloads().count(), 2);
+    assert!(state.workload_by_ip(node.into()).is_none());
+    let to_vip = "198.18.100.9:80".parse().unwrap();
+    match state.route(to_vip).unwrap() {
+        crate::state::Route::Passthrough { addr } => {
+            assert_eq!(addr, "198.18.0.9:9100".parse().unwrap())
+        }
+        other => panic!("expected plain TCP to the node, got {other:?}"),
+    }
+    // Removing one takes no claim of the other's with it.
+    xds.apply(WORKLOAD_TYPE_URL, vec![], vec!["h1".into()])
+        .unwrap();
+    assert_eq!(store.snapshot().workloads().count(), 1);
+}
+
+#[test]
+fn a_workload_names_its_owner_or_else_the_pod() {
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let mut owned = workload("web-7d9f-x2", [198, 18, 1, 1]);
+    owned.workload_name = "web".into();
+    let alone = workload("solo", [198, 18, 1, 2]);
+    xds.apply(
+        WORKLOAD_TYPE_URL,
+        vec![res("a", "1", &owned), res("b", "1", &alone)],
+        vec![],
+    )
+    .unwrap();
+    let state = store.snapshot();
+    assert_eq!(state.workload("web-7d9f-x2").unwrap().owner(), "web");
+    assert_eq!(state.workload("solo").unwrap().owner(), "solo");
+}
+
+#[test]
+fn a_bad_or_clashing_resource_is_refused_and_its_last_good_version_kept() {
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let a1 = res("a", "1", &workload("a", [198, 18, 0, 1]));
+    let b1 = res("b", "1", &workload("b", [198, 18, 0, 2]));
+    let e1 = res("e", "1", &workload("e", [198, 18, 0, 3]));
+    xds.apply(WORKLOAD_TYPE_URL, vec![a1, b1, e1], vec![])
+        .unwrap();
+    assert_eq!(store.snapshot().workloads().count(), 3);
+
+    let mut bad = workload("a", [198, 18, 0, 9]);
+    bad.addresses = vec![vec![1, 2, 3]];
+    // b's address, freed by the removal in the same response: applied.
+    let reusing = workload("f", [198, 18, 0, 2]);
+    // e's address, still e's.
+    let clashing = workload("c", [198, 18, 0, 3]);
+    let garbage = Resource {
+        name: "d".into(),
+        version: "1".into(),
+        body: Bytes::from_static(&[0xff, 0xff, 0xff]),
+    };
+    let refused = xds
+        .apply(
+            WORKLOAD_TYPE_URL,
+            vec![
+                res("a", "2", &bad),
+                res("f", "1", &reusing),
+                res("c", "1", &clashing),
+                garbage,
+            ],
+            vec!["b".into()],
+        )
+        .unwrap_err();
+    let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "c", "d"]);
+    assert!(refused[0].1.contains("addresses"), "{}", refused[0].1);
+    assert!(
+        refused[1].1.contains("belongs to workload e") && refused[1].1.contains("held back"),
+        "{}",
+        refused[1].1
+    );
+    assert!(refused[2].1.contains("does not decode"), "{}", refused[2].1);
+    let state = store.snapshot();
+    let a = state.workload("a").unwrap();
+    assert_eq!(
+        a.addresses,
+        [IpAddr::from([198, 18, 0, 1])],
+        "a's last good version"
+    );
+    assert!(state.workload("b").is_none(), "the removal applied");
+    assert!(state.workload("f").is_some(), "b's address went to f");
+    assert!(state.workload("c").is_none());
+    assert_eq!(xds.counts(), (3, 0, 0));
+
+    // e goes in a later response: the held-back c takes its address, though
+    // the server will not send c again.
+    xds.apply(WORKLOAD_TYPE_URL, vec![], vec!["e".into()])
+        .unwrap();
+    let state = store.snapshot();
+    assert!(state.workload("e").is_none());
+    assert_eq!(
+        state.workload("c").unwrap().addresses,
+        [IpAddr::from([198, 18, 0, 3])]
+    );
+}
+
+fn service(name: &str, vip: [u8; 4]) -> pb::Service {
+    pb::Service {
+        name: name.into(),
+        namespace: "shop".into(),
+        hostname: format!("{name}.shop.svc.cluster.local"),
+        addresses: vec![pb::NetworkAddress {
+            address: vip.to_vec(),
+            ..Default::default()
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        ..Default::default()
+    }
+}
+
+/// A service renamed with its VIP kept: the new name may come in the same
+/// response as the old one's removal, or one response before it (the server
+/// splits large pushes); either way the VIP ends up routed to the new service.
+#[test]
+fn a_renamed_service_keeps_its_vip_whatever_the_order_of_put_and_removal() {
+    let vip = [198, 18, 100, 1];
+    let dst = std::net::SocketAddr::from((vip, 80));
+    let routed_to = |store: &StateStore| match store.snapshot().route(dst) {
+        Ok(Route::Mesh { service, .. }) => service.map(|s| s.name.clone()),
+        _ => None,
+    };
+    let endpoint = {
+        let mut w = workload("cart-1", [198, 18, 0, 10]);
+        w.tunnel_protocol = pb::TunnelProtocol::Hbone.into();
+        for name in ["cart", "basket"] {
+            w.services.insert(
+                format!("shop/{name}.shop.svc.cluster.local"),
+                pb::PortList::default(),
+            );
+        }
+        w
+    };
+    for split in [false, true] {
+        let store = Arc::new(StateStore::default());
+        let xds = XdsState::new(store.clone());
+        xds.apply(WORKLOAD_TYPE_URL, vec![res("w", "1", &endpoint)], vec![])
+            .unwrap();
+        xds.apply(
+            SERVICE_TYPE_URL,
+            vec![res("cart", "1", &service("cart", vip))],
+            vec![],
+        )
+        .unwrap();
+        let basket = res("basket", "1", &service("basket", vip));
+        if split {
+            let refused = xds
+                .apply(SERVICE_TYPE_URL, vec![basket], vec![])
+                .unwrap_err();
+            assert!(refused[0].1.contains("held back"), "{refused:?}");
+            assert_eq!(routed_to(&store).as_deref(), Some("cart"));
+            xds.apply(SERVICE_TYPE_URL, vec![], vec!["cart".into()])
+                .unwrap();
+        } else {
+            xds.apply(SERVICE_TYPE_URL, vec![basket], vec!["cart".into()])
+                .unwrap();
+        }
+        assert_eq!(
+            routed_to(&store).as_deref(),
+            Some("basket"),
+            "split {split}"
+        );
+        assert_eq!(xds.counts(), (1, 1, 0));
+    }
+}
+
+/// A held-back resource the server removes (or replaces) is forgotten: it is
+/// not applied when its claim frees later.
+#[test]
+fn a_held_back_resource_removed_by_the_server_never_applies() {
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let vip = [198, 18, 100, 2];
+    xds.apply(
+        SERVICE_TYPE_URL,
+        vec![res("old", "1", &service("old", vip))],
+        vec![],
+    )
+    .unwrap();
+    xds.apply(
+        SERVICE_TYPE_URL,
+        vec![res("new", "1", &service("new", vip))],
+        vec![],
+    )
+    .unwrap_err();
+    xds.apply(SERVICE_TYPE_URL, vec![], vec!["new".into()])
+        .unwrap();
+    xds.apply(SERVICE_TYPE_URL, vec![], vec!["old".into()])
+        .unwrap();
+    assert_eq!(xds.counts(), (0, 0, 0));
+    assert!(store.snapshot().services().next().is_none());
+}
+
+#[test]
+fn services_and_policies_convert_and_clash_on_their_keys() {
+    let store = Arc::new(StateStore::default());
+    let xds = XdsState::new(store.clone());
+    let svc = pb::Service {
+        name: "cart".into(),
+        namespace: "shop".into(),
+        hostname: "cart.shop.svc.cluster.local".into(),
+        addresses: vec![pb::NetworkAddress {
+            address: vec![10, 96, 0, 1],
+            ..Default::default()
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        ..Default::default()
+    };
+    xds.apply(SERVICE_TYPE_URL, vec![res("s1", "1", &svc)], vec![])
+        .unwrap();
+    let refused = xds
+        .apply(SERVICE_TYPE_URL, vec![res("s2", "1", &svc)], vec![])
+        .unwrap_err();
+    assert!(
+        refused[0].1.contains("belongs to service s1"),
+        "{refused:?}"
+    );
+
+    let policy = ambit_proto::security::Authorization {
+        name: "deny-all".into(),
+        namespace: "shop".into(),
+        scope: ambit_proto::security::Scope::Namespace.into(),
+        ..Default::default()
+    };
+    xds.apply(
+        AUTHORIZATION_TYPE_URL,
+        vec![res("shop/deny-all", "1", &policy)],
+        vec![],
+    )
+    .unwrap();
+    let state = store.snapshot();
+    assert_eq!(state.services().count(), 1);
+    assert_eq!(state.policies().len(), 1);
+    xds.apply(AUTHORIZATION_TYPE_URL, vec![], vec!["shop/deny-all".into()])
+        .unwrap();
+    assert!(store.snapshot().policies().is_empty());
+}
+
+/// A mesh-wide policy from a namespace that is not this ztunnel's root
+/// namespace would apply to nothing here: refused, naming both settings.
+#[test]
+fn a_global_policy_from_another_root_namespace_is_refused() {
+    let store = Arc::new(StateStore::with_root_namespace(
+        ProxyState::default(),
+        "mesh-root".into(),
+    ));
+    let xds = XdsState::new(store.clone());
+    let global_in = |ns: &str| ambit_proto::security::Authorization {
+        name: "deny-all".into(),
+        namespace: ns.into(),
+        scope: ambit_proto::security::Scope::Global.into(),
+        action: ambit_proto::security::Action::Deny.into(),
+        ..Default::default()
+    };
+    let refused = xds
+        .apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![res(
+                "istio-system/deny-all",
+                "1",
+                &global_in("istio-system"),
+            )],
+            vec![],
+        )
+        .unwrap_err();
+    assert!(
+        refused[0].1.contains("istio-system") && refused[0].1.contains("mesh-root"),
+        "{refused:?}"
+    );
+    assert!(store.snapshot().policies().is_empty());
+    xds.apply(
+        AUTHORIZATION_TYPE_URL,
+        vec![res("mesh-root/deny-all", "1", &global_in("mesh-root"))],
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(store.snapshot().policies().len(), 1);
+}
