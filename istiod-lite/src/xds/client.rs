@@ -184,10 +184,44 @@ pub(crate) enum RequestError {
     NoTypeUrl,
     #[error("type {0:?} is not served here (served: {types})", types = super::SERVED_TYPES.join(", "))]
     UnknownType(String),
-    #[error("more than {max} resource names subscribed (or claimed held) for {type_url}")]
+    #[error(
+        "more than {max} resource names subscribed (or claimed held; a wildcard stream may also claim every resource the server has) for {type_url}"
+    )]
     TooManyNames { type_url: String, max: usize },
     #[error("a resource name longer than {max} bytes")]
     NameTooLong { max: usize },
+}
+
+/// Whether a type's first request, subscribing `subscribe`, is a wildcard one
+/// (explicitly, or by naming nothing: the legacy form).
+fn opens_wildcard(subscribe: &[String]) -> bool {
+    subscribe.is_empty() || subscribe.iter().any(|n| n == WILDCARD)
+}
+
+/// Whether the versions `req` claims the client holds are more than a stream may
+/// claim. A wildcard subscription starting here may claim every resource the
+/// store has (a reconnect claims everything it was sent, however many) and at
+/// most `max` names more: those become removals owed, the only claims whose
+/// state the store's size does not bound. Otherwise at most `max` claims.
+fn claims_over_bound(
+    req: &DeltaDiscoveryRequest,
+    ts: Option<&TypeState>,
+    entries: Option<&TypeEntries>,
+    max: usize,
+) -> bool {
+    let claims = &req.initial_resource_versions;
+    let starts_wildcard =
+        !ts.is_some_and(|ts| ts.started) && opens_wildcard(&req.resource_names_subscribe);
+    if !starts_wildcard {
+        return claims.len() > max;
+    }
+    let live = entries.map_or(0, TypeEntries::len);
+    claims.len() > live.saturating_add(max)
+        || claims
+            .keys()
+            .filter(|name| entries.is_none_or(|e| e.get(name).is_none()))
+            .count()
+            > max
 }
 
 /// A response ready to go, with what the metrics need.
@@ -268,13 +302,13 @@ impl ClientState {
         if names().any(|n| n.len() > MAX_NAME_LEN) {
             return Err(RequestError::NameTooLong { max: MAX_NAME_LEN });
         }
-        if req.initial_resource_versions.len() > max_names {
+        let entries = store.get(&req.type_url);
+        if claims_over_bound(&req, self.types.get(&req.type_url), entries, max_names) {
             return Err(RequestError::TooManyNames {
                 type_url: req.type_url,
                 max: max_names,
             });
         }
-        let entries = store.get(&req.type_url);
         let ts = self.types.entry(req.type_url.clone()).or_default();
         if !ts.started {
             ts.started = true;
@@ -284,8 +318,7 @@ impl ClientState {
                 .into_iter()
                 .map(|(name, version)| (Arc::from(name), parse_version(&version)))
                 .collect();
-            let subscribe = &req.resource_names_subscribe;
-            if subscribe.is_empty() || subscribe.iter().any(|n| n == WILDCARD) {
+            if opens_wildcard(&req.resource_names_subscribe) {
                 ts.start_wildcard(store, entries, claimed);
             } else {
                 for (name, version) in claimed {

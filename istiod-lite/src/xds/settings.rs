@@ -40,7 +40,10 @@ pub struct XdsSettings {
     /// refused with RESOURCE_EXHAUSTED.
     pub max_streams_per_node: usize,
     /// `max_names_per_type`: resource names one stream may subscribe to by name,
-    /// per type (default 65,536); a request that would hold more is refused.
+    /// or claim to hold when it reconnects, per type (default 65,536); a request
+    /// that would hold more is refused. A wildcard stream's reconnect may claim
+    /// every resource the server has, and this many names more that it does not
+    /// (removals owed to the client).
     pub max_names_per_type: usize,
 }
 

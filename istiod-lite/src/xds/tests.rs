@@ -432,3 +432,44 @@ fn a_first_sync_always_ends_with_an_unmarked_part() {
     assert_eq!(names(&r[0]), ["r0", "r1", "r2"]);
     assert!(r[1].resources.is_empty() && r[1].removed_resources.is_empty());
 }
+
+/// A wildcard reconnect claims every resource it was sent: only claims of names
+/// the server does not have (removals it will owe) count against
+/// `max_names_per_type`, so a store larger than the bound does not lock every
+/// client out after a restart, and the state a claim list makes stays bounded.
+#[test]
+fn a_wildcard_reconnect_may_claim_everything_the_store_has() {
+    let store = ResourceStore::new();
+    store.apply((0..5).map(|i| put(&format!("r{i}"), "1")).collect());
+    let mut c = client_with_names(1 << 20, 4);
+    c.handle_request(req(&[]), &store.read()).unwrap();
+    let held: HashMap<String, String> = drain_responses(&mut c, &store)
+        .iter()
+        .flat_map(|r| r.resources.iter())
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert_eq!(held.len(), 5);
+
+    let mut resume = req(&["*"]);
+    resume.initial_resource_versions = held.clone();
+    resume
+        .initial_resource_versions
+        .extend((0..4).map(|i| (format!("gone{i}"), "1".into())));
+    let mut again = client_with_names(1 << 20, 4);
+    again.handle_request(resume, &store.read()).unwrap();
+    let r = drain_responses(&mut again, &store);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].resources.is_empty(), "everything is held already");
+    assert_eq!(r[0].removed_resources.len(), 4);
+
+    // One more name the server does not have is one too many.
+    let mut resume = req(&[]);
+    resume.initial_resource_versions = held;
+    resume
+        .initial_resource_versions
+        .extend((0..5).map(|i| (format!("gone{i}"), "1".into())));
+    let err = client_with_names(1 << 20, 4)
+        .handle_request(resume, &store.read())
+        .unwrap_err();
+    assert!(err.to_string().contains("more than 4"), "{err}");
+}
