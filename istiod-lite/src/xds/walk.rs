@@ -118,6 +118,12 @@ impl Walk {
             let Some(name) = self.owed_removals.pop_first() else {
                 break;
             };
+            // Created again since the claim: the log sends it (owed removals go
+            // before the log moves, so it is still ahead); removing it in the same
+            // response would make the client drop what it was just sent.
+            if entries.is_some_and(|e| e.get(&name).is_some()) {
+                continue;
+            }
             step.bytes += name.len();
             step.removed.push(name);
         }

@@ -218,3 +218,24 @@ fn switching_between_wildcard_and_names_keeps_what_the_client_holds() {
     c.merge_batch(&store.take_pending().unwrap());
     assert_eq!(names(&drain_responses(&mut c, &store)[0]), ["a"]);
 }
+
+/// A reconnect claims a name the store no longer has, and the name comes back
+/// before the walk owed its removal: one response must not both send and remove
+/// it (the client applies the resource, then the removal, and loses it).
+#[test]
+fn a_claimed_name_created_again_is_sent_not_removed() {
+    let store = ResourceStore::new();
+    let mut first = req(&[]);
+    first.initial_resource_versions =
+        HashMap::from([("x".into(), format_version(version_of(b"old")))]);
+    let mut c = client(1 << 20);
+    c.handle_request(first, &store.read()).unwrap();
+    store.apply(vec![put("x", "new")]);
+    store.take_pending().unwrap();
+    let r = drain_responses(&mut c, &store);
+    let removed: Vec<&String> = r.iter().flat_map(|r| &r.removed_resources).collect();
+    assert_eq!(r.iter().flat_map(names).collect::<Vec<_>>(), ["x"]);
+    assert!(removed.is_empty(), "{r:?}");
+    let t = type_debug(&c, &store);
+    assert_eq!((t.held, t.pending), (1, 0));
+}
