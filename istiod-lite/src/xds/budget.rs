@@ -113,6 +113,11 @@ impl Unanswered {
             .map(|p| p.sent + hold)
     }
 
+    /// When the oldest unanswered response was sent.
+    pub(crate) fn oldest(&self) -> Option<Instant> {
+        self.entries.front().map(|p| p.sent)
+    }
+
     /// Gives back the budget of responses unanswered for `hold` or longer.
     pub(crate) fn expire(&mut self, hold: Duration) {
         let now = Instant::now();

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::Status;
 
 use super::budget::{self, Unanswered};
 use super::client::Feedback;
@@ -20,14 +21,25 @@ use super::store::lock;
 use crate::auth::Caller;
 
 /// Everything one stream's task owns.
-#[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) core: Arc<Core>,
     pub(crate) client: Arc<ClientHandle>,
     pub(crate) id: u64,
     pub(crate) caller: Caller,
     pub(crate) tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    pub(crate) inbound: Streaming<DeltaDiscoveryRequest>,
+    pub(crate) inbound: Inbound,
+}
+
+/// The client's requests: the gRPC stream (an in-memory one in tests).
+pub(crate) type Inbound = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Send>>;
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Room in the push budget for one response, once granted.
@@ -80,20 +92,33 @@ impl Session {
                 }
             }
             let expiry = unanswered.next_expiry(core.settings.push_budget_hold);
+            let answer_by = unanswered
+                .oldest()
+                .map(|sent| sent + core.settings.answer_timeout);
             tokio::select! {
                 biased;
                 // The guard `wait_for` returns is not `Send`: drop it in the branch.
                 _ = async { shutdown.wait_for(|draining| *draining).await.is_ok() } => break "server draining".to_string(),
                 _ = client.wake.notified() => take_inbox(&client),
-                message = inbound.message() => match message {
-                    Ok(Some(request)) => {
+                message = inbound.next() => match message {
+                    Some(Ok(request)) => {
                         if let Err(status) = handle_request(&core, &client, &caller, request, &mut unanswered) {
                             let _ = tx.try_send(Err(status.clone()));
                             break format!("bad request: {}", status.message());
                         }
                     }
-                    Ok(None) => break "client closed the stream".to_string(),
-                    Err(status) => break format!("stream error: {}", status.message()),
+                    None => break "client closed the stream".to_string(),
+                    Some(Err(status)) => break format!("stream error: {}", status.message()),
+                },
+                // Closed, it reconnects with the versions it holds; open, it would
+                // hold its walk's place (and every tombstone after it) for good.
+                _ = tokio::time::sleep_until(answer_by.unwrap_or_else(Instant::now)), if answer_by.is_some() => {
+                    let reason = format!(
+                        "no answer (ACK or NACK) to a response for {:?}",
+                        core.settings.answer_timeout
+                    );
+                    let _ = tx.try_send(Err(Status::deadline_exceeded(reason.clone())));
+                    break reason;
                 },
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     unanswered.expire(core.settings.push_budget_hold);

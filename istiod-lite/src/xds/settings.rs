@@ -29,6 +29,12 @@ pub struct XdsSettings {
     /// the push budget (default 10 s); the client still gets nothing more until
     /// it answers.
     pub push_budget_hold: Duration,
+    /// `answer_timeout`: a stream whose oldest unanswered response is this old
+    /// is closed (default 60 s, six times `push_budget_hold`). A client that
+    /// stops answering otherwise keeps one of its node's streams and holds back
+    /// the collection of removal tombstones for good; closed, it reconnects
+    /// with the versions it holds and gets only what changed.
+    pub answer_timeout: Duration,
     /// `max_in_flight`: unacknowledged responses remembered per client and type
     /// (default 16); older ones are forgotten, and their late ACK is only counted.
     pub max_in_flight: usize,
@@ -56,6 +62,7 @@ impl Default for XdsSettings {
             max_response_bytes: 32 << 10,
             push_budget_bytes: 8 << 20,
             push_budget_hold: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(60),
             max_in_flight: 16,
             client_inbox: 32,
             max_streams_per_node: 4,
@@ -87,6 +94,9 @@ impl XdsSettings {
         }
         if self.push_budget_bytes < self.max_response_bytes {
             return refuse("push_budget_bytes", "must hold at least max_response_bytes");
+        }
+        if self.answer_timeout.is_zero() {
+            return refuse("answer_timeout", "must be longer than zero");
         }
         if self.max_in_flight == 0 {
             return refuse("max_in_flight", "must be at least 1");

@@ -35,7 +35,7 @@ pub(super) fn del(name: &str) -> ResourceUpdate {
     }
 }
 
-fn caller() -> Caller {
+pub(super) fn caller() -> Caller {
     Caller {
         node: "node-a".into(),
         principal: "node-token:node-a".into(),
@@ -136,6 +136,11 @@ fn settings_are_checked_by_name() {
         ..Default::default()
     };
     assert_eq!(bad.validate().unwrap_err().name, "debounce_max");
+    let bad = XdsSettings {
+        answer_timeout: Duration::ZERO,
+        ..Default::default()
+    };
+    assert_eq!(bad.validate().unwrap_err().name, "answer_timeout");
 }
 
 #[tokio::test(start_paused = true)]
@@ -207,7 +212,7 @@ fn server_core(server: &XdsServer) -> &server::Core {
 }
 
 /// Refuses everyone: the pipeline test connects no stream.
-struct NoAuth;
+pub(super) struct NoAuth;
 
 impl crate::auth::Authenticator for NoAuth {
     async fn authenticate(&self, _token: &str) -> Result<Caller, crate::auth::AuthError> {
