@@ -25,6 +25,9 @@ use super::walk::{Step, Walk};
 use crate::auth::Caller;
 
 mod debug_view;
+mod request;
+
+pub(crate) use request::RequestError;
 
 /// The wildcard resource name.
 const WILDCARD: &str = "*";
@@ -173,57 +176,6 @@ pub(crate) enum Feedback {
     },
 }
 
-/// Why a request was refused.
-/// The longest resource name a request may carry: far above any real one (a
-/// uid, `<namespace>/<name>`), so names cannot carry megabytes each.
-const MAX_NAME_LEN: usize = 1024;
-
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum RequestError {
-    #[error("the request has no type_url")]
-    NoTypeUrl,
-    #[error("type {0:?} is not served here (served: {types})", types = super::SERVED_TYPES.join(", "))]
-    UnknownType(String),
-    #[error(
-        "more than {max} resource names subscribed (or claimed held; a wildcard stream may also claim every resource the server has) for {type_url}"
-    )]
-    TooManyNames { type_url: String, max: usize },
-    #[error("a resource name longer than {max} bytes")]
-    NameTooLong { max: usize },
-}
-
-/// Whether a type's first request, subscribing `subscribe`, is a wildcard one
-/// (explicitly, or by naming nothing: the legacy form).
-fn opens_wildcard(subscribe: &[String]) -> bool {
-    subscribe.is_empty() || subscribe.iter().any(|n| n == WILDCARD)
-}
-
-/// Whether the versions `req` claims the client holds are more than a stream may
-/// claim. A wildcard subscription starting here may claim every resource the
-/// store has (a reconnect claims everything it was sent, however many) and at
-/// most `max` names more: those become removals owed, the only claims whose
-/// state the store's size does not bound. Otherwise at most `max` claims.
-fn claims_over_bound(
-    req: &DeltaDiscoveryRequest,
-    ts: Option<&TypeState>,
-    entries: Option<&TypeEntries>,
-    max: usize,
-) -> bool {
-    let claims = &req.initial_resource_versions;
-    let starts_wildcard =
-        !ts.is_some_and(|ts| ts.started) && opens_wildcard(&req.resource_names_subscribe);
-    if !starts_wildcard {
-        return claims.len() > max;
-    }
-    let live = entries.map_or(0, TypeEntries::len);
-    claims.len() > live.saturating_add(max)
-        || claims
-            .keys()
-            .filter(|name| entries.is_none_or(|e| e.get(name).is_none()))
-            .count()
-            > max
-}
-
 /// A response ready to go, with what the metrics need.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
@@ -278,36 +230,12 @@ impl ClientState {
         req: DeltaDiscoveryRequest,
         store: &Resources,
     ) -> Result<Feedback, RequestError> {
-        if req.type_url.is_empty() {
-            return Err(RequestError::NoTypeUrl);
-        }
-        // Every type a client names gets state and an answer: only served ones.
-        if !super::SERVED_TYPES.contains(&req.type_url.as_str()) {
-            return Err(RequestError::UnknownType(req.type_url));
-        }
-        if self.node.is_none() {
-            self.node = req
-                .node
-                .as_ref()
-                .map(|n| n.id.clone())
-                .filter(|id| !id.is_empty());
-        }
         let max_names = self.limits.max_names_per_type;
-        let names = || {
-            req.resource_names_subscribe
-                .iter()
-                .chain(req.resource_names_unsubscribe.iter())
-                .chain(req.initial_resource_versions.keys())
-        };
-        if names().any(|n| n.len() > MAX_NAME_LEN) {
-            return Err(RequestError::NameTooLong { max: MAX_NAME_LEN });
-        }
         let entries = store.get(&req.type_url);
-        if claims_over_bound(&req, self.types.get(&req.type_url), entries, max_names) {
-            return Err(RequestError::TooManyNames {
-                type_url: req.type_url,
-                max: max_names,
-            });
+        let started = self.types.get(&req.type_url).is_some_and(|ts| ts.started);
+        request::check(&req, &self.caller, started, entries, max_names)?;
+        if self.node.is_none() {
+            self.node = request::node_id(&req).map(str::to_string);
         }
         let ts = self.types.entry(req.type_url.clone()).or_default();
         if !ts.started {
@@ -318,7 +246,7 @@ impl ClientState {
                 .into_iter()
                 .map(|(name, version)| (Arc::from(name), parse_version(&version)))
                 .collect();
-            if opens_wildcard(&req.resource_names_subscribe) {
+            if request::opens_wildcard(&req.resource_names_subscribe) {
                 ts.start_wildcard(store, entries, claimed);
             } else {
                 for (name, version) in claimed {

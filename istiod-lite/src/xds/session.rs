@@ -137,8 +137,7 @@ impl Session {
                 },
             }
         };
-        let node = lock(&client.state).node.clone().unwrap_or_default();
-        tracing::info!(client = id, node = %node, principal = %caller.principal, %reason, "xDS client disconnected");
+        tracing::info!(client = id, node = %caller.node, principal = %caller.principal, %reason, "xDS client disconnected");
     }
 }
 
@@ -176,18 +175,18 @@ fn handle_request(
         let mut state = lock(&client.state);
         let feedback = state
             .handle_request(request, &store)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| e.status())?;
         client.publish(&state);
-        (feedback, state.id, state.node.clone().unwrap_or_default())
+        (feedback, state.id)
     };
-    if let (Feedback::Nack { nonce, message }, id, node) = feedback {
+    if let (Feedback::Nack { nonce, message }, id) = feedback {
         core.metrics
             .nacks
             .get_or_create(&XdsMetrics::label(&type_url))
             .inc();
         tracing::warn!(
             client = id,
-            node = %node,
+            node = %caller.node,
             principal = %caller.principal,
             type_url = %type_url,
             nonce = %nonce,

@@ -62,7 +62,7 @@ pub(super) fn client_with_names(max_response_bytes: usize, max_names: usize) -> 
 pub(super) fn req(subscribe: &[&str]) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         node: Some(Node {
-            id: "ztunnel~node-a".into(),
+            id: "node-a".into(),
             ..Default::default()
         }),
         type_url: T.into(),
@@ -241,7 +241,7 @@ fn wildcard_gets_everything_named_gets_only_named() {
     let r = drain_responses(&mut named, &store);
     assert_eq!(r.len(), 1);
     assert_eq!(names(&r[0]), ["b"]);
-    assert_eq!(named.node.as_deref(), Some("ztunnel~node-a"));
+    assert_eq!(named.node.as_deref(), Some("node-a"));
 
     // A change to `a` reaches the wildcard client only; a removal of `b` reaches both.
     store.apply(vec![put("a", "1b"), del("b")]);
@@ -477,4 +477,27 @@ fn a_wildcard_reconnect_may_claim_everything_the_store_has() {
         .handle_request(resume, &store.read())
         .unwrap_err();
     assert!(err.to_string().contains("more than 4"), "{err}");
+}
+
+/// A proxy reports the node it serves in `node.id`, and logs and the debug view
+/// show it: with node-a's credential it cannot say it is node-b.
+#[test]
+fn a_stream_cannot_name_another_node_than_its_credential() {
+    let store = ResourceStore::new();
+    let mut c = client(1 << 20);
+    let mut other = req(&[]);
+    other.node = Some(Node {
+        id: "node-b".into(),
+        ..Default::default()
+    });
+    let err = c.handle_request(other, &store.read()).unwrap_err();
+    assert_eq!(err.status().code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("\"node-b\""), "{err}");
+    assert_eq!(c.node, None);
+
+    let mut none = req(&[]);
+    none.node = None;
+    c.handle_request(none, &store.read()).unwrap();
+    c.handle_request(req(&[]), &store.read()).unwrap();
+    assert_eq!(c.debug(&store.read()).node.as_deref(), Some("node-a"));
 }
