@@ -128,10 +128,20 @@ impl Session {
                     let Some(budget) = budget else {
                         break "push budget closed".to_string();
                     };
-                    // Never waits: the queue holds at most `client_queue` responses
-                    // and every one of them is unanswered.
-                    let Ok(permit) = tx.reserve().await else {
-                        break "client went away".to_string();
+                    // Room is there unless the client answered responses still in
+                    // the queue, unread (their nonces are easy to guess), and
+                    // stopped reading: then the wait ends with the drain, or when
+                    // the queue has not moved for `answer_timeout`.
+                    let timeout = core.settings.answer_timeout;
+                    let permit = tokio::select! {
+                        biased;
+                        _ = async { shutdown.wait_for(|draining| *draining).await.is_ok() } => break "server draining".to_string(),
+                        permit = tokio::time::timeout(timeout, tx.reserve()) => permit,
+                    };
+                    let permit = match permit {
+                        Ok(Ok(permit)) => permit,
+                        Ok(Err(_)) => break "client went away".to_string(),
+                        Err(_) => break format!("the client read no response for {timeout:?}"),
                     };
                     send_next(&core, &client, permit, budget, &mut unanswered);
                 },

@@ -21,7 +21,7 @@ struct Harness {
     server: XdsServer,
     requests: mpsc::Sender<Result<DeltaDiscoveryRequest, Status>>,
     responses: Responses,
-    _trigger: DrainTrigger,
+    trigger: Option<DrainTrigger>,
 }
 
 fn start(store: Arc<ResourceStore>, settings: XdsSettings) -> Harness {
@@ -36,7 +36,7 @@ fn start(store: Arc<ResourceStore>, settings: XdsSettings) -> Harness {
         server,
         requests,
         responses,
-        _trigger: trigger,
+        trigger: Some(trigger),
     }
 }
 
@@ -106,4 +106,44 @@ async fn a_stream_that_stops_answering_is_closed_and_its_tombstones_go() {
     h.server.apply(vec![put("c", "1")]);
     store.wait_released(store.generation()).await;
     assert_eq!(store.drop_tombstones_before(0), 0);
+}
+
+/// A client can answer the responses queued for it without reading them (their
+/// nonces are easy to guess), then stop reading: the stream's task waits for
+/// room in the queue, and that wait must still end when the server drains.
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_stops_reading_still_ends_on_drain() {
+    let store = Arc::new(ResourceStore::new());
+    let body = "x".repeat(100);
+    store.apply((0..3).map(|i| put(&format!("r{i}"), &body)).collect());
+    let settings = XdsSettings {
+        client_queue: 1,
+        max_response_bytes: 100,
+        ..quick()
+    };
+    let mut h = start(store, settings);
+    h.send(req(&[])).await;
+    // On the paused clock, this returns once every task is waiting.
+    let settle = || tokio::time::sleep(Duration::from_millis(1));
+    settle().await;
+    // The first part is queued, unread; its answer lets the second be built,
+    // with no room for it in the queue.
+    let mut ack = req(&[]);
+    ack.response_nonce = "1-1".into();
+    h.send(ack).await;
+    settle().await;
+    let types = &h.server.debug_snapshot().clients[0].types;
+    assert_eq!((types[0].acks, types[0].responses_sent), (1, 1));
+
+    let trigger = h.trigger.take().unwrap();
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        trigger.drain(Duration::from_secs(5)).await;
+        while h.server.connected_clients() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stream's task ended");
+    assert_eq!(names(&h.recv().await), ["r0"]);
+    assert!(h.responses.recv().await.is_none());
 }

@@ -30,7 +30,8 @@ pub struct XdsSettings {
     /// it answers.
     pub push_budget_hold: Duration,
     /// `answer_timeout`: a stream whose oldest unanswered response is this old
-    /// is closed (default 60 s, six times `push_budget_hold`). A client that
+    /// is closed (default 60 s, six times `push_budget_hold`), as is one whose
+    /// queue of responses has not moved for this long. A client that
     /// stops answering otherwise keeps one of its node's streams and holds back
     /// the collection of removal tombstones for good; closed, it reconnects
     /// with the versions it holds and gets only what changed.
