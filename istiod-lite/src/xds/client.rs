@@ -100,25 +100,31 @@ impl TypeState {
     }
 
     /// Turns off the wildcard subscription: the client keeps its named resources
-    /// (and forgets the rest itself).
+    /// (and forgets the rest itself). Each is looked at again, so what the walk
+    /// still owed for it (a newer version, a removal) is sent.
     fn end_wildcard(&mut self, entries: Option<&TypeEntries>) {
         let Some(walk) = self.walk.take() else {
             return;
         };
         self.in_flight.clear();
         for name in &self.names {
-            match walk.holds(name, entries) {
-                Some((version, acked)) => {
-                    let held = Held {
-                        sent: Some(version),
-                        acked: acked.then_some(version),
-                    };
-                    self.held.insert(Arc::from(name.as_str()), held);
-                }
-                None => {
-                    self.dirty.insert(Arc::from(name.as_str()));
-                }
+            let name: Arc<str> = Arc::from(name.as_str());
+            let held = match walk.holds(&name, entries) {
+                Some((version, acked)) => Some(Held {
+                    sent: Some(version),
+                    acked: acked.then_some(version),
+                }),
+                // Gone from the store: a removal is owed if the client may hold it.
+                None if walk.owes_removal(&name, entries) => Some(Held {
+                    sent: None,
+                    acked: None,
+                }),
+                None => None,
+            };
+            if let Some(held) = held {
+                self.held.insert(name.clone(), held);
             }
+            self.dirty.insert(name);
         }
     }
 

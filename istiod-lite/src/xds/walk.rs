@@ -261,6 +261,18 @@ impl Walk {
             .then(|| (entry.version, self.acknowledged(name, entry)))
     }
 
+    /// Whether the client may hold `name`, which the store no longer has: the
+    /// walk owes it a removal (claimed on reconnect, or removed after the walk
+    /// began and not yet passed).
+    pub(crate) fn owes_removal(&self, name: &str, entries: Option<&TypeEntries>) -> bool {
+        if self.owed_removals.contains(name) || self.claimed.contains_key(name) {
+            return true;
+        }
+        entries.and_then(|e| e.removed_at(name)).is_some_and(|at| {
+            at > self.start && self.pos.as_ref().is_none_or(|p| (at, Arc::from(name)) > *p)
+        })
+    }
+
     /// Whether the walk has sent `entry` (it is at or before the position).
     fn sent(&self, name: &str, entry: &Entry) -> bool {
         self.pos
