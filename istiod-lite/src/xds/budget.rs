@@ -80,6 +80,8 @@ pub(crate) struct Unanswered {
     entries: VecDeque<Pending>,
     /// Budget freed by answers, for the client's next responses.
     spare: Option<OwnedSemaphorePermit>,
+    /// The sequence number of the newest response sent.
+    highest_sent: u64,
 }
 
 #[derive(Debug)]
@@ -97,9 +99,11 @@ impl Unanswered {
     }
 
     pub(crate) fn push(&mut self, type_url: &str, nonce: &str, permit: OwnedSemaphorePermit) {
+        let seq = nonce_seq(nonce).unwrap_or(u64::MAX);
+        self.highest_sent = self.highest_sent.max(seq);
         self.entries.push_back(Pending {
             type_url: type_url.to_string(),
-            seq: nonce_seq(nonce).unwrap_or(u64::MAX),
+            seq,
             sent: Instant::now(),
             budget: Some(permit),
         });
@@ -111,6 +115,11 @@ impl Unanswered {
             .iter()
             .find(|p| p.budget.is_some())
             .map(|p| p.sent + hold)
+    }
+
+    /// When the oldest unanswered response was sent.
+    pub(crate) fn oldest(&self) -> Option<Instant> {
+        self.entries.front().map(|p| p.sent)
     }
 
     /// Gives back the budget of responses unanswered for `hold` or longer.
@@ -125,9 +134,9 @@ impl Unanswered {
 
     /// The client answered `nonce` of `type_url`: that response and the earlier
     /// ones of the type are settled (a client may answer only the latest); their
-    /// budget becomes the client's spare.
+    /// budget becomes the client's spare. A nonce never sent settles nothing.
     pub(crate) fn answered(&mut self, type_url: &str, nonce: &str) {
-        let Some(seq) = nonce_seq(nonce) else {
+        let Some(seq) = nonce_seq(nonce).filter(|seq| *seq <= self.highest_sent) else {
             return;
         };
         let mut freed = Vec::new();
@@ -211,9 +220,24 @@ mod tests {
         assert_eq!(budget.available(), 999);
         unanswered.answered("t2", "not-a-nonce");
         assert_eq!(unanswered.len(), 1);
-        unanswered.answered("t2", "7-a");
+        unanswered.answered("t2", "7-3");
         assert_eq!(unanswered.len(), 0);
         assert!(unanswered.take_spare(400).is_none(), "1 byte is not enough");
+    }
+
+    /// A client may answer only what it was sent: an answer ahead of that would
+    /// free budget (and room in the client's queue) for responses not yet built.
+    #[tokio::test]
+    async fn an_answer_to_a_response_never_sent_settles_nothing() {
+        let budget = SendBudget::new(1000, 400);
+        let mut unanswered = Unanswered::default();
+        unanswered.answered("t", "7-1");
+        unanswered.push("t", "7-1", keep(budget.acquire().await.unwrap(), 100));
+        unanswered.answered("t", "7-5");
+        assert_eq!((unanswered.len(), budget.available()), (1, 900));
+        assert!(unanswered.take_spare(1).is_none());
+        unanswered.answered("t", "7-1");
+        assert_eq!(unanswered.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

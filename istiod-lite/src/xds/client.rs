@@ -25,6 +25,9 @@ use super::walk::{Step, Walk};
 use crate::auth::Caller;
 
 mod debug_view;
+mod request;
+
+pub(crate) use request::RequestError;
 
 /// The wildcard resource name.
 const WILDCARD: &str = "*";
@@ -97,25 +100,31 @@ impl TypeState {
     }
 
     /// Turns off the wildcard subscription: the client keeps its named resources
-    /// (and forgets the rest itself).
+    /// (and forgets the rest itself). Each is looked at again, so what the walk
+    /// still owed for it (a newer version, a removal) is sent.
     fn end_wildcard(&mut self, entries: Option<&TypeEntries>) {
         let Some(walk) = self.walk.take() else {
             return;
         };
         self.in_flight.clear();
         for name in &self.names {
-            match walk.holds(name, entries) {
-                Some((version, acked)) => {
-                    let held = Held {
-                        sent: Some(version),
-                        acked: acked.then_some(version),
-                    };
-                    self.held.insert(Arc::from(name.as_str()), held);
-                }
-                None => {
-                    self.dirty.insert(Arc::from(name.as_str()));
-                }
+            let name: Arc<str> = Arc::from(name.as_str());
+            let held = match walk.holds(&name, entries) {
+                Some((version, acked)) => Some(Held {
+                    sent: Some(version),
+                    acked: acked.then_some(version),
+                }),
+                // Gone from the store: a removal is owed if the client may hold it.
+                None if walk.owes_removal(&name, entries) => Some(Held {
+                    sent: None,
+                    acked: None,
+                }),
+                None => None,
+            };
+            if let Some(held) = held {
+                self.held.insert(name.clone(), held);
             }
+            self.dirty.insert(name);
         }
     }
 
@@ -173,23 +182,6 @@ pub(crate) enum Feedback {
     },
 }
 
-/// Why a request was refused.
-/// The longest resource name a request may carry: far above any real one (a
-/// uid, `<namespace>/<name>`), so names cannot carry megabytes each.
-const MAX_NAME_LEN: usize = 1024;
-
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum RequestError {
-    #[error("the request has no type_url")]
-    NoTypeUrl,
-    #[error("type {0:?} is not served here (served: {types})", types = super::SERVED_TYPES.join(", "))]
-    UnknownType(String),
-    #[error("more than {max} resource names subscribed (or claimed held) for {type_url}")]
-    TooManyNames { type_url: String, max: usize },
-    #[error("a resource name longer than {max} bytes")]
-    NameTooLong { max: usize },
-}
-
 /// A response ready to go, with what the metrics need.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
@@ -244,37 +236,13 @@ impl ClientState {
         req: DeltaDiscoveryRequest,
         store: &Resources,
     ) -> Result<Feedback, RequestError> {
-        if req.type_url.is_empty() {
-            return Err(RequestError::NoTypeUrl);
-        }
-        // Every type a client names gets state and an answer: only served ones.
-        if !super::SERVED_TYPES.contains(&req.type_url.as_str()) {
-            return Err(RequestError::UnknownType(req.type_url));
-        }
-        if self.node.is_none() {
-            self.node = req
-                .node
-                .as_ref()
-                .map(|n| n.id.clone())
-                .filter(|id| !id.is_empty());
-        }
         let max_names = self.limits.max_names_per_type;
-        let names = || {
-            req.resource_names_subscribe
-                .iter()
-                .chain(req.resource_names_unsubscribe.iter())
-                .chain(req.initial_resource_versions.keys())
-        };
-        if names().any(|n| n.len() > MAX_NAME_LEN) {
-            return Err(RequestError::NameTooLong { max: MAX_NAME_LEN });
-        }
-        if req.initial_resource_versions.len() > max_names {
-            return Err(RequestError::TooManyNames {
-                type_url: req.type_url,
-                max: max_names,
-            });
-        }
         let entries = store.get(&req.type_url);
+        let started = self.types.get(&req.type_url).is_some_and(|ts| ts.started);
+        request::check(&req, &self.caller, started, entries, max_names)?;
+        if self.node.is_none() {
+            self.node = request::node_id(&req).map(str::to_string);
+        }
         let ts = self.types.entry(req.type_url.clone()).or_default();
         if !ts.started {
             ts.started = true;
@@ -284,8 +252,7 @@ impl ClientState {
                 .into_iter()
                 .map(|(name, version)| (Arc::from(name), parse_version(&version)))
                 .collect();
-            let subscribe = &req.resource_names_subscribe;
-            if subscribe.is_empty() || subscribe.iter().any(|n| n == WILDCARD) {
+            if request::opens_wildcard(&req.resource_names_subscribe) {
                 ts.start_wildcard(store, entries, claimed);
             } else {
                 for (name, version) in claimed {

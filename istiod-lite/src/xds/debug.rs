@@ -35,7 +35,8 @@ pub struct XdsDebug {
 pub struct ClientDebug {
     /// Unique per stream for the life of the server.
     pub id: u64,
-    /// `node.id` of the client's first request.
+    /// `node.id` of the client's first request: the node of its credential
+    /// (`caller.node`), as a request naming another node ends the stream.
     pub node: Option<String>,
     /// Who the bearer token says it is.
     pub caller: Caller,

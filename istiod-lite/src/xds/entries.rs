@@ -102,6 +102,11 @@ impl TypeEntries {
         Some(name)
     }
 
+    /// The generation that removed `name`, while its tombstone is kept.
+    pub(crate) fn removed_at(&self, name: &str) -> Option<u64> {
+        self.tombstones.get(name).copied()
+    }
+
     /// The log after `pos` (from the start for `None`), in order.
     pub(crate) fn after<'a>(
         &'a self,

@@ -25,7 +25,7 @@ use super::client::{ClientState, Limits};
 use super::debounce::Debounce;
 use super::debug::{ClientResourcesDebug, XdsDebug};
 use super::metrics::XdsMetrics;
-use super::session::Session;
+use super::session::{Inbound, Session};
 use super::settings::{SettingsError, XdsSettings};
 use super::store::{ChangeBatch, ResourceStore, lock};
 use crate::auth::{AuthError, Authenticator, Caller, bearer_token};
@@ -216,6 +216,16 @@ impl XdsServer {
         &self.core
     }
 
+    /// Opens a stream for `caller` without the network.
+    #[cfg(test)]
+    pub(crate) fn open_stream(
+        &self,
+        caller: Caller,
+        inbound: Inbound,
+    ) -> Result<mpsc::Receiver<Result<DeltaDiscoveryResponse, Status>>, Status> {
+        open_stream(&self.core, caller, None, inbound)
+    }
+
     /// The store the server pushes from.
     pub fn store(&self) -> &Arc<ResourceStore> {
         &self.core.store
@@ -291,25 +301,37 @@ impl<A: Authenticator> AggregatedDiscoveryService for AdsService<A> {
         if *self.core.shutdown.borrow() {
             return Err(Status::unavailable("the xDS server is shutting down"));
         }
-        let client = self.core.register(caller.clone(), peer).map_err(|open| {
-            tracing::warn!(peer = ?peer, node = %caller.node, open, "xDS stream refused: too many streams for the node");
-            Status::resource_exhausted(format!(
-                "node {} already holds {open} xDS streams, the most allowed",
-                caller.node
-            ))
-        })?;
-        let (tx, rx) = mpsc::channel(self.core.settings.client_queue);
-        let id = lock(&client.state).id;
-        tracing::info!(client = id, principal = %caller.principal, node = %caller.node, peer = ?peer, "xDS client connected");
-        let session = Session {
-            core: self.core.clone(),
-            client,
-            id,
-            caller,
-            tx,
-            inbound: request.into_inner(),
-        };
-        tokio::spawn(session.run());
+        let rx = open_stream(&self.core, caller, peer, Box::pin(request.into_inner()))?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Registers an authenticated caller's stream and starts its task; the
+/// responses come out of the returned channel.
+pub(crate) fn open_stream(
+    core: &Arc<Core>,
+    caller: Caller,
+    peer: Option<std::net::SocketAddr>,
+    inbound: Inbound,
+) -> Result<mpsc::Receiver<Result<DeltaDiscoveryResponse, Status>>, Status> {
+    let client = core.register(caller.clone(), peer).map_err(|open| {
+        tracing::warn!(peer = ?peer, node = %caller.node, open, "xDS stream refused: too many streams for the node");
+        Status::resource_exhausted(format!(
+            "node {} already holds {open} xDS streams, the most allowed",
+            caller.node
+        ))
+    })?;
+    let (tx, rx) = mpsc::channel(core.settings.client_queue);
+    let id = lock(&client.state).id;
+    tracing::info!(client = id, principal = %caller.principal, node = %caller.node, peer = ?peer, "xDS client connected");
+    let session = Session {
+        core: core.clone(),
+        client,
+        id,
+        caller,
+        tx,
+        inbound,
+    };
+    tokio::spawn(session.run());
+    Ok(rx)
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::Status;
 
 use super::budget::{self, Unanswered};
 use super::client::Feedback;
@@ -20,14 +21,25 @@ use super::store::lock;
 use crate::auth::Caller;
 
 /// Everything one stream's task owns.
-#[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) core: Arc<Core>,
     pub(crate) client: Arc<ClientHandle>,
     pub(crate) id: u64,
     pub(crate) caller: Caller,
     pub(crate) tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    pub(crate) inbound: Streaming<DeltaDiscoveryRequest>,
+    pub(crate) inbound: Inbound,
+}
+
+/// The client's requests: the gRPC stream (an in-memory one in tests).
+pub(crate) type Inbound = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Send>>;
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Room in the push budget for one response, once granted.
@@ -80,20 +92,33 @@ impl Session {
                 }
             }
             let expiry = unanswered.next_expiry(core.settings.push_budget_hold);
+            let answer_by = unanswered
+                .oldest()
+                .map(|sent| sent + core.settings.answer_timeout);
             tokio::select! {
                 biased;
                 // The guard `wait_for` returns is not `Send`: drop it in the branch.
                 _ = async { shutdown.wait_for(|draining| *draining).await.is_ok() } => break "server draining".to_string(),
                 _ = client.wake.notified() => take_inbox(&client),
-                message = inbound.message() => match message {
-                    Ok(Some(request)) => {
+                message = inbound.next() => match message {
+                    Some(Ok(request)) => {
                         if let Err(status) = handle_request(&core, &client, &caller, request, &mut unanswered) {
                             let _ = tx.try_send(Err(status.clone()));
                             break format!("bad request: {}", status.message());
                         }
                     }
-                    Ok(None) => break "client closed the stream".to_string(),
-                    Err(status) => break format!("stream error: {}", status.message()),
+                    None => break "client closed the stream".to_string(),
+                    Some(Err(status)) => break format!("stream error: {}", status.message()),
+                },
+                // Closed, it reconnects with the versions it holds; open, it would
+                // hold its walk's place (and every tombstone after it) for good.
+                _ = tokio::time::sleep_until(answer_by.unwrap_or_else(Instant::now)), if answer_by.is_some() => {
+                    let reason = format!(
+                        "no answer (ACK or NACK) to a response for {:?}",
+                        core.settings.answer_timeout
+                    );
+                    let _ = tx.try_send(Err(Status::deadline_exceeded(reason.clone())));
+                    break reason;
                 },
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     unanswered.expire(core.settings.push_budget_hold);
@@ -103,17 +128,26 @@ impl Session {
                     let Some(budget) = budget else {
                         break "push budget closed".to_string();
                     };
-                    // Never waits: the queue holds at most `client_queue` responses
-                    // and every one of them is unanswered.
-                    let Ok(permit) = tx.reserve().await else {
-                        break "client went away".to_string();
+                    // Room is there unless the client answered responses still in
+                    // the queue, unread (their nonces are easy to guess), and
+                    // stopped reading: then the wait ends with the drain, or when
+                    // the queue has not moved for `answer_timeout`.
+                    let timeout = core.settings.answer_timeout;
+                    let permit = tokio::select! {
+                        biased;
+                        _ = async { shutdown.wait_for(|draining| *draining).await.is_ok() } => break "server draining".to_string(),
+                        permit = tokio::time::timeout(timeout, tx.reserve()) => permit,
+                    };
+                    let permit = match permit {
+                        Ok(Ok(permit)) => permit,
+                        Ok(Err(_)) => break "client went away".to_string(),
+                        Err(_) => break format!("the client read no response for {timeout:?}"),
                     };
                     send_next(&core, &client, permit, budget, &mut unanswered);
                 },
             }
         };
-        let node = lock(&client.state).node.clone().unwrap_or_default();
-        tracing::info!(client = id, node = %node, principal = %caller.principal, %reason, "xDS client disconnected");
+        tracing::info!(client = id, node = %caller.node, principal = %caller.principal, %reason, "xDS client disconnected");
     }
 }
 
@@ -151,18 +185,18 @@ fn handle_request(
         let mut state = lock(&client.state);
         let feedback = state
             .handle_request(request, &store)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| e.status())?;
         client.publish(&state);
-        (feedback, state.id, state.node.clone().unwrap_or_default())
+        (feedback, state.id)
     };
-    if let (Feedback::Nack { nonce, message }, id, node) = feedback {
+    if let (Feedback::Nack { nonce, message }, id) = feedback {
         core.metrics
             .nacks
             .get_or_create(&XdsMetrics::label(&type_url))
             .inc();
         tracing::warn!(
             client = id,
-            node = %node,
+            node = %caller.node,
             principal = %caller.principal,
             type_url = %type_url,
             nonce = %nonce,

@@ -29,6 +29,13 @@ pub struct XdsSettings {
     /// the push budget (default 10 s); the client still gets nothing more until
     /// it answers.
     pub push_budget_hold: Duration,
+    /// `answer_timeout`: a stream whose oldest unanswered response is this old
+    /// is closed (default 60 s, six times `push_budget_hold`), as is one whose
+    /// queue of responses has not moved for this long. A client that
+    /// stops answering otherwise keeps one of its node's streams and holds back
+    /// the collection of removal tombstones for good; closed, it reconnects
+    /// with the versions it holds and gets only what changed.
+    pub answer_timeout: Duration,
     /// `max_in_flight`: unacknowledged responses remembered per client and type
     /// (default 16); older ones are forgotten, and their late ACK is only counted.
     pub max_in_flight: usize,
@@ -40,7 +47,10 @@ pub struct XdsSettings {
     /// refused with RESOURCE_EXHAUSTED.
     pub max_streams_per_node: usize,
     /// `max_names_per_type`: resource names one stream may subscribe to by name,
-    /// per type (default 65,536); a request that would hold more is refused.
+    /// or claim to hold when it reconnects, per type (default 65,536); a request
+    /// that would hold more is refused. A wildcard stream's reconnect may claim
+    /// every resource the server has, and this many names more that it does not
+    /// (removals owed to the client).
     pub max_names_per_type: usize,
 }
 
@@ -53,6 +63,7 @@ impl Default for XdsSettings {
             max_response_bytes: 32 << 10,
             push_budget_bytes: 8 << 20,
             push_budget_hold: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(60),
             max_in_flight: 16,
             client_inbox: 32,
             max_streams_per_node: 4,
@@ -84,6 +95,9 @@ impl XdsSettings {
         }
         if self.push_budget_bytes < self.max_response_bytes {
             return refuse("push_budget_bytes", "must hold at least max_response_bytes");
+        }
+        if self.answer_timeout.is_zero() {
+            return refuse("answer_timeout", "must be longer than zero");
         }
         if self.max_in_flight == 0 {
             return refuse("max_in_flight", "must be at least 1");

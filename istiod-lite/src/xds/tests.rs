@@ -35,7 +35,7 @@ pub(super) fn del(name: &str) -> ResourceUpdate {
     }
 }
 
-fn caller() -> Caller {
+pub(super) fn caller() -> Caller {
     Caller {
         node: "node-a".into(),
         principal: "node-token:node-a".into(),
@@ -62,7 +62,7 @@ pub(super) fn client_with_names(max_response_bytes: usize, max_names: usize) -> 
 pub(super) fn req(subscribe: &[&str]) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         node: Some(Node {
-            id: "ztunnel~node-a".into(),
+            id: "node-a".into(),
             ..Default::default()
         }),
         type_url: T.into(),
@@ -136,6 +136,11 @@ fn settings_are_checked_by_name() {
         ..Default::default()
     };
     assert_eq!(bad.validate().unwrap_err().name, "debounce_max");
+    let bad = XdsSettings {
+        answer_timeout: Duration::ZERO,
+        ..Default::default()
+    };
+    assert_eq!(bad.validate().unwrap_err().name, "answer_timeout");
 }
 
 #[tokio::test(start_paused = true)]
@@ -207,7 +212,7 @@ fn server_core(server: &XdsServer) -> &server::Core {
 }
 
 /// Refuses everyone: the pipeline test connects no stream.
-struct NoAuth;
+pub(super) struct NoAuth;
 
 impl crate::auth::Authenticator for NoAuth {
     async fn authenticate(&self, _token: &str) -> Result<Caller, crate::auth::AuthError> {
@@ -236,7 +241,7 @@ fn wildcard_gets_everything_named_gets_only_named() {
     let r = drain_responses(&mut named, &store);
     assert_eq!(r.len(), 1);
     assert_eq!(names(&r[0]), ["b"]);
-    assert_eq!(named.node.as_deref(), Some("ztunnel~node-a"));
+    assert_eq!(named.node.as_deref(), Some("node-a"));
 
     // A change to `a` reaches the wildcard client only; a removal of `b` reaches both.
     store.apply(vec![put("a", "1b"), del("b")]);
@@ -431,4 +436,68 @@ fn a_first_sync_always_ends_with_an_unmarked_part() {
     assert_eq!(more, [true, false], "{r:?}");
     assert_eq!(names(&r[0]), ["r0", "r1", "r2"]);
     assert!(r[1].resources.is_empty() && r[1].removed_resources.is_empty());
+}
+
+/// A wildcard reconnect claims every resource it was sent: only claims of names
+/// the server does not have (removals it will owe) count against
+/// `max_names_per_type`, so a store larger than the bound does not lock every
+/// client out after a restart, and the state a claim list makes stays bounded.
+#[test]
+fn a_wildcard_reconnect_may_claim_everything_the_store_has() {
+    let store = ResourceStore::new();
+    store.apply((0..5).map(|i| put(&format!("r{i}"), "1")).collect());
+    let mut c = client_with_names(1 << 20, 4);
+    c.handle_request(req(&[]), &store.read()).unwrap();
+    let held: HashMap<String, String> = drain_responses(&mut c, &store)
+        .iter()
+        .flat_map(|r| r.resources.iter())
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert_eq!(held.len(), 5);
+
+    let mut resume = req(&["*"]);
+    resume.initial_resource_versions = held.clone();
+    resume
+        .initial_resource_versions
+        .extend((0..4).map(|i| (format!("gone{i}"), "1".into())));
+    let mut again = client_with_names(1 << 20, 4);
+    again.handle_request(resume, &store.read()).unwrap();
+    let r = drain_responses(&mut again, &store);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].resources.is_empty(), "everything is held already");
+    assert_eq!(r[0].removed_resources.len(), 4);
+
+    // One more name the server does not have is one too many.
+    let mut resume = req(&[]);
+    resume.initial_resource_versions = held;
+    resume
+        .initial_resource_versions
+        .extend((0..5).map(|i| (format!("gone{i}"), "1".into())));
+    let err = client_with_names(1 << 20, 4)
+        .handle_request(resume, &store.read())
+        .unwrap_err();
+    assert!(err.to_string().contains("more than 4"), "{err}");
+}
+
+/// A proxy reports the node it serves in `node.id`, and logs and the debug view
+/// show it: with node-a's credential it cannot say it is node-b.
+#[test]
+fn a_stream_cannot_name_another_node_than_its_credential() {
+    let store = ResourceStore::new();
+    let mut c = client(1 << 20);
+    let mut other = req(&[]);
+    other.node = Some(Node {
+        id: "node-b".into(),
+        ..Default::default()
+    });
+    let err = c.handle_request(other, &store.read()).unwrap_err();
+    assert_eq!(err.status().code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("\"node-b\""), "{err}");
+    assert_eq!(c.node, None);
+
+    let mut none = req(&[]);
+    none.node = None;
+    c.handle_request(none, &store.read()).unwrap();
+    c.handle_request(req(&[]), &store.read()).unwrap();
+    assert_eq!(c.debug(&store.read()).node.as_deref(), Some("node-a"));
 }

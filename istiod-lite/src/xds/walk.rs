@@ -118,6 +118,12 @@ impl Walk {
             let Some(name) = self.owed_removals.pop_first() else {
                 break;
             };
+            // Created again since the claim: the log sends it (owed removals go
+            // before the log moves, so it is still ahead); removing it in the same
+            // response would make the client drop what it was just sent.
+            if entries.is_some_and(|e| e.get(&name).is_some()) {
+                continue;
+            }
             step.bytes += name.len();
             step.removed.push(name);
         }
@@ -253,6 +259,18 @@ impl Walk {
         let entry = entries?.get(name)?;
         self.sent(name, entry)
             .then(|| (entry.version, self.acknowledged(name, entry)))
+    }
+
+    /// Whether the client may hold `name`, which the store no longer has: the
+    /// walk owes it a removal (claimed on reconnect, or removed after the walk
+    /// began and not yet passed).
+    pub(crate) fn owes_removal(&self, name: &str, entries: Option<&TypeEntries>) -> bool {
+        if self.owed_removals.contains(name) || self.claimed.contains_key(name) {
+            return true;
+        }
+        entries.and_then(|e| e.removed_at(name)).is_some_and(|at| {
+            at > self.start && self.pos.as_ref().is_none_or(|p| (at, Arc::from(name)) > *p)
+        })
     }
 
     /// Whether the walk has sent `entry` (it is at or before the position).

@@ -218,3 +218,60 @@ fn switching_between_wildcard_and_names_keeps_what_the_client_holds() {
     c.merge_batch(&store.take_pending().unwrap());
     assert_eq!(names(&drain_responses(&mut c, &store)[0]), ["a"]);
 }
+
+/// A reconnect claims a name the store no longer has, and the name comes back
+/// before the walk owed its removal: one response must not both send and remove
+/// it (the client applies the resource, then the removal, and loses it).
+#[test]
+fn a_claimed_name_created_again_is_sent_not_removed() {
+    let store = ResourceStore::new();
+    let mut first = req(&[]);
+    first.initial_resource_versions =
+        HashMap::from([("x".into(), format_version(version_of(b"old")))]);
+    let mut c = client(1 << 20);
+    c.handle_request(first, &store.read()).unwrap();
+    store.apply(vec![put("x", "new")]);
+    store.take_pending().unwrap();
+    let r = drain_responses(&mut c, &store);
+    let removed: Vec<&String> = r.iter().flat_map(|r| &r.removed_resources).collect();
+    assert_eq!(r.iter().flat_map(names).collect::<Vec<_>>(), ["x"]);
+    assert!(removed.is_empty(), "{r:?}");
+    let t = type_debug(&c, &store);
+    assert_eq!((t.held, t.pending), (1, 0));
+}
+
+/// The wildcard subscription is dropped while the walk still owes the removal
+/// of a name the client keeps by name: the named subscription sends it.
+#[test]
+fn dropping_the_wildcard_keeps_the_removals_it_owed() {
+    let store = ResourceStore::new();
+    store.apply(vec![put("x", "1"), put("y", "1")]);
+    let mut c = client(1 << 20);
+    c.handle_request(req(&["*", "x"]), &store.read()).unwrap();
+    assert_eq!(names(&drain_responses(&mut c, &store)[0]), ["x", "y"]);
+
+    store.apply(vec![del("x")]);
+    let mut off = req(&[]);
+    off.resource_names_unsubscribe = vec!["*".into()];
+    c.handle_request(off, &store.read()).unwrap();
+    c.merge_batch(&store.take_pending().unwrap());
+    let r = drain_responses(&mut c, &store);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].removed_resources, ["x"]);
+    assert_eq!(type_debug(&c, &store).held, 0);
+
+    // Nor is it lost once released and merged before the switch.
+    let mut c = client(1 << 20);
+    store.apply(vec![put("x", "2")]);
+    store.take_pending().unwrap();
+    c.handle_request(req(&["*", "x"]), &store.read()).unwrap();
+    drain_responses(&mut c, &store);
+    store.apply(vec![del("x")]);
+    c.merge_batch(&store.take_pending().unwrap());
+    let mut off = req(&[]);
+    off.resource_names_unsubscribe = vec!["*".into()];
+    c.handle_request(off, &store.read()).unwrap();
+    let r = drain_responses(&mut c, &store);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].removed_resources, ["x"]);
+}

@@ -4,194 +4,22 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod harness;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_proto::envoy::config::core::v3::Node;
-use ambit_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use ambit_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use ambit_proto::google::rpc;
-use bytes::Bytes;
-use istiod_lite::auth::{AuthError, Authenticator, Caller};
+use harness::*;
 use istiod_lite::xds::{
-    ResourceStore, ResourceUpdate, XdsDebug, XdsMetrics, XdsServer, XdsSettings, format_version,
-    serve, version_of,
+    ResourceStore, XdsMetrics, XdsServer, XdsSettings, format_version, serve, version_of,
 };
-use mesh_core::drain::{self, DrainTrigger};
+use mesh_core::drain;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-use tonic::{Code, Streaming};
-
-const W: &str = ambit_proto::WORKLOAD_TYPE_URL;
-const S: &str = ambit_proto::SERVICE_TYPE_URL;
-const WAIT: Duration = Duration::from_secs(10);
-
-/// Tokens `good-<node>` are valid for `<node>`; nothing else is.
-struct TestAuth;
-
-impl Authenticator for TestAuth {
-    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
-        let node = token
-            .strip_prefix("good-")
-            .ok_or_else(|| AuthError::Invalid("unknown token".into()))?;
-        Ok(Caller {
-            node: node.into(),
-            principal: format!("test:{node}"),
-        })
-    }
-}
-
-fn put(type_url: &'static str, name: &str, body: &str) -> ResourceUpdate {
-    ResourceUpdate {
-        type_url,
-        name: name.into(),
-        body: Some(Bytes::from(body.to_string())),
-    }
-}
-
-fn del(type_url: &'static str, name: &str) -> ResourceUpdate {
-    ResourceUpdate {
-        type_url,
-        name: name.into(),
-        body: None,
-    }
-}
-
-struct Mesh {
-    server: XdsServer,
-    addr: SocketAddr,
-    registry: prometheus_client::registry::Registry,
-    _trigger: DrainTrigger,
-}
-
-fn fast_settings() -> XdsSettings {
-    XdsSettings {
-        debounce_quiet: Duration::from_millis(10),
-        debounce_max: Duration::from_millis(50),
-        ..Default::default()
-    }
-}
-
-async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Mesh {
-    start_with(fast_settings(), tls).await
-}
-
-async fn start_with(settings: XdsSettings, tls: Option<Arc<rustls::ServerConfig>>) -> Mesh {
-    let (trigger, watcher) = drain::channel();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = XdsMetrics::new(&mut registry);
-    let store = Arc::new(ResourceStore::new());
-    let (server, service) =
-        XdsServer::new(store, settings, TestAuth, metrics, watcher.clone()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, tls, service, watcher));
-    Mesh {
-        server,
-        addr,
-        registry,
-        _trigger: trigger,
-    }
-}
-
-/// One delta ADS stream seen from the client side.
-struct Stream {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: Streaming<DeltaDiscoveryResponse>,
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-async fn open(channel: Channel, token: Option<&str>) -> Result<Stream, tonic::Status> {
-    let (tx, rx) = mpsc::channel(16);
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    let rx = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .delta_aggregated_resources(request)
-        .await?
-        .into_inner();
-    Ok(Stream { tx, rx })
-}
-
-async fn connect(addr: SocketAddr, node: &str) -> Stream {
-    open(channel(addr).await, Some(&format!("good-{node}")))
-        .await
-        .unwrap()
-}
-
-fn subscribe(type_url: &str, names: &[&str]) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: "ztunnel~test".into(),
-            ..Default::default()
-        }),
-        type_url: type_url.into(),
-        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-impl Stream {
-    async fn send(&self, req: DeltaDiscoveryRequest) {
-        self.tx.send(req).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("a response in time")
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn ack(&self, resp: &DeltaDiscoveryResponse) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    /// Asserts nothing arrives for a moment (used after the expected responses).
-    async fn quiet(&mut self) {
-        let next = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await;
-        assert!(next.is_err(), "unexpected response: {next:?}");
-    }
-}
-
-fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
-    let mut n: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
-    n.sort();
-    n
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !check() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn client_of<'a>(debug: &'a XdsDebug, node: &str) -> Option<&'a istiod_lite::xds::ClientDebug> {
-    debug.clients.iter().find(|c| c.caller.node == node)
-}
+use tonic::Code;
 
 #[tokio::test]
 async fn wildcard_subscription_gets_everything_then_only_changes() {
@@ -287,7 +115,7 @@ async fn ack_and_nack_are_tracked_and_the_nack_is_visible() {
     .await;
     let debug = mesh.server.debug_snapshot();
     let client = client_of(&debug, "n1").unwrap();
-    assert_eq!(client.node.as_deref(), Some("ztunnel~test"));
+    assert_eq!(client.node.as_deref(), Some("n1"));
     assert_eq!(client.caller.principal, "test:n1");
     assert!(
         client
@@ -458,6 +286,31 @@ async fn streams_without_a_valid_token_are_refused() {
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(mesh.server.connected_clients(), 0);
     assert!(open(ch, Some("good-n1")).await.is_ok());
+}
+
+/// A stream's `node.id` must be the node of its token: logs and the debug view
+/// show it, so n1's ztunnel cannot report as n2.
+#[tokio::test]
+async fn a_stream_naming_another_node_is_refused() {
+    let mesh = start(None).await;
+    mesh.server.apply(vec![put(W, "a", "1")]);
+    let mut c = connect(mesh.addr, "n1").await;
+    let mut other = subscribe(W, &[]);
+    other.node = Some(Node {
+        id: "n2".into(),
+        ..Default::default()
+    });
+    c.send(other).await;
+    let status = tokio::time::timeout(WAIT, c.rx.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the stream ends");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("\"n2\""), "{status}");
+
+    let mut c = connect(mesh.addr, "n1").await;
+    c.send(subscribe(W, &[])).await;
+    assert_eq!(names(&c.recv().await), ["a"]);
 }
 
 /// One node's credential holds at most `max_streams_per_node` streams, and a
