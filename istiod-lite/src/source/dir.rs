@@ -10,6 +10,7 @@
 mod parse;
 mod state;
 mod walk;
+mod yaml;
 
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,10 @@ enum DirError {
     NotUtf8,
     #[error("YAML syntax error: {0}; the objects read from this file before are kept")]
     Syntax(serde_yaml_ng::Error),
+    #[error(
+        "the document expands to more than {limit} nodes through its aliases (an alias bomb?); the objects read from this file before are kept"
+    )]
+    Expanded { limit: u64 },
 }
 
 /// Polls the first view waits at most for files still being written (5 s at the

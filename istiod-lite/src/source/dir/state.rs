@@ -324,8 +324,7 @@ fn refresh(path: &Path, stat: Stat, state: &mut FileState, read: &mut FileReader
     match parse_documents(&text) {
         Err(syntax) => {
             // Nothing of the file can be trusted: its objects stay as they were.
-            let error = DirError::Syntax(syntax.error);
-            state.problems = vec![dir_report(&origin, Some(syntax.document), &error)];
+            state.problems = vec![dir_report(&origin, Some(syntax.document), &syntax.error)];
         }
         Ok(documents) => {
             let (entries, problems) = apply_documents(&origin, documents, &state.entries);
