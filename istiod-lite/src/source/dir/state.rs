@@ -3,7 +3,8 @@
 //!
 //! Nothing is lost to bad input: a file that cannot be read or parsed keeps the
 //! objects last read from it; a document that fails validation keeps the last
-//! good version of its object; a key defined twice (in one directory or in two
+//! good version of its object (found by its key, or by its place in the file when
+//! even the key cannot be read); a key defined twice (in one directory or in two
 //! of the watched ones) is taken from the first file in path order and the later
 //! definition is reported.
 //!
@@ -406,7 +407,9 @@ pub(super) fn read(path: &Path, stat: Stat) -> Result<Vec<u8>, DirError> {
 }
 
 /// The file's new entries and problems. A document that fails keeps the entry
-/// its key had in this file before, when its key can be read.
+/// its key had in this file before, when its key can be read; else (a typo in
+/// `kind`, no name) what this file had at the same document index, unless the
+/// file now defines that key elsewhere.
 fn apply_documents(
     origin: &str,
     documents: Vec<Document>,
@@ -414,6 +417,7 @@ fn apply_documents(
 ) -> (Vec<Entry>, Vec<Report>) {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
+    let mut keyless = Vec::new();
     for Document { index, outcome } in documents {
         match outcome {
             Ok(object) => entries.push(Entry {
@@ -422,12 +426,16 @@ fn apply_documents(
                 object,
             }),
             Err(error) => {
-                let kept = key_of(&error).and_then(|key| previous.iter().find(|e| e.key == key));
-                if let Some(old) = kept {
-                    entries.push(Entry {
-                        document: index,
-                        ..old.clone()
-                    });
+                match key_of(&error) {
+                    Some(key) => {
+                        if let Some(old) = previous.iter().find(|e| e.key == key) {
+                            entries.push(Entry {
+                                document: index,
+                                ..old.clone()
+                            });
+                        }
+                    }
+                    None => keyless.push(index),
                 }
                 problems.push(Report {
                     origin: origin.to_owned(),
@@ -436,6 +444,16 @@ fn apply_documents(
                 });
             }
         }
+    }
+    let kept: Vec<Entry> = previous
+        .iter()
+        .filter(|old| keyless.contains(&old.document))
+        .filter(|old| !entries.iter().any(|e| e.key == old.key))
+        .cloned()
+        .collect();
+    if !kept.is_empty() {
+        entries.extend(kept);
+        entries.sort_by_key(|e| e.document);
     }
     (entries, problems)
 }

@@ -1,6 +1,7 @@
 //! Unit tests of parsing and of the scan state (the watch loop is tested in
 //! `tests/dir_source.rs`), with the helpers they share.
 
+mod bad_input;
 mod parse;
 mod rename;
 mod scan;
