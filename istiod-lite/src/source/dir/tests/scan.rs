@@ -229,3 +229,36 @@ fn a_key_in_two_directories_is_reported_not_overwritten() {
     assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().labels["team"] == "b"));
     assert_eq!(delta.reports, [(b.display().to_string(), Vec::new())]);
 }
+
+/// A ConfigMap with the item path `sub/a.yaml`, mounted by the kubelet: read
+/// once through its `sub -> ..data/sub` link, and again when the kubelet swaps
+/// `..data` to a new version.
+#[test]
+fn a_mounted_config_map_with_nested_items_is_read() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let version = |name: &str, sa_name: &str| {
+        fs::create_dir_all(root.join(name).join("sub")).unwrap();
+        fs::write(root.join(name).join("sub/a.yaml"), sa(sa_name)).unwrap();
+    };
+    version("..2026_01_01_00_00_00.1", "web");
+    symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+    symlink("..data/sub", root.join("sub")).unwrap();
+    // A cycle as well: walked once all the same.
+    symlink(".", root.join("again")).unwrap();
+    let mut state = DirState::new(root.to_owned());
+    let delta = settle(&mut state);
+    assert!(delta.reports.is_empty(), "{:?}", delta.reports);
+    assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "web"));
+
+    // The kubelet's update: a new version, then `..data` renamed over.
+    version("..2026_01_01_00_00_00.2", "api");
+    symlink("..2026_01_01_00_00_00.2", root.join("..data_tmp")).unwrap();
+    fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    fs::remove_dir_all(root.join("..2026_01_01_00_00_00.1")).unwrap();
+    let delta = settle(&mut state);
+    assert_eq!(delta.changes.len(), 2, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "api"));
+}
