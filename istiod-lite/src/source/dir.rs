@@ -36,6 +36,8 @@ pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
 enum DirError {
     #[error("cannot read directory: {0}")]
     ListDir(std::io::Error),
+    #[error("cannot stat: {0}; the objects read from it before are kept")]
+    Stat(std::io::Error),
     #[error("cannot read file: {0}")]
     Read(std::io::Error),
     #[error("file is larger than {limit} bytes; the objects read from it before are kept")]

@@ -187,13 +187,20 @@ impl DirState {
             delta.changes = self.merge();
         }
         let mut current = self.file_reports.clone();
-        for (dir, error) in listing.unreadable {
-            let origin = dir.display().to_string();
-            current.entry(origin.clone()).or_default().push(dir_report(
-                &origin,
-                None,
-                &DirError::ListDir(error),
-            ));
+        let unreadable = listing
+            .unreadable
+            .into_iter()
+            .map(|(dir, e)| (dir, DirError::ListDir(e)));
+        let unknown = listing
+            .unknown
+            .into_iter()
+            .map(|(path, e)| (path, DirError::Stat(e)));
+        for (path, error) in unreadable.chain(unknown) {
+            let origin = path.display().to_string();
+            current
+                .entry(origin.clone())
+                .or_default()
+                .push(dir_report(&origin, None, &error));
         }
         let origins: BTreeSet<String> = current.keys().chain(self.sent.keys()).cloned().collect();
         for origin in origins {

@@ -44,13 +44,29 @@ pub(super) struct Listing {
     pub files: BTreeMap<PathBuf, Stat>,
     /// Directories that could not be read: what was known below them is kept.
     pub unreadable: Vec<(PathBuf, io::Error)>,
+    /// Entries whose metadata could not be read for another reason than their
+    /// absence (a permission, a link loop, an I/O error): a file or a directory,
+    /// what was known of it is kept.
+    pub unknown: Vec<(PathBuf, io::Error)>,
 }
 
 impl Listing {
-    /// True when `path` lies below a directory this listing could not read.
+    /// True when `path` is, or lies below, an entry this listing could not read.
     pub fn hides(&self, path: &Path) -> bool {
-        self.unreadable.iter().any(|(dir, _)| path.starts_with(dir))
+        self.unreadable
+            .iter()
+            .chain(&self.unknown)
+            .any(|(dir, _)| path.starts_with(dir))
     }
+}
+
+/// The error says the entry is not there (then what it held goes): anything
+/// else leaves it unknown, not absent.
+fn is_absent(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 /// Lists every root recursively into one listing (a file below two overlapping
@@ -77,6 +93,8 @@ fn dir_id(meta: &fs::Metadata) -> (u64, u64) {
 fn visit(dir: &Path, depth: usize, listing: &mut Listing, walked: &mut HashSet<(u64, u64)>) {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
+        // Below the root, a directory removed since it was listed is just gone.
+        Err(e) if depth > 0 && is_absent(&e) => return,
         Err(e) => {
             listing.unreadable.push((dir.to_owned(), e));
             return;
@@ -96,8 +114,13 @@ fn visit(dir: &Path, depth: usize, listing: &mut Listing, walked: &mut HashSet<(
             continue;
         }
         let path = entry.path();
-        let Ok(file_type) = entry.file_type() else {
-            continue;
+        let file_type = match entry.file_type() {
+            Ok(file_type) => file_type,
+            Err(e) if is_absent(&e) => continue,
+            Err(e) => {
+                listing.unknown.push((path, e));
+                continue;
+            }
         };
         if !(file_type.is_dir() || file_type.is_symlink() || is_yaml(name)) {
             continue;
@@ -113,8 +136,10 @@ fn visit(dir: &Path, depth: usize, listing: &mut Listing, walked: &mut HashSet<(
             Ok(meta) if meta.is_file() && is_yaml(name) => {
                 listing.files.insert(path, Stat::of(&meta));
             }
+            Ok(_) => {}
             // Gone between listing and stat, or a dangling link: not there.
-            _ => {}
+            Err(e) if is_absent(&e) => {}
+            Err(e) => listing.unknown.push((path, e)),
         }
     }
 }
@@ -207,6 +232,9 @@ mod tests {
         symlink("self", root.join("self")).unwrap();
         let listing = list_all(&[root.to_owned()]);
         assert_eq!(relative(&listing, root), ["sub/a.yaml", "top.yaml"]);
+        // The link to itself cannot be resolved: reported, not taken for absent.
+        assert_eq!(listing.unknown.len(), 1, "{:?}", listing.unknown);
+        assert_eq!(listing.unknown[0].0, root.join("self"));
         // A root below another one is not listed twice either.
         let listing = list_all(&[root.to_owned(), root.join("sub")]);
         assert_eq!(relative(&listing, root), ["sub/a.yaml", "top.yaml"]);

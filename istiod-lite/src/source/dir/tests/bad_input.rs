@@ -57,3 +57,32 @@ fn a_kind_typo_keeps_the_policy_that_was_there() {
     let delta = settle(&mut state);
     assert_eq!(deletes(&delta), [&deny_key()]);
 }
+
+/// A file whose metadata cannot be read (here a link loop where it was; as
+/// well a permission on a link's target, an I/O error) is not a deleted file.
+#[test]
+fn a_file_that_cannot_be_stated_keeps_its_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    fs::write(&file, DENY).unwrap();
+    let mut state = DirState::new(dir.path().to_owned());
+    assert_eq!(settle(&mut state).changes.len(), 1);
+
+    fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink("policy.yaml", &file).unwrap();
+    let delta = state.scan();
+    assert!(delta.changes.is_empty(), "{:?}", delta.changes);
+    let (origin, reports) = &delta.reports[0];
+    assert_eq!(origin, &file.display().to_string());
+    assert!(
+        reports[0].error.problem.contains("cannot stat"),
+        "{reports:?}"
+    );
+    assert_eq!(state.objects().len(), 1);
+
+    // Removed for good: the policy goes, the report clears.
+    fs::remove_file(&file).unwrap();
+    let delta = state.scan();
+    assert_eq!(deletes(&delta), [&deny_key()]);
+    assert_eq!(delta.reports, [(file.display().to_string(), Vec::new())]);
+}
