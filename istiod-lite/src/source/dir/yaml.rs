@@ -1,7 +1,8 @@
 //! One YAML document to JSON, built straight from the parser's events with its
 //! expanded size counted against the file's budget. An alias repeats all it names,
 //! so a few kilobytes can stand for gigabytes (an alias bomb): such a document is
-//! refused as soon as it outgrows the budget, never built whole.
+//! refused as soon as it outgrows the budget, never built whole. Merge keys
+//! (`<<`) are applied as the mapping is read.
 
 use std::fmt;
 
@@ -72,8 +73,8 @@ impl Budget {
 /// Why a document did not become JSON.
 #[derive(Debug)]
 pub(super) enum Failure {
-    /// Not YAML, or YAML JSON cannot hold (a duplicate key): the whole file is
-    /// refused.
+    /// Not YAML, or YAML JSON cannot hold (a duplicate key, a bad merge): the
+    /// whole file is refused.
     Syntax(serde_yaml_ng::Error),
     /// Expanded past the file's budget: the whole file is refused.
     TooLarge { limit: u64 },
@@ -83,7 +84,7 @@ pub(super) enum Failure {
 }
 
 /// Reads one document as JSON: scalar mapping keys become strings (as `kubectl`
-/// does), tags are dropped, and non-finite floats (which
+/// does), tags are dropped, merge keys applied, and non-finite floats (which
 /// JSON cannot hold) become null so the decoder reports a type error at their
 /// field.
 pub(super) fn to_json<'de, D>(document: D, budget: &mut Budget) -> Result<Value, Failure>
@@ -184,6 +185,7 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         self.budget.charge(1)?;
         let mut out = Map::new();
+        let mut merged: Option<Vec<Map<String, Value>>> = None;
         while let Some(key) = map.next_key_seed(Key {
             budget: &mut *self.budget,
         })? {
@@ -194,12 +196,24 @@ impl<'de> Visitor<'de> for Node<'_> {
                 // Not a string: noted in the budget's shape, the document is refused.
                 continue;
             };
-            if out.contains_key(&key) {
+            if key == "<<" {
+                if merged.is_some() {
+                    return Err(de::Error::custom("duplicate merge key `<<`"));
+                }
+                merged = Some(merge_sources(value)?);
+            } else if out.contains_key(&key) {
                 return Err(de::Error::custom(format_args!(
                     "duplicate entry with key {key:?}"
                 )));
+            } else {
+                out.insert(key, value);
             }
-            out.insert(key, value);
+        }
+        // The mapping's own keys win, then the merged mappings in order.
+        for source in merged.into_iter().flatten() {
+            for (key, value) in source {
+                out.entry(key).or_insert(value);
+            }
         }
         Ok(Value::Object(out))
     }
@@ -208,6 +222,22 @@ impl<'de> Visitor<'de> for Node<'_> {
         // A tagged node (`!foo x`): the tag is dropped.
         let (_tag, contents) = data.variant::<de::IgnoredAny>()?;
         de::VariantAccess::newtype_variant_seed(contents, self)
+    }
+}
+
+/// What a merge key (`<<`) names: a mapping or a list of mappings.
+fn merge_sources<E: de::Error>(value: Value) -> Result<Vec<Map<String, Value>>, E> {
+    let refuse = || E::custom("a merge key `<<` must name a mapping or a list of mappings");
+    match value {
+        Value::Object(source) => Ok(vec![source]),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Object(source) => Ok(source),
+                _ => Err(refuse()),
+            })
+            .collect(),
+        _ => Err(refuse()),
     }
 }
 

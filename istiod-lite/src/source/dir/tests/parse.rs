@@ -126,3 +126,52 @@ fn an_alias_bomb_keeps_what_the_file_held() {
     assert!(reports[0].error.problem.contains("expands"), "{reports:?}");
     assert_eq!(state.objects().len(), 1);
 }
+
+#[test]
+fn merge_keys_are_applied() {
+    let text = "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: web\n  namespace: shop\n  \
+                labels: &base {team: shop, tier: front}\n\
+                ---\napiVersion: v1\nkind: List\nitems:\n\
+                - apiVersion: v1\n  kind: ServiceAccount\n  metadata: &meta\n    namespace: shop\n    \
+                labels: &team {team: shop, tier: back}\n    name: api\n\
+                - apiVersion: v1\n  kind: ServiceAccount\n  metadata:\n    <<: *meta\n    name: db\n    \
+                labels: {<<: [{tier: data, zone: a}, *team], owner: dba}\n";
+    let docs = parse_documents(text).unwrap();
+    let labels: Vec<_> = docs
+        .iter()
+        .map(|d| match &d.outcome {
+            Ok(Object::ServiceAccount(sa)) => (sa.meta.name.clone(), sa.meta.labels.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(labels.len(), 3);
+    // The mapping's own keys win; then the merged mappings, the first first.
+    let (name, db) = &labels[2];
+    assert_eq!(name, "db");
+    let db: Vec<_> = db.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        db,
+        [
+            ("owner", "dba"),
+            ("team", "shop"),
+            ("tier", "data"),
+            ("zone", "a")
+        ]
+    );
+
+    // The metadata of a ServiceAccount merged from an anchor: its labels too.
+    let text = "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  <<: &base {namespace: shop, labels: {team: shop}}\n  name: web\n";
+    let docs = parse_documents(text).unwrap();
+    let Ok(Object::ServiceAccount(sa)) = &docs[0].outcome else {
+        panic!("{:?}", docs[0].outcome)
+    };
+    assert_eq!(
+        (sa.meta.namespace.as_str(), sa.meta.labels["team"].as_str()),
+        ("shop", "shop")
+    );
+
+    // A merge key naming a scalar is an error in the file, like a syntax error.
+    let e = parse_documents(&format!("{NS}---\nmetadata: {{<<: 5}}\n")).unwrap_err();
+    assert_eq!(e.document, 2);
+    assert!(e.error.to_string().contains("merge"), "{}", e.error);
+}
