@@ -188,26 +188,29 @@ impl<'de> Visitor<'de> for Node<'_> {
         let mut merged: Option<Vec<Map<String, Value>>> = None;
         while let Some(key) = map.next_key_seed(Key {
             budget: &mut *self.budget,
+            tagged: false,
         })? {
             let value = map.next_value_seed(Node {
                 budget: &mut *self.budget,
             })?;
-            let Some(key) = key else {
-                // Not a string: noted in the budget's shape, the document is refused.
-                continue;
-            };
-            if key == "<<" {
-                if merged.is_some() {
-                    return Err(de::Error::custom("duplicate merge key `<<`"));
+            let key = match key {
+                Some(KeyName::Plain(key)) if key == "<<" => {
+                    if merged.is_some() {
+                        return Err(de::Error::custom("duplicate merge key `<<`"));
+                    }
+                    merged = Some(merge_sources(value)?);
+                    continue;
                 }
-                merged = Some(merge_sources(value)?);
-            } else if out.contains_key(&key) {
+                Some(KeyName::Plain(key) | KeyName::Tagged(key)) => key,
+                // Noted in the budget's shape: the document is refused.
+                None => continue,
+            };
+            if out.contains_key(&key) {
                 return Err(de::Error::custom(format_args!(
                     "duplicate entry with key {key:?}"
                 )));
-            } else {
-                out.insert(key, value);
             }
+            out.insert(key, value);
         }
         // The mapping's own keys win, then the merged mappings in order.
         for source in merged.into_iter().flatten() {
@@ -241,14 +244,23 @@ fn merge_sources<E: de::Error>(value: Value) -> Result<Vec<Map<String, Value>>, 
     }
 }
 
-/// A mapping key, as a string (`None`: a list or a mapping, which JSON cannot
-/// have as a key).
+/// A mapping key read as a string.
+enum KeyName {
+    /// `<<` among these is a merge key.
+    Plain(String),
+    /// Tagged (`!t name`): never a merge key.
+    Tagged(String),
+}
+
+/// A mapping key: a scalar as a string (`None`: a list or a mapping, or a tagged
+/// scalar that is not a string, which JSON cannot have as a key).
 struct Key<'b> {
     budget: &'b mut Budget,
+    tagged: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Key<'_> {
-    type Value = Option<String>;
+    type Value = Option<KeyName>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_any(self)
@@ -256,40 +268,43 @@ impl<'de> DeserializeSeed<'de> for Key<'_> {
 }
 
 impl<'de> Visitor<'de> for Key<'_> {
-    type Value = Option<String>;
+    type Value = Option<KeyName>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a mapping key")
     }
 
     fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
-        self.visit_string(b.to_string())
+        self.visit_scalar(b.to_string())
     }
 
     fn visit_i64<E: de::Error>(self, i: i64) -> Result<Self::Value, E> {
-        self.visit_string(i.to_string())
+        self.visit_scalar(i.to_string())
     }
 
     fn visit_u64<E: de::Error>(self, u: u64) -> Result<Self::Value, E> {
-        self.visit_string(u.to_string())
+        self.visit_scalar(u.to_string())
     }
 
     fn visit_f64<E: de::Error>(self, f: f64) -> Result<Self::Value, E> {
-        self.visit_string(serde_yaml_ng::Number::from(f).to_string())
+        self.visit_scalar(serde_yaml_ng::Number::from(f).to_string())
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
-        self.budget.charge_str(s)?;
-        Ok(Some(s.to_owned()))
+        self.visit_string(s.to_owned())
     }
 
     fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
         self.budget.charge_str(&s)?;
-        Ok(Some(s))
+        Ok(Some(if self.tagged {
+            KeyName::Tagged(s)
+        } else {
+            KeyName::Plain(s)
+        }))
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        self.visit_str("null")
+        self.visit_scalar("null".into())
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
@@ -318,12 +333,25 @@ impl<'de> Visitor<'de> for Key<'_> {
 
     fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
         let (_tag, contents) = data.variant::<de::IgnoredAny>()?;
-        de::VariantAccess::newtype_variant_seed(contents, self)
+        let key = Key {
+            budget: self.budget,
+            tagged: true,
+        };
+        de::VariantAccess::newtype_variant_seed(contents, key)
     }
 }
 
 impl Key<'_> {
-    fn refuse<E>(self) -> Result<Option<String>, E> {
+    /// A scalar other than a string: written as `kubectl` does, unless tagged.
+    fn visit_scalar<E: de::Error>(self, s: String) -> Result<Option<KeyName>, E> {
+        if self.tagged {
+            self.budget.charge(1)?;
+            return self.refuse();
+        }
+        self.visit_string(s)
+    }
+
+    fn refuse<E>(self) -> Result<Option<KeyName>, E> {
         self.budget.shape.get_or_insert_with(|| {
             "a mapping key must be a string, not a list or a mapping".into()
         });

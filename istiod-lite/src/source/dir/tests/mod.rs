@@ -5,6 +5,7 @@ mod bad_input;
 mod parse;
 mod rename;
 mod scan;
+mod yaml;
 
 use std::fs;
 

@@ -170,6 +170,8 @@ fn merge_keys_are_applied() {
         ("shop", "shop")
     );
 
+    // A tagged `<<` is an ordinary key, as in `serde_yaml_ng::Value`.
+    assert!(parse_documents("metadata: {!t <<: 5}\n").is_ok());
     // A merge key naming a scalar is an error in the file, like a syntax error.
     let e = parse_documents(&format!("{NS}---\nmetadata: {{<<: 5}}\n")).unwrap_err();
     assert_eq!(e.document, 2);
