@@ -97,10 +97,10 @@ where
     })
     .deserialize(document)
     {
-        Ok(_) if budget.shape.is_some() => {
-            Err(Failure::Shape(budget.shape.take().unwrap_or_default()))
-        }
-        Ok(value) => Ok(value),
+        Ok(value) => match budget.shape.take() {
+            Some(problem) => Err(Failure::Shape(problem)),
+            None => Ok(value),
+        },
         Err(_) if budget.exceeded => Err(Failure::TooLarge {
             limit: budget.limit,
         }),

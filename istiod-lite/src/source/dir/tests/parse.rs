@@ -1,10 +1,11 @@
 //! YAML documents to objects: lists, syntax errors, YAML's oddities, aliases.
 
+use std::fs;
+
 use super::{NS, sa, settle};
 use crate::model::Object;
 use crate::source::dir::parse::parse_documents;
 use crate::source::dir::state::DirState;
-use std::fs;
 
 #[test]
 fn documents_lists_and_empty_documents() {
