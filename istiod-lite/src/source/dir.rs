@@ -10,6 +10,7 @@
 mod parse;
 mod state;
 mod walk;
+mod yaml;
 
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,8 @@ pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
 enum DirError {
     #[error("cannot read directory: {0}")]
     ListDir(std::io::Error),
+    #[error("cannot stat: {0}; the objects read from it before are kept")]
+    Stat(std::io::Error),
     #[error("cannot read file: {0}")]
     Read(std::io::Error),
     #[error("file is larger than {limit} bytes; the objects read from it before are kept")]
@@ -43,6 +46,10 @@ enum DirError {
     NotUtf8,
     #[error("YAML syntax error: {0}; the objects read from this file before are kept")]
     Syntax(serde_yaml_ng::Error),
+    #[error(
+        "the document expands to more than {limit} nodes through its aliases (an alias bomb?); the objects read from this file before are kept"
+    )]
+    Expanded { limit: u64 },
 }
 
 /// Polls the first view waits at most for files still being written (5 s at the

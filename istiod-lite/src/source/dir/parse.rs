@@ -1,11 +1,12 @@
 //! One file's text to its documents: multi-document YAML, each document read
 //! with [`crate::model::from_json`], `kind: List` documents expanded, empty
-//! documents skipped. A YAML syntax error fails the whole file.
+//! documents skipped. A YAML syntax error fails the whole file, and so does a
+//! document that expands (through aliases) past the file's budget.
 
-use serde::Deserialize;
-use serde_json::{Map, Number, Value};
-use serde_yaml_ng::Value as Yaml;
+use serde_json::{Map, Value};
 
+use super::DirError;
+use super::yaml::{Budget, Failure, to_json};
 use crate::model::{Object, ObjectError, from_json};
 
 /// One object read from a file, or why it could not be read.
@@ -16,25 +17,36 @@ pub(super) struct Document {
     pub outcome: Result<Object, ObjectError>,
 }
 
-/// The file is not valid YAML: nothing of it can be trusted.
+/// The file is not valid YAML, or too large once expanded: nothing of it can be
+/// trusted.
 #[derive(Debug)]
 pub(super) struct SyntaxError {
     pub document: usize,
-    pub error: serde_yaml_ng::Error,
+    pub error: DirError,
 }
 
 /// Reads every document of `text`.
 pub(super) fn parse_documents(text: &str) -> Result<Vec<Document>, SyntaxError> {
     let mut out = Vec::new();
+    // Shared by the file's documents: what they may expand to all together.
+    let mut budget = Budget::for_text(text.len());
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let yaml = Yaml::deserialize(de).map_err(|error| SyntaxError {
-            document: index,
-            error,
-        })?;
-        let json = match to_json(yaml) {
+        let json = match to_json(de, &mut budget) {
             Ok(json) => json,
-            Err(problem) => {
+            Err(Failure::Syntax(error)) => {
+                return Err(SyntaxError {
+                    document: index,
+                    error: DirError::Syntax(error),
+                });
+            }
+            Err(Failure::TooLarge { limit }) => {
+                return Err(SyntaxError {
+                    document: index,
+                    error: DirError::Expanded { limit },
+                });
+            }
+            Err(Failure::Shape(problem)) => {
                 out.push(Document {
                     index,
                     outcome: Err(shape_error(problem)),
@@ -99,52 +111,4 @@ fn shape_error(problem: String) -> ObjectError {
         field: ".".into(),
         problem,
     }
-}
-
-/// YAML to JSON: scalar mapping keys become strings (as `kubectl` does), tags
-/// are dropped, and non-finite floats (which JSON cannot hold) become null so the
-/// decoder reports a type error at their field.
-fn to_json(yaml: Yaml) -> Result<Value, String> {
-    Ok(match yaml {
-        Yaml::Null => Value::Null,
-        Yaml::Bool(b) => Value::Bool(b),
-        Yaml::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                n.as_f64()
-                    .and_then(Number::from_f64)
-                    .map_or(Value::Null, Value::Number)
-            }
-        }
-        Yaml::String(s) => Value::String(s),
-        Yaml::Sequence(items) => {
-            Value::Array(items.into_iter().map(to_json).collect::<Result<_, _>>()?)
-        }
-        Yaml::Mapping(mapping) => {
-            let mut out = Map::new();
-            for (key, value) in mapping {
-                let key = match key {
-                    Yaml::String(s) => s,
-                    Yaml::Bool(b) => b.to_string(),
-                    Yaml::Number(n) => n.to_string(),
-                    Yaml::Null => "null".into(),
-                    Yaml::Tagged(t) => match t.value {
-                        Yaml::String(s) => s,
-                        _ => return Err("a mapping key must be a string".into()),
-                    },
-                    Yaml::Sequence(_) | Yaml::Mapping(_) => {
-                        return Err(
-                            "a mapping key must be a string, not a list or a mapping".into()
-                        );
-                    }
-                };
-                out.insert(key, to_json(value)?);
-            }
-            Value::Object(out)
-        }
-        Yaml::Tagged(tagged) => to_json(tagged.value)?,
-    })
 }

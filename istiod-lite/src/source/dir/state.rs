@@ -3,7 +3,8 @@
 //!
 //! Nothing is lost to bad input: a file that cannot be read or parsed keeps the
 //! objects last read from it; a document that fails validation keeps the last
-//! good version of its object; a key defined twice (in one directory or in two
+//! good version of its object (found by its key, or by its place in the file when
+//! even the key cannot be read); a key defined twice (in one directory or in two
 //! of the watched ones) is taken from the first file in path order and the later
 //! definition is reported.
 //!
@@ -12,11 +13,16 @@
 //! is discarded if the stat moved while it ran. A file that held objects and is
 //! now empty (truncated, perhaps about to be rewritten) also waits until it has
 //! been empty for [`RACY_WINDOW`]: deleting its policies early would fail open.
+//!
+//! Nor to a rename: the new name is read only once it settles, a poll or two after
+//! the old name vanished, so a vanished file's objects stay published while another
+//! file is still settling (at most [`RENAME_GRACE`]). A file deleted for good loses
+//! its objects as soon as no file is settling.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -31,6 +37,10 @@ const MAX_FILE_BYTES: u64 = 32 << 20;
 /// Writes this close together may share a modification time (filesystem
 /// timestamps are coarse, down to seconds on some network filesystems).
 const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// How long a vanished file's objects may wait for a file still settling (perhaps
+/// the same file under a new name) before they are deleted.
+const RENAME_GRACE: Duration = Duration::from_secs(2);
 
 /// The directory source's memory.
 #[derive(Debug)]
@@ -58,6 +68,10 @@ struct FileState {
     entries: Vec<Entry>,
     /// Problems found reading the file (not duplicates: those depend on others).
     problems: Vec<Report>,
+    /// When the file was first found missing: until it is dropped, what it
+    /// published stays, unless a present file defines the key (it may have been
+    /// renamed).
+    vanished: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -129,21 +143,19 @@ impl DirState {
     /// while it is read).
     pub(super) fn scan_reading(&mut self, read: &mut FileReader<'_>) -> Delta {
         let listing = walk::list_all(&self.roots);
+        let now = Instant::now();
         let mut dirty = false;
         let mut pending = Vec::new();
 
-        let gone: Vec<PathBuf> = self
-            .files
-            .keys()
-            .filter(|p| !listing.files.contains_key(*p) && !listing.hides(p))
-            .cloned()
-            .collect();
-        for path in gone {
-            self.files.remove(&path);
-            dirty = true;
+        for (path, state) in &mut self.files {
+            if !listing.files.contains_key(path) && !listing.hides(path) {
+                dirty |= state.vanish(now);
+            }
         }
         for (path, stat) in &listing.files {
             let state = self.files.entry(path.clone()).or_default();
+            // Back (renamed back, or a flicker): its entries count again as they are.
+            dirty |= state.vanished.take().is_some();
             if state.stat == Some(*stat) {
                 continue;
             }
@@ -155,12 +167,17 @@ impl DirState {
                 Refresh::Unchanged => {}
                 Refresh::Changed => dirty = true,
                 Refresh::Moved => pending.push(path.clone()),
-                Refresh::Gone => {
-                    self.files.remove(path);
-                    dirty = true;
-                }
+                Refresh::Gone => dirty |= state.vanish(now),
             }
         }
+        // A vanished file waits for the files still settling, within bounds.
+        self.files.retain(|_, state| {
+            let keep = state.vanished.is_none_or(|since| {
+                !pending.is_empty() && now.saturating_duration_since(since) < RENAME_GRACE
+            });
+            dirty |= !keep;
+            keep
+        });
 
         let mut delta = Delta {
             pending,
@@ -170,13 +187,20 @@ impl DirState {
             delta.changes = self.merge();
         }
         let mut current = self.file_reports.clone();
-        for (dir, error) in listing.unreadable {
-            let origin = dir.display().to_string();
-            current.entry(origin.clone()).or_default().push(dir_report(
-                &origin,
-                None,
-                &DirError::ListDir(error),
-            ));
+        let unreadable = listing
+            .unreadable
+            .into_iter()
+            .map(|(dir, e)| (dir, DirError::ListDir(e)));
+        let unknown = listing
+            .unknown
+            .into_iter()
+            .map(|(path, e)| (path, DirError::Stat(e)));
+        for (path, error) in unreadable.chain(unknown) {
+            let origin = path.display().to_string();
+            current
+                .entry(origin.clone())
+                .or_default()
+                .push(dir_report(&origin, None, &error));
         }
         let origins: BTreeSet<String> = current.keys().chain(self.sent.keys()).cloned().collect();
         for origin in origins {
@@ -198,12 +222,24 @@ impl DirState {
         delta
     }
 
+    /// Tests: makes the vanished files look gone `by` longer than they are.
+    #[cfg(test)]
+    pub(super) fn backdate_vanished(&mut self, by: Duration) {
+        for state in self.files.values_mut() {
+            if let Some(since) = &mut state.vanished {
+                *since = since.checked_sub(by).expect("an instant that far back");
+            }
+        }
+    }
+
     /// Recomputes the winning definition of every key and each file's reports,
     /// and returns the changes against what was published.
     fn merge(&mut self) -> Vec<ObjectChange> {
         let mut winners: BTreeMap<&ObjectKey, (&Entry, &Path)> = BTreeMap::new();
         let mut file_reports = BTreeMap::new();
-        for (path, state) in &self.files {
+        let (present, vanished): (Vec<_>, Vec<_>) =
+            self.files.iter().partition(|(_, s)| s.vanished.is_none());
+        for (path, state) in present {
             let origin = path.display().to_string();
             let mut reports = state.problems.clone();
             for entry in &state.entries {
@@ -216,6 +252,15 @@ impl DirState {
             if !reports.is_empty() {
                 reports.sort_by_key(|r| r.document);
                 file_reports.insert(origin, reports);
+            }
+        }
+        // A vanished file only holds on to what it published and no present file
+        // defines, silently: it never brings back an older version.
+        for (path, state) in vanished {
+            for entry in &state.entries {
+                if self.published.get(&entry.key) == Some(&entry.object) {
+                    winners.entry(&entry.key).or_insert((entry, path));
+                }
             }
         }
         let mut upserts = Vec::new();
@@ -249,6 +294,19 @@ impl DirState {
 }
 
 impl FileState {
+    /// Notes that the file is missing (since `now`, unless known before); true
+    /// the first time.
+    fn vanish(&mut self, now: Instant) -> bool {
+        if self.vanished.is_some() {
+            return false;
+        }
+        self.vanished = Some(now);
+        // Should it come back, it is read afresh.
+        self.stat = None;
+        self.seen = None;
+        true
+    }
+
     /// Notes this poll's `stat`; true when the file may be read: the previous
     /// poll saw the same stat, and it is not a freshly emptied file that held
     /// objects.
@@ -324,8 +382,7 @@ fn refresh(path: &Path, stat: Stat, state: &mut FileState, read: &mut FileReader
     match parse_documents(&text) {
         Err(syntax) => {
             // Nothing of the file can be trusted: its objects stay as they were.
-            let error = DirError::Syntax(syntax.error);
-            state.problems = vec![dir_report(&origin, Some(syntax.document), &error)];
+            state.problems = vec![dir_report(&origin, Some(syntax.document), &syntax.error)];
         }
         Ok(documents) => {
             let (entries, problems) = apply_documents(&origin, documents, &state.entries);
@@ -357,7 +414,9 @@ pub(super) fn read(path: &Path, stat: Stat) -> Result<Vec<u8>, DirError> {
 }
 
 /// The file's new entries and problems. A document that fails keeps the entry
-/// its key had in this file before, when its key can be read.
+/// its key had in this file before, when its key can be read; else (a typo in
+/// `kind`, no name) what this file had at the same document index, unless the
+/// file now defines that key elsewhere.
 fn apply_documents(
     origin: &str,
     documents: Vec<Document>,
@@ -365,6 +424,7 @@ fn apply_documents(
 ) -> (Vec<Entry>, Vec<Report>) {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
+    let mut keyless = Vec::new();
     for Document { index, outcome } in documents {
         match outcome {
             Ok(object) => entries.push(Entry {
@@ -373,12 +433,16 @@ fn apply_documents(
                 object,
             }),
             Err(error) => {
-                let kept = key_of(&error).and_then(|key| previous.iter().find(|e| e.key == key));
-                if let Some(old) = kept {
-                    entries.push(Entry {
-                        document: index,
-                        ..old.clone()
-                    });
+                match key_of(&error) {
+                    Some(key) => {
+                        if let Some(old) = previous.iter().find(|e| e.key == key) {
+                            entries.push(Entry {
+                                document: index,
+                                ..old.clone()
+                            });
+                        }
+                    }
+                    None => keyless.push(index),
                 }
                 problems.push(Report {
                     origin: origin.to_owned(),
@@ -387,6 +451,16 @@ fn apply_documents(
                 });
             }
         }
+    }
+    let kept: Vec<Entry> = previous
+        .iter()
+        .filter(|old| keyless.contains(&old.document))
+        .filter(|old| !entries.iter().any(|e| e.key == old.key))
+        .cloned()
+        .collect();
+    if !kept.is_empty() {
+        entries.extend(kept);
+        entries.sort_by_key(|e| e.document);
     }
     (entries, problems)
 }

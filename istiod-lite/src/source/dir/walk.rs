@@ -1,7 +1,10 @@
 //! Listing the watched directory: every `.yaml`/`.yml` file below it with the
 //! metadata that tells whether it changed, skipping hidden and editor files.
+//! Symlinks are followed, to files and to directories (a mounted ConfigMap's
+//! `sub -> ..data/sub` for an item path `sub/a.yaml`); a directory reached twice
+//! (a link cycle, a second link to it) is walked once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -41,28 +44,57 @@ pub(super) struct Listing {
     pub files: BTreeMap<PathBuf, Stat>,
     /// Directories that could not be read: what was known below them is kept.
     pub unreadable: Vec<(PathBuf, io::Error)>,
+    /// Entries whose metadata could not be read for another reason than their
+    /// absence (a permission, a link loop, an I/O error): a file or a directory,
+    /// what was known of it is kept.
+    pub unknown: Vec<(PathBuf, io::Error)>,
 }
 
 impl Listing {
-    /// True when `path` lies below a directory this listing could not read.
+    /// True when `path` is, or lies below, an entry this listing could not read.
     pub fn hides(&self, path: &Path) -> bool {
-        self.unreadable.iter().any(|(dir, _)| path.starts_with(dir))
+        self.unreadable
+            .iter()
+            .chain(&self.unknown)
+            .any(|(dir, _)| path.starts_with(dir))
     }
+}
+
+/// The error says the entry is not there (then what it held goes): anything
+/// else leaves it unknown, not absent.
+fn is_absent(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 /// Lists every root recursively into one listing (a file below two overlapping
 /// roots is listed once).
 pub(super) fn list_all(roots: &[PathBuf]) -> Listing {
     let mut listing = Listing::default();
+    let mut walked = HashSet::new();
     for root in roots {
-        visit(root, 0, &mut listing);
+        // A root that cannot be stat'ed is reported by `visit`, when it reads it.
+        let first = fs::metadata(root).map_or(true, |meta| walked.insert(dir_id(&meta)));
+        if first {
+            visit(root, 0, &mut listing, &mut walked);
+        }
     }
     listing
 }
 
-fn visit(dir: &Path, depth: usize, listing: &mut Listing) {
+/// What tells a directory apart, whatever path reaches it.
+fn dir_id(meta: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+fn visit(dir: &Path, depth: usize, listing: &mut Listing, walked: &mut HashSet<(u64, u64)>) {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
+        // Below the root, a directory removed since it was listed is just gone.
+        Err(e) if depth > 0 && is_absent(&e) => return,
         Err(e) => {
             listing.unreadable.push((dir.to_owned(), e));
             return;
@@ -82,26 +114,32 @@ fn visit(dir: &Path, depth: usize, listing: &mut Listing) {
             continue;
         }
         let path = entry.path();
-        let Ok(file_type) = entry.file_type() else {
-            continue;
-        };
-        if file_type.is_dir() {
-            if depth < MAX_DEPTH {
-                visit(&path, depth + 1, listing);
+        let file_type = match entry.file_type() {
+            Ok(file_type) => file_type,
+            Err(e) if is_absent(&e) => continue,
+            Err(e) => {
+                listing.unknown.push((path, e));
+                continue;
             }
+        };
+        if !(file_type.is_dir() || file_type.is_symlink() || is_yaml(name)) {
             continue;
         }
-        if !is_yaml(name) {
-            continue;
-        }
-        // Follows a symlink to a file; a link to a directory is not walked, so a
-        // link cycle cannot be.
+        // Follows a symlink.
         match fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => {
+            Ok(meta) if meta.is_dir() => {
+                let walk = depth < MAX_DEPTH && walked.insert(dir_id(&meta));
+                if walk {
+                    visit(&path, depth + 1, listing, walked);
+                }
+            }
+            Ok(meta) if meta.is_file() && is_yaml(name) => {
                 listing.files.insert(path, Stat::of(&meta));
             }
+            Ok(_) => {}
             // Gone between listing and stat, or a dangling link: not there.
-            _ => {}
+            Err(e) if is_absent(&e) => {}
+            Err(e) => listing.unknown.push((path, e)),
         }
     }
 }
@@ -159,5 +197,46 @@ mod tests {
         let missing = list_all(&[root.join("nope")]);
         assert_eq!(missing.unreadable.len(), 1);
         assert!(missing.hides(&root.join("nope/x.yaml")));
+    }
+
+    /// Relative paths below `root`, in order.
+    fn relative(listing: &Listing, root: &Path) -> Vec<String> {
+        listing
+            .files
+            .keys()
+            .map(|p| p.strip_prefix(root).unwrap().to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// A ConfigMap mounted by the kubelet (AtomicWriter) with items `top.yaml`
+    /// and `sub/a.yaml`: the items live in a hidden timestamped directory,
+    /// reached through `..data` and one symlink per top-level name.
+    #[test]
+    fn follows_a_mounted_config_maps_links_to_directories() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("..2026_01_01_00_00_00.1/sub")).unwrap();
+        fs::write(root.join("..2026_01_01_00_00_00.1/sub/a.yaml"), "x: 1").unwrap();
+        fs::write(root.join("..2026_01_01_00_00_00.1/top.yaml"), "x: 1").unwrap();
+        symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+        symlink("..data/sub", root.join("sub")).unwrap();
+        symlink("..data/top.yaml", root.join("top.yaml")).unwrap();
+        let listing = list_all(&[root.to_owned()]);
+        assert_eq!(relative(&listing, root), ["sub/a.yaml", "top.yaml"]);
+        assert!(listing.unreadable.is_empty());
+
+        // Cycles end: a link to the root, to a parent, to itself.
+        symlink(".", root.join("again")).unwrap();
+        symlink("../..", root.join("..2026_01_01_00_00_00.1/sub/up")).unwrap();
+        symlink("self", root.join("self")).unwrap();
+        let listing = list_all(&[root.to_owned()]);
+        assert_eq!(relative(&listing, root), ["sub/a.yaml", "top.yaml"]);
+        // The link to itself cannot be resolved: reported, not taken for absent.
+        assert_eq!(listing.unknown.len(), 1, "{:?}", listing.unknown);
+        assert_eq!(listing.unknown[0].0, root.join("self"));
+        // A root below another one is not listed twice either.
+        let listing = list_all(&[root.to_owned(), root.join("sub")]);
+        assert_eq!(relative(&listing, root), ["sub/a.yaml", "top.yaml"]);
     }
 }

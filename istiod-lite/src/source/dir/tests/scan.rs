@@ -1,58 +1,12 @@
-//! Unit tests of parsing and of the scan state (the watch loop is tested in
-//! `tests/dir_source.rs`).
+//! Scans of the directory: differences, unreadable directories, files caught
+//! mid-write, duplicates.
 
 use std::fs;
 
-use super::load_dir;
-use super::parse::parse_documents;
-use super::state::{Delta, DirState};
+use super::{NS, rewrite_in_place, sa, settle};
 use crate::model::{Kind, Object, ObjectChange};
-
-const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
-
-fn sa(name: &str) -> String {
-    format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: shop}}\n")
-}
-
-#[test]
-fn documents_lists_and_empty_documents() {
-    let text = format!(
-        "---\n# only a comment\n---\n{NS}---\n\
-         apiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: ServiceAccount, metadata: {{name: a}}}}\n\
-         - {{apiVersion: v1, kind: ServiceAccount, metadata: {{name: B}}}}\n---\n"
-    );
-    let docs = parse_documents(&text).unwrap();
-    assert_eq!(docs.len(), 3);
-    assert_eq!(docs[0].index, 2);
-    assert!(matches!(docs[0].outcome, Ok(Object::Namespace(_))));
-    assert_eq!(docs[1].index, 3);
-    assert!(docs[1].outcome.is_ok());
-    let e = docs[2].outcome.as_ref().unwrap_err();
-    assert_eq!(docs[2].index, 3);
-    assert_eq!(e.field, "items[1].metadata.name");
-}
-
-#[test]
-fn syntax_errors_carry_the_document_and_line() {
-    let text = format!("{NS}---\nkind: [unclosed\n");
-    let e = parse_documents(&text).unwrap_err();
-    assert_eq!(e.document, 2);
-    assert!(e.error.to_string().contains("line"), "{}", e.error);
-}
-
-#[test]
-fn yaml_oddities_become_json() {
-    // A numeric key and a tagged value are read the way kubectl reads them.
-    let text =
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: !!str x\n  labels: {1: one}\n";
-    let docs = parse_documents(text).unwrap();
-    let Ok(Object::ServiceAccount(sa)) = &docs[0].outcome else {
-        panic!("{:?}", docs[0].outcome)
-    };
-    assert_eq!(sa.meta.labels["1"], "one");
-    let docs = parse_documents("? [a]\n: b\n").unwrap();
-    assert!(docs[0].outcome.is_err());
-}
+use crate::source::dir::load_dir;
+use crate::source::dir::state::DirState;
 
 #[test]
 fn load_dir_reads_everything_and_reports() {
@@ -80,15 +34,6 @@ fn load_dir_reads_everything_and_reports() {
         .unwrap();
     assert_eq!(duplicate.document, Some(1));
     assert!(duplicate.error.problem.contains("a.yaml"), "{duplicate:?}");
-}
-
-/// Two scans: the first sees the new stats, the second reads what kept them.
-fn settle(state: &mut DirState) -> Delta {
-    let first = state.scan();
-    assert!(first.changes.is_empty(), "read before settling: {first:?}");
-    let second = state.scan();
-    assert!(second.pending.is_empty(), "{second:?}");
-    second
 }
 
 #[test]
@@ -137,18 +82,6 @@ fn unreadable_directory_keeps_everything() {
     assert!(delta.changes.is_empty());
     assert_eq!(delta.reports.len(), 1);
     assert!(delta.reports[0].1.is_empty(), "cleared");
-}
-
-/// Truncates `file` in place (same inode), as `>` in a shell or an editor that
-/// rewrites without renaming does.
-fn rewrite_in_place(file: &std::path::Path, text: &str) {
-    use std::io::Write as _;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(file)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
 }
 
 #[test]
@@ -230,7 +163,7 @@ fn a_file_changed_while_it_is_read_is_read_again() {
     );
     let mut rewrites = 0;
     let delta = state.scan_reading(&mut |path, stat| {
-        let bytes = super::state::read(path, stat)?;
+        let bytes = crate::source::dir::state::read(path, stat)?;
         rewrite_in_place(path, &sa("newer-name"));
         rewrites += 1;
         Ok(bytes)
@@ -295,4 +228,37 @@ fn a_key_in_two_directories_is_reported_not_overwritten() {
     assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
     assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().labels["team"] == "b"));
     assert_eq!(delta.reports, [(b.display().to_string(), Vec::new())]);
+}
+
+/// A ConfigMap with the item path `sub/a.yaml`, mounted by the kubelet: read
+/// once through its `sub -> ..data/sub` link, and again when the kubelet swaps
+/// `..data` to a new version.
+#[test]
+fn a_mounted_config_map_with_nested_items_is_read() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let version = |name: &str, sa_name: &str| {
+        fs::create_dir_all(root.join(name).join("sub")).unwrap();
+        fs::write(root.join(name).join("sub/a.yaml"), sa(sa_name)).unwrap();
+    };
+    version("..2026_01_01_00_00_00.1", "web");
+    symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+    symlink("..data/sub", root.join("sub")).unwrap();
+    // A cycle as well: walked once all the same.
+    symlink(".", root.join("again")).unwrap();
+    let mut state = DirState::new(root.to_owned());
+    let delta = settle(&mut state);
+    assert!(delta.reports.is_empty(), "{:?}", delta.reports);
+    assert_eq!(delta.changes.len(), 1, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "web"));
+
+    // The kubelet's update: a new version, then `..data` renamed over.
+    version("..2026_01_01_00_00_00.2", "api");
+    symlink("..2026_01_01_00_00_00.2", root.join("..data_tmp")).unwrap();
+    fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    fs::remove_dir_all(root.join("..2026_01_01_00_00_00.1")).unwrap();
+    let delta = settle(&mut state);
+    assert_eq!(delta.changes.len(), 2, "{:?}", delta.changes);
+    assert!(matches!(&delta.changes[0], ObjectChange::Upsert(o) if o.meta().name == "api"));
 }
