@@ -217,3 +217,29 @@ async fn a_forwarded_source_counts_only_for_the_callers_own_workloads() {
     }
     f.app.shutdown().await;
 }
+
+/// A caller denied by policy learns that it was, not which policy and rule
+/// decided (that would map the destination's policies for it): the detail is
+/// in the destination's why view only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_denial_tells_the_caller_no_policy_detail() {
+    let f = start(52).await;
+    let scraper = mesh_core::SpiffeId::new("cluster.local", "elsewhere", "scraper").unwrap();
+    let cart = mesh_core::SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+    f.app.inputs.ensure_certificate(&scraper).await.unwrap();
+    let pool = mesh_core::hbone::HbonePool::new(f.app.inputs.certs.clone(), Default::default());
+    let key =
+        mesh_core::hbone::PoolKey::new(scraper, vec![cart], SocketAddr::new(ip(52, 3), 15008));
+    let err = pool
+        .connect(key, mesh_core::hbone::ConnectRequest::new(f.app_addr))
+        .await
+        .unwrap_err();
+    let mesh_core::hbone::ConnectError::Refused { status, reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*status, http::StatusCode::FORBIDDEN);
+    assert_eq!(reason, ztunnel::proxy::POLICY_DENIAL_ON_WIRE);
+    let (_, why) = http_get(f.app.admin_addr, "/debug/why?format=text").await;
+    assert!(why.contains("shop/no-elsewhere"), "{why}");
+    f.app.shutdown().await;
+}

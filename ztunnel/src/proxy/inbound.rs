@@ -20,6 +20,9 @@ use crate::policy::{Connection, Destination};
 use crate::state::ProxyState;
 use crate::why::{Refused, reason};
 
+/// The reason a caller denied by policy is given (`ambit-reason`).
+pub const POLICY_DENIAL_ON_WIRE: &str = "denied by the destination's authorization policy (the destination node's /debug/why says which)";
+
 /// Decides each CONNECT reaching one pod.
 #[derive(Debug)]
 pub struct InboundHandler {
@@ -90,7 +93,15 @@ impl ConnectHandler for InboundHandler {
                 rule,
                 explanation: explanation.clone(),
             });
-            connect.refuse(kind, Refusal::new(status, explanation));
+            // Which policy and rule decided is for this node's why view, not for
+            // the caller: it would map the destination's policies for whoever
+            // is denied.
+            let on_wire = if reason == reason::POLICY {
+                POLICY_DENIAL_ON_WIRE.to_string()
+            } else {
+                explanation
+            };
+            connect.refuse(kind, Refusal::new(status, on_wire));
         };
         let Ok(_tunnel_slot) = self.tunnels.clone().try_acquire_owned() else {
             let why = format!(
@@ -120,21 +131,7 @@ impl ConnectHandler for InboundHandler {
                 None,
             );
         };
-        let (ns, name) = (&workload.namespace, &workload.name);
-        let bad_destination = if !workload.addresses.contains(&target.ip()) {
-            Some(format!(
-                "{} is not an address of pod {ns}/{name}",
-                target.ip()
-            ))
-        } else if self.own_ports.contains(&target.port()) {
-            Some(format!(
-                "port {} of pod {ns}/{name} is ztunnel's own, not the app's",
-                target.port()
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = bad_destination {
+        if let Some(why) = super::bad_destination(&workload, target, &self.own_ports) {
             return refuse(
                 connect,
                 RefusalKind::Unknown,

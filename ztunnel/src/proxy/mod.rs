@@ -19,7 +19,7 @@ use mesh_core::{CertStore, SpiffeId};
 use tokio::task::JoinHandle;
 
 pub use conn::{ConnInfo, ConnTable, ConnView};
-pub use inbound::InboundHandler;
+pub use inbound::{InboundHandler, POLICY_DENIAL_ON_WIRE};
 pub use outbound::Outbound;
 pub use passthrough::InboundPassthrough;
 pub use pod_net::{PodNet, is_self_call, original_dst};
@@ -147,6 +147,31 @@ impl PodPorts {
             self.inbound_plaintext.port(),
             self.hbone.port(),
         ]
+    }
+}
+
+/// Why `target` cannot be a destination of an inbound connection to `workload`
+/// (the pod a listener belongs to), if it cannot: it must be one of the pod's
+/// addresses (not loopback or another host's, which a forged packet could
+/// name) and not one of ztunnel's own ports in the pod.
+pub(crate) fn bad_destination(
+    workload: &crate::state::Workload,
+    target: SocketAddr,
+    own_ports: &[u16],
+) -> Option<String> {
+    let (ns, name) = (&workload.namespace, &workload.name);
+    if !workload.addresses.contains(&target.ip()) {
+        Some(format!(
+            "{} is not an address of pod {ns}/{name}",
+            target.ip()
+        ))
+    } else if own_ports.contains(&target.port()) {
+        Some(format!(
+            "port {} of pod {ns}/{name} is ztunnel's own, not the app's",
+            target.port()
+        ))
+    } else {
+        None
     }
 }
 

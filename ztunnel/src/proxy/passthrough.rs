@@ -118,16 +118,6 @@ impl InboundPassthrough {
                 format!("{dst} is this inbound listener itself"),
             ));
         }
-        let (ns, name) = (&self.pod.namespace, &self.pod.name);
-        if self.own_ports.contains(&dst.port()) {
-            return Err(Refusal::new(
-                reason::BAD_DESTINATION,
-                format!(
-                    "port {} of pod {ns}/{name} is ztunnel's own, not the app's",
-                    dst.port()
-                ),
-            ));
-        }
         let state = self.inputs.state.snapshot();
         let Some(workload) = state.workload(&self.pod.uid).cloned() else {
             return Err(Refusal::new(
@@ -135,6 +125,12 @@ impl InboundPassthrough {
                 format!("pod {} is not in ztunnel's state", self.pod.uid),
             ));
         };
+        // Every inbound TCP segment of the pod is captured here, whatever its
+        // destination: one addressed to the pod's loopback (or elsewhere) must
+        // not be relayed there from inside the pod.
+        if let Some(why) = super::bad_destination(&workload, dst, &self.own_ports) {
+            return Err(Refusal::new(reason::BAD_DESTINATION, why));
+        }
         let decision = state.policies().evaluate(
             &Destination {
                 namespace: &workload.namespace,
@@ -190,3 +186,7 @@ impl InboundPassthrough {
         Ok((upstream, info))
     }
 }
+
+#[cfg(test)]
+#[path = "passthrough_tests.rs"]
+mod tests;
