@@ -35,12 +35,13 @@ struct Held {
     vips: HashMap<IpAddr, String>,
     /// Policy key -> resource name.
     policy_keys: HashMap<String, String>,
-    /// Resources refused only because another resource still claims their uid,
-    /// address, VIP, hostname or key, by (type URL, name): applied as soon as a
-    /// removal frees the claim. A response may carry a new claimant before the
-    /// removal of the old one (a renamed service keeping its VIP, a new pod
-    /// reusing an address), and the server does not send a refused version
-    /// again. At most one per resource the server sent.
+    /// Resources held back only because another resource still claims their
+    /// uid, address, VIP, hostname or key, by (type URL, name): accepted (so the
+    /// client claims them on reconnect, and the server sends their removal) and
+    /// applied as soon as a change frees the claim. A response may carry a new
+    /// claimant before the removal of the old one (a renamed service keeping its
+    /// VIP, a new pod reusing an address). At most one per resource the server
+    /// sent; a removal or a new version of the name replaces it.
     parked: HashMap<(String, String), Resource>,
 }
 
@@ -117,16 +118,19 @@ impl Handler for XdsState {
                 Ok(()) => changed = true,
                 Err(PutError::Invalid(error)) => refused.push((r.name, error)),
                 Err(PutError::Clash(error)) => {
-                    refused.push((
-                        r.name.clone(),
-                        format!("{error}; held back until that one is removed"),
-                    ));
+                    // Accepted (ACKed), not applied yet: the client records its
+                    // version, so a reconnect claims it and the server sends its
+                    // removal if it went meanwhile. A NACK would leave it unclaimed
+                    // and, once applied, never removed.
+                    tracing::warn!(type_url, name = %r.name, %error, "xDS resource held back until what it claims is released");
                     held.parked.insert(key, r);
                 }
             }
         }
-        if !removed.is_empty() {
-            changed |= held.unpark(root_namespace);
+        // Any change (a removal, an address or VIP moved by an update) may free
+        // what a held-back resource claims.
+        if changed && !held.parked.is_empty() {
+            held.unpark(root_namespace);
         }
         if changed {
             self.store.replace(held.build());
@@ -174,9 +178,8 @@ impl Held {
     }
 
     /// Applies the parked resources whose claims are free now (one freed may
-    /// free another); true if any was applied.
-    fn unpark(&mut self, root_namespace: &str) -> bool {
-        let mut applied = false;
+    /// free another).
+    fn unpark(&mut self, root_namespace: &str) {
         loop {
             let parked: Vec<(String, String)> = self.parked.keys().cloned().collect();
             let mut progress = false;
@@ -195,9 +198,8 @@ impl Held {
                     Err(PutError::Invalid(_)) => {}
                 }
             }
-            applied |= progress;
             if !progress {
-                return applied;
+                return;
             }
         }
     }
