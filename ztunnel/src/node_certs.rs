@@ -5,8 +5,9 @@
 //!   doubling to 60 s) while it is missing (a new pod's first fetch refused
 //!   because the control plane has not seen the pod yet, one dropped at expiry
 //!   after its renewals failed): a running pod is never left without one for
-//!   long. This is the only retry of a missing certificate; a pod's start and
-//!   its connections wait a bounded time for it (`await_certificate`);
+//!   long. This is the only retry loop without an end; a pod's start (2 s) and
+//!   a connection that comes before the certificate (3 s) also ask the CA, for
+//!   a bounded time only (`await_certificate`);
 //! - the certificate of an identity with no workload left is released after a
 //!   grace (a pod restarting with it finds it ready), so the CA is not asked to
 //!   renew it forever.

@@ -111,8 +111,13 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
                 field: field.path,
             });
         }
-        if enforce_without && let Some(converted) = converted {
-            rules.push(converted);
+        match converted {
+            Some(converted) if enforce_without => rules.push(converted),
+            Some(_) => {}
+            None => out.problems.push(Problem {
+                field: format!("spec.rules[{i}].from"),
+                problem: "no source can match: each one's ipBlocks and remoteIpBlocks share no address, so this rule never matches".into(),
+            }),
         }
     }
     out.authorization = Some(pb::Authorization {

@@ -505,6 +505,21 @@ fn disjoint_ip_and_remote_ip_blocks_never_match() {
         let a = one(spec(action, vec![rule_from(vec![disjoint.clone()])]));
         assert!(a.rules.is_empty(), "{action:?}: {:?}", a.rules);
     }
+    // Said, since an ALLOW policy may now allow nothing.
+    let mut t = Translator::new(TranslateSettings::default());
+    translate(
+        &mut t,
+        "shop",
+        spec(PolicyAction::Allow, vec![rule_from(vec![disjoint.clone()])]),
+    );
+    let reports = t.reports();
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.error.field == "spec.rules[0].from"
+                && r.error.problem.contains("never matches")),
+        "{reports:?}"
+    );
     // Beside a source that can match, only that one is left.
     let web = Source {
         principals: strings(&["cluster.local/ns/shop/sa/web"]),

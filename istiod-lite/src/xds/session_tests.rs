@@ -116,9 +116,11 @@ async fn a_stream_that_stops_reading_still_ends_on_drain() {
     let store = Arc::new(ResourceStore::new());
     let body = "x".repeat(100);
     store.apply((0..3).map(|i| put(&format!("r{i}"), &body)).collect());
+    // A long answer timeout: only the drain can end the wait here.
     let settings = XdsSettings {
         client_queue: 1,
         max_response_bytes: 100,
+        answer_timeout: Duration::from_secs(3600),
         ..quick()
     };
     let mut h = start(store, settings);
@@ -136,7 +138,7 @@ async fn a_stream_that_stops_reading_still_ends_on_drain() {
     assert_eq!((types[0].acks, types[0].responses_sent), (1, 1));
 
     let trigger = h.trigger.take().unwrap();
-    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
         trigger.drain(Duration::from_secs(5)).await;
         while h.server.connected_clients() > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
