@@ -262,8 +262,13 @@ async fn a_restarted_agent_still_knows_its_pods_and_resends_them() {
     for (ns, _) in &pods {
         assert_redirected(ns);
     }
+    // Enrolled as an older agent did, with IPv6 left on: the next one turns it off.
+    pods[1]
+        .0
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0"]);
 
     let second = TestAgent::start_in(dir.path());
+    assert_eq!(pods[1].0.ipv6_disabled("default"), "1");
     let (zt, snapshot) = FakeZtunnel::attach(&second.zds_socket).await;
     let got: BTreeMap<String, u64> = snapshot
         .into_iter()

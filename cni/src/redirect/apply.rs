@@ -74,6 +74,13 @@ impl Redirector {
             .map_err(RedirectError::Enter)?
     }
 
+    /// Turns IPv6 off in `ns` (what [`Redirector::install`] also does), leaving
+    /// the rules as they are: for pods enrolled by an agent that did not do it.
+    pub fn disable_ipv6(&self, ns: &NetNs) -> Result<(), RedirectError> {
+        ns.run(|| ipv6::disable(Path::new(ipv6::CONF)).map_err(RedirectError::from))
+            .map_err(RedirectError::Enter)?
+    }
+
     /// True when every piece of the redirection is in place in `ns`, IPv6 off
     /// included.
     pub fn is_installed(&self, ns: &NetNs) -> Result<bool, RedirectError> {

@@ -140,6 +140,12 @@ impl Enroller {
     ) -> Self {
         let mut state = State::default();
         for (pod, netns) in saved {
+            // An older agent may have enrolled it with IPv6 on, around the mesh;
+            // the rules themselves are left alone (reinstalling them would open
+            // a gap while the pod runs).
+            if let Err(e) = redirector.disable_ipv6(&netns) {
+                tracing::error!(pod = %pod.uid, "cannot turn IPv6 off in a saved pod: {e}");
+            }
             state.enroll(pod, Arc::new(netns));
         }
         Self {
