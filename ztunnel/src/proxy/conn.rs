@@ -117,6 +117,9 @@ impl ConnTable {
     }
 }
 
+/// The access log's `end` of a connection ztunnel cut before it finished.
+pub const END_CUT: &str = "cut";
+
 /// Held for a connection's life; counts it open, and closed when dropped.
 pub struct ConnGuard {
     id: u64,
@@ -159,7 +162,7 @@ impl ConnGuard {
             metrics,
             table,
             started: Instant::now(),
-            end: "closed",
+            end: END_CUT,
         }
     }
 
@@ -168,9 +171,17 @@ impl ConnGuard {
         &self.bytes.copied
     }
 
-    /// How the connection ended, for the access log (default `closed`).
+    /// How the connection ended, for the access log. Until set it is
+    /// [`END_CUT`]: a guard dropped without it (its task dropped at a drain
+    /// deadline, or on a pod's removal) was cut by ztunnel.
     pub fn set_end(&mut self, end: &'static str) {
         self.end = end;
+    }
+
+    /// Notes how the splice ended: `closed` when both sides finished, `error`
+    /// when one failed.
+    pub fn spliced<T, E>(&mut self, outcome: &Result<T, E>) {
+        self.end = if outcome.is_ok() { "closed" } else { "error" };
     }
 }
 
@@ -265,6 +276,66 @@ mod tests {
         let text = metrics.encode();
         assert_eq!(metric(&text, "istio_tcp_received_bytes_total"), 10.0);
         assert_eq!(metric(&text, "istio_tcp_sent_bytes_total"), 3.0);
+    }
+
+    /// The access log tells a connection ztunnel cut (its task dropped at a
+    /// drain deadline, or with its pod) from one whose sides finished.
+    #[test]
+    fn a_connection_dropped_mid_splice_is_logged_as_cut() {
+        use futures_util::FutureExt;
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let ca = mesh_core::testing::TestCa::new();
+        let metrics = Arc::new(Metrics::new(ca.store_for(&[])));
+        let table = Arc::new(ConnTable::default());
+        let splice = |finish: bool| {
+            let (metrics, table) = (metrics.clone(), table.clone());
+            async move {
+                let mut guard = ConnGuard::open(outbound_info(), metrics, table);
+                let (mut client, mut a) = duplex(64);
+                let (mut b, mut server) = duplex(64);
+                if finish {
+                    client.shutdown().await.unwrap();
+                    server.shutdown().await.unwrap();
+                }
+                let copied =
+                    mesh_core::copy::copy_bidirectional(&mut a, &mut b, guard.stats()).await;
+                guard.spliced(&copied);
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Polled once, then dropped while both sides are still open.
+            assert!(splice(false).now_or_never().is_none());
+            splice(true).await;
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let ends: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("connection complete"))
+            .filter_map(|l| l.rsplit(" end=").next())
+            .map(|end| end.trim().trim_matches('"'))
+            .collect();
+        assert_eq!(ends, [END_CUT, "closed"], "{text}");
     }
 
     #[test]

@@ -213,10 +213,11 @@ impl ConnectHandler for InboundHandler {
                 return;
             }
         };
-        if let Err(e) = copy_bidirectional(&mut tunnel, &mut upstream, guard.stats()).await {
+        let copied = copy_bidirectional(&mut tunnel, &mut upstream, guard.stats()).await;
+        if let Err(e) = &copied {
             tracing::debug!(error = %e, "inbound connection ended with an error");
-            guard.set_end("error");
         }
+        guard.spliced(&copied);
     }
 }
 

@@ -116,9 +116,7 @@ impl Outbound {
             Upstream::Tcp(s) => copy_bidirectional(client, s, guard.stats()).await,
             Upstream::Hbone(s) => copy_bidirectional(client, s, guard.stats()).await,
         };
-        if copied.is_err() {
-            guard.set_end("error");
-        }
+        guard.spliced(&copied);
     }
 
     /// Opens the upstream of a connection from this pod to `dst` and sends it

@@ -78,12 +78,8 @@ impl InboundPassthrough {
             Ok((mut upstream, info)) => {
                 let mut guard =
                     ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());
-                if copy_bidirectional(&mut client, &mut upstream, guard.stats())
-                    .await
-                    .is_err()
-                {
-                    guard.set_end("error");
-                }
+                let copied = copy_bidirectional(&mut client, &mut upstream, guard.stats()).await;
+                guard.spliced(&copied);
             }
             Err(refusal) => {
                 self.inputs.refuse(Refused {
