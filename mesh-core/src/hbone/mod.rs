@@ -90,8 +90,9 @@ pub struct HboneConfig {
     pub max_streams_per_connection: usize,
     /// Client: a pooled connection with no tunnel for this long is closed.
     pub pool_idle_timeout: Duration,
-    /// Client: TCP connect, the TLS and HTTP/2 handshakes, and the wait for a
-    /// CONNECT's answer, each bounded by this.
+    /// Client: TCP connect and the TLS and HTTP/2 handshakes, each bounded by
+    /// this; the wait for a CONNECT's answer by [`Self::answer_timeout`]. ztunnel's
+    /// inbound bounds its dial of the target by it too.
     pub connect_timeout: Duration,
     /// Server: concurrent tunnels allowed on one connection.
     pub server_max_streams: u32,
@@ -99,6 +100,17 @@ pub struct HboneConfig {
     pub server_max_connections: usize,
     /// Server: TLS and HTTP/2 handshakes must finish within this.
     pub handshake_timeout: Duration,
+}
+
+impl HboneConfig {
+    /// Client: how long a CONNECT waits for its answer, half again
+    /// `connect_timeout`: longer than the server's own dial of the target (which
+    /// ztunnel bounds by `connect_timeout`), so a target that is slow to answer
+    /// comes back as the server's 503, not as a silence that looks like a dead
+    /// connection.
+    pub fn answer_timeout(&self) -> Duration {
+        self.connect_timeout + self.connect_timeout / 2
+    }
 }
 
 impl Default for HboneConfig {

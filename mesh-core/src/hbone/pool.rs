@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -106,9 +108,33 @@ struct Opening {
 struct PooledConn {
     id: u64,
     send: SendRequest<Bytes>,
+    // The connection's PINGs: first to learn the server's SETTINGS (`settle`),
+    // then to tell a dead connection from a slow server (`answers_ping`).
+    ping: tokio::sync::Mutex<Option<h2::PingPong>>,
     slots: Mutex<Slots>,
     changed: Notify,
     closed: AtomicBool,
+}
+
+impl PooledConn {
+    /// Whether the server answers a PING within `within`. A connection whose path
+    /// went silent without a reset (the peer's node lost) answers none, and would
+    /// otherwise stay pooled until TCP gives up on its unacknowledged data
+    /// (about 15 minutes), failing every tunnel that sends early data on it.
+    async fn answers_ping(&self, within: Duration) -> bool {
+        let mut ping = self.ping.lock().await;
+        let Some(ping) = ping.as_mut() else {
+            return true;
+        };
+        // h2's own building blocks of `PingPong::ping` (hyper's keep-alive uses
+        // them too), so that an earlier PING still unanswered is waited on rather
+        // than refused, and a pong that came after its wait gave up says nothing
+        // about now.
+        let _ = ping.poll_pong(&mut Context::from_waker(Waker::noop()));
+        let _ = ping.send_ping(h2::Ping::opaque());
+        let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
+        matches!(tokio::time::timeout(within, pong).await, Ok(Ok(_)))
+    }
 }
 
 impl std::fmt::Debug for PooledConn {
@@ -173,6 +199,10 @@ impl<D> Drop for OpeningHold<'_, D> {
 /// Most tries one tunnel makes: each failed try retires the connection it used.
 pub const MAX_ATTEMPTS: u32 = 4;
 
+/// How long a connection whose CONNECT went unanswered has to answer a PING
+/// before it is taken for dead and retired.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -216,6 +246,9 @@ impl<D: TcpDialer> HbonePool<D> {
     /// tried on another, as often as the key has such connections (at most
     /// [`MAX_ATTEMPTS`] tries); a fresh connection refused by a server that is
     /// draining is tried once more, as a new connection may reach its successor.
+    /// A CONNECT left unanswered ([`HboneConfig::answer_timeout`]) retires its
+    /// connection if that answers no PING either, and is tried again only then,
+    /// and only if it carried no early data and its connection was a reused one.
     pub async fn connect(
         &self,
         key: PoolKey,
@@ -226,7 +259,7 @@ impl<D: TcpDialer> HbonePool<D> {
         loop {
             attempts += 1;
             let (guard, fresh) = self.checkout(&key).await?;
-            let waited = self.inner.config.connect_timeout;
+            let waited = self.inner.config.answer_timeout();
             let answer =
                 tokio::time::timeout(waited, send_connect(&guard.conn.send, key.next_hop, &req))
                     .await
@@ -235,21 +268,30 @@ impl<D: TcpDialer> HbonePool<D> {
                         waited,
                         early_data: !req.early_data.is_empty(),
                     }));
-            match answer {
+            let e = match answer {
                 Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
-                // A reused connection may have gone stale; a fresh one that fails
-                // would fail again, unless its server was draining.
-                Err(e)
-                    if attempts < MAX_ATTEMPTS
-                        && e.is_retryable()
-                        && (!fresh || (!fresh_retried && e.is_drain_refusal())) =>
-                {
-                    tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
-                    self.retire(&key, &guard.conn);
-                    fresh_retried |= fresh;
-                }
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            // A live connection's silence is its server's (a new connection would
+            // meet the same): it stays. A dead one goes, whether or not the
+            // CONNECT may be sent again.
+            let dead = matches!(e, ConnectError::Unanswered { .. });
+            if dead && guard.conn.answers_ping(LIVENESS_TIMEOUT).await {
+                return Err(e);
             }
+            // A reused connection may have gone stale; a fresh one that fails
+            // would fail again, unless its server was draining.
+            let retry = attempts < MAX_ATTEMPTS
+                && e.is_retryable()
+                && (!fresh || (!fresh_retried && e.is_drain_refusal()));
+            if dead || retry {
+                tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
+                self.retire(&key, &guard.conn);
+            }
+            if !retry {
+                return Err(e);
+            }
+            fresh_retried |= fresh;
         }
     }
 
@@ -300,7 +342,6 @@ impl<D: TcpDialer> HbonePool<D> {
         };
         // On failure, `hold` removes the key's entry if nothing else uses it.
         let (send, mut connection) = opened?;
-        let ping = connection.ping_pong();
         self.inner
             .stats
             .connections_opened
@@ -308,6 +349,7 @@ impl<D: TcpDialer> HbonePool<D> {
         let conn = Arc::new(PooledConn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             send,
+            ping: tokio::sync::Mutex::new(connection.ping_pong()),
             slots: Mutex::new(Slots {
                 active: 1,
                 idle_since: Instant::now(),
@@ -327,9 +369,11 @@ impl<D: TcpDialer> HbonePool<D> {
             conn.clone(),
             connection,
         ));
-        if let Some(ping) = ping {
-            tokio::spawn(settle(ping, held, self.inner.config.connect_timeout));
-        }
+        tokio::spawn(settle(
+            conn.clone(),
+            held,
+            self.inner.config.connect_timeout,
+        ));
         Ok((SlotGuard { conn }, true))
     }
 
@@ -391,12 +435,7 @@ impl<D> PoolInner<D> {
     /// Retires `conn` if it has been idle long enough. The check and the removal
     /// happen under one hold of the map lock, which `try_reserve` takes too, so no
     /// tunnel can reserve the connection in between.
-    fn retire_if_idle(
-        &self,
-        key: &PoolKey,
-        conn: &Arc<PooledConn>,
-        idle: std::time::Duration,
-    ) -> bool {
+    fn retire_if_idle(&self, key: &PoolKey, conn: &Arc<PooledConn>, idle: Duration) -> bool {
         let mut keys = lock(&self.keys);
         let expired = {
             let slots = lock(&conn.slots);
@@ -416,12 +455,8 @@ impl<D> PoolInner<D> {
 /// h2's queue; the server sends its SETTINGS before it can answer the PING, so
 /// after the answer they reserve within its limit. The opener's own tunnel does
 /// not wait.
-async fn settle(
-    mut ping: h2::PingPong,
-    held: tokio::sync::OwnedMutexGuard<()>,
-    within: std::time::Duration,
-) {
-    let _ = tokio::time::timeout(within, ping.ping(h2::Ping::opaque())).await;
+async fn settle(conn: Arc<PooledConn>, held: tokio::sync::OwnedMutexGuard<()>, within: Duration) {
+    conn.answers_ping(within).await;
     drop(held);
 }
 

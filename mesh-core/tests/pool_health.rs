@@ -1,0 +1,158 @@
+//! Pooled connections that can no longer carry a new tunnel are retired: one whose
+//! path went silent, one its server is going away from.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_core::hbone::{
+    ConnectError, ConnectHandler, ConnectRequest, HboneConfig, InboundConnect, PoolKey, Refusal,
+    RefusalKind, StatusCode,
+};
+use support::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// A TCP relay to `upstream` whose connections can be cut silently: after
+/// [`Relay::black_hole`] the ones it relays move no byte either way and stay open,
+/// as when the path to a peer's node is lost without a reset (PINGs go unanswered
+/// too). Connections made after the cut are relayed as before.
+struct Relay {
+    addr: SocketAddr,
+    cuts: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cuts = Arc::new(Mutex::new(Vec::new()));
+        let pending_cuts = cuts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let mut up = TcpStream::connect(upstream).await.unwrap();
+                let (cut, cut_rx) = oneshot::channel::<()>();
+                pending_cuts.lock().unwrap().push(cut);
+                tokio::spawn(async move {
+                    let cut = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => false,
+                        _ = cut_rx => true,
+                    };
+                    if cut {
+                        // Both sockets stay open and unread.
+                        let _held = (down, up);
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        Self { addr, cuts }
+    }
+
+    /// Cuts every connection relayed so far.
+    fn black_hole(&self) {
+        for cut in self.cuts.lock().unwrap().drain(..) {
+            let _ = cut.send(());
+        }
+    }
+}
+
+fn with_early_data(data: &'static [u8]) -> ConnectRequest {
+    let mut req = request();
+    req.early_data = Bytes::from_static(data);
+    req
+}
+
+/// Reads `want.len()` bytes from a tunnel to an echo server and checks them.
+async fn echoed(tunnel: &mut mesh_core::hbone::H2Stream, want: &[u8]) {
+    let mut back = vec![0; want.len()];
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_exact(&mut back))
+        .await
+        .expect("the echo came back")
+        .unwrap();
+    assert_eq!(back, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_is_retired_after_a_connect_with_early_data_goes_unanswered() {
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let relay = Relay::start(server.addr).await;
+    let pool = mesh.pool(HboneConfig {
+        connect_timeout: Duration::from_millis(400),
+        ..HboneConfig::default()
+    });
+    let key = PoolKey::new(
+        mesh.client_id.clone(),
+        vec![mesh.server_id.clone()],
+        relay.addr,
+    );
+    let mut tunnel = pool
+        .connect(key.clone(), with_early_data(b"one"))
+        .await
+        .unwrap();
+    echoed(&mut tunnel, b"one").await;
+    drop(tunnel);
+
+    relay.black_hole();
+    // Early data is never sent twice, so this one fails...
+    match pool.connect(key.clone(), with_early_data(b"two")).await {
+        Err(ConnectError::Unanswered { early_data, .. }) => assert!(early_data),
+        other => panic!("expected no answer, got {other:?}"),
+    }
+    // ...but the silent connection is gone with it: the next tunnel dials anew.
+    let mut tunnel = pool.connect(key, with_early_data(b"three")).await.unwrap();
+    echoed(&mut tunnel, b"three").await;
+    assert_eq!(pool.stats().connections_opened(), 2);
+}
+
+/// Answers 503 once its dial of the target has timed out, after the whole
+/// `connect_timeout`, as ztunnel's inbound does for a target that does not answer.
+#[derive(Clone, Debug)]
+struct SlowTarget {
+    dial_timeout: Duration,
+}
+
+impl ConnectHandler for SlowTarget {
+    async fn handle(&self, connect: InboundConnect) {
+        let dial = std::future::pending::<()>();
+        let _ = tokio::time::timeout(self.dial_timeout, dial).await;
+        connect.refuse(
+            RefusalKind::Unavailable,
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "dial timed out"),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_dial_timed_out_is_heard_before_the_client_gives_up() {
+    let mesh = Mesh::new();
+    let config = HboneConfig {
+        connect_timeout: Duration::from_millis(400),
+        ..HboneConfig::default()
+    };
+    let handler = SlowTarget {
+        dial_timeout: config.connect_timeout,
+    };
+    let server = Server::start(
+        mesh.server_store.clone(),
+        &mesh.server_id,
+        handler,
+        config.clone(),
+    )
+    .await;
+    let pool = mesh.pool(config);
+    match pool.connect(mesh.key(&server), with_early_data(b"x")).await {
+        Err(ConnectError::Refused { status, .. }) => {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        }
+        other => panic!("expected the server's 503, got {other:?}"),
+    }
+    // A slow target says nothing against the connection.
+    assert_eq!(pool.connection_count(), 1);
+}
