@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use mesh_core::drain::{self, DrainWatcher};
 use mesh_core::hbone::{
-    ConnectError, ConnectHandler, ConnectRequest, HboneConfig, InboundConnect, PoolKey, Refusal,
-    RefusalKind, StatusCode,
+    ConnectError, ConnectHandler, ConnectRequest, HboneConfig, HboneServer, InboundConnect,
+    PoolKey, Refusal, RefusalKind, StatusCode,
 };
 use support::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -155,4 +156,87 @@ async fn a_server_whose_dial_timed_out_is_heard_before_the_client_gives_up() {
     }
     // A slow target says nothing against the connection.
     assert_eq!(pool.connection_count(), 1);
+}
+
+/// Accepts every CONNECT, says "draining" on the tunnel once its server's drain
+/// has begun (so after the server's GOAWAY, which its connection task sends
+/// first), then holds the tunnel until the client ends it.
+#[derive(Clone, Debug)]
+struct AnnounceDrain {
+    drain: DrainWatcher,
+}
+
+impl ConnectHandler for AnnounceDrain {
+    async fn handle(&self, connect: InboundConnect) {
+        let Ok(mut tunnel) = connect.accept() else {
+            return;
+        };
+        self.drain.signaled().await;
+        if tunnel.write_all(b"draining").await.is_ok() {
+            let _ = tunnel.read_to_end(&mut Vec::new()).await;
+        }
+    }
+}
+
+/// The listener twice: what an old server drains from and its successor takes over
+/// (as a restarted ztunnel takes over its predecessor's listeners).
+fn shared_listener() -> (TcpListener, TcpListener) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let again = listener.try_clone().unwrap();
+    (
+        TcpListener::from_std(listener).unwrap(),
+        TcpListener::from_std(again).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_their_server_went_away_from_do_not_use_up_a_tunnels_tries() {
+    const CONNECTIONS: usize = 4;
+    let mesh = Mesh::new();
+    let tls = || mesh_core::tls::server_config(mesh.server_store.clone(), &mesh.server_id).unwrap();
+    let (old_listener, new_listener) = shared_listener();
+    let addr = old_listener.local_addr().unwrap();
+    let (old_drain, old_watcher) = drain::channel();
+    let old = HboneServer::new(
+        old_listener,
+        tls(),
+        AnnounceDrain {
+            drain: old_watcher.clone(),
+        },
+        HboneConfig::default(),
+    );
+    let old_task = tokio::spawn(old.run(old_watcher));
+
+    // Two tunnels a connection, and one of each pair closed: every connection has
+    // a free slot and a tunnel that keeps it open through the drain.
+    let pool = mesh.pool(HboneConfig {
+        max_streams_per_connection: 2,
+        ..HboneConfig::default()
+    });
+    let key = PoolKey::new(mesh.client_id.clone(), vec![mesh.server_id.clone()], addr);
+    let mut tunnels = Vec::new();
+    for _ in 0..2 * CONNECTIONS {
+        tunnels.push(pool.connect(key.clone(), request()).await.unwrap());
+    }
+    // The pool fills a connection before it opens the next.
+    let mut held: Vec<_> = tunnels.into_iter().step_by(2).collect();
+    assert_eq!(pool.stats().connections_opened(), CONNECTIONS as u64);
+    assert_eq!(pool.connection_count(), CONNECTIONS);
+
+    let draining = tokio::spawn(old_drain.drain(Duration::from_secs(60)));
+    old_task.await.unwrap();
+    // Each connection's GOAWAY has reached the pool before the word behind it.
+    for tunnel in &mut held {
+        echoed(tunnel, b"draining").await;
+    }
+    let new = HboneServer::new(new_listener, tls(), Echo, HboneConfig::default());
+    let (_new_drain, new_watcher) = drain::channel();
+    tokio::spawn(new.run(new_watcher));
+
+    // The tunnel goes over a fresh connection to the successor.
+    let mut tunnel = pool.connect(key, request()).await.unwrap();
+    assert_eq!(echo_once(&mut tunnel, b"after").await, b"after");
+    assert_eq!(pool.stats().connections_opened(), CONNECTIONS as u64 + 1);
+    draining.abort();
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -134,6 +134,14 @@ impl PooledConn {
         let _ = ping.send_ping(h2::Ping::opaque());
         let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
         matches!(tokio::time::timeout(within, pong).await, Ok(Ok(_)))
+    }
+
+    /// Whether a new stream would fail at once: the server sent GOAWAY, or the
+    /// connection failed.
+    fn going_away(&self) -> bool {
+        let mut send = self.send.clone();
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(send.poll_ready(&mut cx), Poll::Ready(Err(_)))
     }
 }
 
@@ -378,11 +386,20 @@ impl<D: TcpDialer> HbonePool<D> {
     }
 
     fn try_reserve(&self, key: &PoolKey) -> Option<SlotGuard> {
-        let keys = lock(&self.inner.keys);
+        let mut keys = lock(&self.inner.keys);
         let entry = keys.get(key)?;
         let max = self.inner.config.max_streams_per_connection.max(1);
-        entry.conns.iter().find_map(|conn| {
+        let mut gone = Vec::new();
+        let reserved = entry.conns.iter().find_map(|conn| {
             if conn.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            // Its server sent GOAWAY (or it failed): a new stream would fail at
+            // once. All such connections are retired as they are passed, rather
+            // than each costing a tunnel one of its tries: a peer that restarted
+            // leaves one for each of its connections with a tunnel still open.
+            if conn.going_away() {
+                gone.push(conn.clone());
                 return None;
             }
             // The server's SETTINGS_MAX_CONCURRENT_STREAMS too: beyond it a CONNECT
@@ -396,7 +413,15 @@ impl<D: TcpDialer> HbonePool<D> {
             drop(slots);
             conn.changed.notify_one();
             Some(SlotGuard { conn: conn.clone() })
-        })
+        });
+        for conn in &gone {
+            tracing::debug!(
+                conn = conn.id,
+                "retiring a pooled connection that is going away"
+            );
+            self.inner.remove_locked(&mut keys, key, conn);
+        }
+        reserved
     }
 
     fn retire(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
