@@ -9,19 +9,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use h2::client::SendRequest;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::client::{ClientConnection, open_connection, send_connect};
+use super::client::{open_connection, send_connect};
 use super::{ConnectError, ConnectRequest, DirectDialer, H2Stream, HboneConfig, TcpDialer};
 use crate::{CertStore, SpiffeId};
+
+mod conn;
+use conn::{PooledConn, SlotGuard, drive, settle};
 
 /// Which connections a tunnel may share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -103,77 +102,6 @@ struct Opening {
     // waiter in turn would wait through its own timeout to the same dead peer.
     failed: AtomicU64,
     last_error: Mutex<Option<Arc<ConnectError>>>,
-}
-
-struct PooledConn {
-    id: u64,
-    send: SendRequest<Bytes>,
-    // The connection's PINGs: first to learn the server's SETTINGS (`settle`),
-    // then to tell a dead connection from a slow server (`answers_ping`).
-    ping: tokio::sync::Mutex<Option<h2::PingPong>>,
-    slots: Mutex<Slots>,
-    changed: Notify,
-    closed: AtomicBool,
-}
-
-impl PooledConn {
-    /// Whether the server answers a PING within `within`. A connection whose path
-    /// went silent without a reset (the peer's node lost) answers none, and would
-    /// otherwise stay pooled until TCP gives up on its unacknowledged data
-    /// (about 15 minutes), failing every tunnel that sends early data on it.
-    async fn answers_ping(&self, within: Duration) -> bool {
-        let mut ping = self.ping.lock().await;
-        let Some(ping) = ping.as_mut() else {
-            return true;
-        };
-        // h2's own building blocks of `PingPong::ping` (hyper's keep-alive uses
-        // them too), so that an earlier PING still unanswered is waited on rather
-        // than refused, and a pong that came after its wait gave up says nothing
-        // about now.
-        let _ = ping.poll_pong(&mut Context::from_waker(Waker::noop()));
-        let _ = ping.send_ping(h2::Ping::opaque());
-        let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
-        matches!(tokio::time::timeout(within, pong).await, Ok(Ok(_)))
-    }
-
-    /// Whether a new stream would fail at once: the server sent GOAWAY, or the
-    /// connection failed.
-    fn going_away(&self) -> bool {
-        let mut send = self.send.clone();
-        let mut cx = Context::from_waker(Waker::noop());
-        matches!(send.poll_ready(&mut cx), Poll::Ready(Err(_)))
-    }
-}
-
-impl std::fmt::Debug for PooledConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledConn")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug)]
-struct Slots {
-    active: usize,
-    idle_since: Instant,
-}
-
-/// A reserved tunnel slot on a connection; gives it back when the tunnel is dropped.
-struct SlotGuard {
-    conn: Arc<PooledConn>,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        let mut slots = lock(&self.conn.slots);
-        slots.active -= 1;
-        if slots.active == 0 {
-            slots.idle_since = Instant::now();
-        }
-        drop(slots);
-        self.conn.changed.notify_one();
-    }
 }
 
 /// A caller's hold on a key's [`Opening`]. When it goes (the open failed, or the
@@ -354,17 +282,8 @@ impl<D: TcpDialer> HbonePool<D> {
             .stats
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(PooledConn {
-            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            send,
-            ping: tokio::sync::Mutex::new(connection.ping_pong()),
-            slots: Mutex::new(Slots {
-                active: 1,
-                idle_since: Instant::now(),
-            }),
-            changed: Notify::new(),
-            closed: AtomicBool::new(false),
-        });
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(PooledConn::new(id, send, connection.ping_pong()));
         tracing::debug!(conn = conn.id, next_hop = %key.next_hop, src = %key.source, "opened HBONE connection");
         lock(&self.inner.keys)
             .entry(key.clone())
@@ -470,62 +389,5 @@ impl<D> PoolInner<D> {
             self.remove_locked(&mut keys, key, conn);
         }
         expired
-    }
-}
-
-/// Keeps the key's opening lock (`held`) until the new connection's server has
-/// answered a PING, or `within` has passed. Until its SETTINGS arrive h2 knows no
-/// limit on concurrent streams, so the callers queued behind the open would pile
-/// onto the new connection beyond `SETTINGS_MAX_CONCURRENT_STREAMS` and wait in
-/// h2's queue; the server sends its SETTINGS before it can answer the PING, so
-/// after the answer they reserve within its limit. The opener's own tunnel does
-/// not wait.
-async fn settle(conn: Arc<PooledConn>, held: tokio::sync::OwnedMutexGuard<()>, within: Duration) {
-    conn.answers_ping(within).await;
-    drop(held);
-}
-
-/// Drives one connection's HTTP/2 state and closes it once idle past the timeout.
-async fn drive<D>(
-    pool: Weak<PoolInner<D>>,
-    key: PoolKey,
-    conn: Arc<PooledConn>,
-    connection: ClientConnection,
-) {
-    let mut connection = std::pin::pin!(connection);
-    let idle = match pool.upgrade() {
-        Some(p) => p.config.pool_idle_timeout,
-        None => return,
-    };
-    loop {
-        let deadline = {
-            let slots = lock(&conn.slots);
-            (slots.active == 0).then_some(slots.idle_since + idle)
-        };
-        let idle_wait = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            res = &mut connection => {
-                if let Err(e) = res {
-                    tracing::debug!(conn = conn.id, error = %e, "HBONE connection ended");
-                }
-                if let Some(p) = pool.upgrade() {
-                    p.remove(&key, &conn);
-                }
-                return;
-            }
-            () = idle_wait => {
-                let Some(p) = pool.upgrade() else { return };
-                if p.retire_if_idle(&key, &conn, idle) {
-                    tracing::debug!(conn = conn.id, "closing idle HBONE connection");
-                    return;
-                }
-            }
-            () = conn.changed.notified() => {}
-        }
     }
 }
