@@ -5,11 +5,11 @@
 //! more than its server's `SETTINGS_MAX_CONCURRENT_STREAMS`; only when all of a
 //! key's connections are full does another open, and never two at once for one key.
 //! Callers that waited behind an open that failed share its error. A connection idle
-//! for `pool_idle_timeout` is closed.
+//! for `pool_idle_timeout` is closed, and at once when the pool's drain begins.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::client::{open_connection, send_connect};
 use super::{ConnectError, ConnectRequest, DirectDialer, H2Stream, HboneConfig, TcpDialer};
+use crate::drain::DrainWatcher;
 use crate::{CertStore, SpiffeId};
 
 mod conn;
@@ -75,6 +76,10 @@ struct PoolInner<D> {
     keys: Mutex<HashMap<PoolKey, KeyEntry>>,
     stats: PoolStats,
     next_id: AtomicU64,
+    // Held only until the drain begins (see `with_drain`); each connection's task
+    // holds its own clone.
+    drain: Mutex<Option<DrainWatcher>>,
+    draining: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -159,8 +164,30 @@ impl<D: TcpDialer> HbonePool<D> {
                 keys: Mutex::new(HashMap::new()),
                 stats: PoolStats::default(),
                 next_id: AtomicU64::new(1),
+                drain: Mutex::new(None),
+                draining: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Ties the pool's connections to `drain` (ztunnel's: the pod's, whose network
+    /// namespace they were dialled in). Once it begins no connection takes a new
+    /// tunnel, idle ones close at once and busy ones when their last tunnel ends,
+    /// each holding the drain until then; when it is forced, all close. The pool
+    /// itself lets go of the watcher as the drain begins, so a pool kept alive does
+    /// not hold the drain up. Without it a connection lives until it has been idle
+    /// for `pool_idle_timeout`.
+    pub fn with_drain(self, drain: DrainWatcher) -> Self {
+        *lock(&self.inner.drain) = Some(drain.clone());
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            drain.signaled().await;
+            if let Some(p) = pool.upgrade() {
+                p.draining.store(true, Ordering::Release);
+                lock(&p.drain).take();
+            }
+        });
+        self
     }
 
     pub fn stats(&self) -> &PoolStats {
@@ -295,6 +322,7 @@ impl<D: TcpDialer> HbonePool<D> {
             key.clone(),
             conn.clone(),
             connection,
+            lock(&self.inner.drain).clone(),
         ));
         tokio::spawn(settle(
             conn.clone(),

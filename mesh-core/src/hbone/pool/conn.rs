@@ -1,7 +1,7 @@
 //! One pooled HTTP/2 connection: its tunnel slots, the task that drives it and
 //! closes it when idle, and the PINGs that tell whether it is still alive.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{PoolInner, PoolKey, lock};
+use crate::drain::DrainWatcher;
 use crate::hbone::client::ClientConnection;
 
 pub(super) struct PooledConn {
@@ -117,21 +118,36 @@ pub(super) async fn settle(
 }
 
 /// Drives one connection's HTTP/2 state and closes it once idle past the timeout.
+/// Once the pool's drain has begun (`drain`, or the pool's flag for a connection
+/// opened after that) it takes no new tunnel and closes as soon as it is idle;
+/// when the drain is forced, at once.
 pub(super) async fn drive<D>(
     pool: Weak<PoolInner<D>>,
     key: PoolKey,
     conn: Arc<PooledConn>,
     connection: ClientConnection,
+    drain: Option<DrainWatcher>,
 ) {
     let mut connection = std::pin::pin!(connection);
     let idle = match pool.upgrade() {
         Some(p) => p.config.pool_idle_timeout,
         None => return,
     };
+    let mut draining = false;
     loop {
+        let Some(p) = pool.upgrade() else { return };
+        if !draining
+            && (drain.as_ref().is_some_and(DrainWatcher::is_draining)
+                || p.draining.load(Ordering::Acquire))
+        {
+            draining = true;
+            p.remove(&key, &conn);
+        }
+        drop(p);
+        let idle_for = if draining { Duration::ZERO } else { idle };
         let deadline = {
             let slots = lock(&conn.slots);
-            (slots.active == 0).then_some(slots.idle_since + idle)
+            (slots.active == 0).then_some(slots.idle_since + idle_for)
         };
         let idle_wait = async {
             match deadline {
@@ -151,12 +167,32 @@ pub(super) async fn drive<D>(
             }
             () = idle_wait => {
                 let Some(p) = pool.upgrade() else { return };
-                if p.retire_if_idle(&key, &conn, idle) {
-                    tracing::debug!(conn = conn.id, "closing idle HBONE connection");
+                if p.retire_if_idle(&key, &conn, idle_for) {
+                    tracing::debug!(conn = conn.id, draining, "closing idle HBONE connection");
                     return;
                 }
             }
             () = conn.changed.notified() => {}
+            () = phase(&drain, DrainWatcher::signaled), if !draining => {}
+            () = phase(&drain, DrainWatcher::forced) => {
+                tracing::debug!(conn = conn.id, "closing HBONE connection: drain forced");
+                if let Some(p) = pool.upgrade() {
+                    p.remove(&key, &conn);
+                }
+                return;
+            }
         }
+    }
+}
+
+/// Resolves when `drain` reaches the phase `reached` waits for; never without one.
+async fn phase<'d, F, Fut>(drain: &'d Option<DrainWatcher>, reached: F)
+where
+    F: FnOnce(&'d DrainWatcher) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    match drain {
+        Some(d) => reached(d).await,
+        None => std::future::pending().await,
     }
 }
