@@ -100,6 +100,11 @@ pub struct HboneConfig {
     pub server_max_connections: usize,
     /// Server: TLS and HTTP/2 handshakes must finish within this.
     pub handshake_timeout: Duration,
+    /// Server: a connection that has had no open tunnel for this long gets GOAWAY
+    /// and closes, giving its accept slot back (`server_max_connections`). Longer
+    /// than the client's `pool_idle_timeout`, so that a client normally closes
+    /// its idle connections first.
+    pub server_idle_timeout: Duration,
 }
 
 impl HboneConfig {
@@ -126,6 +131,7 @@ impl Default for HboneConfig {
             server_max_streams: 1000,
             server_max_connections: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            server_idle_timeout: Duration::from_secs(300),
         }
     }
 }
