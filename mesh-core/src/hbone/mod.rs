@@ -11,6 +11,7 @@ mod metadata;
 mod pool;
 mod server;
 mod stream;
+mod window;
 
 use std::time::Duration;
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::client::{open_connection, send_connect};
+use super::window::WindowWaits;
 use super::{ConnectError, ConnectRequest, DirectDialer, H2Stream, HboneConfig, TcpDialer};
 use crate::drain::DrainWatcher;
 use crate::{CertStore, SpiffeId};
@@ -232,7 +233,11 @@ impl<D: TcpDialer> HbonePool<D> {
                         early_data: !req.early_data.is_empty(),
                     }));
             let e = match answer {
-                Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
+                Ok((send, recv)) => {
+                    let window = guard.conn.window.clone();
+                    let stream = H2Stream::new(send, recv, Some(Box::new(guard)));
+                    return Ok(stream.with_window_waits(window));
+                }
                 Err(e) => e,
             };
             // A live connection's silence is its server's (a new connection would
@@ -310,7 +315,9 @@ impl<D: TcpDialer> HbonePool<D> {
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(PooledConn::new(id, send, connection.ping_pong()));
+        let config = &self.inner.config;
+        let window = WindowWaits::new(config.stream_window, config.connection_window);
+        let conn = Arc::new(PooledConn::new(id, send, connection.ping_pong(), window));
         tracing::debug!(conn = conn.id, next_hop = %key.next_hop, src = %key.source, "opened HBONE connection");
         lock(&self.inner.keys)
             .entry(key.clone())
@@ -347,6 +354,11 @@ impl<D: TcpDialer> HbonePool<D> {
             // leaves one for each of its connections with a tunnel still open.
             if conn.going_away() {
                 gone.push(conn.clone());
+                return None;
+            }
+            // Its send window is held by tunnels whose far end does not read: a
+            // new tunnel would stall behind them (super::window).
+            if conn.window.congested() {
                 return None;
             }
             // The server's SETTINGS_MAX_CONCURRENT_STREAMS too: beyond it a CONNECT

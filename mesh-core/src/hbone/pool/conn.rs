@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::{PoolInner, PoolKey, lock};
 use crate::drain::DrainWatcher;
 use crate::hbone::client::ClientConnection;
+use crate::hbone::window::WindowWaits;
 
 pub(super) struct PooledConn {
     pub(super) id: u64,
@@ -21,6 +22,9 @@ pub(super) struct PooledConn {
     // The connection's PINGs: first to learn the server's SETTINGS (`settle`),
     // then to tell a dead connection from a slow server (`answers_ping`).
     ping: tokio::sync::Mutex<Option<h2::PingPong>>,
+    /// Its tunnels' waits for send window: a congested connection takes no new
+    /// tunnel.
+    pub(super) window: Arc<WindowWaits>,
     pub(super) slots: Mutex<Slots>,
     pub(super) changed: Notify,
     pub(super) closed: AtomicBool,
@@ -28,11 +32,17 @@ pub(super) struct PooledConn {
 
 impl PooledConn {
     /// A connection with one tunnel: its opener's.
-    pub(super) fn new(id: u64, send: SendRequest<Bytes>, ping: Option<h2::PingPong>) -> Self {
+    pub(super) fn new(
+        id: u64,
+        send: SendRequest<Bytes>,
+        ping: Option<h2::PingPong>,
+        window: WindowWaits,
+    ) -> Self {
         Self {
             id,
             send,
             ping: tokio::sync::Mutex::new(ping),
+            window: Arc::new(window),
             slots: Mutex::new(Slots {
                 active: 1,
                 idle_since: Instant::now(),
