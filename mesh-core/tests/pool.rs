@@ -1,5 +1,5 @@
 //! The HBONE pool: streams per connection, one connection opened at a time per key,
-//! idle connections closed (on tokio's paused clock), and the pool's drain.
+//! idle and old connections retired (on tokio's paused clock), and the pool's drain.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod support;
@@ -289,4 +289,54 @@ async fn a_drain_closes_idle_connections_at_once_and_busy_ones_when_their_tunnel
         .unwrap();
     assert_eq!(outcome, mesh_core::drain::DrainOutcome::Graceful);
     assert_eq!(pool.stats().connections_closed(), 2);
+}
+
+/// A connection past `age` takes no new tunnel; its own carry on. Runs on tokio's
+/// paused clock once the first tunnel is up.
+async fn a_connection_retires_after(config: HboneConfig, age: Duration) {
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let pool = mesh.pool(config);
+    let mut old = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut old, b"x").await, b"x");
+
+    tokio::time::pause();
+    tokio::time::advance(age - Duration::from_secs(60)).await;
+    tokio::time::resume();
+    let mut same = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut same, b"y").await, b"y");
+    assert_eq!(pool.stats().connections_opened(), 1, "retired too early");
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(120)).await;
+    tokio::time::resume();
+    let mut new = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut new, b"z").await, b"z");
+    assert_eq!(pool.stats().connections_opened(), 2);
+    assert_eq!(server.stats.handshakes(), 2);
+    // The old connection is out of the pool; its tunnels carry on to their end.
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(pool.stats().connections_closed(), 1);
+    assert_eq!(echo_once(&mut old, b"still").await, b"still");
+    assert_eq!(echo_once(&mut same, b"too").await, b"too");
+}
+
+#[tokio::test]
+async fn a_connection_older_than_its_max_age_takes_no_new_tunnel() {
+    let age = Duration::from_secs(3600);
+    let config = HboneConfig {
+        pool_max_connection_age: age,
+        ..HboneConfig::default()
+    };
+    a_connection_retires_after(config, age).await;
+}
+
+#[tokio::test]
+async fn a_connection_takes_no_new_tunnel_once_its_certificate_is_due_for_renewal() {
+    // The test CA's certificates live 24 h and are renewed at half their life.
+    let config = HboneConfig {
+        pool_max_connection_age: Duration::from_secs(100 * 3600),
+        ..HboneConfig::default()
+    };
+    a_connection_retires_after(config, Duration::from_secs(12 * 3600)).await;
 }

@@ -91,6 +91,11 @@ pub struct HboneConfig {
     pub max_streams_per_connection: usize,
     /// Client: a pooled connection with no tunnel for this long is closed.
     pub pool_idle_timeout: Duration,
+    /// Client: a pooled connection this old takes no new tunnel (nor once the
+    /// certificate it presented is due for renewal, if that comes first); its
+    /// tunnels carry on and it closes after the last one, so no connection
+    /// outlives the certificates or roots it was made with for long.
+    pub pool_max_connection_age: Duration,
     /// Client: TCP connect and the TLS and HTTP/2 handshakes, each bounded by
     /// this; the wait for a CONNECT's answer by [`Self::answer_timeout`]. ztunnel's
     /// inbound bounds its dial of the target by it too.
@@ -128,6 +133,8 @@ impl Default for HboneConfig {
             max_send_buffer: 1024 * 1024,
             max_streams_per_connection: 100,
             pool_idle_timeout: Duration::from_secs(60),
+            // The default certificate's refresh time: half its 24 h.
+            pool_max_connection_age: Duration::from_secs(12 * 3600),
             connect_timeout: Duration::from_secs(10),
             server_max_streams: 1000,
             server_max_connections: 16 * 1024,

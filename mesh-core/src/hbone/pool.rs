@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -317,7 +317,18 @@ impl<D: TcpDialer> HbonePool<D> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let config = &self.inner.config;
         let window = WindowWaits::new(config.stream_window, config.connection_window);
-        let conn = Arc::new(PooledConn::new(id, send, connection.ping_pong(), window));
+        let now = Instant::now();
+        // A year stands in for "never" that an Instant cannot hold.
+        let retire_at = now
+            .checked_add(self.max_age(key))
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+        let conn = Arc::new(PooledConn::new(
+            id,
+            send,
+            connection.ping_pong(),
+            window,
+            retire_at,
+        ));
         tracing::debug!(conn = conn.id, next_hop = %key.next_hop, src = %key.source, "opened HBONE connection");
         lock(&self.inner.keys)
             .entry(key.clone())
@@ -343,6 +354,7 @@ impl<D: TcpDialer> HbonePool<D> {
         let mut keys = lock(&self.inner.keys);
         let entry = keys.get(key)?;
         let max = self.inner.config.max_streams_per_connection.max(1);
+        let now = Instant::now();
         let mut gone = Vec::new();
         let reserved = entry.conns.iter().find_map(|conn| {
             if conn.closed.load(Ordering::Acquire) {
@@ -352,7 +364,9 @@ impl<D: TcpDialer> HbonePool<D> {
             // once. All such connections are retired as they are passed, rather
             // than each costing a tunnel one of its tries: a peer that restarted
             // leaves one for each of its connections with a tunnel still open.
-            if conn.going_away() {
+            // So is one past its age (`max_age`): its tunnels carry on, and it
+            // closes once it has had none for the idle timeout.
+            if conn.going_away() || conn.retire_at <= now {
                 gone.push(conn.clone());
                 return None;
             }
@@ -376,11 +390,29 @@ impl<D: TcpDialer> HbonePool<D> {
         for conn in &gone {
             tracing::debug!(
                 conn = conn.id,
-                "retiring a pooled connection that is going away"
+                "retiring a pooled connection that is going away or too old"
             );
             self.inner.remove_locked(&mut keys, key, conn);
         }
         reserved
+    }
+
+    /// How long a new connection of `key` takes new tunnels: the pool's
+    /// `pool_max_connection_age`, or until the certificate it presents is due for
+    /// renewal if that comes first (later connections present the new one), or
+    /// until it expires if its renewal is overdue. A busy connection would
+    /// otherwise live on with certificates (and roots) long replaced.
+    fn max_age(&self, key: &PoolKey) -> Duration {
+        let max = self.inner.config.pool_max_connection_age;
+        let Some(cert) = self.inner.store.get(&key.source) else {
+            return max;
+        };
+        let now = SystemTime::now();
+        let due = match cert.refresh_at() {
+            at if at > now => at,
+            _ => cert.not_after(),
+        };
+        due.duration_since(now).map_or(max, |left| left.min(max))
     }
 
     fn retire(&self, key: &PoolKey, conn: &Arc<PooledConn>) {

@@ -25,6 +25,8 @@ pub(super) struct PooledConn {
     /// Its tunnels' waits for send window: a congested connection takes no new
     /// tunnel.
     pub(super) window: Arc<WindowWaits>,
+    /// When it stops taking new tunnels (`HbonePool::max_age`).
+    pub(super) retire_at: Instant,
     pub(super) slots: Mutex<Slots>,
     pub(super) changed: Notify,
     pub(super) closed: AtomicBool,
@@ -37,12 +39,14 @@ impl PooledConn {
         send: SendRequest<Bytes>,
         ping: Option<h2::PingPong>,
         window: WindowWaits,
+        retire_at: Instant,
     ) -> Self {
         Self {
             id,
             send,
             ping: tokio::sync::Mutex::new(ping),
             window: Arc::new(window),
+            retire_at,
             slots: Mutex::new(Slots {
                 active: 1,
                 idle_since: Instant::now(),
