@@ -112,6 +112,46 @@ async fn a_connection_gone_silent_is_retired_after_a_connect_with_early_data_goe
     assert_eq!(pool.stats().connections_opened(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_left_unanswered_together_on_a_dead_connection_share_one_verdict() {
+    const TUNNELS: usize = 8;
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let relay = Relay::start(server.addr).await;
+    let config = HboneConfig {
+        connect_timeout: Duration::from_millis(400),
+        ..HboneConfig::default()
+    };
+    let answer_timeout = config.answer_timeout();
+    let pool = mesh.pool(config);
+    let key = PoolKey::new(
+        mesh.client_id.clone(),
+        vec![mesh.server_id.clone()],
+        relay.addr,
+    );
+    drop(pool.connect(key.clone(), request()).await.unwrap());
+    relay.black_hole();
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..TUNNELS)
+        .map(|_| {
+            let (pool, key) = (pool.clone(), key.clone());
+            tokio::spawn(async move { pool.connect(key, with_early_data(b"x")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(
+            t.await.unwrap(),
+            Err(ConnectError::Unanswered { .. })
+        ));
+    }
+    // One PING's wait (1 s) for all of them, not one each in turn (8 s).
+    let took = started.elapsed();
+    assert!(
+        took < answer_timeout + Duration::from_secs(4),
+        "the unanswered tunnels took {took:?}"
+    );
+}
+
 /// Answers 503 once its dial of the target has timed out, after the whole
 /// `connect_timeout`, as ztunnel's inbound does for a target that does not answer.
 #[derive(Clone, Debug)]

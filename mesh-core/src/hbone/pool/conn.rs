@@ -22,6 +22,8 @@ pub(super) struct PooledConn {
     // The connection's PINGs: first to learn the server's SETTINGS (`settle`),
     // then to tell a dead connection from a slow server (`answers_ping`).
     ping: tokio::sync::Mutex<Option<h2::PingPong>>,
+    /// A PING went unanswered.
+    dead: AtomicBool,
     /// Its tunnels' waits for send window: a congested connection takes no new
     /// tunnel.
     pub(super) window: Arc<WindowWaits>,
@@ -45,6 +47,7 @@ impl PooledConn {
             id,
             send,
             ping: tokio::sync::Mutex::new(ping),
+            dead: AtomicBool::new(false),
             window: Arc::new(window),
             retire_at,
             slots: Mutex::new(Slots {
@@ -62,6 +65,11 @@ impl PooledConn {
     /// (about 15 minutes), failing every tunnel that sends early data on it.
     pub(super) async fn answers_ping(&self, within: Duration) -> bool {
         let mut ping = self.ping.lock().await;
+        // Once is enough: the many CONNECTs a dead connection leaves unanswered
+        // at about the same time do not each wait for a PING of their own in turn.
+        if self.dead.load(Ordering::Acquire) {
+            return false;
+        }
         let Some(ping) = ping.as_mut() else {
             return true;
         };
@@ -72,7 +80,11 @@ impl PooledConn {
         let _ = ping.poll_pong(&mut Context::from_waker(Waker::noop()));
         let _ = ping.send_ping(h2::Ping::opaque());
         let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
-        matches!(tokio::time::timeout(within, pong).await, Ok(Ok(_)))
+        let answered = matches!(tokio::time::timeout(within, pong).await, Ok(Ok(_)));
+        if !answered {
+            self.dead.store(true, Ordering::Release);
+        }
+        answered
     }
 
     /// Whether a new stream would fail at once: the server sent GOAWAY, or the
