@@ -1,5 +1,5 @@
 //! The HBONE pool: streams per connection, one connection opened at a time per key,
-//! and idle connections closed (on tokio's paused clock).
+//! idle and old connections retired (on tokio's paused clock), and the pool's drain.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod support;
@@ -243,4 +243,100 @@ async fn a_burst_on_a_fresh_pool_keeps_to_the_servers_stream_limit() {
     // Two per connection, as the server's SETTINGS say, from the first burst on.
     assert_eq!(pool.stats().connections_opened(), (TUNNELS / 2) as u64);
     assert_eq!(pool.stats().connections_closed(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_idle_connections_at_once_and_busy_ones_when_their_tunnels_end() {
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let (trigger, watcher) = mesh_core::drain::channel();
+    // Far beyond the test's patience: only the drain can close these connections.
+    let pool = mesh
+        .pool(HboneConfig {
+            pool_idle_timeout: Duration::from_secs(3600),
+            ..HboneConfig::default()
+        })
+        .with_drain(watcher);
+    let mut idle = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut idle, b"x").await, b"x");
+    drop(idle);
+    let busy_key = mesh_core::hbone::PoolKey::new(
+        mesh.client_id.clone(),
+        vec![
+            mesh.server_id.clone(),
+            mesh_core::testing::spiffe("backend", "v2"),
+        ],
+        server.addr,
+    );
+    let mut busy = pool.connect(busy_key, request()).await.unwrap();
+    assert_eq!(pool.connection_count(), 2);
+
+    let draining = tokio::spawn(trigger.drain(Duration::from_secs(3600)));
+    wait_until(
+        "the drain to close the pool",
+        Duration::from_secs(10),
+        || pool.connection_count() == 0,
+    )
+    .await;
+    // The busy connection takes no new tunnel but carries its own to the end, and
+    // holds the drain until then.
+    assert_eq!(echo_once(&mut busy, b"still").await, b"still");
+    assert!(!draining.is_finished());
+    drop(busy);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), draining)
+        .await
+        .expect("the drain ended once the last tunnel did")
+        .unwrap();
+    assert_eq!(outcome, mesh_core::drain::DrainOutcome::Graceful);
+    assert_eq!(pool.stats().connections_closed(), 2);
+}
+
+/// A connection past `age` takes no new tunnel; its own carry on. Runs on tokio's
+/// paused clock once the first tunnel is up.
+async fn a_connection_retires_after(config: HboneConfig, age: Duration) {
+    let mesh = Mesh::new();
+    let server = mesh.echo_server(HboneConfig::default()).await;
+    let pool = mesh.pool(config);
+    let mut old = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut old, b"x").await, b"x");
+
+    tokio::time::pause();
+    tokio::time::advance(age - Duration::from_secs(60)).await;
+    tokio::time::resume();
+    let mut same = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut same, b"y").await, b"y");
+    assert_eq!(pool.stats().connections_opened(), 1, "retired too early");
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(120)).await;
+    tokio::time::resume();
+    let mut new = pool.connect(mesh.key(&server), request()).await.unwrap();
+    assert_eq!(echo_once(&mut new, b"z").await, b"z");
+    assert_eq!(pool.stats().connections_opened(), 2);
+    assert_eq!(server.stats.handshakes(), 2);
+    // The old connection is out of the pool; its tunnels carry on to their end.
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(pool.stats().connections_closed(), 1);
+    assert_eq!(echo_once(&mut old, b"still").await, b"still");
+    assert_eq!(echo_once(&mut same, b"too").await, b"too");
+}
+
+#[tokio::test]
+async fn a_connection_older_than_its_max_age_takes_no_new_tunnel() {
+    let age = Duration::from_secs(3600);
+    let config = HboneConfig {
+        pool_max_connection_age: age,
+        ..HboneConfig::default()
+    };
+    a_connection_retires_after(config, age).await;
+}
+
+#[tokio::test]
+async fn a_connection_takes_no_new_tunnel_once_its_certificate_is_due_for_renewal() {
+    // The test CA's certificates live 24 h and are renewed at half their life.
+    let config = HboneConfig {
+        pool_max_connection_age: Duration::from_secs(100 * 3600),
+        ..HboneConfig::default()
+    };
+    a_connection_retires_after(config, Duration::from_secs(12 * 3600)).await;
 }

@@ -224,6 +224,10 @@ impl App {
             max_streams_per_connection: config.pool_max_streams as usize,
             pool_idle_timeout: config.pool_idle_timeout,
             server_max_connections: config.max_connections as usize,
+            // Peers' pools (the same setting) close their idle connections first.
+            server_idle_timeout: HboneConfig::default()
+                .server_idle_timeout
+                .max(config.pool_idle_timeout * 2),
             ..HboneConfig::default()
         };
         let inputs = Arc::new(ProxyInputs {

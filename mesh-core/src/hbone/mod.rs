@@ -11,6 +11,7 @@ mod metadata;
 mod pool;
 mod server;
 mod stream;
+mod window;
 
 use std::time::Duration;
 
@@ -90,8 +91,14 @@ pub struct HboneConfig {
     pub max_streams_per_connection: usize,
     /// Client: a pooled connection with no tunnel for this long is closed.
     pub pool_idle_timeout: Duration,
-    /// Client: TCP connect, the TLS and HTTP/2 handshakes, and the wait for a
-    /// CONNECT's answer, each bounded by this.
+    /// Client: a pooled connection this old takes no new tunnel (nor once the
+    /// certificate it presented is due for renewal, if that comes first); its
+    /// tunnels carry on and it closes after the last one, so no connection
+    /// outlives the certificates or roots it was made with for long.
+    pub pool_max_connection_age: Duration,
+    /// Client: TCP connect and the TLS and HTTP/2 handshakes, each bounded by
+    /// this; the wait for a CONNECT's answer by [`Self::answer_timeout`]. ztunnel's
+    /// inbound bounds its dial of the target by it too.
     pub connect_timeout: Duration,
     /// Server: concurrent tunnels allowed on one connection.
     pub server_max_streams: u32,
@@ -99,6 +106,22 @@ pub struct HboneConfig {
     pub server_max_connections: usize,
     /// Server: TLS and HTTP/2 handshakes must finish within this.
     pub handshake_timeout: Duration,
+    /// Server: a connection that has had no open tunnel for this long gets GOAWAY
+    /// and closes, giving its accept slot back (`server_max_connections`). Longer
+    /// than the client's `pool_idle_timeout`, so that a client normally closes
+    /// its idle connections first.
+    pub server_idle_timeout: Duration,
+}
+
+impl HboneConfig {
+    /// Client: how long a CONNECT waits for its answer, half again
+    /// `connect_timeout`: longer than the server's own dial of the target (which
+    /// ztunnel bounds by `connect_timeout`), so a target that is slow to answer
+    /// comes back as the server's 503, not as a silence that looks like a dead
+    /// connection.
+    pub fn answer_timeout(&self) -> Duration {
+        self.connect_timeout + self.connect_timeout / 2
+    }
 }
 
 impl Default for HboneConfig {
@@ -110,10 +133,13 @@ impl Default for HboneConfig {
             max_send_buffer: 1024 * 1024,
             max_streams_per_connection: 100,
             pool_idle_timeout: Duration::from_secs(60),
+            // The default certificate's refresh time: half its 24 h.
+            pool_max_connection_age: Duration::from_secs(12 * 3600),
             connect_timeout: Duration::from_secs(10),
             server_max_streams: 1000,
             server_max_connections: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            server_idle_timeout: Duration::from_secs(300),
         }
     }
 }

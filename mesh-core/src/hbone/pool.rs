@@ -5,21 +5,24 @@
 //! more than its server's `SETTINGS_MAX_CONCURRENT_STREAMS`; only when all of a
 //! key's connections are full does another open, and never two at once for one key.
 //! Callers that waited behind an open that failed share its error. A connection idle
-//! for `pool_idle_timeout` is closed.
+//! for `pool_idle_timeout` is closed, and at once when the pool's drain begins.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use h2::client::SendRequest;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::client::{ClientConnection, open_connection, send_connect};
+use super::client::{open_connection, send_connect};
+use super::window::WindowWaits;
 use super::{ConnectError, ConnectRequest, DirectDialer, H2Stream, HboneConfig, TcpDialer};
+use crate::drain::DrainWatcher;
 use crate::{CertStore, SpiffeId};
+
+mod conn;
+use conn::{PooledConn, SlotGuard, drive, settle};
 
 /// Which connections a tunnel may share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +77,10 @@ struct PoolInner<D> {
     keys: Mutex<HashMap<PoolKey, KeyEntry>>,
     stats: PoolStats,
     next_id: AtomicU64,
+    // Held only until the drain begins (see `with_drain`); each connection's task
+    // holds its own clone.
+    drain: Mutex<Option<DrainWatcher>>,
+    draining: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -101,45 +108,6 @@ struct Opening {
     // waiter in turn would wait through its own timeout to the same dead peer.
     failed: AtomicU64,
     last_error: Mutex<Option<Arc<ConnectError>>>,
-}
-
-struct PooledConn {
-    id: u64,
-    send: SendRequest<Bytes>,
-    slots: Mutex<Slots>,
-    changed: Notify,
-    closed: AtomicBool,
-}
-
-impl std::fmt::Debug for PooledConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledConn")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug)]
-struct Slots {
-    active: usize,
-    idle_since: Instant,
-}
-
-/// A reserved tunnel slot on a connection; gives it back when the tunnel is dropped.
-struct SlotGuard {
-    conn: Arc<PooledConn>,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        let mut slots = lock(&self.conn.slots);
-        slots.active -= 1;
-        if slots.active == 0 {
-            slots.idle_since = Instant::now();
-        }
-        drop(slots);
-        self.conn.changed.notify_one();
-    }
 }
 
 /// A caller's hold on a key's [`Opening`]. When it goes (the open failed, or the
@@ -173,6 +141,10 @@ impl<D> Drop for OpeningHold<'_, D> {
 /// Most tries one tunnel makes: each failed try retires the connection it used.
 pub const MAX_ATTEMPTS: u32 = 4;
 
+/// How long a connection whose CONNECT went unanswered has to answer a PING
+/// before it is taken for dead and retired.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -193,8 +165,30 @@ impl<D: TcpDialer> HbonePool<D> {
                 keys: Mutex::new(HashMap::new()),
                 stats: PoolStats::default(),
                 next_id: AtomicU64::new(1),
+                drain: Mutex::new(None),
+                draining: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Ties the pool's connections to `drain` (ztunnel's: the pod's, whose network
+    /// namespace they were dialled in). Once it begins no connection takes a new
+    /// tunnel, idle ones close at once and busy ones when their last tunnel ends,
+    /// each holding the drain until then; when it is forced, all close. The pool
+    /// itself lets go of the watcher as the drain begins, so a pool kept alive does
+    /// not hold the drain up. Without it a connection lives until it has been idle
+    /// for `pool_idle_timeout`.
+    pub fn with_drain(self, drain: DrainWatcher) -> Self {
+        *lock(&self.inner.drain) = Some(drain.clone());
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            drain.signaled().await;
+            if let Some(p) = pool.upgrade() {
+                p.draining.store(true, Ordering::Release);
+                lock(&p.drain).take();
+            }
+        });
+        self
     }
 
     pub fn stats(&self) -> &PoolStats {
@@ -216,6 +210,9 @@ impl<D: TcpDialer> HbonePool<D> {
     /// tried on another, as often as the key has such connections (at most
     /// [`MAX_ATTEMPTS`] tries); a fresh connection refused by a server that is
     /// draining is tried once more, as a new connection may reach its successor.
+    /// A CONNECT left unanswered ([`HboneConfig::answer_timeout`]) retires its
+    /// connection if that answers no PING either, and is tried again only then,
+    /// and only if it carried no early data and its connection was a reused one.
     pub async fn connect(
         &self,
         key: PoolKey,
@@ -226,7 +223,7 @@ impl<D: TcpDialer> HbonePool<D> {
         loop {
             attempts += 1;
             let (guard, fresh) = self.checkout(&key).await?;
-            let waited = self.inner.config.connect_timeout;
+            let waited = self.inner.config.answer_timeout();
             let answer =
                 tokio::time::timeout(waited, send_connect(&guard.conn.send, key.next_hop, &req))
                     .await
@@ -235,21 +232,34 @@ impl<D: TcpDialer> HbonePool<D> {
                         waited,
                         early_data: !req.early_data.is_empty(),
                     }));
-            match answer {
-                Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
-                // A reused connection may have gone stale; a fresh one that fails
-                // would fail again, unless its server was draining.
-                Err(e)
-                    if attempts < MAX_ATTEMPTS
-                        && e.is_retryable()
-                        && (!fresh || (!fresh_retried && e.is_drain_refusal())) =>
-                {
-                    tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
-                    self.retire(&key, &guard.conn);
-                    fresh_retried |= fresh;
+            let e = match answer {
+                Ok((send, recv)) => {
+                    let window = guard.conn.window.clone();
+                    let stream = H2Stream::new(send, recv, Some(Box::new(guard)));
+                    return Ok(stream.with_window_waits(window));
                 }
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            // A live connection's silence is its server's (a new connection would
+            // meet the same): it stays. A dead one goes, whether or not the
+            // CONNECT may be sent again.
+            let dead = matches!(e, ConnectError::Unanswered { .. });
+            if dead && guard.conn.answers_ping(LIVENESS_TIMEOUT).await {
+                return Err(e);
             }
+            // A reused connection may have gone stale; a fresh one that fails
+            // would fail again, unless its server was draining.
+            let retry = attempts < MAX_ATTEMPTS
+                && e.is_retryable()
+                && (!fresh || (!fresh_retried && e.is_drain_refusal()));
+            if dead || retry {
+                tracing::debug!(conn = guard.conn.id, error = %e, "retiring pooled connection");
+                self.retire(&key, &guard.conn);
+            }
+            if !retry {
+                return Err(e);
+            }
+            fresh_retried |= fresh;
         }
     }
 
@@ -300,21 +310,25 @@ impl<D: TcpDialer> HbonePool<D> {
         };
         // On failure, `hold` removes the key's entry if nothing else uses it.
         let (send, mut connection) = opened?;
-        let ping = connection.ping_pong();
         self.inner
             .stats
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(PooledConn {
-            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let config = &self.inner.config;
+        let window = WindowWaits::new(config.stream_window, config.connection_window);
+        let now = Instant::now();
+        // A year stands in for "never" that an Instant cannot hold.
+        let retire_at = now
+            .checked_add(self.max_age(key))
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+        let conn = Arc::new(PooledConn::new(
+            id,
             send,
-            slots: Mutex::new(Slots {
-                active: 1,
-                idle_since: Instant::now(),
-            }),
-            changed: Notify::new(),
-            closed: AtomicBool::new(false),
-        });
+            connection.ping_pong(),
+            window,
+            retire_at,
+        ));
         tracing::debug!(conn = conn.id, next_hop = %key.next_hop, src = %key.source, "opened HBONE connection");
         lock(&self.inner.keys)
             .entry(key.clone())
@@ -326,19 +340,39 @@ impl<D: TcpDialer> HbonePool<D> {
             key.clone(),
             conn.clone(),
             connection,
+            lock(&self.inner.drain).clone(),
         ));
-        if let Some(ping) = ping {
-            tokio::spawn(settle(ping, held, self.inner.config.connect_timeout));
-        }
+        tokio::spawn(settle(
+            conn.clone(),
+            held,
+            self.inner.config.connect_timeout,
+        ));
         Ok((SlotGuard { conn }, true))
     }
 
     fn try_reserve(&self, key: &PoolKey) -> Option<SlotGuard> {
-        let keys = lock(&self.inner.keys);
+        let mut keys = lock(&self.inner.keys);
         let entry = keys.get(key)?;
         let max = self.inner.config.max_streams_per_connection.max(1);
-        entry.conns.iter().find_map(|conn| {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        let reserved = entry.conns.iter().find_map(|conn| {
             if conn.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            // Its server sent GOAWAY (or it failed): a new stream would fail at
+            // once. All such connections are retired as they are passed, rather
+            // than each costing a tunnel one of its tries: a peer that restarted
+            // leaves one for each of its connections with a tunnel still open.
+            // So is one past its age (`max_age`): its tunnels carry on, and it
+            // closes once it has had none for the idle timeout.
+            if conn.going_away() || conn.retire_at <= now {
+                gone.push(conn.clone());
+                return None;
+            }
+            // Its send window is held by tunnels whose far end does not read: a
+            // new tunnel would stall behind them (super::window).
+            if conn.window.congested() {
                 return None;
             }
             // The server's SETTINGS_MAX_CONCURRENT_STREAMS too: beyond it a CONNECT
@@ -352,7 +386,33 @@ impl<D: TcpDialer> HbonePool<D> {
             drop(slots);
             conn.changed.notify_one();
             Some(SlotGuard { conn: conn.clone() })
-        })
+        });
+        for conn in &gone {
+            tracing::debug!(
+                conn = conn.id,
+                "retiring a pooled connection that is going away or too old"
+            );
+            self.inner.remove_locked(&mut keys, key, conn);
+        }
+        reserved
+    }
+
+    /// How long a new connection of `key` takes new tunnels: the pool's
+    /// `pool_max_connection_age`, or until the certificate it presents is due for
+    /// renewal if that comes first (later connections present the new one), or
+    /// until it expires if its renewal is overdue. A busy connection would
+    /// otherwise live on with certificates (and roots) long replaced.
+    fn max_age(&self, key: &PoolKey) -> Duration {
+        let max = self.inner.config.pool_max_connection_age;
+        let Some(cert) = self.inner.store.get(&key.source) else {
+            return max;
+        };
+        let now = SystemTime::now();
+        let due = match cert.refresh_at() {
+            at if at > now => at,
+            _ => cert.not_after(),
+        };
+        due.duration_since(now).map_or(max, |left| left.min(max))
     }
 
     fn retire(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
@@ -391,12 +451,7 @@ impl<D> PoolInner<D> {
     /// Retires `conn` if it has been idle long enough. The check and the removal
     /// happen under one hold of the map lock, which `try_reserve` takes too, so no
     /// tunnel can reserve the connection in between.
-    fn retire_if_idle(
-        &self,
-        key: &PoolKey,
-        conn: &Arc<PooledConn>,
-        idle: std::time::Duration,
-    ) -> bool {
+    fn retire_if_idle(&self, key: &PoolKey, conn: &Arc<PooledConn>, idle: Duration) -> bool {
         let mut keys = lock(&self.keys);
         let expired = {
             let slots = lock(&conn.slots);
@@ -406,66 +461,5 @@ impl<D> PoolInner<D> {
             self.remove_locked(&mut keys, key, conn);
         }
         expired
-    }
-}
-
-/// Keeps the key's opening lock (`held`) until the new connection's server has
-/// answered a PING, or `within` has passed. Until its SETTINGS arrive h2 knows no
-/// limit on concurrent streams, so the callers queued behind the open would pile
-/// onto the new connection beyond `SETTINGS_MAX_CONCURRENT_STREAMS` and wait in
-/// h2's queue; the server sends its SETTINGS before it can answer the PING, so
-/// after the answer they reserve within its limit. The opener's own tunnel does
-/// not wait.
-async fn settle(
-    mut ping: h2::PingPong,
-    held: tokio::sync::OwnedMutexGuard<()>,
-    within: std::time::Duration,
-) {
-    let _ = tokio::time::timeout(within, ping.ping(h2::Ping::opaque())).await;
-    drop(held);
-}
-
-/// Drives one connection's HTTP/2 state and closes it once idle past the timeout.
-async fn drive<D>(
-    pool: Weak<PoolInner<D>>,
-    key: PoolKey,
-    conn: Arc<PooledConn>,
-    connection: ClientConnection,
-) {
-    let mut connection = std::pin::pin!(connection);
-    let idle = match pool.upgrade() {
-        Some(p) => p.config.pool_idle_timeout,
-        None => return,
-    };
-    loop {
-        let deadline = {
-            let slots = lock(&conn.slots);
-            (slots.active == 0).then_some(slots.idle_since + idle)
-        };
-        let idle_wait = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            res = &mut connection => {
-                if let Err(e) = res {
-                    tracing::debug!(conn = conn.id, error = %e, "HBONE connection ended");
-                }
-                if let Some(p) = pool.upgrade() {
-                    p.remove(&key, &conn);
-                }
-                return;
-            }
-            () = idle_wait => {
-                let Some(p) = pool.upgrade() else { return };
-                if p.retire_if_idle(&key, &conn, idle) {
-                    tracing::debug!(conn = conn.id, "closing idle HBONE connection");
-                    return;
-                }
-            }
-            () = conn.changed.notified() => {}
-        }
     }
 }

@@ -1,7 +1,8 @@
 //! The HBONE server: mTLS + HTTP/2, each CONNECT validated and handed to a handler.
 //!
 //! A connection whose handshake fails, and a CONNECT that is malformed, is refused with
-//! a recorded reason; the listener keeps serving. On drain the listener closes, open
+//! a recorded reason; the listener keeps serving. A connection with no tunnel for
+//! `server_idle_timeout` gets GOAWAY and closes. On drain the listener closes, open
 //! connections get GOAWAY (no new tunnels, open ones finish), and on force every task
 //! is dropped.
 
@@ -22,7 +23,9 @@ use crate::accept::accept_loop;
 use crate::drain::DrainWatcher;
 use crate::tls::{ALPN_H2, identity_of_cert};
 
+mod idle;
 mod stats;
+use idle::{IdleClock, IdleStep};
 pub use stats::{RefusalKind, RefusalObserver, RefusalRecord, ServerStats};
 
 /// A refusal to send back: a 4xx/5xx status and the reason, in `ambit-reason`.
@@ -315,6 +318,7 @@ impl<H: ConnectHandler> Connection<H> {
             }
         };
         let mut draining = false;
+        let mut idle = IdleClock::new(self.config.server_idle_timeout);
         loop {
             tokio::select! {
                 biased;
@@ -323,6 +327,18 @@ impl<H: ConnectHandler> Connection<H> {
                     h2.graceful_shutdown();
                     draining = true;
                 }
+                () = idle.next_check(), if !draining => match idle.check(h2.has_streams()) {
+                    IdleStep::Keep => {}
+                    // Tunnels that come in GOAWAY's round trip are served.
+                    IdleStep::GoAway => {
+                        tracing::debug!(peer = %self.peer, src = %peer_id, "closing idle HBONE connection");
+                        h2.graceful_shutdown();
+                    }
+                    IdleStep::Close => {
+                        tracing::debug!(peer = %self.peer, src = %peer_id, "idle HBONE connection did not close after GOAWAY");
+                        break;
+                    }
+                },
                 next = h2.accept() => match next {
                     Some(Ok((_, mut respond))) if drain.is_draining() => {
                         // h2's graceful GOAWAY still admits streams for one round trip;
@@ -344,10 +360,12 @@ impl<H: ConnectHandler> Connection<H> {
                             peer: self.peer,
                         };
                         let drain = drain.clone();
+                        let open = idle.begin();
                         // Boxed: spawning and finishing the task then move a pointer,
                         // not the handler's whole future.
                         let serve = Box::pin(stream.serve(req, respond));
                         tokio::spawn(async move {
+                            let _open = open;
                             tokio::select! {
                                 biased;
                                 () = drain.forced() => {}
