@@ -299,7 +299,8 @@ impl PodProxy {
         inputs.why.watch_server(&name, hbone_stats.clone());
         inputs.metrics.count_server_refusals(&hbone_stats);
         let mut listeners = vec![tokio::spawn(server.run(watcher.clone()))];
-        let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone());
+        let pool = HbonePool::with_dialer(inputs.certs.clone(), inputs.hbone.clone(), net.clone())
+            .with_drain(watcher.clone());
         let outbound = Outbound::new(pod.clone(), identity, net.clone(), pool, inputs.clone());
         listeners.push(tokio::spawn(
             outbound.clone().run(outbound_listener, watcher.clone()),
