@@ -173,8 +173,10 @@ impl ConnectHandler for SlowTarget {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_dial_timed_out_is_heard_before_the_client_gives_up() {
     let mesh = Mesh::new();
+    // The client waits 1.5 x connect_timeout: a 1 s margin over the server's
+    // own 2 s dial timeout, wide enough for a loaded machine.
     let config = HboneConfig {
-        connect_timeout: Duration::from_millis(400),
+        connect_timeout: Duration::from_secs(2),
         ..HboneConfig::default()
     };
     let handler = SlowTarget {

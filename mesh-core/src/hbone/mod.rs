@@ -11,7 +11,6 @@ mod metadata;
 mod pool;
 mod server;
 mod stream;
-mod window;
 
 use std::time::Duration;
 

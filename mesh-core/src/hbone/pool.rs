@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::client::{open_connection, send_connect};
-use super::window::WindowWaits;
 use super::{ConnectError, ConnectRequest, DirectDialer, H2Stream, HboneConfig, TcpDialer};
 use crate::drain::DrainWatcher;
 use crate::{CertStore, SpiffeId};
@@ -233,11 +232,7 @@ impl<D: TcpDialer> HbonePool<D> {
                         early_data: !req.early_data.is_empty(),
                     }));
             let e = match answer {
-                Ok((send, recv)) => {
-                    let window = guard.conn.window.clone();
-                    let stream = H2Stream::new(send, recv, Some(Box::new(guard)));
-                    return Ok(stream.with_window_waits(window));
-                }
+                Ok((send, recv)) => return Ok(H2Stream::new(send, recv, Some(Box::new(guard)))),
                 Err(e) => e,
             };
             // A live connection's silence is its server's (a new connection would
@@ -315,20 +310,12 @@ impl<D: TcpDialer> HbonePool<D> {
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let config = &self.inner.config;
-        let window = WindowWaits::new(config.stream_window, config.connection_window);
         let now = Instant::now();
         // A year stands in for "never" that an Instant cannot hold.
         let retire_at = now
             .checked_add(self.max_age(key))
             .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
-        let conn = Arc::new(PooledConn::new(
-            id,
-            send,
-            connection.ping_pong(),
-            window,
-            retire_at,
-        ));
+        let conn = Arc::new(PooledConn::new(id, send, connection.ping_pong(), retire_at));
         tracing::debug!(conn = conn.id, next_hop = %key.next_hop, src = %key.source, "opened HBONE connection");
         lock(&self.inner.keys)
             .entry(key.clone())
@@ -365,14 +352,11 @@ impl<D: TcpDialer> HbonePool<D> {
             // than each costing a tunnel one of its tries: a peer that restarted
             // leaves one for each of its connections with a tunnel still open.
             // So is one past its age (`max_age`): its tunnels carry on, and it
-            // closes once it has had none for the idle timeout.
-            if conn.going_away() || conn.retire_at <= now {
+            // closes once it has had none for the idle timeout. And one that
+            // answered no PING (its first, after the handshake, or one after an
+            // unanswered CONNECT): its path may be gone.
+            if conn.is_dead() || conn.going_away() || conn.retire_at <= now {
                 gone.push(conn.clone());
-                return None;
-            }
-            // Its send window is held by tunnels whose far end does not read: a
-            // new tunnel would stall behind them (super::window).
-            if conn.window.congested() {
                 return None;
             }
             // The server's SETTINGS_MAX_CONCURRENT_STREAMS too: beyond it a CONNECT

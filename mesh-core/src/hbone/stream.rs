@@ -9,7 +9,6 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
@@ -17,7 +16,6 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::window::WindowWaits;
 use crate::copy::SpliceIo;
 
 /// Released when the tunnel is dropped, e.g. to return a pooled connection's slot.
@@ -29,12 +27,6 @@ pub struct H2Stream {
     recv: RecvStream,
     pending: Bytes,
     write_closed: bool,
-    /// Bytes handed to h2 to send.
-    sent: u64,
-    /// A pooled tunnel's connection's waits for send window, and whether this
-    /// tunnel is among them.
-    window_waits: Option<Arc<WindowWaits>>,
-    waiting: bool,
     _guard: Option<DropGuard>,
 }
 
@@ -54,30 +46,7 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             write_closed: false,
-            sent: 0,
-            window_waits: None,
-            waiting: false,
             _guard: guard,
-        }
-    }
-
-    /// Reports this tunnel's waits for send window to `waits`, its connection's.
-    pub(crate) fn with_window_waits(mut self, waits: Arc<WindowWaits>) -> Self {
-        self.window_waits = Some(waits);
-        self
-    }
-
-    fn wait_begins(&mut self) {
-        if let (false, Some(waits)) = (self.waiting, &self.window_waits) {
-            waits.begin(self.send.stream_id().as_u32(), self.sent);
-            self.waiting = true;
-        }
-    }
-
-    fn wait_ends(&mut self) {
-        if let (true, Some(waits)) = (self.waiting, &self.window_waits) {
-            waits.end(self.send.stream_id().as_u32());
-            self.waiting = false;
         }
     }
 
@@ -135,12 +104,7 @@ impl H2Stream {
         }
         let sent = loop {
             self.send.reserve_capacity(len);
-            let Poll::Ready(capacity) = self.send.poll_capacity(cx) else {
-                self.wait_begins();
-                return Poll::Pending;
-            };
-            self.wait_ends();
-            match capacity {
+            match ready!(self.send.poll_capacity(cx)) {
                 // Capacity was taken back before we used it: wait for more.
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => {
@@ -151,7 +115,6 @@ impl H2Stream {
             }
         };
         if let Some(n) = sent {
-            self.sent += n as u64;
             return Poll::Ready(Ok(n));
         }
         // The stream is gone; its reset says why.
@@ -186,12 +149,6 @@ impl H2Stream {
             }
             done => Poll::Ready(done),
         }
-    }
-}
-
-impl Drop for H2Stream {
-    fn drop(&mut self) {
-        self.wait_ends();
     }
 }
 

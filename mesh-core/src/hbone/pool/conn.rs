@@ -14,7 +14,6 @@ use tokio::time::Instant;
 use super::{PoolInner, PoolKey, lock};
 use crate::drain::DrainWatcher;
 use crate::hbone::client::ClientConnection;
-use crate::hbone::window::WindowWaits;
 
 pub(super) struct PooledConn {
     pub(super) id: u64,
@@ -24,9 +23,6 @@ pub(super) struct PooledConn {
     ping: tokio::sync::Mutex<Option<h2::PingPong>>,
     /// A PING went unanswered.
     dead: AtomicBool,
-    /// Its tunnels' waits for send window: a congested connection takes no new
-    /// tunnel.
-    pub(super) window: Arc<WindowWaits>,
     /// When it stops taking new tunnels (`HbonePool::max_age`).
     pub(super) retire_at: Instant,
     pub(super) slots: Mutex<Slots>,
@@ -40,7 +36,6 @@ impl PooledConn {
         id: u64,
         send: SendRequest<Bytes>,
         ping: Option<h2::PingPong>,
-        window: WindowWaits,
         retire_at: Instant,
     ) -> Self {
         Self {
@@ -48,7 +43,6 @@ impl PooledConn {
             send,
             ping: tokio::sync::Mutex::new(ping),
             dead: AtomicBool::new(false),
-            window: Arc::new(window),
             retire_at,
             slots: Mutex::new(Slots {
                 active: 1,
@@ -85,6 +79,11 @@ impl PooledConn {
             self.dead.store(true, Ordering::Release);
         }
         answered
+    }
+
+    /// A PING on it went unanswered (`answers_ping`): it takes no new tunnel.
+    pub(super) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
     }
 
     /// Whether a new stream would fail at once: the server sent GOAWAY, or the
