@@ -268,20 +268,25 @@ async fn a_drain_closes_idle_connections_at_once_and_busy_ones_when_their_tunnel
         ],
         server.addr,
     );
-    let mut busy = pool.connect(busy_key, request()).await.unwrap();
+    let mut busy = pool.connect(busy_key.clone(), request()).await.unwrap();
     assert_eq!(pool.connection_count(), 2);
 
     let draining = tokio::spawn(trigger.drain(Duration::from_secs(3600)));
     wait_until(
-        "the drain to close the pool",
+        "the drain to close the idle connection",
         Duration::from_secs(10),
-        || pool.connection_count() == 0,
+        || pool.connection_count() == 1,
     )
     .await;
-    // The busy connection takes no new tunnel but carries its own to the end, and
-    // holds the drain until then.
+    // The busy connection carries its tunnel to the end, and holds the drain
+    // until then; a tunnel asked for meanwhile (a connection accepted just before
+    // the drain) rides it rather than dialling one of its own.
     assert_eq!(echo_once(&mut busy, b"still").await, b"still");
+    let mut late = pool.connect(busy_key, request()).await.unwrap();
+    assert_eq!(echo_once(&mut late, b"late").await, b"late");
+    assert_eq!(pool.stats().connections_opened(), 2);
     assert!(!draining.is_finished());
+    drop(late);
     drop(busy);
     let outcome = tokio::time::timeout(Duration::from_secs(10), draining)
         .await
@@ -289,6 +294,7 @@ async fn a_drain_closes_idle_connections_at_once_and_busy_ones_when_their_tunnel
         .unwrap();
     assert_eq!(outcome, mesh_core::drain::DrainOutcome::Graceful);
     assert_eq!(pool.stats().connections_closed(), 2);
+    assert_eq!(pool.connection_count(), 0);
 }
 
 /// A connection past `age` takes no new tunnel; its own carry on. Runs on tokio's

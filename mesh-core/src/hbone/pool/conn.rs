@@ -144,8 +144,10 @@ pub(super) async fn settle(
 
 /// Drives one connection's HTTP/2 state and closes it once idle past the timeout.
 /// Once the pool's drain has begun (`drain`, or the pool's flag for a connection
-/// opened after that) it takes no new tunnel and closes as soon as it is idle;
-/// when the drain is forced, at once.
+/// opened after that) it closes as soon as it is idle; until then it still takes
+/// the tunnels of connections accepted just before the drain (were it taken out
+/// of the pool, each of them would dial a connection of its own, one after
+/// another); when the drain is forced, at once.
 pub(super) async fn drive<D>(
     pool: Weak<PoolInner<D>>,
     key: PoolKey,
@@ -166,7 +168,6 @@ pub(super) async fn drive<D>(
                 || p.draining.load(Ordering::Acquire))
         {
             draining = true;
-            p.remove(&key, &conn);
         }
         drop(p);
         let idle_for = if draining { Duration::ZERO } else { idle };
