@@ -396,7 +396,10 @@ impl<D: TcpDialer> HbonePool<D> {
             at if at > now => at,
             _ => cert.not_after(),
         };
-        due.duration_since(now).map_or(max, |left| left.min(max))
+        // Already past: retired at its first look (no handshake should have
+        // taken an expired certificate).
+        due.duration_since(now)
+            .map_or(Duration::ZERO, |left| left.min(max))
     }
 
     fn retire(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
