@@ -24,6 +24,8 @@ struct Recorder {
     applied: Mutex<HashMap<String, Bytes>>,
     removed: Mutex<Vec<String>>,
     refuse: Mutex<HashSet<String>>,
+    /// Refused names it keeps to apply later (`Handler::holds_back`).
+    hold: Mutex<HashSet<String>>,
 }
 
 impl Handler for Recorder {
@@ -52,6 +54,10 @@ impl Handler for Recorder {
         } else {
             Err(refused)
         }
+    }
+
+    fn holds_back(&self, _type_url: &str, name: &str) -> bool {
+        self.hold.lock().unwrap().contains(name)
     }
 }
 
@@ -263,18 +269,19 @@ async fn reconnects_with_the_versions_it_accepted() {
         ))
         .await;
     assert!(ok.error_detail.is_none());
-    // a@2 is refused: a stays at version 1; c is new and refused: not held.
-    client
-        .recorder
-        .refuse
-        .lock()
-        .unwrap()
-        .extend(["a".to_string(), "c".to_string()]);
+    // a@2 is refused: a stays at version 1; c is new and refused: not held;
+    // h is refused but held back by the handler: held at its version.
+    client.recorder.refuse.lock().unwrap().extend([
+        "a".to_string(),
+        "c".to_string(),
+        "h".to_string(),
+    ]);
+    client.recorder.hold.lock().unwrap().insert("h".to_string());
     let nack = stream
         .reply_to(response(
             WORKLOAD_TYPE_URL,
             "n2",
-            vec![res("a", "2"), res("b", "2"), res("c", "1")],
+            vec![res("a", "2"), res("b", "2"), res("c", "1"), res("h", "1")],
             vec!["gone".into()],
         ))
         .await;
@@ -304,7 +311,11 @@ async fn reconnects_with_the_versions_it_accepted() {
     };
     assert_eq!(
         versions(WORKLOAD_TYPE_URL),
-        BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())])
+        BTreeMap::from([
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+            ("h".into(), "1".into())
+        ])
     );
     assert_eq!(
         versions(SERVICE_TYPE_URL),

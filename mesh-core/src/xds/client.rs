@@ -249,10 +249,11 @@ impl<H: Handler> XdsClient<H> {
             .err()
             .unwrap_or_default();
         let refused_names: HashSet<&str> = by_handler.iter().map(|(n, _)| n.as_str()).collect();
-        // Refused resources keep their old version: the map says what is applied.
+        // Refused resources keep their old version: the map says what is applied,
+        // or held back by the handler to apply later.
         let map = held.entry(type_url).or_default();
         for (name, version) in versions {
-            if !refused_names.contains(name.as_str()) {
+            if !refused_names.contains(name.as_str()) || self.handler.holds_back(type_url, &name) {
                 map.insert(name, version);
             }
         }

@@ -53,6 +53,16 @@ pub trait Handler: Send + Sync + 'static {
         updated: Vec<Resource>,
         removed: Vec<String>,
     ) -> Result<(), Vec<Refusal>>;
+
+    /// Whether the handler, having refused `name` (so the response is NACKed
+    /// naming it), still keeps it to apply later (held back until what it
+    /// claims is free). Its version then counts as held: a reconnect claims it,
+    /// so the server sends its removal if it went meanwhile. Asked right after
+    /// `apply`, for each refused resource.
+    fn holds_back(&self, type_url: &str, name: &str) -> bool {
+        let _ = (type_url, name);
+        false
+    }
 }
 
 impl<T: Handler> Handler for Arc<T> {
@@ -63,5 +73,9 @@ impl<T: Handler> Handler for Arc<T> {
         removed: Vec<String>,
     ) -> Result<(), Vec<Refusal>> {
         self.as_ref().apply(type_url, updated, removed)
+    }
+
+    fn holds_back(&self, type_url: &str, name: &str) -> bool {
+        self.as_ref().holds_back(type_url, name)
     }
 }

@@ -36,9 +36,10 @@ struct Held {
     /// Policy key -> resource name.
     policy_keys: HashMap<String, String>,
     /// Resources held back only because another resource still claims their
-    /// uid, address, VIP, hostname or key, by (type URL, name): accepted (so the
-    /// client claims them on reconnect, and the server sends their removal) and
-    /// applied as soon as a change frees the claim. A response may carry a new
+    /// uid, address, VIP, hostname or key, by (type URL, name): refused (the
+    /// NACK shows the clash) but kept, their versions held by the client
+    /// (`holds_back`), so a reconnect claims them and the server sends their
+    /// removal if they went; applied as soon as a change frees the claim. A response may carry a new
     /// claimant before the removal of the old one (a renamed service keeping its
     /// VIP, a new pod reusing an address). At most one per resource the server
     /// sent; a removal or a new version of the name replaces it.
@@ -118,11 +119,14 @@ impl Handler for XdsState {
                 Ok(()) => changed = true,
                 Err(PutError::Invalid(error)) => refused.push((r.name, error)),
                 Err(PutError::Clash(error)) => {
-                    // Accepted (ACKed), not applied yet: the client records its
-                    // version, so a reconnect claims it and the server sends its
-                    // removal if it went meanwhile. A NACK would leave it unclaimed
-                    // and, once applied, never removed.
-                    tracing::warn!(type_url, name = %r.name, %error, "xDS resource held back until what it claims is released");
+                    // NACKed, so the control plane shows it, and held back: the
+                    // client still records its version (`holds_back`), so a
+                    // reconnect claims it and the server sends its removal if it
+                    // went meanwhile.
+                    refused.push((
+                        r.name.clone(),
+                        format!("{error}; held back until that one is removed"),
+                    ));
                     held.parked.insert(key, r);
                 }
             }
@@ -148,6 +152,12 @@ impl Handler for XdsState {
         } else {
             Err(refused)
         }
+    }
+
+    fn holds_back(&self, type_url: &str, name: &str) -> bool {
+        self.lock()
+            .parked
+            .contains_key(&(type_url.to_string(), name.to_string()))
     }
 }
 

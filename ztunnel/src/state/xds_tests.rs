@@ -137,9 +137,18 @@ fn a_bad_or_clashing_resource_is_refused_and_its_last_good_version_kept() {
         )
         .unwrap_err();
     let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["a", "d"]);
+    assert_eq!(names, ["a", "c", "d"]);
     assert!(refused[0].1.contains("addresses"), "{}", refused[0].1);
-    assert!(refused[1].1.contains("does not decode"), "{}", refused[1].1);
+    assert!(
+        refused[1].1.contains("belongs to workload e") && refused[1].1.contains("held back"),
+        "{}",
+        refused[1].1
+    );
+    assert!(refused[2].1.contains("does not decode"), "{}", refused[2].1);
+    // Of the refused, only c is kept (its version held by the client).
+    assert!(xds.holds_back(WORKLOAD_TYPE_URL, "c"));
+    assert!(!xds.holds_back(WORKLOAD_TYPE_URL, "a"));
+    assert!(!xds.holds_back(WORKLOAD_TYPE_URL, "d"));
     let state = store.snapshot();
     let a = state.workload("a").unwrap();
     assert_eq!(
@@ -215,8 +224,12 @@ fn a_renamed_service_keeps_its_vip_whatever_the_order_of_put_and_removal() {
         .unwrap();
         let basket = res("basket", "1", &service("basket", vip));
         if split {
-            // Accepted, held back while cart holds the VIP.
-            xds.apply(SERVICE_TYPE_URL, vec![basket], vec![]).unwrap();
+            // Refused (NACKed) but held back while cart holds the VIP.
+            let refused = xds
+                .apply(SERVICE_TYPE_URL, vec![basket], vec![])
+                .unwrap_err();
+            assert!(refused[0].1.contains("held back"), "{refused:?}");
+            assert!(xds.holds_back(SERVICE_TYPE_URL, "basket"));
             assert_eq!(routed_to(&store).as_deref(), Some("cart"));
             xds.apply(SERVICE_TYPE_URL, vec![], vec!["cart".into()])
                 .unwrap();
@@ -251,9 +264,10 @@ fn a_held_back_resource_removed_by_the_server_never_applies() {
         vec![res("new", "1", &service("new", vip))],
         vec![],
     )
-    .unwrap();
+    .unwrap_err();
     xds.apply(SERVICE_TYPE_URL, vec![], vec!["new".into()])
         .unwrap();
+    assert!(!xds.holds_back(SERVICE_TYPE_URL, "new"));
     xds.apply(SERVICE_TYPE_URL, vec![], vec!["old".into()])
         .unwrap();
     assert_eq!(xds.counts(), (0, 0, 0));
@@ -280,9 +294,15 @@ fn services_and_policies_convert_and_clash_on_their_keys() {
     };
     xds.apply(SERVICE_TYPE_URL, vec![res("s1", "1", &svc)], vec![])
         .unwrap();
-    // The same hostname and VIP under another name: held back, s1 stays.
-    xds.apply(SERVICE_TYPE_URL, vec![res("s2", "1", &svc)], vec![])
-        .unwrap();
+    // The same hostname and VIP under another name: refused and held back, s1
+    // stays.
+    let refused = xds
+        .apply(SERVICE_TYPE_URL, vec![res("s2", "1", &svc)], vec![])
+        .unwrap_err();
+    assert!(
+        refused[0].1.contains("belongs to service s1"),
+        "{refused:?}"
+    );
     assert_eq!(store.snapshot().services().count(), 1);
     assert_eq!(xds.counts(), (0, 1, 0));
 
@@ -362,7 +382,7 @@ fn a_claim_moved_by_an_update_frees_it_for_a_held_back_resource() {
         )
     };
     put("z-old", "1", vip).unwrap();
-    put("a-new", "1", vip).unwrap();
+    put("a-new", "1", vip).unwrap_err();
     assert_eq!(xds.counts(), (0, 1, 0), "a-new held back");
     put("z-old", "2", moved).unwrap();
     assert_eq!(xds.counts(), (0, 2, 0));
