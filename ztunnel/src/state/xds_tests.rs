@@ -278,20 +278,7 @@ fn a_held_back_resource_removed_by_the_server_never_applies() {
 fn services_and_policies_convert_and_clash_on_their_keys() {
     let store = Arc::new(StateStore::default());
     let xds = XdsState::new(store.clone());
-    let svc = pb::Service {
-        name: "cart".into(),
-        namespace: "shop".into(),
-        hostname: "cart.shop.svc.cluster.local".into(),
-        addresses: vec![pb::NetworkAddress {
-            address: vec![10, 96, 0, 1],
-            ..Default::default()
-        }],
-        ports: vec![pb::Port {
-            service_port: 80,
-            target_port: 8080,
-        }],
-        ..Default::default()
-    };
+    let svc = service("cart", [198, 18, 100, 9]);
     xds.apply(SERVICE_TYPE_URL, vec![res("s1", "1", &svc)], vec![])
         .unwrap();
     // The same hostname and VIP under another name: refused and held back, s1
