@@ -5,7 +5,8 @@
 //! more than its server's `SETTINGS_MAX_CONCURRENT_STREAMS`; only when all of a
 //! key's connections are full does another open, and never two at once for one key.
 //! Callers that waited behind an open that failed share its error. A connection idle
-//! for `pool_idle_timeout` is closed, and at once when the pool's drain begins.
+//! for `pool_idle_timeout` is closed, and as soon as it is idle once the pool's
+//! drain has begun.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -171,9 +172,10 @@ impl<D: TcpDialer> HbonePool<D> {
     }
 
     /// Ties the pool's connections to `drain` (ztunnel's: the pod's, whose network
-    /// namespace they were dialled in). Once it begins no connection takes a new
-    /// tunnel, idle ones close at once and busy ones when their last tunnel ends,
-    /// each holding the drain until then; when it is forced, all close. The pool
+    /// namespace they were dialled in). Once it begins idle connections close at
+    /// once and busy ones when their last tunnel ends (taking, until then, the
+    /// tunnels asked for meanwhile), each holding the drain until then; when it
+    /// is forced, all close. The pool
     /// itself lets go of the watcher as the drain begins, so a pool kept alive does
     /// not hold the drain up. Without it a connection lives until it has been idle
     /// for `pool_idle_timeout`.
@@ -374,7 +376,7 @@ impl<D: TcpDialer> HbonePool<D> {
         for conn in &gone {
             tracing::debug!(
                 conn = conn.id,
-                "retiring a pooled connection that is going away or too old"
+                "retiring a pooled connection that is dead, going away or too old"
             );
             self.inner.remove_locked(&mut keys, key, conn);
         }

@@ -39,10 +39,11 @@ struct Held {
     /// uid, address, VIP, hostname or key, by (type URL, name): refused (the
     /// NACK shows the clash) but kept, their versions held by the client
     /// (`holds_back`), so a reconnect claims them and the server sends their
-    /// removal if they went; applied as soon as a change frees the claim. A response may carry a new
-    /// claimant before the removal of the old one (a renamed service keeping its
-    /// VIP, a new pod reusing an address). At most one per resource the server
-    /// sent; a removal or a new version of the name replaces it.
+    /// removal if they went; applied as soon as a change frees the claim. A
+    /// response may carry a new claimant before the removal of the old one (a
+    /// renamed service keeping its VIP, a new pod reusing an address). At most
+    /// one per resource the server sent; a removal or a new version of the name
+    /// replaces it.
     parked: HashMap<(String, String), Resource>,
 }
 
@@ -104,13 +105,7 @@ impl Handler for XdsState {
         let mut changed = !removed.is_empty();
         // Removals first: they may free what this response's updates claim.
         for name in &removed {
-            held.parked.remove(&(type_url.to_string(), name.clone()));
-            match type_url {
-                WORKLOAD_TYPE_URL => held.remove_workload(name),
-                SERVICE_TYPE_URL => held.remove_service(name),
-                AUTHORIZATION_TYPE_URL => held.remove_policy(name),
-                _ => {}
-            }
+            held.remove(type_url, name);
         }
         for r in updated {
             let key = (type_url.to_string(), r.name.clone());
@@ -184,6 +179,18 @@ impl Held {
             SERVICE_TYPE_URL => self.put_service(r),
             AUTHORIZATION_TYPE_URL => self.put_policy(r, root_namespace),
             other => Err(PutError::Invalid(format!("ztunnel does not use {other}"))),
+        }
+    }
+
+    /// Removes `name` of `type_url`, applied or held back.
+    fn remove(&mut self, type_url: &str, name: &str) {
+        self.parked
+            .remove(&(type_url.to_string(), name.to_string()));
+        match type_url {
+            WORKLOAD_TYPE_URL => self.remove_workload(name),
+            SERVICE_TYPE_URL => self.remove_service(name),
+            AUTHORIZATION_TYPE_URL => self.remove_policy(name),
+            _ => {}
         }
     }
 
