@@ -25,6 +25,16 @@ impl Default for BackoffConfig {
     }
 }
 
+impl BackoffConfig {
+    /// The delay before jitter after `failures` earlier failures: `min` doubled
+    /// per failure, at most `max`.
+    pub fn nominal(&self, failures: u32) -> Duration {
+        self.min
+            .saturating_mul(1u32 << failures.min(20))
+            .min(self.max)
+    }
+}
+
 /// Share of the nominal delay added or removed at random (here up to 20 %).
 const JITTER_PERCENT: u64 = 20;
 
@@ -69,10 +79,7 @@ impl Backoff {
 
     /// The delay before jitter after `failures` earlier failures.
     pub fn nominal(&self, failures: u32) -> Duration {
-        self.config
-            .min
-            .saturating_mul(1u32 << failures.min(20))
-            .min(self.config.max)
+        self.config.nominal(failures)
     }
 
     /// The wait after a session (or attempt) that lasted `lasted`: back to the

@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::backoff::BackoffConfig;
 use mesh_core::drain::DrainWatcher;
 use mesh_core::{CertError, CertStore, CertificateSource, SpiffeId};
 use tokio::sync::watch;
@@ -29,12 +30,15 @@ use crate::state::StateStore;
 
 /// Certificate requests in flight at once.
 const MAX_FETCHES: usize = 8;
-/// First wait after a failed fetch of a missing certificate; doubles per failure.
-/// Short: a new pod's first asks are refused until the control plane has seen
-/// it, usually for well under a second.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-/// Longest wait between fetches of a missing certificate.
-const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Waits after failed fetches of a missing certificate: 100 ms doubling per
+/// failure to 60 s (no jitter: one node's asks are few). Short at first: a new
+/// pod's first asks are refused until the control plane has seen it, usually for
+/// well under a second.
+const RETRY: BackoffConfig = BackoffConfig {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(60),
+    stable_after: Duration::ZERO,
+};
 
 /// The identities of the workloads the state places on `node`.
 fn state_identities(state: &StateStore, node: &str) -> HashSet<SpiffeId> {
@@ -74,12 +78,6 @@ impl<S> std::fmt::Debug for NodeCertificates<S> {
 struct Retry {
     failures: u32,
     at: Instant,
-}
-
-fn retry_after(failures: u32) -> Duration {
-    RETRY_FIRST
-        .saturating_mul(1 << failures.saturating_sub(1).min(10))
-        .min(RETRY_MAX)
 }
 
 /// Keeps the node's certificates (see the module doc) until drained.
@@ -165,7 +163,7 @@ pub async fn keep_node_certificates<S: CertificateSource>(
                     }
                     Err(error) => {
                         let failures = retries.get(&id).map_or(0, |r| r.failures) + 1;
-                        let wait = retry_after(failures);
+                        let wait = RETRY.nominal(failures - 1);
                         tracing::warn!(identity = %id, %error, failures, retry_in = ?wait, "certificate fetch for a workload on this node failed");
                         retries.insert(id, Retry { failures, at: Instant::now() + wait });
                     }
