@@ -30,9 +30,12 @@ impl Handoff {
     /// The state after ztunnel's `attempts`-th refusal: retried after `first`,
     /// doubled each time, at most [`RETRY_MAX`].
     pub(crate) fn refused(reason: String, attempts: u32, first: Duration, now: Instant) -> Self {
-        let delay = first
-            .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-            .min(RETRY_MAX);
+        let schedule = mesh_core::backoff::BackoffConfig {
+            min: first,
+            max: RETRY_MAX,
+            stable_after: Duration::ZERO,
+        };
+        let delay = schedule.nominal(attempts.saturating_sub(1));
         Self::Refused {
             reason,
             attempts,
