@@ -186,21 +186,20 @@ impl ProxyState {
                 port,
             })?;
         // The workload's own mapping for this service wins over the service's; a
-        // named target port (0 in the service) only the workload can number.
-        let target_of = |w: &Workload| {
+        // named target port (0 in the service) only the workload can number, so
+        // only then is every endpoint's mapping looked at.
+        let numbered = |w: &Workload| {
             w.services
                 .get(&key)
                 .and_then(|ports| ports.iter().find(|p| p.service_port == port))
                 .map(|p| p.target_port)
-                .or(Some(mapping.target_port).filter(|t| *t != 0))
         };
-        let healthy: Vec<(&Arc<Workload>, u16)> = self
+        let healthy: Vec<&Arc<Workload>> = self
             .endpoints
             .get(&key)
             .map(|eps| {
                 eps.iter()
-                    .filter(|w| w.healthy)
-                    .filter_map(|w| Some((w, target_of(w)?)))
+                    .filter(|w| w.healthy && (mapping.target_port != 0 || numbered(w).is_some()))
                     .collect()
             })
             .unwrap_or_default();
@@ -212,7 +211,8 @@ impl ProxyState {
             .get(&key)
             .map(|c| c.fetch_add(1, Ordering::Relaxed))
             .unwrap_or(0);
-        let (w, target) = healthy[turn % healthy.len()];
+        let w = healthy[turn % healthy.len()];
+        let target = numbered(w).unwrap_or(mapping.target_port);
         let ip = w.addresses[0];
         let addr = SocketAddr::new(ip, target);
         Ok(match w.protocol {
