@@ -130,6 +130,9 @@ impl App {
             debounce_max: config.debounce_max,
             max_response_bytes: config.xds_max_response,
             push_budget_bytes: config.xds_push_budget,
+            answer_timeout: config.xds_answer_timeout,
+            max_streams_per_node: config.xds_max_streams_per_node,
+            max_names_per_type: config.xds_max_names_per_type,
             ..XdsSettings::default()
         };
         let (xds, ads) = XdsServer::new(

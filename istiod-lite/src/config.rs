@@ -116,6 +116,22 @@ pub struct Config {
     #[arg(long, env = "AMBIT_XDS_PUSH_BUDGET", default_value = "8MiB", value_parser = parse_size)]
     pub xds_push_budget: usize,
 
+    /// A stream whose oldest response has gone unanswered (no ACK, no NACK) this
+    /// long is closed; its proxy reconnects and gets only what changed.
+    #[arg(long, env = "AMBIT_XDS_ANSWER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "duration_as_text")]
+    pub xds_answer_timeout: Duration,
+
+    /// xDS streams one node's credential may hold open at once (a ztunnel holds
+    /// one, two while it restarts); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AMBIT_XDS_MAX_STREAMS_PER_NODE", default_value_t = 4)]
+    pub xds_max_streams_per_node: usize,
+
+    /// Resource names of one type a stream may subscribe to by name, or claim to
+    /// hold when it reconnects; a request that would hold more is refused.
+    #[arg(long, env = "AMBIT_XDS_MAX_NAMES_PER_TYPE", default_value_t = 65536)]
+    pub xds_max_names_per_type: usize,
+
     /// On shutdown, streams get this long to finish before they are closed.
     #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]
     #[serde(serialize_with = "duration_as_text")]
@@ -186,6 +202,13 @@ mod tests {
             vec![("istio-system".to_owned(), "ztunnel".to_owned())]
         );
         assert_eq!(c.checked_token_audiences().unwrap(), ["istio-ca"]);
+        // The xDS bounds' defaults are the server's own.
+        let xds = crate::xds::XdsSettings::default();
+        assert_eq!(c.xds_answer_timeout, xds.answer_timeout);
+        assert_eq!(c.xds_max_streams_per_node, xds.max_streams_per_node);
+        assert_eq!(c.xds_max_names_per_type, xds.max_names_per_type);
+        assert_eq!(c.xds_max_response, xds.max_response_bytes);
+        assert_eq!(c.xds_push_budget, xds.push_budget_bytes);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub mod reason {
     pub const DENIED_BY_DESTINATION: &str = "denied_by_destination";
     /// The HBONE tunnel could not be opened (dial, TLS, refusal other than 403).
     pub const HBONE_FAILED: &str = "hbone_failed";
+    /// A captured connection whose original destination cannot be read (it was
+    /// not redirected, or its conntrack entry is gone): nowhere to relay it.
+    pub const NO_ORIGINAL_DESTINATION: &str = "no_original_destination";
     /// The pod already has `--max-connections` inbound tunnels open.
     pub const OVERLOADED: &str = "overloaded";
 }

@@ -81,8 +81,13 @@ impl ProxyInputs {
         }
         let mut events = self.certs.subscribe();
         let deadline = tokio::time::Instant::now() + max;
-        let mut pause = Duration::from_millis(50);
-        loop {
+        let retries = mesh_core::backoff::BackoffConfig {
+            min: Duration::from_millis(50),
+            max: Duration::from_millis(400),
+            ..mesh_core::backoff::BackoffConfig::default()
+        };
+        for attempt in 0u32.. {
+            let pause = retries.nominal(attempt);
             let asked = tokio::time::timeout_at(deadline, self.ensure_certificate(id)).await;
             if matches!(asked, Ok(Ok(()))) || self.certs.get(id).is_some() {
                 return;
@@ -106,7 +111,6 @@ impl ProxyInputs {
             if tokio::time::Instant::now() >= deadline {
                 return;
             }
-            pause = (pause * 2).min(Duration::from_millis(400));
         }
     }
 }

@@ -70,7 +70,17 @@ impl Outbound {
                         );
                     }
                     Ok(dst) => this.proxy(stream, src, dst).await,
-                    Err(e) => tracing::warn!(%src, error = %e, "outbound connection without an original destination"),
+                    Err(e) => {
+                        // Nowhere to relay it: refused, reset, counted.
+                        stream.abort();
+                        let _ = this.refused::<()>(
+                            src,
+                            super::pod_net::listener_addr(&stream),
+                            None,
+                            reason::NO_ORIGINAL_DESTINATION,
+                            super::pod_net::no_original_destination(&e),
+                        );
+                    }
                 }
             }
         })

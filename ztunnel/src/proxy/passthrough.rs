@@ -58,23 +58,37 @@ impl InboundPassthrough {
         let own_port = listener.local_addr().map_or(0, |a| a.port());
         accept_loop(listener, max, drain, "inbound plaintext", |stream, src| {
             let this = self.clone();
-            async move { this.serve(stream, src, own_port).await }
+            async move {
+                let dst = original_dst(&stream, src);
+                this.serve(stream, src, dst, own_port).await
+            }
         })
         .await
     }
 
     /// A refused connection is reset, as outbound refuses: its client sees the
     /// refusal at once even if it speaks second, never an orderly end.
-    async fn serve(&self, mut client: TcpStream, src: SocketAddr, own_port: u16) {
-        let dst = match original_dst(&client, src) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(%src, error = %e, "inbound plaintext connection without an original destination");
-                client.abort();
-                return;
-            }
+    /// `dst` is the connection's original destination, as the capture saw it; a
+    /// connection without one (not captured, or its conntrack entry gone) is
+    /// refused too, counted and explained under the listener's own address.
+    pub(super) async fn serve(
+        &self,
+        mut client: TcpStream,
+        src: SocketAddr,
+        dst: std::io::Result<SocketAddr>,
+        own_port: u16,
+    ) {
+        let (dst, admitted) = match dst {
+            Ok(dst) => (dst, self.admit(&client, src, dst, own_port).await),
+            Err(e) => (
+                super::pod_net::listener_addr(&client),
+                Err(Refusal::new(
+                    reason::NO_ORIGINAL_DESTINATION,
+                    super::pod_net::no_original_destination(&e),
+                )),
+            ),
         };
-        match self.admit(&client, src, dst, own_port).await {
+        match admitted {
             Ok((mut upstream, info)) => {
                 let mut guard =
                     ConnGuard::open(info, self.inputs.metrics.clone(), self.inputs.conns.clone());

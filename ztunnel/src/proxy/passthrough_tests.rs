@@ -98,5 +98,42 @@ async fn only_the_pods_own_addresses_are_relayed() {
         app_port.local_addr().unwrap()
     );
     assert_eq!(info.destination, app_port.local_addr().unwrap());
+
+    // A connection without an original destination (not redirected, or its
+    // conntrack entry gone) is refused like any other: reset, counted, explained.
+    let mut caller = TcpStream::connect(inbound.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (captured, src) = inbound.accept().await.unwrap();
+    let missing = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+    passthrough
+        .serve(captured, src, Err(missing), own_port)
+        .await;
+    let mut buf = [0u8; 1];
+    let read = tokio::io::AsyncReadExt::read(&mut caller, &mut buf).await;
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the caller sees a reset, not an orderly end"
+    );
+    let why = app.inputs.why.entries();
+    let refused = why
+        .iter()
+        .find(|r| r.reason == reason::NO_ORIGINAL_DESTINATION)
+        .unwrap_or_else(|| panic!("not in the why view: {why:?}"));
+    assert_eq!(
+        refused.destination,
+        inbound.local_addr().unwrap().to_string()
+    );
+    assert!(
+        refused.explanation.contains("no original destination"),
+        "{}",
+        refused.explanation
+    );
+    let text = app.inputs.metrics.encode();
+    assert!(
+        text.contains("ambit_connections_denied_total{reason=\"no_original_destination\"} 1"),
+        "{text}"
+    );
     app.shutdown().await;
 }

@@ -165,6 +165,21 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAd
         .ok_or_else(|| io::Error::other("original destination is not an IP address"))
 }
 
+/// Where a refused connection without an original destination is recorded as
+/// headed: the listener that accepted it (unspecified if even that is unknown).
+pub(super) fn listener_addr(stream: &TcpStream) -> SocketAddr {
+    stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// The why view's explanation of a missing original destination.
+pub(super) fn no_original_destination(error: &io::Error) -> String {
+    format!(
+        "the connection has no original destination ({error}): it was not redirected to this listener, or its conntrack entry is gone"
+    )
+}
+
 /// Whether a connection accepted on `listener_port`, headed for `dst`, was made to
 /// the listener itself instead of being redirected to it (`curl 127.0.0.1:15001`
 /// from the pod): proxying it would dial the same listener again, and again, each
