@@ -1,6 +1,7 @@
 //! A server connection's idle clock: how long it has had no open tunnel, so one
 //! that carries none for `server_idle_timeout` gives its accept slot back.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ pub(super) struct IdleClock {
     tunnels: Arc<Mutex<Tunnels>>,
     limit: Duration,
     next_check: Option<Instant>,
+    /// Fires at `next_check`: one timer for the connection's life, reset at each
+    /// check, rather than a new one each time its accept loop turns (per CONNECT).
+    timer: Pin<Box<tokio::time::Sleep>>,
     going_away: bool,
 }
 
@@ -61,6 +65,7 @@ impl IdleClock {
             })),
             limit,
             next_check: Some(now + limit),
+            timer: Box::pin(tokio::time::sleep_until(now + limit)),
             going_away: false,
         }
     }
@@ -74,10 +79,17 @@ impl IdleClock {
     }
 
     /// Resolves at the next check.
-    pub(super) async fn next_check(&self) {
+    pub(super) async fn next_check(&mut self) {
         match self.next_check {
-            Some(at) => tokio::time::sleep_until(at).await,
+            Some(_) => self.timer.as_mut().await,
             None => std::future::pending().await,
+        }
+    }
+
+    fn schedule(&mut self, at: Option<Instant>) {
+        self.next_check = at;
+        if let Some(at) = at {
+            self.timer.as_mut().reset(at);
         }
     }
 
@@ -94,7 +106,7 @@ impl IdleClock {
         if self.going_away {
             // A tunnel that came in GOAWAY's round trip keeps the connection until
             // it ends; then h2 closes it.
-            self.next_check = None;
+            self.schedule(None);
             return if idle {
                 IdleStep::Close
             } else {
@@ -103,14 +115,14 @@ impl IdleClock {
         }
         if idle && since + self.limit <= now {
             self.going_away = true;
-            self.next_check = Some(now + GOAWAY_GRACE);
+            self.schedule(Some(now + GOAWAY_GRACE));
             return IdleStep::GoAway;
         }
-        self.next_check = Some(if idle {
+        self.schedule(Some(if idle {
             since + self.limit
         } else {
             now + self.limit
-        });
+        }));
         IdleStep::Keep
     }
 }
