@@ -105,9 +105,10 @@ impl App {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(mesh_core::metrics::ProcessCollector));
 
+        let (default_ttl, max_ttl) = config.checked_cert_ttls().map_err(anyhow::Error::msg)?;
         let ttl = CertTtl {
-            default: config.cert_ttl.min(config.max_cert_ttl),
-            max: config.max_cert_ttl,
+            default: default_ttl,
+            max: max_ttl,
         };
         let root = Arc::new(
             CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain, ttl)

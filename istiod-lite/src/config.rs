@@ -144,6 +144,18 @@ impl Config {
         mesh_core::SpiffeId::new(&self.trust_domain, &self.root_namespace, "istiod-lite")
     }
 
+    /// `--cert-ttl` and `--max-cert-ttl`, checked: the default lifetime may not
+    /// exceed the longest one (it would be cut silently).
+    pub fn checked_cert_ttls(&self) -> Result<(Duration, Duration), String> {
+        if self.cert_ttl > self.max_cert_ttl {
+            return Err(format!(
+                "--cert-ttl {:?} is longer than --max-cert-ttl {:?}: raise --max-cert-ttl or lower --cert-ttl",
+                self.cert_ttl, self.max_cert_ttl
+            ));
+        }
+        Ok((self.cert_ttl, self.max_cert_ttl))
+    }
+
     /// `--token-audiences`, checked: at least one, none empty.
     pub fn checked_token_audiences(&self) -> Result<Vec<String>, String> {
         let audiences: Vec<String> = self
@@ -240,6 +252,17 @@ mod tests {
         assert!(
             err.contains("--proxy-accounts") && err.contains("\"ztunnel\""),
             "{err}"
+        );
+        let c = parse(&["--kube", "--cert-ttl", "48h"]).unwrap();
+        let err = c.checked_cert_ttls().unwrap_err();
+        assert!(
+            err.contains("--cert-ttl") && err.contains("--max-cert-ttl"),
+            "{err}"
+        );
+        let c = parse(&["--kube", "--cert-ttl", "1h", "--max-cert-ttl", "2h"]).unwrap();
+        assert_eq!(
+            c.checked_cert_ttls(),
+            Ok((Duration::from_secs(3600), Duration::from_secs(7200)))
         );
         let c = parse(&["--kube", "--token-audiences", "istio-ca,,x"]).unwrap();
         let err = c.checked_token_audiences().unwrap_err();

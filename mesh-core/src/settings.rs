@@ -64,6 +64,17 @@ pub fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// A packet mark (`SO_MARK`, iptables `--mark`): hex with `0x` (`0x539`, as
+/// iptables prints marks) or decimal (`1337`). ztunnel's `--packet-mark` and the
+/// node agent's `--proxy-mark` must be the same value, so they read it the same way.
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("`{s}` is not a mark (hex like 0x539 or decimal): {e}"))
+}
+
 /// Serializes a duration as text (`30s`) for the effective-config views.
 pub fn duration_as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{d:?}"))
@@ -92,6 +103,16 @@ mod tests {
         assert!(parse_size("12kb").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn marks_in_hex_or_decimal() {
+        assert_eq!(parse_mark("0x539"), Ok(1337));
+        assert_eq!(parse_mark("0X539"), Ok(1337));
+        assert_eq!(parse_mark("1337"), Ok(1337));
+        assert!(parse_mark("0x").is_err());
+        assert!(parse_mark("539x").unwrap_err().contains("539x"));
+        assert!(parse_mark("0x1_0000_0000").is_err());
     }
 
     #[test]

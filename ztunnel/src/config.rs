@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use mesh_core::SpiffeId;
-use mesh_core::settings::{duration_as_text, parse_duration, parse_loopback, parse_size};
+use mesh_core::settings::{
+    duration_as_text, parse_duration, parse_loopback, parse_mark, parse_size,
+};
 use serde::Serialize;
 
 /// ztunnel: the per-node L4 proxy of the Ambit mesh.
@@ -113,7 +115,8 @@ pub struct Config {
     pub socks5_addr: SocketAddr,
 
     /// Packet mark on ztunnel's own sockets, which the redirection rules skip.
-    #[arg(long, env = "AMBIT_PACKET_MARK", default_value_t = 0x539)]
+    /// Hex (`0x539`) or decimal, as the node agent's `--proxy-mark`.
+    #[arg(long, env = "AMBIT_PACKET_MARK", default_value = "0x539", value_parser = parse_mark)]
     pub packet_mark: u32,
 
     /// HBONE tunnels per pooled connection before another opens.
@@ -228,6 +231,10 @@ mod tests {
         assert_eq!(c.cert_release_grace, Duration::from_secs(30));
         assert_eq!(c.pool_max_streams, 100);
         assert_eq!(c.worker_threads, 2);
+        assert_eq!(c.packet_mark, 0x539);
+        // The node agent's `--proxy-mark` is often given in hex: the same text works.
+        assert_eq!(parse(&["--packet-mark", "0x10"]).unwrap().packet_mark, 16);
+        assert_eq!(parse(&["--packet-mark", "16"]).unwrap().packet_mark, 16);
     }
 
     #[test]

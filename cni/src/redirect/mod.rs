@@ -30,13 +30,7 @@ impl FromStr for Mark {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-            Some(hex) => u32::from_str_radix(hex, 16),
-            None => s.parse(),
-        };
-        parsed
-            .map(Mark)
-            .map_err(|e| format!("`{s}` is not a mark (hex like 0x539 or decimal): {e}"))
+        mesh_core::settings::parse_mark(s).map(Mark)
     }
 }
 
