@@ -1,6 +1,10 @@
-//! Reconnect delays (the xDS stream, ztunnel's node-agent session): exponential
-//! (doubling from a minimum to a maximum) with jitter, so a fleet of proxies that
-//! lost their peer at the same moment does not come back at the same moment.
+//! Retry delays, doubling from a minimum to a maximum. [`Backoff`] adds jitter, so
+//! a fleet of proxies that lost their peer at the same moment does not come back
+//! at the same moment, and starts over after a stable session: the reconnects of
+//! the xDS stream and of ztunnel's node-agent session. [`BackoffConfig::nominal`]
+//! is the same schedule without jitter: ztunnel's certificate retries
+//! (`node_certs`, `await_certificate`) and the node agent's re-offers of a pod
+//! ztunnel refused.
 
 use std::time::Duration;
 
