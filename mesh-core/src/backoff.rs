@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-/// Delay policy of reconnect attempts.
+/// A retry schedule: doubling from `min` to `max`, reset after a stable session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackoffConfig {
     /// Delay after the first failure.

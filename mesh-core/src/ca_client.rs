@@ -128,9 +128,10 @@ impl RemoteCa {
                     status.message()
                 );
                 // The CA judged the request itself (not on this node, reserved,
-                // a TTL it will not grant): the same request fails again, so
-                // renewal stops asking. Unauthenticated stays retryable, since a
-                // projected token rotates.
+                // a TTL it will not grant): the same request is likely to fail
+                // again, so renewal asks only at its longest backoff (the CA may
+                // not have seen the pod yet). Unauthenticated stays retryable at
+                // the usual pace, since a projected token rotates.
                 match status.code() {
                     tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
                         CertError::Refused(text)
