@@ -58,6 +58,13 @@ pub trait SpliceIo {
     /// Ends the write side (FIN, or END_STREAM on a tunnel).
     fn poll_shutdown_chunks(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
+    /// Whether reads fill the direction's buffer (sockets, pipes). A reader that
+    /// hands over chunks of its own (an HBONE tunnel's DATA frames) says no, and
+    /// the splice reserves nothing for it.
+    fn reads_into_buffer(&self) -> bool {
+        true
+    }
+
     /// Abandons the stream, so that its peer sees an abort rather than an orderly
     /// end: a TCP reset when the socket closes, an HTTP/2 RST_STREAM. Streams that
     /// have no abort (pipes) just close.

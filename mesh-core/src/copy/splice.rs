@@ -143,6 +143,9 @@ struct HalfCopy {
     // Where a copying reader puts its bytes. Its spare capacity is never zeroed (a
     // connection that moves 64 bytes touches one page, not 16 KiB), and once the
     // chunks split off it are written and dropped, it reuses the same allocation.
+    // Grown for a burst, it is let go when the source runs dry with a partial
+    // read, so a long-lived connection that once moved a bulk transfer does not
+    // keep `MAX_BUFFER` for the rest of its life.
     buf: BytesMut,
     // What a read may take now: `INITIAL_BUFFER`, doubling up to `MAX_BUFFER`.
     size: usize,
@@ -188,7 +191,9 @@ impl HalfCopy {
         loop {
             if self.chunk.is_empty() && !self.read_done {
                 self.grow_if_saturated();
-                self.buf.reserve(self.size);
+                if reader.reads_into_buffer() {
+                    self.buf.reserve(self.size);
+                }
                 match reader.poll_read_chunk(cx, &mut self.buf) {
                     Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.read_done = true,
                     Poll::Ready(Ok(chunk)) => {
@@ -206,6 +211,7 @@ impl HalfCopy {
                         }));
                     }
                     Poll::Pending => {
+                        self.shrink_if_drained();
                         // Nothing more to read now: push out what was written.
                         if self.need_flush {
                             ready!(writer.poll_flush_chunks(cx)).map_err(write_err)?;
@@ -223,6 +229,9 @@ impl HalfCopy {
                 counter.fetch_add(n, Ordering::Relaxed);
                 self.need_flush = true;
             }
+            // An empty `Bytes` still holds its share of the buffer: let it go, so
+            // the next read reuses the buffer instead of allocating a new one.
+            self.chunk = Bytes::new();
             if self.read_done {
                 ready!(writer.poll_flush_chunks(cx)).map_err(write_err)?;
                 // Once the other direction failed, both streams are aborted next:
@@ -268,6 +277,16 @@ impl HalfCopy {
         cx.waker().wake_by_ref();
     }
 
+    /// The source has nothing more now and the last read did not fill the
+    /// buffer: the burst is over. A grown buffer goes (an idle connection holds
+    /// none beyond the first size), and the next burst grows it again.
+    fn shrink_if_drained(&mut self) {
+        if self.full_reads == 0 && self.size > INITIAL_BUFFER {
+            self.size = INITIAL_BUFFER;
+            self.buf = BytesMut::new();
+        }
+    }
+
     fn grow_if_saturated(&mut self) {
         if self.full_reads >= FULL_READS_TO_GROW && self.size < MAX_BUFFER {
             self.size = (self.size * 2).min(MAX_BUFFER);
@@ -279,6 +298,126 @@ impl HalfCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{Buf, BufMut};
+    use std::collections::VecDeque;
+    use std::task::Waker;
+
+    /// A reader following a script of reads: `Some(n)` reads `n` bytes (at most
+    /// what the buffer has room for: `usize::MAX` fills it), `None` has nothing
+    /// yet (pending), the script's end is the end of the stream. It records where
+    /// each chunk landed and the room it was given.
+    #[derive(Default)]
+    struct Script {
+        reads: VecDeque<Option<usize>>,
+        own_chunks: bool,
+        at: Vec<usize>,
+        room: Vec<usize>,
+    }
+
+    impl SpliceIo for Script {
+        fn poll_read_chunk(
+            &mut self,
+            _: &mut Context<'_>,
+            buf: &mut BytesMut,
+        ) -> Poll<io::Result<Bytes>> {
+            let Some(read) = self.reads.pop_front() else {
+                return Poll::Ready(Ok(Bytes::new()));
+            };
+            let Some(n) = read else {
+                return Poll::Pending;
+            };
+            if self.own_chunks {
+                return Poll::Ready(Ok(Bytes::from(vec![7; n])));
+            }
+            let room = buf.capacity() - buf.len();
+            self.room.push(room);
+            buf.put_bytes(7, n.min(room));
+            let chunk = buf.split().freeze();
+            self.at.push(chunk.as_ptr() as usize);
+            Poll::Ready(Ok(chunk))
+        }
+
+        fn poll_write_chunk(
+            &mut self,
+            _: &mut Context<'_>,
+            chunk: &mut Bytes,
+        ) -> Poll<io::Result<()>> {
+            chunk.advance(chunk.len());
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_flush_chunks(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown_chunks(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn reads_into_buffer(&self) -> bool {
+            !self.own_chunks
+        }
+
+        fn abort(&mut self) {}
+    }
+
+    fn run(h: &mut HalfCopy, reader: &mut Script) -> Poll<Result<u64, HalfError>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut sink = Script::default();
+        h.poll(&mut cx, reader, &mut sink, &AtomicU64::new(0), false)
+    }
+
+    #[test]
+    fn a_read_reuses_the_buffer_once_the_last_chunk_is_written() {
+        let mut h = HalfCopy::new();
+        let mut reader = Script {
+            reads: [Some(1), Some(1), Some(1)].into(),
+            ..Script::default()
+        };
+        assert!(matches!(run(&mut h, &mut reader), Poll::Ready(Ok(3))));
+        // Each chunk lands at the start of the same allocation.
+        assert_eq!(reader.at.len(), 3);
+        assert!(
+            reader.at.iter().all(|&at| at == reader.at[0]),
+            "{:x?}",
+            reader.at
+        );
+    }
+
+    #[test]
+    fn a_grown_buffer_goes_once_the_burst_is_over() {
+        let mut h = HalfCopy::new();
+        let mut reads: VecDeque<_> = std::iter::repeat_n(Some(usize::MAX), 16).collect();
+        reads.extend([Some(10), None]);
+        let mut reader = Script {
+            reads,
+            ..Script::default()
+        };
+        assert!(run(&mut h, &mut reader).is_pending());
+        assert!(
+            reader.room.iter().any(|&room| room >= MAX_BUFFER),
+            "the buffer never grew: {:?}",
+            reader.room
+        );
+        assert_eq!(h.size, INITIAL_BUFFER);
+        assert_eq!(h.buf.capacity(), 0, "the grown buffer is still held");
+        // The next read starts small again.
+        reader.reads = [Some(usize::MAX)].into();
+        assert!(matches!(run(&mut h, &mut reader), Poll::Ready(Ok(_))));
+        assert!(*reader.room.last().unwrap() < MAX_BUFFER);
+    }
+
+    #[test]
+    fn a_reader_with_chunks_of_its_own_gets_no_buffer() {
+        let mut h = HalfCopy::new();
+        let mut reader = Script {
+            reads: [Some(100), Some(100)].into(),
+            own_chunks: true,
+            ..Script::default()
+        };
+        assert!(matches!(run(&mut h, &mut reader), Poll::Ready(Ok(200))));
+        assert_eq!(h.buf.capacity(), 0);
+    }
 
     #[test]
     fn buffer_grows_only_after_full_reads_and_stops_at_the_cap() {

@@ -169,6 +169,10 @@ impl SpliceIo for H2Stream {
         self.poll_send_bytes(cx, chunk)
     }
 
+    fn reads_into_buffer(&self) -> bool {
+        false
+    }
+
     fn poll_flush_chunks(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Data handed to h2 is written by the connection task.
         Poll::Ready(Ok(()))
