@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use mesh_core::hbone::{RefusalKind, RefusalRecord, ServerStats};
+use mesh_core::hbone::{RefusalRecord, ServerStats};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -83,13 +83,12 @@ pub struct WhyLog {
     servers: Mutex<HashMap<String, Arc<ServerStats>>>,
 }
 
-/// Whether the server refused before ztunnel's handler saw the CONNECT (the
-/// handler's own refusals are recorded in the log with their policy).
-fn refused_by_server(kind: RefusalKind) -> bool {
-    !matches!(
-        kind,
-        RefusalKind::Denied | RefusalKind::Unknown | RefusalKind::Unavailable
-    )
+/// Whether the server decided the refusal: before ztunnel's handler saw the
+/// CONNECT, or when the handler was dropped without answering (a pod removed or a
+/// drain forced mid-dial). The handler's own refusals are in the log already,
+/// with their policy.
+fn refused_by_server(r: &RefusalRecord) -> bool {
+    !r.by_handler
 }
 
 fn from_server(pod: &str, r: RefusalRecord) -> Refused {
@@ -162,7 +161,7 @@ impl WhyLog {
                 stats
                     .recent_refusals()
                     .into_iter()
-                    .filter(|r| refused_by_server(r.kind))
+                    .filter(refused_by_server)
                     .map(|r| from_server(pod, r)),
             );
         }
@@ -177,6 +176,22 @@ mod tests {
 
     fn followed(log: &WhyLog, pod: &str) -> Option<Arc<ServerStats>> {
         log.servers.lock().unwrap().get(pod).cloned()
+    }
+
+    #[test]
+    fn the_servers_own_refusals_show_and_the_handlers_do_not_twice() {
+        use mesh_core::hbone::RefusalKind;
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let record = |kind, by_handler| RefusalRecord {
+            by_handler,
+            ..RefusalRecord::new(kind, peer, None, None, String::new())
+        };
+        // A CONNECT its handler dropped unanswered: only the server has it.
+        assert!(refused_by_server(&record(RefusalKind::Unavailable, false)));
+        assert!(refused_by_server(&record(RefusalKind::BadIdentity, false)));
+        // The handler's own refusals are in the log already.
+        assert!(!refused_by_server(&record(RefusalKind::Unavailable, true)));
+        assert!(!refused_by_server(&record(RefusalKind::Denied, true)));
     }
 
     #[test]

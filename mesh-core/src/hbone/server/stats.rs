@@ -104,6 +104,10 @@ pub struct RefusalRecord {
     pub target: Option<SocketAddr>,
     pub reason: String,
     pub at: SystemTime,
+    /// The handler refused ([`super::InboundConnect::refuse`]), and has its own
+    /// record of it; else the server decided (including a CONNECT its handler
+    /// dropped unanswered, which the handler never saw through).
+    pub by_handler: bool,
 }
 
 impl RefusalRecord {
@@ -121,6 +125,7 @@ impl RefusalRecord {
             target,
             reason,
             at: SystemTime::now(),
+            by_handler: false,
         }
     }
 }
@@ -186,15 +191,21 @@ impl ServerStats {
     }
 
     /// Records a refusal the server decided itself, and tells the observer.
-    pub(crate) fn record_own_refusal(&self, record: RefusalRecord) {
+    pub(crate) fn record_own_refusal(&self, mut record: RefusalRecord) {
         if let Some(Observer(observe)) = self.observer.get() {
             observe(record.kind);
         }
-        self.record_refusal(record);
+        record.by_handler = false;
+        self.push_refusal(record);
     }
 
     /// Records a refusal its handler decided.
-    pub(crate) fn record_refusal(&self, record: RefusalRecord) {
+    pub(crate) fn record_refusal(&self, mut record: RefusalRecord) {
+        record.by_handler = true;
+        self.push_refusal(record);
+    }
+
+    fn push_refusal(&self, record: RefusalRecord) {
         self.refusals.fetch_add(1, Ordering::Relaxed);
         let mut recent = self.lock();
         if recent.len() == RECENT_REFUSALS {
