@@ -269,6 +269,34 @@ async fn no_token_or_a_bad_token_is_unauthenticated() {
 }
 
 #[tokio::test]
+async fn a_request_larger_than_any_valid_one_is_refused_before_its_caller_is_looked_at() {
+    let ca = start_ca().await;
+    let control = ca.control(Token::Static("token-x".into()));
+    let mut client =
+        CertificateServiceClient::with_interceptor(control.channel().unwrap(), control.auth());
+    let request = CreateCertificateRequest {
+        csr: "A".repeat(3 << 20),
+        validity_seconds: 3600,
+        metadata: None,
+    };
+    let status = client.create_certificate(request).await.unwrap_err();
+    // Refused from the length prefix: the bad token was never checked.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        !ca.metrics().contains("reason=\"unauthenticated\""),
+        "the oversized request reached authentication"
+    );
+    // A request of the largest valid size is still read and judged.
+    let (code, message) = ca
+        .refusal_of(
+            "A".repeat(istiod_lite::ca::csr::MAX_CSR_PEM_BYTES + 1),
+            3600,
+        )
+        .await;
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+}
+
+#[tokio::test]
 async fn bad_csrs_are_refused_with_a_precise_message() {
     let ca = start_ca().await;
     let two = csr_with(vec![

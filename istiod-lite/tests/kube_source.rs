@@ -445,6 +445,42 @@ async fn token_review_maps_a_ztunnel_token_to_its_node() {
 }
 
 #[tokio::test]
+async fn token_reviews_in_flight_are_bounded() {
+    use istiod_lite::auth::review::MAX_REVIEWS_AT_ONCE;
+    let server = reviewer_server().await;
+    server.hold_token_reviews(true);
+    let reviewer = reviewer(&server);
+    let calls: Vec<_> = (0..MAX_REVIEWS_AT_ONCE + 16)
+        .map(|_| {
+            let reviewer = reviewer.clone();
+            tokio::spawn(async move { reviewer.authenticate("ztunnel-token").await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.token_reviews_in_flight().0 < MAX_REVIEWS_AT_ONCE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?} reviews arrived",
+            server.token_reviews_in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The rest wait for a slot: none reaches the API server while these are held
+    // (watched for a while, as an absence can only be).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.token_reviews_in_flight(),
+        (MAX_REVIEWS_AT_ONCE, MAX_REVIEWS_AT_ONCE)
+    );
+    server.hold_token_reviews(false);
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().node, "node-1");
+    }
+    assert_eq!(server.token_reviews().len(), MAX_REVIEWS_AT_ONCE + 16);
+    assert_eq!(server.token_reviews_in_flight().1, MAX_REVIEWS_AT_ONCE);
+}
+
+#[tokio::test]
 async fn token_review_refuses_unauthenticated_tokens() {
     let server = reviewer_server().await;
     let refused = reviewer(&server).authenticate("forged").await;

@@ -20,8 +20,14 @@ pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
-/// How long a TokenReview may take (kube's client retries 429/503 for long).
+/// How long a TokenReview may take (kube's client retries 429/503 for long),
+/// including its wait for one of the [`MAX_REVIEWS_AT_ONCE`] slots.
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TokenReviews in flight at once, over all callers: each authenticated call
+/// costs the API server one, and a burst of callers (every proxy of a cluster
+/// reconnecting, or a flood of bogus tokens) must not become a burst on it.
+pub const MAX_REVIEWS_AT_ONCE: usize = 32;
 
 /// Checks bearer tokens with the API server's TokenReview. Cheap to clone.
 #[derive(Clone)]
@@ -32,6 +38,8 @@ pub struct TokenReviewer {
     audiences: Vec<String>,
     /// `(namespace, service account)` pairs allowed to act as node proxies.
     allowed: BTreeSet<(String, String)>,
+    /// One permit per TokenReview in flight.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -50,6 +58,7 @@ impl TokenReviewer {
             api: Arc::new(Api::all(client)),
             audiences: Vec::new(),
             allowed: BTreeSet::from([("istio-system".to_owned(), "ztunnel".to_owned())]),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_AT_ONCE)),
         }
     }
 
@@ -76,7 +85,11 @@ impl TokenReviewer {
             ..TokenReview::default()
         };
         let params = PostParams::default();
-        let call = self.api.create(&params, &review);
+        let call = async {
+            // Never closed, so the permit always comes.
+            let _slot = self.slots.acquire().await;
+            self.api.create(&params, &review).await
+        };
         let answer = tokio::time::timeout(REVIEW_TIMEOUT, call)
             .await
             .map_err(|_| AuthError::Unavailable("TokenReview timed out".into()))?

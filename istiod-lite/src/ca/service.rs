@@ -11,10 +11,14 @@ use ambit_proto::ca::certificate_service_server::{CertificateService, Certificat
 use ambit_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
 use tonic::{Request, Response, Status};
 
-use super::csr::verify_csr;
+use super::csr::{MAX_CSR_PEM_BYTES, verify_csr};
 use super::metrics::CaMetrics;
 use super::root::CaRoot;
 use crate::auth::{AuthError, Authenticator, CaCaller, Caller, bearer_token};
+
+/// The largest `CreateCertificateRequest` taken: the largest CSR the CA signs,
+/// and room for the TTL and metadata.
+pub const MAX_REQUEST_BYTES: usize = MAX_CSR_PEM_BYTES + 4 * 1024;
 
 /// Which identities a node may obtain: in the mesh, those of service accounts
 /// that have a pod on that node.
@@ -123,9 +127,11 @@ impl<A: Authenticator, P: IdentityPolicy> CaService<A, P> {
         }
     }
 
-    /// The tonic service to add to a server.
+    /// The tonic service to add to a server. A request larger than any valid one
+    /// is refused from its length prefix, before its body is read and before
+    /// its caller is authenticated (tonic's default would buffer 4 MiB).
     pub fn into_server(self) -> CertificateServiceServer<Self> {
-        CertificateServiceServer::new(self)
+        CertificateServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     async fn decide(

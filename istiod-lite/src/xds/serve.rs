@@ -21,6 +21,10 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// Connections served at once; the accept loop waits for a slot beyond it.
 pub const MAX_CONNECTIONS: usize = 16_384;
 
+/// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+/// a client past it waits for one of its own streams to end.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// A TLS handshake taking longer than this is abandoned.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -143,6 +147,10 @@ where
     tokio::spawn(accept_loop(listener, acceptor, conn_tx, drain.clone()));
     let incoming = ReceiverStream::new(conn_rx).map(Ok::<ServerIo, io::Error>);
     tonic::transport::Server::builder()
+        // A connection's streams at once: a proxy holds one xDS stream and a few
+        // certificate calls; without a bound, one connection could hold
+        // thousands of half-sent requests in memory.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .serve_with_incoming_shutdown(service, incoming, drain.signaled())

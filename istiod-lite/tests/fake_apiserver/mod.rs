@@ -83,6 +83,10 @@ struct State {
     refuse_reviews: bool,
     /// Every TokenReview received, as sent.
     reviews: Vec<Value>,
+    /// While true, TokenReviews are held unanswered.
+    hold_reviews: tokio::sync::watch::Sender<bool>,
+    reviews_in_flight: usize,
+    most_reviews_in_flight: usize,
 }
 
 impl State {
@@ -233,6 +237,17 @@ impl FakeApiServer {
         self.state().reviews.clone()
     }
 
+    /// While `hold` is true, TokenReviews are received but not answered.
+    pub fn hold_token_reviews(&self, hold: bool) {
+        self.state().hold_reviews.send_replace(hold);
+    }
+
+    /// TokenReviews received and not answered yet, and the most there were at once.
+    pub fn token_reviews_in_flight(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.reviews_in_flight, state.most_reviews_in_flight)
+    }
+
     /// TokenReviews get 403 Forbidden, as without the RBAC to create them.
     pub fn refuse_token_reviews(&self) {
         self.state().refuse_reviews = true;
@@ -315,8 +330,17 @@ async fn handle(
     if req.method() == Method::POST && path == TOKEN_REVIEWS {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let review: Value = serde_json::from_slice(&body).unwrap();
+        let mut held = {
+            let mut state = state.lock().unwrap();
+            state.reviews.push(review.clone());
+            state.reviews_in_flight += 1;
+            state.most_reviews_in_flight =
+                state.most_reviews_in_flight.max(state.reviews_in_flight);
+            state.hold_reviews.subscribe()
+        };
+        let _ = held.wait_for(|hold| !hold).await;
         let mut state = state.lock().unwrap();
-        state.reviews.push(review.clone());
+        state.reviews_in_flight -= 1;
         return Ok(token_review(&state, review));
     }
     if req.method() != Method::GET {
