@@ -90,12 +90,55 @@ impl LocalCa {
         let not_after = check_root(&root, &key)?;
         let issuer =
             Issuer::from_ca_cert_der(&root, key).map_err(|e| ca_err("root certificate", e))?;
-        Ok(Self {
+        // What is handed out is the certificate alone, encoded anew: never the
+        // file's other blocks (a private key kept in the same file included).
+        let root_pem = pem::encode_config(
+            &pem::Pem::new("CERTIFICATE", root.to_vec()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
+        let ca = Self {
             issuer,
             root,
-            root_pem: cert_pem.to_string(),
+            root_pem,
             not_after,
             ttl,
+        };
+        ca.check_signs_verifiable_leaves()?;
+        Ok(ca)
+    }
+
+    /// Signs a throwaway leaf and verifies it against the root, as a peer would.
+    /// A root that loads but cannot issue a certificate its own roots accept
+    /// (rcgen keeps one value per attribute type of the issuer's name, so a
+    /// subject with two `OU`s or `DC`s becomes another name in every leaf; a key
+    /// usage without keyCertSign) would otherwise break every connection of the
+    /// mesh with "unknown issuer", long after a start that looked fine.
+    fn check_signs_verifiable_leaves(&self) -> Result<(), CertError> {
+        let now = OffsetDateTime::now_utc();
+        let probe = "spiffe://root.check/ns/root-check/sa/root-check".to_string();
+        let (_, chain) = self.sign(
+            &[probe],
+            now - time::Duration::minutes(1),
+            now + time::Duration::minutes(5),
+        )?;
+        let leaf = rustls::server::ParsedCertificate::try_from(&chain[0])
+            .map_err(|e| ca_err("root check: leaf", e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.root.clone())
+            .map_err(|e| ca_err("root certificate: not usable as a trust anchor", e))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &leaf,
+            &roots,
+            &[],
+            rustls_pki_types::UnixTime::now(),
+            crate::tls::provider().signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            CertError::Ca(format!(
+                "root certificate: a certificate it signs does not verify against it ({e}); \
+                 a subject that repeats an attribute (two OU or DC values) is not supported"
+            ))
         })
     }
 
@@ -268,6 +311,38 @@ impl CertificateSource for LocalCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_root_certificate_is_handed_out_never_the_rest_of_its_file() {
+        let ca = LocalCa::generate("ambit-root", Duration::from_secs(3600)).unwrap();
+        let key = ca.root_key_pem();
+        // An operator's combined file: the key, then the certificate, then notes.
+        let combined = format!("{}{}# issued by ops\n", key.as_str(), ca.root_pem());
+        let loaded = LocalCa::from_pem(&combined, &key, Duration::from_secs(3600)).unwrap();
+        assert!(
+            !loaded.root_pem().contains("PRIVATE KEY"),
+            "{}",
+            loaded.root_pem()
+        );
+        assert_eq!(loaded.root_pem(), ca.root_pem());
+        assert_eq!(loaded.root(), ca.root());
+    }
+
+    /// Made with openssl (`-subj "/DC=com/DC=example/CN=Mesh Root"`, 100 years):
+    /// rcgen keeps one value per attribute type of an issuer's name.
+    const REPEATED_DC_ROOT: &str = include_str!("ca/testdata/repeated-dc-root.pem");
+    const REPEATED_DC_KEY: &str = include_str!("ca/testdata/repeated-dc-root.key");
+
+    #[test]
+    fn a_root_whose_leaves_would_not_verify_is_refused_at_load() {
+        let err = LocalCa::from_pem(REPEATED_DC_ROOT, REPEATED_DC_KEY, Duration::from_secs(3600))
+            .err()
+            .expect("a root whose leaves name another issuer was loaded");
+        assert!(
+            err.to_string().contains("does not verify against it"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_root_survives_pem_and_its_leaves_verify_as_identities() {
