@@ -11,6 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _log_flush = mesh_core::logging::init();
+    mesh_core::fd_limit::raise();
     let config = Config::parse();
     let app = App::start(config).await?;
     mesh_core::drain::stop_requested().await?;

@@ -12,6 +12,7 @@ pub mod cert_store;
 pub mod control;
 pub mod copy;
 pub mod drain;
+pub mod fd_limit;
 pub mod hbone;
 pub mod identity;
 pub mod logging;

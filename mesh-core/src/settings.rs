@@ -12,21 +12,43 @@ fn number_and_unit(s: &str) -> (&str, &str, &str) {
     (s, num, unit)
 }
 
-/// `250ms`, `30s`, `5m`, `24h`; zero is refused.
+/// The longest duration a setting takes: ten years. Far beyond any sensible
+/// timeout or lifetime, and small enough that code may add or double a setting
+/// (`Instant::now() + d`, `d * 2`) without overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `250ms`, `30s`, `5m`, `24h`; zero and more than [`MAX_DURATION`] are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (s, num, unit) = number_and_unit(s);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 24h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    let too_long = || {
+        format!(
+            "{s:?} is too long: at most 10 years ({}h)",
+            MAX_DURATION.as_secs() / 3600
+        )
+    };
+    if num.is_empty() {
+        return Err(format!(
+            "{s:?} is not a duration like 250ms, 30s, 5m or 24h"
+        ));
+    }
+    let secs_per = match unit {
+        "ms" => None,
+        "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
         _ => return Err(format!("{s:?} has no unit: use ms, s, m or h")),
+    };
+    // Digits only: a number that does not parse has too many of them.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let d = match secs_per {
+        None => Duration::from_millis(n),
+        Some(k) => Duration::from_secs(n.checked_mul(k).ok_or_else(too_long)?),
     };
     if d.is_zero() {
         return Err("a duration must be above zero".into());
+    }
+    if d > MAX_DURATION {
+        return Err(too_long());
     }
     Ok(d)
 }
@@ -92,6 +114,31 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(
+            parse_duration("99999999999999999999x")
+                .unwrap_err()
+                .contains("unit")
+        );
+    }
+
+    #[test]
+    fn durations_too_long_are_refused_not_wrapped() {
+        // 307445734561825861 * 60 wraps to 44 s in u64 arithmetic.
+        let wrapping = parse_duration("307445734561825861m").unwrap_err();
+        assert!(wrapping.contains("too long"), "{wrapping}");
+        assert!(parse_duration("5124095576030432h").is_err());
+        assert!(
+            parse_duration("99999999999999999999s")
+                .unwrap_err()
+                .contains("too long")
+        );
+        // In range, but past the bound a caller may still double or add to.
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("18446744073709551615ms").is_err());
+        assert!(parse_duration("87601h").is_err());
+        assert_eq!(parse_duration("87600h"), Ok(MAX_DURATION));
+        let doubled = parse_duration("87600h").unwrap() * 2;
+        assert!(std::time::Instant::now().checked_add(doubled).is_some());
     }
 
     #[test]

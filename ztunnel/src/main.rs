@@ -23,6 +23,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: Config, copies: mesh_core::os::CopyTuning) -> anyhow::Result<()> {
     let _log_flush = mesh_core::logging::init();
+    mesh_core::fd_limit::raise();
     tracing::info!("{copies}");
     let app = Arc::new(App::start(config).await?);
     tokio::spawn(ztunnel::inpod::run(app.clone()));
