@@ -336,8 +336,7 @@ mod tests {
     #[test]
     fn a_root_whose_leaves_would_not_verify_is_refused_at_load() {
         let err = LocalCa::from_pem(REPEATED_DC_ROOT, REPEATED_DC_KEY, Duration::from_secs(3600))
-            .err()
-            .expect("a root whose leaves name another issuer was loaded");
+            .expect_err("a root whose leaves name another issuer was loaded");
         assert!(
             err.to_string().contains("does not verify against it"),
             "{err}"
