@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use mesh_core::drain::DrainWatcher;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::{ModelError, ProxyState, Service, StateStore, Workload};
 use crate::policy::Authorization;
@@ -158,11 +159,13 @@ pub fn load_local_state(path: &Path) -> Result<ProxyState, LocalStateError> {
 }
 
 /// Polls the file every `interval` and applies each valid change to `store`. The
-/// last error (if the current file is bad) is kept in `status` for the admin view.
+/// last error (if the current file is bad) is kept in `status` for the admin view;
+/// `synced` turns true at the first state applied (and stays true).
 pub async fn watch_local_state(
     path: PathBuf,
     store: Arc<StateStore>,
     status: Arc<Mutex<Option<String>>>,
+    synced: watch::Sender<bool>,
     interval: Duration,
     drain: DrainWatcher,
 ) {
@@ -205,6 +208,7 @@ pub async fn watch_local_state(
                 let digest = format!("{:016x}", digest(&bytes));
                 tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, %digest, "local state applied");
                 report(&status, None);
+                synced.send_if_modified(|s| !std::mem::replace(s, true));
             }
             Err(e) => {
                 tracing::error!(error = %e, "local state refused; keeping the last good state");

@@ -325,15 +325,18 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     let status = Arc::new(Mutex::new(None));
     let (trigger, watcher) = mesh_core::drain::channel();
     let mut versions = store.subscribe();
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(watch_local_state(
         path.clone(),
         store.clone(),
         status.clone(),
+        synced_tx,
         Duration::from_millis(20),
         watcher,
     ));
     versions.changed().await.unwrap();
     assert_eq!(store.snapshot().workloads().count(), 4);
+    assert!(*synced.borrow(), "synced at the first state applied");
 
     // A broken file: reported, and the state stays.
     std::fs::write(&path, "workloads: [").unwrap();
