@@ -194,10 +194,10 @@ impl App {
         tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "ztunnel starting");
         let ca = Arc::new(ca_client(&config)?);
         let certs = Arc::new(CertStore::new());
-        let state = Arc::new(StateStore::with_root_namespace(
-            Default::default(),
-            config.root_namespace.clone(),
-        ));
+        let state = Arc::new(
+            StateStore::with_root_namespace(Default::default(), config.root_namespace.clone())
+                .with_trust_domain(config.trust_domain.clone()),
+        );
         let local_state_error = Arc::new(Mutex::new(None));
         let (trigger, watcher) = drain::channel();
         // Until the source has synced, the state is empty and every destination
@@ -213,7 +213,7 @@ impl App {
             None => None,
         };
         if let Some(path) = &config.local_state {
-            match load_local_state(path) {
+            match load_local_state(path, &config.trust_domain) {
                 Ok(s) => {
                     state.replace(s);
                     synced_tx.send_replace(true);

@@ -48,9 +48,16 @@ pub enum LocalStateError {
 }
 
 impl LocalState {
-    /// Parses and validates the YAML text of the file at `path`.
+    /// Parses and validates the YAML text of the file at `path`; a workload
+    /// without a trust domain is in the default one (`cluster.local`).
     pub fn parse(path: &Path, text: &str) -> Result<Self, LocalStateError> {
-        let state: LocalState = if text.trim().is_empty() {
+        Self::parse_in(path, text, mesh_core::DEFAULT_TRUST_DOMAIN)
+    }
+
+    /// Parses and validates the YAML text of the file at `path`; a workload
+    /// without a trust domain is in `trust_domain` (`--trust-domain`).
+    pub fn parse_in(path: &Path, text: &str, trust_domain: &str) -> Result<Self, LocalStateError> {
+        let mut state: LocalState = if text.trim().is_empty() {
             LocalState::default()
         } else {
             serde_yaml_ng::from_str(text).map_err(|e| LocalStateError::Parse {
@@ -58,6 +65,10 @@ impl LocalState {
                 message: e.to_string(),
             })?
         };
+        state.workloads = std::mem::take(&mut state.workloads)
+            .into_iter()
+            .map(|w| w.with_trust_domain(trust_domain))
+            .collect();
         state.validate().map_err(|error| LocalStateError::Invalid {
             path: path.to_path_buf(),
             error,
@@ -149,16 +160,18 @@ fn dup(kind: &'static str, name: &str, field: &'static str, problem: &str) -> Mo
     }
 }
 
-/// Reads and validates the file once.
-pub fn load_local_state(path: &Path) -> Result<ProxyState, LocalStateError> {
+/// Reads and validates the file once; a workload without a trust domain is in
+/// `trust_domain`.
+pub fn load_local_state(path: &Path, trust_domain: &str) -> Result<ProxyState, LocalStateError> {
     let text = std::fs::read_to_string(path).map_err(|error| LocalStateError::Read {
         path: path.to_path_buf(),
         error,
     })?;
-    Ok(LocalState::parse(path, &text)?.into_state())
+    Ok(LocalState::parse_in(path, &text, trust_domain)?.into_state())
 }
 
-/// Polls the file every `interval` and applies each valid change to `store`. The
+/// Polls the file every `interval` and applies each valid change to `store`
+/// (a workload without a trust domain is in the store's). The
 /// last error (if the current file is bad) is kept in `status` for the admin view;
 /// `synced` turns true at the first state applied (and stays true).
 pub async fn watch_local_state(
@@ -197,7 +210,7 @@ pub async fn watch_local_state(
             continue;
         }
         let text = String::from_utf8_lossy(&bytes);
-        match LocalState::parse(&path, &text) {
+        match LocalState::parse_in(&path, &text, store.trust_domain()) {
             Ok(state) => {
                 let (w, s, p) = (
                     state.workloads.len(),

@@ -278,6 +278,20 @@ policies:
     assert!(allowed(&from_xds, "web"), "xDS: other labels pass");
 }
 
+/// `--trust-domain`: a workload without `trustDomain` (or with an empty one) is
+/// in the configured trust domain; one that names its own keeps it.
+#[test]
+fn a_workload_without_a_trust_domain_is_in_the_configured_one() {
+    let text = "workloads:\n  - {uid: a, name: a, namespace: x, addresses: [\"198.18.0.1\"]}\n  - {uid: b, name: b, namespace: x, trustDomain: \"\", addresses: [\"198.18.0.2\"]}\n  - {uid: c, name: c, namespace: x, trustDomain: other.org, addresses: [\"198.18.0.3\"]}\n";
+    let state = LocalState::parse_in(std::path::Path::new("s.yaml"), text, "example.org")
+        .unwrap()
+        .into_state();
+    let identity = |uid: &str| state.workload(uid).unwrap().identity().unwrap().to_string();
+    assert_eq!(identity("a"), "spiffe://example.org/ns/x/sa/default");
+    assert_eq!(identity("b"), "spiffe://example.org/ns/x/sa/default");
+    assert_eq!(identity("c"), "spiffe://other.org/ns/x/sa/default");
+}
+
 fn parse_err(text: &str) -> String {
     LocalState::parse(std::path::Path::new("/etc/ambit/state.yaml"), text)
         .unwrap_err()
