@@ -108,7 +108,10 @@ impl LocalState {
                     "another workload has this uid",
                 ));
             }
-            if let Some(ip) = w.addresses.iter().find(|ip| !ips.insert(**ip)) {
+            // A hostNetwork pod's addresses are its node's, shared with the
+            // node's other such pods: it claims none (as over xDS).
+            let claimed: &[std::net::IpAddr] = if w.host_network { &[] } else { &w.addresses };
+            if let Some(ip) = claimed.iter().find(|ip| !ips.insert(**ip)) {
                 return Err(dup(
                     "workload",
                     &w.uid,

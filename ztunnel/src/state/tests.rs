@@ -292,6 +292,20 @@ fn a_workload_without_a_trust_domain_is_in_the_configured_one() {
     assert_eq!(identity("c"), "spiffe://other.org/ns/x/sa/default");
 }
 
+/// hostNetwork pods share their node's address: two on one node are accepted
+/// (as over xDS), and neither is found by that address.
+#[test]
+fn host_network_workloads_may_share_their_node_address() {
+    let text = "workloads:\n  - {uid: a, name: a, namespace: x, hostNetwork: true, addresses: [\"198.18.0.9\"]}\n  - {uid: b, name: b, namespace: x, hostNetwork: true, addresses: [\"198.18.0.9\"]}\n";
+    let state = state(text);
+    assert!(state.workload("a").is_some() && state.workload("b").is_some());
+    assert!(
+        state
+            .workload_by_ip("198.18.0.9".parse().unwrap())
+            .is_none()
+    );
+}
+
 fn parse_err(text: &str) -> String {
     LocalState::parse(std::path::Path::new("/etc/ambit/state.yaml"), text)
         .unwrap_err()
