@@ -206,6 +206,9 @@ pub async fn watch_local_state(
                         .to_string(),
                     ),
                 );
+                // The file may come back as it was: judged again then, so the
+                // error clears (or a refusal is reported again).
+                last = None;
                 continue;
             }
         };

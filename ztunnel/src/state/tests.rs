@@ -399,6 +399,52 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     task.await.unwrap();
 }
 
+/// Waits (bounded) until the watcher's status satisfies `what`.
+async fn wait_status(status: &Mutex<Option<String>>, what: impl Fn(&Option<String>) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !what(&status.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never changed as expected: {:?}",
+            status.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A file that cannot be read for a while, then comes back with the same
+/// bytes: the read error clears.
+#[tokio::test]
+async fn a_read_error_clears_when_the_same_file_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.yaml");
+    std::fs::write(&path, FILE).unwrap();
+    let store = Arc::new(StateStore::default());
+    let status = Arc::new(Mutex::new(None));
+    let (trigger, watcher) = mesh_core::drain::channel();
+    let (synced, _) = tokio::sync::watch::channel(false);
+    let mut versions = store.subscribe();
+    let task = tokio::spawn(watch_local_state(
+        path.clone(),
+        store.clone(),
+        status.clone(),
+        synced,
+        Duration::from_millis(20),
+        watcher,
+    ));
+    versions.changed().await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    wait_status(&status, |s| {
+        s.as_ref().is_some_and(|e| e.contains("cannot read"))
+    })
+    .await;
+    std::fs::write(&path, FILE).unwrap();
+    wait_status(&status, Option::is_none).await;
+    assert_eq!(store.snapshot().workloads().count(), 4);
+    trigger.drain(Duration::from_secs(5)).await;
+    task.await.unwrap();
+}
+
 /// `--root-namespace`: the mesh-wide policies are those of the configured root
 /// namespace, on the first state and on every replacement.
 #[test]
