@@ -95,6 +95,21 @@ impl LocalState {
         Ok(state)
     }
 
+    /// [`LocalState::parse_in`] of the file's bytes, which must be UTF-8 (as
+    /// at start, so in the watcher: the same file is never refused at one and
+    /// accepted, altered, by the other).
+    pub fn parse_bytes(
+        path: &Path,
+        bytes: Vec<u8>,
+        trust_domain: &str,
+    ) -> Result<Self, LocalStateError> {
+        let text = String::from_utf8(bytes).map_err(|e| LocalStateError::Parse {
+            path: path.to_path_buf(),
+            message: format!("not UTF-8: {}", e.utf8_error()),
+        })?;
+        Self::parse_in(path, &text, trust_domain)
+    }
+
     fn validate(&self) -> Result<(), ModelError> {
         let mut uids = HashSet::new();
         let mut ips = HashSet::new();
@@ -166,11 +181,11 @@ fn dup(kind: &'static str, name: &str, field: &'static str, problem: &str) -> Mo
 /// Reads and validates the file once; a workload without a trust domain is in
 /// `trust_domain`.
 pub fn load_local_state(path: &Path, trust_domain: &str) -> Result<ProxyState, LocalStateError> {
-    let text = std::fs::read_to_string(path).map_err(|error| LocalStateError::Read {
+    let bytes = std::fs::read(path).map_err(|error| LocalStateError::Read {
         path: path.to_path_buf(),
         error,
     })?;
-    Ok(LocalState::parse_in(path, &text, trust_domain)?.into_state())
+    Ok(LocalState::parse_bytes(path, bytes, trust_domain)?.into_state())
 }
 
 /// Polls the file every `interval` and applies each valid change to `store`
@@ -215,8 +230,7 @@ pub async fn watch_local_state(
         if last.as_deref() == Some(bytes.as_slice()) {
             continue;
         }
-        let text = String::from_utf8_lossy(&bytes);
-        match LocalState::parse_in(&path, &text, store.trust_domain()) {
+        match LocalState::parse_bytes(&path, bytes.clone(), store.trust_domain()) {
             Ok(state) => {
                 let (w, s, p) = (
                     state.workloads.len(),

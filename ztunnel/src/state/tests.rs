@@ -445,6 +445,44 @@ async fn a_read_error_clears_when_the_same_file_comes_back() {
     task.await.unwrap();
 }
 
+/// A file that is not UTF-8 is refused, naming the file, at start and by the
+/// watcher alike (which took it with U+FFFD in place of the bad bytes).
+#[tokio::test]
+async fn a_file_not_utf8_is_refused_at_start_and_by_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.yaml");
+    // A valid file but for one byte in a workload's name.
+    let mut bytes = FILE.replace("name: legacy", "name: legXcy").into_bytes();
+    let at = bytes.windows(6).position(|w| w == b"legXcy").unwrap();
+    bytes[at + 3] = 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = load_local_state(&path, "cluster.local")
+        .unwrap_err()
+        .to_string();
+    let want = format!("{}: does not parse: not UTF-8", path.display());
+    assert!(err.starts_with(&want), "{err}");
+
+    let store = Arc::new(StateStore::default());
+    let status = Arc::new(Mutex::new(None));
+    let (trigger, watcher) = mesh_core::drain::channel();
+    let (synced, _) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(watch_local_state(
+        path.clone(),
+        store.clone(),
+        status.clone(),
+        synced,
+        Duration::from_millis(20),
+        watcher,
+    ));
+    wait_status(&status, |s| {
+        s.as_ref().is_some_and(|e| e.starts_with(&want))
+    })
+    .await;
+    assert_eq!(store.snapshot().workloads().count(), 0);
+    trigger.drain(Duration::from_secs(5)).await;
+    task.await.unwrap();
+}
+
 /// `--root-namespace`: the mesh-wide policies are those of the configured root
 /// namespace, on the first state and on every replacement.
 #[test]
