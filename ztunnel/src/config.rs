@@ -22,7 +22,7 @@ pub struct Config {
     pub node_name: String,
 
     /// Trust domain of the mesh's SPIFFE identities.
-    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
     pub trust_domain: String,
 
     /// The mesh's root namespace (istiod-lite's `--root-namespace`): its policies
@@ -182,6 +182,13 @@ fn parse_namespace(s: &str) -> Result<String, String> {
         .map_err(|e| format!("not a namespace name: {e}"))
 }
 
+/// A SPIFFE trust domain: lowercase letters, digits, `.`, `-` and `_`.
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    SpiffeId::new(s, "default", "default")
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{s:?} is not a trust domain: {e}"))
+}
+
 fn parse_spiffe_id(s: &str) -> Result<String, String> {
     SpiffeId::parse(s)
         .map(|id| id.to_string())
@@ -277,6 +284,19 @@ mod tests {
             mesh_root.control_plane_identity().unwrap().to_string(),
             "spiffe://cluster.local/ns/mesh-root/sa/istiod-lite"
         );
+    }
+
+    #[test]
+    fn a_trust_domain_is_checked_at_start() {
+        for bad in ["Cluster.Local", "", "td:443", "a/b"] {
+            let err = parse(&["--trust-domain", bad]).unwrap_err().to_string();
+            assert!(
+                err.contains("--trust-domain") && err.contains("is not a trust domain"),
+                "{bad:?}: {err}"
+            );
+        }
+        let c = parse(&["--trust-domain", "example.org"]).unwrap();
+        assert_eq!(c.trust_domain, "example.org");
     }
 
     #[test]
