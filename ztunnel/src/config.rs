@@ -86,11 +86,13 @@ pub struct Config {
     #[serde(serialize_with = "duration_as_text")]
     pub cert_release_grace: Duration,
 
-    /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods.
+    /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods; at
+    /// most 107 bytes (a Unix socket address's limit).
     #[arg(
         long,
         env = "AMBIT_NODE_AGENT_SOCKET",
-        default_value = "/var/run/ambit/ztunnel.sock"
+        default_value = "/var/run/ambit/ztunnel.sock",
+        value_parser = parse_socket_path
     )]
     pub node_agent_socket: PathBuf,
 
@@ -187,6 +189,25 @@ fn parse_trust_domain(s: &str) -> Result<String, String> {
     SpiffeId::new(s, "default", "default")
         .map(|_| s.to_string())
         .map_err(|e| format!("{s:?} is not a trust domain: {e}"))
+}
+
+/// The longest path a Unix socket address holds (`sun_path`, 108 bytes with
+/// its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A Unix socket path that fits a socket address: a longer one would fail
+/// every connect.
+fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if s.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{s:?} is {} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+            s.len()
+        ));
+    }
+    Ok(PathBuf::from(s))
 }
 
 fn parse_spiffe_id(s: &str) -> Result<String, String> {
@@ -297,6 +318,27 @@ mod tests {
         }
         let c = parse(&["--trust-domain", "example.org"]).unwrap();
         assert_eq!(c.trust_domain, "example.org");
+    }
+
+    #[test]
+    fn a_node_agent_socket_path_must_fit_a_socket_address() {
+        let longest = format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1));
+        let c = parse(&["--node-agent-socket", &longest]).unwrap();
+        assert_eq!(c.node_agent_socket, PathBuf::from(&longest));
+        // One byte more: every connect would fail with EINVAL.
+        let err = parse(&["--node-agent-socket", &format!("{longest}s")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--node-agent-socket") && err.contains("at most 107"),
+            "{err}"
+        );
+        // The limit is the kernel's: a socket at the longest path binds.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap().len() + 1;
+        let path = dir.path().join("s".repeat(MAX_SOCKET_PATH - base));
+        assert_eq!(path.as_os_str().len(), MAX_SOCKET_PATH);
+        std::os::unix::net::UnixListener::bind(&path).unwrap();
     }
 
     #[test]
