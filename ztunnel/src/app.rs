@@ -457,12 +457,17 @@ impl App {
     }
 
     /// Closes a pod's listeners and keeps its draining task until it ends, for
-    /// [`App::shutdown`] to wait on.
+    /// [`App::shutdown`] to wait on. The task is kept before the first await:
+    /// an add or remove cut short there (the node agent's session dropped at
+    /// shutdown) does not lose it, so shutdown still waits for its connections.
     async fn retire(&self, pod: RunningPod) {
-        let draining = pod.proxy.close(self.inputs.config.drain_deadline).await;
-        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        retired.retain(|d| !d.is_finished());
-        retired.push(draining);
+        let (draining, listeners) = pod.proxy.close(self.inputs.config.drain_deadline);
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.retain(|d| !d.is_finished());
+            retired.push(draining);
+        }
+        listeners.closed().await;
     }
 
     /// Pods proxied now.
