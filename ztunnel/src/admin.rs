@@ -1,7 +1,8 @@
 //! ztunnel's HTTP endpoints: admin on 127.0.0.1:15000 (config dump, "why" view),
 //! metrics on 15020, readiness on 15021. Small plain HTTP/1.1 servers, each tied to
-//! the process drain. With xDS configured, readiness waits for the first full sync
-//! and the config dump shows the xDS client's status.
+//! the process drain. Readiness waits for the state source's first sync (xDS:
+//! every type's first response; local mode: the file applied once), and the
+//! config dump shows the xDS client's status.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use mesh_core::admin::Reply;
 use mesh_core::drain::DrainWatcher;
 use mesh_core::xds::{XdsSnapshot, XdsStatus};
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::proxy::ProxyInputs;
 
@@ -24,6 +26,8 @@ pub struct AdminState {
     pub local_state_error: Arc<Mutex<Option<String>>>,
     /// The xDS client's status, when state comes from the control plane.
     pub xds: Option<XdsStatus>,
+    /// True once the state source has synced (see [`crate::app::App::state_synced`]).
+    pub synced: watch::Receiver<bool>,
     pub ready: AtomicBool,
 }
 
@@ -32,9 +36,11 @@ impl AdminState {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Ready once started and, with xDS, once every resource type has synced.
+    /// Ready once started and once the state source has synced: with xDS,
+    /// every resource type has had a response; in local mode, the file has
+    /// been applied once.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.xds.as_ref().is_none_or(|x| x.snapshot().synced)
+        self.ready.load(Ordering::Acquire) && *self.synced.borrow()
     }
 
     fn config_dump(&self) -> serde_json::Value {

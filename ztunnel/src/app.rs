@@ -21,6 +21,7 @@ use mesh_core::{CertError, CertStore, CertificateSource, SpiffeId, WorkloadCerti
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, Endpoint};
@@ -132,13 +133,14 @@ fn ca_client(config: &Config) -> anyhow::Result<CaClient> {
     }
 }
 
-/// Starts the delta xDS client that feeds `state`; its status for the admin view.
+/// Starts the delta xDS client that feeds `state`; its status for the admin view
+/// and its watch of the first full sync.
 fn start_xds(
     config: &Config,
     address: &str,
     state: Arc<StateStore>,
     drain: DrainWatcher,
-) -> anyhow::Result<XdsStatus> {
+) -> anyhow::Result<(XdsStatus, watch::Receiver<bool>)> {
     let control = control_plane(config, address)?;
     let node = Node {
         id: config.node_name.clone(),
@@ -149,8 +151,9 @@ fn start_xds(
     let client =
         XdsClient::new(&control, node, XDS_TYPES.to_vec(), handler).context("--xds-address")?;
     let status = client.status();
+    let synced = client.synced();
     tokio::spawn(client.run(drain));
-    Ok(status)
+    Ok((status, synced))
 }
 
 /// Loads the CA root; the key file must not be readable by group or others.
@@ -191,21 +194,32 @@ impl App {
         tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "ztunnel starting");
         let ca = Arc::new(ca_client(&config)?);
         let certs = Arc::new(CertStore::new());
-        let state = Arc::new(StateStore::with_root_namespace(
-            Default::default(),
-            config.root_namespace.clone(),
-        ));
+        let state = Arc::new(
+            StateStore::with_root_namespace(Default::default(), config.root_namespace.clone())
+                .with_trust_domain(config.trust_domain.clone()),
+        );
         let local_state_error = Arc::new(Mutex::new(None));
         let (trigger, watcher) = drain::channel();
+        // Until the source has synced, the state is empty and every destination
+        // would pass through in plaintext: no pod is taken before (`inpod::run`).
+        let (synced_tx, mut synced) = watch::channel(config.local_state.is_none());
         let xds = match &config.xds_address {
-            Some(address) => Some(start_xds(&config, address, state.clone(), watcher.clone())?),
+            Some(address) => {
+                let (status, xds_synced) =
+                    start_xds(&config, address, state.clone(), watcher.clone())?;
+                synced = xds_synced;
+                Some(status)
+            }
             None => None,
         };
         if let Some(path) = &config.local_state {
-            match load_local_state(path) {
-                Ok(s) => state.replace(s),
+            match load_local_state(path, &config.trust_domain) {
+                Ok(s) => {
+                    state.replace(s);
+                    synced_tx.send_replace(true);
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "local state refused at start; starting empty");
+                    tracing::error!(error = %e, "local state refused at start; starting empty, taking no pod until a good file is applied");
                     *local_state_error.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(e.to_string());
                 }
@@ -214,6 +228,7 @@ impl App {
                 path.clone(),
                 state.clone(),
                 local_state_error.clone(),
+                synced_tx,
                 config.local_state_poll,
                 watcher.clone(),
             ));
@@ -265,6 +280,7 @@ impl App {
             inputs: inputs.clone(),
             local_state_error,
             xds,
+            synced,
             ready: Default::default(),
         });
         let admin_addr = admin::serve(
@@ -441,12 +457,17 @@ impl App {
     }
 
     /// Closes a pod's listeners and keeps its draining task until it ends, for
-    /// [`App::shutdown`] to wait on.
+    /// [`App::shutdown`] to wait on. The task is kept before the first await:
+    /// an add or remove cut short there (the node agent's session dropped at
+    /// shutdown) does not lose it, so shutdown still waits for its connections.
     async fn retire(&self, pod: RunningPod) {
-        let draining = pod.proxy.close(self.inputs.config.drain_deadline).await;
-        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        retired.retain(|d| !d.is_finished());
-        retired.push(draining);
+        let (draining, listeners) = pod.proxy.close(self.inputs.config.drain_deadline);
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.retain(|d| !d.is_finished());
+            retired.push(draining);
+        }
+        listeners.closed().await;
     }
 
     /// Pods proxied now.
@@ -456,6 +477,19 @@ impl App {
 
     pub fn set_ready(&self) {
         self.admin.set_ready();
+    }
+
+    /// Resolves once the state source has synced: with xDS, every resource type
+    /// has had its first response; in local mode, the file has been applied once
+    /// (a file refused at start, once a good one is); without a source, at once.
+    /// False if the source stopped first (the process is draining).
+    pub async fn state_synced(&self) -> bool {
+        self.admin.synced.clone().wait_for(|s| *s).await.is_ok()
+    }
+
+    /// Whether the state source has synced (see [`App::state_synced`]).
+    pub fn is_state_synced(&self) -> bool {
+        *self.admin.synced.borrow()
     }
 
     /// A watcher of the process drain; `None` once shutdown has begun.

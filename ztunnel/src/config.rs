@@ -22,7 +22,7 @@ pub struct Config {
     pub node_name: String,
 
     /// Trust domain of the mesh's SPIFFE identities.
-    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
     pub trust_domain: String,
 
     /// The mesh's root namespace (istiod-lite's `--root-namespace`): its policies
@@ -86,11 +86,13 @@ pub struct Config {
     #[serde(serialize_with = "duration_as_text")]
     pub cert_release_grace: Duration,
 
-    /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods.
+    /// Unix socket (SOCK_SEQPACKET) of the node agent that hands over pods; at
+    /// most 107 bytes (a Unix socket address's limit).
     #[arg(
         long,
         env = "AMBIT_NODE_AGENT_SOCKET",
-        default_value = "/var/run/ambit/ztunnel.sock"
+        default_value = "/var/run/ambit/ztunnel.sock",
+        value_parser = parse_socket_path
     )]
     pub node_agent_socket: PathBuf,
 
@@ -180,6 +182,32 @@ fn parse_namespace(s: &str) -> Result<String, String> {
     SpiffeId::new("cluster.local", s, "default")
         .map(|_| s.to_string())
         .map_err(|e| format!("not a namespace name: {e}"))
+}
+
+/// A SPIFFE trust domain: lowercase letters, digits, `.`, `-` and `_`.
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    SpiffeId::new(s, "default", "default")
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{s:?} is not a trust domain: {e}"))
+}
+
+/// The longest path a Unix socket address holds (`sun_path`, 108 bytes with
+/// its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A Unix socket path that fits a socket address: a longer one would fail
+/// every connect.
+fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if s.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{s:?} is {} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+            s.len()
+        ));
+    }
+    Ok(PathBuf::from(s))
 }
 
 fn parse_spiffe_id(s: &str) -> Result<String, String> {
@@ -277,6 +305,40 @@ mod tests {
             mesh_root.control_plane_identity().unwrap().to_string(),
             "spiffe://cluster.local/ns/mesh-root/sa/istiod-lite"
         );
+    }
+
+    #[test]
+    fn a_trust_domain_is_checked_at_start() {
+        for bad in ["Cluster.Local", "", "td:443", "a/b"] {
+            let err = parse(&["--trust-domain", bad]).unwrap_err().to_string();
+            assert!(
+                err.contains("--trust-domain") && err.contains("is not a trust domain"),
+                "{bad:?}: {err}"
+            );
+        }
+        let c = parse(&["--trust-domain", "example.org"]).unwrap();
+        assert_eq!(c.trust_domain, "example.org");
+    }
+
+    #[test]
+    fn a_node_agent_socket_path_must_fit_a_socket_address() {
+        let longest = format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1));
+        let c = parse(&["--node-agent-socket", &longest]).unwrap();
+        assert_eq!(c.node_agent_socket, PathBuf::from(&longest));
+        // One byte more: every connect would fail with EINVAL.
+        let err = parse(&["--node-agent-socket", &format!("{longest}s")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--node-agent-socket") && err.contains("at most 107"),
+            "{err}"
+        );
+        // The limit is the kernel's: a socket at the longest path binds.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap().len() + 1;
+        let path = dir.path().join("s".repeat(MAX_SOCKET_PATH - base));
+        assert_eq!(path.as_os_str().len(), MAX_SOCKET_PATH);
+        std::os::unix::net::UnixListener::bind(&path).unwrap();
     }
 
     #[test]

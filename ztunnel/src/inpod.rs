@@ -2,7 +2,9 @@
 //! SOCK_SEQPACKET, one protobuf message per packet, a pod's network namespace
 //! passed as SCM_RIGHTS) and starts or stops their proxies, acking each message.
 //!
-//! If the node agent goes away, running pods keep being served and ztunnel
+//! No pod is taken (ztunnel does not connect) before the state source has
+//! synced: with an empty state every destination would pass through in
+//! plaintext, without mTLS. If the node agent goes away, running pods keep being served and ztunnel
 //! reconnects with backoff; after a reconnect the agent re-sends every pod and a
 //! snapshot marker, and pods it did not re-send are dropped.
 
@@ -36,6 +38,14 @@ const RECONNECT: BackoffConfig = BackoffConfig {
 pub async fn run(app: Arc<App>) {
     let Some(drain) = app.watcher() else { return };
     let path = app.inputs.config.node_agent_socket.clone();
+    if !app.is_state_synced() {
+        tracing::info!("waiting for the state to sync before taking pods");
+        tokio::select! {
+            () = drain.signaled() => return,
+            synced = app.state_synced() => if !synced { return },
+        }
+        tracing::info!(path = %path.display(), "state synced; connecting to the node agent");
+    }
     let mut backoff = Backoff::new(RECONNECT);
     loop {
         let mut connected = None;

@@ -237,6 +237,20 @@ pub struct PodProxy {
     hbone_stats: Arc<ServerStats>,
 }
 
+/// The listener tasks of a pod proxy being closed (see [`PodProxy::close`]).
+#[derive(Debug)]
+pub struct ClosingListeners(Vec<JoinHandle<()>>);
+
+impl ClosingListeners {
+    /// Returns once the listeners are closed (their ports free).
+    pub async fn closed(self) {
+        for listener in self.0 {
+            // A listener task that panicked is closed too.
+            let _ = listener.await;
+        }
+    }
+}
+
 impl PodProxy {
     /// Opens the pod's listeners in its namespace and starts serving them.
     pub async fn start(
@@ -323,10 +337,12 @@ impl PodProxy {
         })
     }
 
-    /// Closes the listeners and returns once they are closed. The open
-    /// connections drain in the returned task, which ends when they have finished
-    /// or, at `deadline`, been closed.
-    pub async fn close(self, deadline: Duration) -> JoinHandle<DrainOutcome> {
+    /// Starts closing, without waiting: spawns the drain, which closes the
+    /// listeners and ends when the open connections have finished or, at
+    /// `deadline`, been closed. Returns the drain's task and the listeners, to
+    /// await their closing. Synchronous, so the caller holds the drain's task
+    /// before it awaits anything (a caller cut short at an await cannot lose it).
+    pub fn close(self, deadline: Duration) -> (JoinHandle<DrainOutcome>, ClosingListeners) {
         let Self {
             pod,
             drain,
@@ -342,11 +358,7 @@ impl PodProxy {
             tracing::info!(pod = %name, ?outcome, "pod proxy stopped");
             outcome
         });
-        for listener in listeners {
-            // A listener task that panicked is closed too.
-            let _ = listener.await;
-        }
-        draining
+        (draining, ClosingListeners(listeners))
     }
 
     /// A watcher of this pod's drain, for tasks started outside `start`.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use mesh_core::drain::DrainWatcher;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::{ModelError, ProxyState, Service, StateStore, Workload};
 use crate::policy::Authorization;
@@ -47,9 +48,16 @@ pub enum LocalStateError {
 }
 
 impl LocalState {
-    /// Parses and validates the YAML text of the file at `path`.
+    /// Parses and validates the YAML text of the file at `path`; a workload
+    /// without a trust domain is in the default one (`cluster.local`).
     pub fn parse(path: &Path, text: &str) -> Result<Self, LocalStateError> {
-        let state: LocalState = if text.trim().is_empty() {
+        Self::parse_in(path, text, mesh_core::DEFAULT_TRUST_DOMAIN)
+    }
+
+    /// Parses and validates the YAML text of the file at `path`; a workload
+    /// without a trust domain is in `trust_domain` (`--trust-domain`).
+    pub fn parse_in(path: &Path, text: &str, trust_domain: &str) -> Result<Self, LocalStateError> {
+        let mut state: LocalState = if text.trim().is_empty() {
             LocalState::default()
         } else {
             serde_yaml_ng::from_str(text).map_err(|e| LocalStateError::Parse {
@@ -57,6 +65,10 @@ impl LocalState {
                 message: e.to_string(),
             })?
         };
+        state.workloads = std::mem::take(&mut state.workloads)
+            .into_iter()
+            .map(|w| w.with_trust_domain(trust_domain))
+            .collect();
         state.validate().map_err(|error| LocalStateError::Invalid {
             path: path.to_path_buf(),
             error,
@@ -83,6 +95,21 @@ impl LocalState {
         Ok(state)
     }
 
+    /// [`LocalState::parse_in`] of the file's bytes, which must be UTF-8 (as
+    /// at start, so in the watcher: the same file is never refused at one and
+    /// accepted, altered, by the other).
+    pub fn parse_bytes(
+        path: &Path,
+        bytes: Vec<u8>,
+        trust_domain: &str,
+    ) -> Result<Self, LocalStateError> {
+        let text = String::from_utf8(bytes).map_err(|e| LocalStateError::Parse {
+            path: path.to_path_buf(),
+            message: format!("not UTF-8: {}", e.utf8_error()),
+        })?;
+        Self::parse_in(path, &text, trust_domain)
+    }
+
     fn validate(&self) -> Result<(), ModelError> {
         let mut uids = HashSet::new();
         let mut ips = HashSet::new();
@@ -96,7 +123,10 @@ impl LocalState {
                     "another workload has this uid",
                 ));
             }
-            if let Some(ip) = w.addresses.iter().find(|ip| !ips.insert(**ip)) {
+            // A hostNetwork pod's addresses are its node's, shared with the
+            // node's other such pods: it claims none (as over xDS).
+            let claimed: &[std::net::IpAddr] = if w.host_network { &[] } else { &w.addresses };
+            if let Some(ip) = claimed.iter().find(|ip| !ips.insert(**ip)) {
                 return Err(dup(
                     "workload",
                     &w.uid,
@@ -148,21 +178,25 @@ fn dup(kind: &'static str, name: &str, field: &'static str, problem: &str) -> Mo
     }
 }
 
-/// Reads and validates the file once.
-pub fn load_local_state(path: &Path) -> Result<ProxyState, LocalStateError> {
-    let text = std::fs::read_to_string(path).map_err(|error| LocalStateError::Read {
+/// Reads and validates the file once; a workload without a trust domain is in
+/// `trust_domain`.
+pub fn load_local_state(path: &Path, trust_domain: &str) -> Result<ProxyState, LocalStateError> {
+    let bytes = std::fs::read(path).map_err(|error| LocalStateError::Read {
         path: path.to_path_buf(),
         error,
     })?;
-    Ok(LocalState::parse(path, &text)?.into_state())
+    Ok(LocalState::parse_bytes(path, bytes, trust_domain)?.into_state())
 }
 
-/// Polls the file every `interval` and applies each valid change to `store`. The
-/// last error (if the current file is bad) is kept in `status` for the admin view.
+/// Polls the file every `interval` and applies each valid change to `store`
+/// (a workload without a trust domain is in the store's). The
+/// last error (if the current file is bad) is kept in `status` for the admin view;
+/// `synced` turns true at the first state applied (and stays true).
 pub async fn watch_local_state(
     path: PathBuf,
     store: Arc<StateStore>,
     status: Arc<Mutex<Option<String>>>,
+    synced: watch::Sender<bool>,
     interval: Duration,
     drain: DrainWatcher,
 ) {
@@ -187,14 +221,16 @@ pub async fn watch_local_state(
                         .to_string(),
                     ),
                 );
+                // The file may come back as it was: judged again then, so the
+                // error clears (or a refusal is reported again).
+                last = None;
                 continue;
             }
         };
         if last.as_deref() == Some(bytes.as_slice()) {
             continue;
         }
-        let text = String::from_utf8_lossy(&bytes);
-        match LocalState::parse(&path, &text) {
+        match LocalState::parse_bytes(&path, bytes.clone(), store.trust_domain()) {
             Ok(state) => {
                 let (w, s, p) = (
                     state.workloads.len(),
@@ -205,6 +241,7 @@ pub async fn watch_local_state(
                 let digest = format!("{:016x}", digest(&bytes));
                 tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, %digest, "local state applied");
                 report(&status, None);
+                synced.send_if_modified(|s| !std::mem::replace(s, true));
             }
             Err(e) => {
                 tracing::error!(error = %e, "local state refused; keeping the last good state");

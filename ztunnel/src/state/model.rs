@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ambit_proto::workload as pb;
-use mesh_core::{DEFAULT_TRUST_DOMAIN, SpiffeId};
+use mesh_core::SpiffeId;
 use serde::{Deserialize, Serialize};
 
 /// Why a workload or service was refused, naming the item and the field.
@@ -65,7 +65,9 @@ pub struct Workload {
     pub addresses: Vec<IpAddr>,
     #[serde(default = "default_sa")]
     pub service_account: String,
-    #[serde(default = "default_td")]
+    /// Empty in the source means the mesh's (`--trust-domain`): filled in by
+    /// [`Workload::with_trust_domain`] before validation.
+    #[serde(default)]
     pub trust_domain: String,
     #[serde(default)]
     pub node: String,
@@ -96,10 +98,6 @@ fn default_sa() -> String {
     "default".into()
 }
 
-fn default_td() -> String {
-    DEFAULT_TRUST_DOMAIN.into()
-}
-
 fn default_true() -> bool {
     true
 }
@@ -114,6 +112,14 @@ impl Workload {
         } else {
             &self.workload_name
         }
+    }
+
+    /// Puts the workload in `trust_domain` if its source gave it none.
+    pub fn with_trust_domain(mut self, trust_domain: &str) -> Self {
+        if self.trust_domain.is_empty() {
+            self.trust_domain = trust_domain.to_string();
+        }
+        self
     }
 
     /// The workload's SPIFFE identity.
@@ -243,10 +249,10 @@ fn ports_of(
         .collect()
 }
 
-impl TryFrom<pb::Workload> for Workload {
-    type Error = ModelError;
-
-    fn try_from(w: pb::Workload) -> Result<Self, ModelError> {
+impl Workload {
+    /// Converts an xDS workload; one without a trust domain is in
+    /// `trust_domain` (the mesh's, `--trust-domain`).
+    pub fn from_proto(w: pb::Workload, trust_domain: &str) -> Result<Self, ModelError> {
         let kind = "workload";
         let addresses = w
             .addresses
@@ -289,7 +295,7 @@ impl TryFrom<pb::Workload> for Workload {
             .collect::<Result<_, ModelError>>()?;
         let workload = Workload {
             trust_domain: if w.trust_domain.is_empty() {
-                default_td()
+                trust_domain.to_string()
             } else {
                 w.trust_domain
             },

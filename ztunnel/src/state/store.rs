@@ -14,6 +14,9 @@ pub struct StateStore {
     version: watch::Sender<u64>,
     /// Set on every state: the namespace whose policies apply mesh-wide.
     root_namespace: String,
+    /// The mesh's trust domain (`--trust-domain`): a workload the source gives
+    /// none is in it.
+    trust_domain: String,
 }
 
 impl Default for StateStore {
@@ -36,7 +39,14 @@ impl StateStore {
             current: RwLock::new(Arc::new(state)),
             version: watch::channel(0).0,
             root_namespace,
+            trust_domain: mesh_core::DEFAULT_TRUST_DOMAIN.to_string(),
         }
+    }
+
+    /// Puts the workloads its sources give no trust domain in `trust_domain`.
+    pub fn with_trust_domain(mut self, trust_domain: impl Into<String>) -> Self {
+        self.trust_domain = trust_domain.into();
+        self
     }
 
     /// The state a new connection uses.
@@ -62,6 +72,11 @@ impl StateStore {
     /// The namespace whose policies apply mesh-wide.
     pub fn root_namespace(&self) -> &str {
         &self.root_namespace
+    }
+
+    /// The trust domain of the workloads their source gives none.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// Resolves on each replacement.

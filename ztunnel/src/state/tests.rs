@@ -278,6 +278,34 @@ policies:
     assert!(allowed(&from_xds, "web"), "xDS: other labels pass");
 }
 
+/// `--trust-domain`: a workload without `trustDomain` (or with an empty one) is
+/// in the configured trust domain; one that names its own keeps it.
+#[test]
+fn a_workload_without_a_trust_domain_is_in_the_configured_one() {
+    let text = "workloads:\n  - {uid: a, name: a, namespace: x, addresses: [\"198.18.0.1\"]}\n  - {uid: b, name: b, namespace: x, trustDomain: \"\", addresses: [\"198.18.0.2\"]}\n  - {uid: c, name: c, namespace: x, trustDomain: other.org, addresses: [\"198.18.0.3\"]}\n";
+    let state = LocalState::parse_in(std::path::Path::new("s.yaml"), text, "example.org")
+        .unwrap()
+        .into_state();
+    let identity = |uid: &str| state.workload(uid).unwrap().identity().unwrap().to_string();
+    assert_eq!(identity("a"), "spiffe://example.org/ns/x/sa/default");
+    assert_eq!(identity("b"), "spiffe://example.org/ns/x/sa/default");
+    assert_eq!(identity("c"), "spiffe://other.org/ns/x/sa/default");
+}
+
+/// hostNetwork pods share their node's address: two on one node are accepted
+/// (as over xDS), and neither is found by that address.
+#[test]
+fn host_network_workloads_may_share_their_node_address() {
+    let text = "workloads:\n  - {uid: a, name: a, namespace: x, hostNetwork: true, addresses: [\"198.18.0.9\"]}\n  - {uid: b, name: b, namespace: x, hostNetwork: true, addresses: [\"198.18.0.9\"]}\n";
+    let state = state(text);
+    assert!(state.workload("a").is_some() && state.workload("b").is_some());
+    assert!(
+        state
+            .workload_by_ip("198.18.0.9".parse().unwrap())
+            .is_none()
+    );
+}
+
 fn parse_err(text: &str) -> String {
     LocalState::parse(std::path::Path::new("/etc/ambit/state.yaml"), text)
         .unwrap_err()
@@ -325,15 +353,18 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     let status = Arc::new(Mutex::new(None));
     let (trigger, watcher) = mesh_core::drain::channel();
     let mut versions = store.subscribe();
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(watch_local_state(
         path.clone(),
         store.clone(),
         status.clone(),
+        synced_tx,
         Duration::from_millis(20),
         watcher,
     ));
     versions.changed().await.unwrap();
     assert_eq!(store.snapshot().workloads().count(), 4);
+    assert!(*synced.borrow(), "synced at the first state applied");
 
     // A broken file: reported, and the state stays.
     std::fs::write(&path, "workloads: [").unwrap();
@@ -365,6 +396,90 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
         trigger.drain(Duration::from_secs(5)).await,
         mesh_core::drain::DrainOutcome::Graceful
     );
+    task.await.unwrap();
+}
+
+/// Waits (bounded) until the watcher's status satisfies `what`.
+async fn wait_status(status: &Mutex<Option<String>>, what: impl Fn(&Option<String>) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !what(&status.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never changed as expected: {:?}",
+            status.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A file that cannot be read for a while, then comes back with the same
+/// bytes: the read error clears.
+#[tokio::test]
+async fn a_read_error_clears_when_the_same_file_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.yaml");
+    std::fs::write(&path, FILE).unwrap();
+    let store = Arc::new(StateStore::default());
+    let status = Arc::new(Mutex::new(None));
+    let (trigger, watcher) = mesh_core::drain::channel();
+    let (synced, _) = tokio::sync::watch::channel(false);
+    let mut versions = store.subscribe();
+    let task = tokio::spawn(watch_local_state(
+        path.clone(),
+        store.clone(),
+        status.clone(),
+        synced,
+        Duration::from_millis(20),
+        watcher,
+    ));
+    versions.changed().await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    wait_status(&status, |s| {
+        s.as_ref().is_some_and(|e| e.contains("cannot read"))
+    })
+    .await;
+    std::fs::write(&path, FILE).unwrap();
+    wait_status(&status, Option::is_none).await;
+    assert_eq!(store.snapshot().workloads().count(), 4);
+    trigger.drain(Duration::from_secs(5)).await;
+    task.await.unwrap();
+}
+
+/// A file that is not UTF-8 is refused, naming the file, at start and by the
+/// watcher alike (which took it with U+FFFD in place of the bad bytes).
+#[tokio::test]
+async fn a_file_not_utf8_is_refused_at_start_and_by_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.yaml");
+    // A valid file but for one byte in a workload's name.
+    let mut bytes = FILE.replace("name: legacy", "name: legXcy").into_bytes();
+    let at = bytes.windows(6).position(|w| w == b"legXcy").unwrap();
+    bytes[at + 3] = 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = load_local_state(&path, "cluster.local")
+        .unwrap_err()
+        .to_string();
+    let want = format!("{}: does not parse: not UTF-8", path.display());
+    assert!(err.starts_with(&want), "{err}");
+
+    let store = Arc::new(StateStore::default());
+    let status = Arc::new(Mutex::new(None));
+    let (trigger, watcher) = mesh_core::drain::channel();
+    let (synced, _) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(watch_local_state(
+        path.clone(),
+        store.clone(),
+        status.clone(),
+        synced,
+        Duration::from_millis(20),
+        watcher,
+    ));
+    wait_status(&status, |s| {
+        s.as_ref().is_some_and(|e| e.starts_with(&want))
+    })
+    .await;
+    assert_eq!(store.snapshot().workloads().count(), 0);
+    trigger.drain(Duration::from_secs(5)).await;
     task.await.unwrap();
 }
 

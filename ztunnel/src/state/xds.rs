@@ -100,7 +100,7 @@ impl Handler for XdsState {
         removed: Vec<String>,
     ) -> Result<(), Vec<Refusal>> {
         let mut held = self.lock();
-        let root_namespace = self.store.root_namespace();
+        let store = &*self.store;
         let mut refused = Vec::new();
         let mut changed = !removed.is_empty();
         // Removals first: they may free what this response's updates claim.
@@ -110,7 +110,7 @@ impl Handler for XdsState {
         for r in updated {
             let key = (type_url.to_string(), r.name.clone());
             held.parked.remove(&key);
-            match held.put(type_url, &r, root_namespace) {
+            match held.put(type_url, &r, store) {
                 Ok(()) => changed = true,
                 Err(PutError::Invalid(error)) => refused.push((r.name, error)),
                 Err(PutError::Clash(error)) => {
@@ -129,7 +129,7 @@ impl Handler for XdsState {
         // Any change (a removal, an address or VIP moved by an update) may free
         // what a held-back resource claims.
         if changed && !held.parked.is_empty() {
-            held.unpark(root_namespace);
+            held.unpark(store);
         }
         if changed {
             self.store.replace(held.build());
@@ -173,11 +173,13 @@ fn clash<'a, K: std::hash::Hash + Eq>(
 }
 
 impl Held {
-    fn put(&mut self, type_url: &str, r: &Resource, root_namespace: &str) -> Result<(), PutError> {
+    /// Converts and holds `r`; `store` gives the mesh's trust domain and root
+    /// namespace.
+    fn put(&mut self, type_url: &str, r: &Resource, store: &StateStore) -> Result<(), PutError> {
         match type_url {
-            WORKLOAD_TYPE_URL => self.put_workload(r),
+            WORKLOAD_TYPE_URL => self.put_workload(r, store.trust_domain()),
             SERVICE_TYPE_URL => self.put_service(r),
-            AUTHORIZATION_TYPE_URL => self.put_policy(r, root_namespace),
+            AUTHORIZATION_TYPE_URL => self.put_policy(r, store.root_namespace()),
             other => Err(PutError::Invalid(format!("ztunnel does not use {other}"))),
         }
     }
@@ -196,7 +198,7 @@ impl Held {
 
     /// Applies the parked resources whose claims are free now (one freed may
     /// free another).
-    fn unpark(&mut self, root_namespace: &str) {
+    fn unpark(&mut self, store: &StateStore) {
         loop {
             let parked: Vec<(String, String)> = self.parked.keys().cloned().collect();
             let mut progress = false;
@@ -204,7 +206,7 @@ impl Held {
                 let Some(r) = self.parked.remove(&key) else {
                     continue;
                 };
-                match self.put(&key.0, &r, root_namespace) {
+                match self.put(&key.0, &r, store) {
                     Ok(()) => {
                         tracing::info!(type_url = %key.0, name = %r.name, "held-back xDS resource applied: what it claims is free now");
                         progress = true;
@@ -221,8 +223,8 @@ impl Held {
         }
     }
 
-    fn put_workload(&mut self, r: &Resource) -> Result<(), PutError> {
-        let w = Workload::try_from(decode::<ambit_proto::workload::Workload>(r)?)
+    fn put_workload(&mut self, r: &Resource, trust_domain: &str) -> Result<(), PutError> {
+        let w = Workload::from_proto(decode::<ambit_proto::workload::Workload>(r)?, trust_domain)
             .map_err(|e| e.to_string())?;
         if let Some(owner) = clash(&self.uids, &w.uid, &r.name) {
             return Err(PutError::Clash(format!(

@@ -380,3 +380,26 @@ fn a_claim_moved_by_an_update_frees_it_for_a_held_back_resource() {
         .collect();
     assert!(names.contains(&"a-new".to_string()), "{names:?}");
 }
+
+/// A workload without a trust domain is in the mesh's (`--trust-domain`), not
+/// `cluster.local`; one that names its own keeps it.
+#[test]
+fn a_workload_without_a_trust_domain_is_in_the_configured_one() {
+    let store = Arc::new(StateStore::default().with_trust_domain("example.org"));
+    let xds = XdsState::new(store.clone());
+    let mut other = workload("other", [198, 18, 0, 2]);
+    other.trust_domain = "other.org".into();
+    xds.apply(
+        WORKLOAD_TYPE_URL,
+        vec![
+            res("plain", "1", &workload("plain", [198, 18, 0, 1])),
+            res("other", "1", &other),
+        ],
+        vec![],
+    )
+    .unwrap();
+    let state = store.snapshot();
+    let identity = |uid: &str| state.workload(uid).unwrap().identity().unwrap().to_string();
+    assert_eq!(identity("plain"), "spiffe://example.org/ns/shop/sa/default");
+    assert_eq!(identity("other"), "spiffe://other.org/ns/shop/sa/default");
+}
