@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::state::StateStore;
+use crate::state::{Protocol, StateStore};
 
 /// Certificate requests in flight at once.
 const MAX_FETCHES: usize = 8;
@@ -40,12 +40,16 @@ const RETRY: BackoffConfig = BackoffConfig {
     stable_after: Duration::ZERO,
 };
 
-/// The identities of the workloads the state places on `node`.
+/// The identities of the mesh workloads the state places on `node`. A
+/// hostNetwork pod (the CA never issues to one: it shares its node's address)
+/// and a pod outside the mesh (plain TCP) get none ahead of time: asking would
+/// be refused forever, or hold a key for a pod this node never serves through
+/// the mesh. A pod the node agent hands over still gets its own (`pods`).
 fn state_identities(state: &StateStore, node: &str) -> HashSet<SpiffeId> {
     state
         .snapshot()
         .workloads()
-        .filter(|w| w.node == node)
+        .filter(|w| w.node == node && !w.host_network && w.protocol == Protocol::Hbone)
         .filter_map(|w| w.identity().ok())
         .collect()
 }

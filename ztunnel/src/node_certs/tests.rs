@@ -226,3 +226,63 @@ async fn a_new_pods_refused_certificate_is_asked_again_quickly_with_backoff() {
         );
     }
 }
+
+/// Counts the requests per identity and issues them all.
+#[derive(Default)]
+struct CountingCa {
+    ca: TestCa,
+    asked: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl CertificateSource for CountingCa {
+    async fn issue(
+        &self,
+        identity: &SpiffeId,
+    ) -> Result<mesh_core::WorkloadCertificate, CertError> {
+        *self
+            .asked
+            .lock()
+            .unwrap()
+            .entry(identity.to_string())
+            .or_default() += 1;
+        self.ca.issue(identity).await
+    }
+}
+
+/// Prefetch asks only for mesh workloads: never for a hostNetwork pod (the CA
+/// refuses those for good) nor for one outside the mesh.
+#[tokio::test(start_paused = true)]
+async fn prefetch_skips_host_network_pods_and_pods_outside_the_mesh() {
+    let yaml = "workloads:
+  - {uid: cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: node-1, addresses: [\"198.18.0.3\"]}
+  - {uid: proxy-1, name: kube-proxy-1, namespace: kube-system, serviceAccount: kube-proxy, node: node-1, hostNetwork: true, addresses: [\"198.18.0.1\"]}
+  - {uid: legacy-1, name: legacy-1, namespace: legacy, serviceAccount: app, node: node-1, protocol: NONE, addresses: [\"198.18.0.7\"]}
+";
+    let state = LocalState::parse(Path::new("test.yaml"), yaml)
+        .unwrap()
+        .into_state();
+    let ca = Arc::new(CountingCa::default());
+    let certs = Arc::new(CertStore::new());
+    let (_drain, watcher) = mesh_core::drain::channel();
+    let (_pods, pods) = watch::channel(HashMap::new());
+    tokio::spawn(keep_node_certificates(
+        NodeCertificates {
+            certs: certs.clone(),
+            ca: ca.clone(),
+            state: Arc::new(StateStore::new(state)),
+            node: "node-1".into(),
+            pods,
+            prefetch: true,
+            grace: GRACE,
+        },
+        watcher,
+    ));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let asked = ca.asked.lock().unwrap().clone();
+    assert_eq!(
+        asked,
+        HashMap::from([(spiffe("shop", "cart").to_string(), 1)]),
+        "asked for {asked:?}"
+    );
+    assert_eq!(held(&certs), [spiffe("shop", "cart").to_string()]);
+}
