@@ -18,9 +18,18 @@ use mesh_core::os::SeqPacket;
 /// Upper bound on any wait for an event; reaching it fails the test.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// True when running as root. Otherwise: a panic under CI=true, else a loud skip.
-#[allow(unused_imports)] // not every test file that shares this module needs root
-pub use mesh_core::testing::require_root as have_root;
+/// True when running as root, with the tools the tests run inside their namespaces
+/// (`ip`, `sysctl`, `iptables`: installed by the e2e harness's check, once per
+/// process). Without root: a panic under CI=true, else a loud skip.
+pub fn have_root(test: &str) -> bool {
+    if !mesh_core::testing::require_root(test) {
+        return false;
+    }
+    if let Err(e) = ambit_e2e::packages::ensure() {
+        panic!("{test}: {e}");
+    }
+    true
+}
 
 /// Waits until `done` holds, checking every 10 ms; fails after [`EVENT_TIMEOUT`].
 pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
