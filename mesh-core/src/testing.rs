@@ -1,6 +1,9 @@
 //! A test certificate authority (rcgen) so tests of any crate can mint identities.
 //!
 //! Behind the `testing` feature: production certificates come from istiod-lite's CA.
+//! Also the root gate of tests that need root, and their network namespaces.
+
+pub mod netns;
 
 use std::io::Write;
 use std::sync::Arc;

@@ -6,7 +6,6 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ambit_cni::agent::{Agent, AgentConfig};
@@ -43,26 +42,24 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A network namespace of the test's own, deleted on drop (even on panic).
+/// A network namespace of the test's own; dropping it (even on panic) kills what
+/// runs inside and deletes it.
 pub struct TestNetns {
     pub name: String,
+    _guard: mesh_core::testing::netns::TestNetns,
 }
 
 impl TestNetns {
     pub fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("ambit-cnit-{}-{n}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip netns add {name}: {out:?}");
-        Self { name }
+        let guard = mesh_core::testing::netns::TestNetns::create("cnit");
+        Self {
+            name: guard.name().to_owned(),
+            _guard: guard,
+        }
     }
 
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
+        self._guard.path()
     }
 
     /// Runs a command inside the namespace; its stdout, which must succeed.
@@ -107,14 +104,6 @@ impl TestNetns {
             .unwrap()
             .inode()
             .unwrap()
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
