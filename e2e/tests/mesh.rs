@@ -396,6 +396,15 @@ spec:
             "policy not enforced within 10 s of the write ({applied:?})"
         );
     }
+    // Pongs printed until now; pong `last + 2` answers a ping sent after this point
+    // (the tool sends the next ping only after printing a pong), with the policy
+    // in force on both ztunnels.
+    let last = session
+        .take_buffered_lines()
+        .iter()
+        .filter_map(|l| pong_number(l))
+        .max()
+        .unwrap_or(1);
     mesh.wait_for_dump("the only-frontend policy", |d| {
         dump_policy(d, "shop/only-frontend").is_some()
     })
@@ -409,7 +418,12 @@ spec:
     eprintln!("policy applied after the write: {applied:?}");
 
     // The established connection, still allowed, keeps going and ends cleanly.
-    let line = session.next_line(Duration::from_secs(10)).await.unwrap();
+    let line = session
+        .wait_for_line("a pong after the policy", Duration::from_secs(20), |l| {
+            pong_number(l).is_some_and(|n| n >= last + 2) || l.starts_with("broken")
+        })
+        .await
+        .unwrap();
     assert!(line.starts_with("pong "), "{line}");
     std::fs::write(&stop, "").unwrap();
     session
@@ -419,4 +433,9 @@ spec:
         .await
         .map(|l| assert_eq!(l, "closed cleanly"))
         .unwrap();
+}
+
+/// `N` of a session's `pong N` line.
+fn pong_number(line: &str) -> Option<u64> {
+    line.strip_prefix("pong ")?.parse().ok()
 }
