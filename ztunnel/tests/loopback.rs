@@ -190,7 +190,7 @@ fn promtool_accepts(text: &str) {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "CI must have promtool: {e}"
             );
-            eprintln!("SKIPPED promtool check ({promtool}: {e})");
+            mesh_core::testing::say_skipped(&format!("promtool check ({promtool}: {e})"));
             return;
         }
     };
