@@ -68,16 +68,20 @@ async fn config_dump(app: &App) -> Value {
     serde_json::from_str(&get(app.admin_addr, "/config_dump").await.1).unwrap()
 }
 
-/// Polls the config dump until `what` holds.
+/// Polls the config dump until `what` holds; fails after 20 s.
 async fn wait_dump(app: &App, what: impl Fn(&Value) -> bool) -> Value {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
         let dump = config_dump(app).await;
         if what(&dump) {
             return dump;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in 20 s; last dump: {dump:#}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("condition not met; last dump: {:#}", config_dump(app).await);
 }
 
 struct Fixture {
