@@ -65,7 +65,9 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         if release {
             cmd.arg("--release");
         }
-        // A group of its own, so [`cancel_build`] stops rustc's processes too.
+        // A group of its own, so [`cancel_build`] stops rustc's processes too (a
+        // caller that kills its own group must kill this one as well: meshctl's
+        // demo test kills the hung demo's descendants).
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().map_err(|e| format!("cargo build: {e}"))?;
         BUILDING.store(child.id(), Ordering::SeqCst);

@@ -33,6 +33,8 @@ pub enum ClusterError {
     Invalid(String),
     #[error("CNI gave pod {pod} no IPv4 address: {result}")]
     NoPodIp { pod: String, result: String },
+    #[error(transparent)]
+    Packages(#[from] crate::packages::PackagesError),
     #[error("teardown left problems: {}", .0.join("; "))]
     Teardown(Vec<String>),
 }
@@ -67,6 +69,10 @@ impl ClusterBuilder {
             )));
         }
         sweep_stale_once();
+        // Without root nothing below works, and apt-get cannot install either.
+        if nix::unistd::geteuid().is_root() {
+            crate::packages::ensure()?;
+        }
         CniChain::loopback().check_installed()?;
         bridge_plugin(1, Path::new("/")).check_installed()?;
         self.chained

@@ -524,10 +524,18 @@ mod hang_tests {
             args: String::new(),
         };
         let conf = plugin.stdin_config("net", None).unwrap();
-        let outcome = invoke_within(&plugin, "ADD", &inv, &conf, Duration::from_secs(2));
+        // The budget covers `ip netns exec`, the shell's start and the pid file's
+        // write on a loaded machine, before the plugin hangs.
+        let outcome = invoke_within(&plugin, "ADD", &inv, &conf, Duration::from_secs(10));
         assert!(matches!(outcome, Err(CniError::Hung { .. })), "{outcome:?}");
         let pid: u32 = std::fs::read_to_string(&child_pid)
-            .unwrap()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the plugin was killed before it wrote its child's pid to {} ({e}): \
+                     the 10 s budget did not cover its start",
+                    child_pid.display()
+                )
+            })
             .trim()
             .parse()
             .unwrap();

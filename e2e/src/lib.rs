@@ -17,6 +17,7 @@ pub mod mesh_control;
 pub mod naming;
 pub mod netns;
 pub mod node;
+pub mod packages;
 pub mod pod;
 pub mod process;
 pub mod underlay;

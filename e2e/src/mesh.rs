@@ -368,9 +368,13 @@ pub fn enrolled(pod: &Pod) -> bool {
 }
 
 impl MeshCluster {
-    /// Overwrites the state file with `yaml` as given (bad input tests).
+    /// Replaces the state file with `yaml` as given (bad input tests). Written
+    /// beside it and renamed into place: ztunnel's poller never reads a truncated
+    /// file, which would parse as a valid empty state.
     pub fn write_raw_state(&self, yaml: &str) -> Result<(), MeshError> {
-        std::fs::write(self.path("state.yaml"), yaml)
+        let tmp = self.path("state.yaml.tmp~");
+        std::fs::write(&tmp, yaml)
+            .and_then(|()| std::fs::rename(&tmp, self.path("state.yaml")))
             .map_err(|e| MeshError::Setup(format!("state.yaml: {e}")))
     }
 }

@@ -5,17 +5,12 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// Where `ip netns` pins named namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
-
-/// `ip netns add` bind-mounts `/run/netns` on itself the first time; two threads
-/// doing it at once could stack mounts, so this process creates one at a time.
-static CREATE_LOCK: Mutex<()> = Mutex::new(());
 
 /// A command that failed to start or exited non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +40,9 @@ impl Netns {
     /// Creates `/run/netns/<name>` and brings its loopback up.
     pub fn create(name: &str) -> Result<Self, NetnsError> {
         {
-            let _serial = CREATE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            // One at a time, with the other crates' test namespaces: a first `ip
+            // netns add` bind-mounts /run/netns, and two at once could stack mounts.
+            let _serial = mesh_core::testing::netns::create_lock();
             run("ip", ["netns", "add", name])?;
         }
         // From here on the guard owns it, so an error below still removes it.

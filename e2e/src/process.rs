@@ -183,6 +183,16 @@ impl NsProcess {
             .await
     }
 
+    /// The stdout lines read so far and not yet taken, without waiting: what a test
+    /// drops to tell the lines printed from now on from the earlier ones.
+    pub fn take_buffered_lines(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(Ok(line)) = self.stdout.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
     /// Reads stdout until a line matches `wanted` (lines before it are dropped) and
     /// returns that line. `waited_for` names the event in errors.
     pub async fn wait_for_line(

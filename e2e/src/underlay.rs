@@ -15,7 +15,7 @@ pub const PREFIX_LEN: u8 = 24;
 /// The node's interface towards the wire.
 pub const NODE_UPLINK: &str = "eth0";
 /// The bridge inside the wire namespace.
-const WIRE_BRIDGE: &str = "wire0";
+pub const WIRE_BRIDGE: &str = "wire0";
 
 /// Node `n`'s underlay address, 198.19.0.n.
 pub fn node_underlay_ip(node: u8) -> Ipv4Addr {

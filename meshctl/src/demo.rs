@@ -49,7 +49,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
              (or `meshctl demo --loopback` for the HBONE core alone)"
         );
     }
-    crate::packages::ensure()?;
+    ambit_e2e::packages::ensure()?;
     // Before anything is created: from here on a signal stops the demo through its
     // teardown. The mesh's processes run in process groups of their own, so a
     // Ctrl-C reaches meshctl alone and the teardown goes in order.

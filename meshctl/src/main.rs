@@ -5,7 +5,6 @@
 mod demo;
 mod demo_log;
 mod loopback_demo;
-mod packages;
 mod stop_signal;
 
 use clap::{Parser, Subcommand};

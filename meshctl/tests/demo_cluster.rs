@@ -38,13 +38,52 @@ fn stop_hung_demo(child: &mut Child) -> ! {
     let ended = match wait_bounded(child, TEARDOWN_TIMEOUT) {
         Some(status) => format!("it then exited ({status}) after SIGINT"),
         None => {
+            // Its process group, and every descendant in another group: the
+            // `cargo build` of a first run has a group of its own (so the demo can
+            // cancel it) and would otherwise keep running, holding the build lock.
+            let tree = freeze_descendants(pid);
             let _gone = signal::killpg(pid, Signal::SIGKILL);
+            for p in tree {
+                let _gone = signal::kill(p, Signal::SIGKILL);
+            }
             let status = child.wait().expect("reap meshctl");
             format!("it ignored SIGINT for {TEARDOWN_TIMEOUT:?} and was killed ({status})")
         }
     };
     let swept = ambit_e2e::naming::sweep_stale();
     panic!("meshctl demo still running after {DEMO_TIMEOUT:?}; {ended}; swept {swept:?}");
+}
+
+/// The parent pid of `pid` (field 4 of `/proc/<pid>/stat`).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields count from after the command name's closing parenthesis (field 3).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Stops (SIGSTOP) `root` and all its descendants, until no new one appears (a
+/// stopped process cannot fork), and returns the descendants.
+fn freeze_descendants(root: Pid) -> Vec<Pid> {
+    let _gone = signal::kill(root, Signal::SIGSTOP);
+    let mut tree: Vec<i32> = vec![root.as_raw()];
+    loop {
+        let found: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| !tree.contains(p))
+            .filter(|p| parent_of(*p).is_some_and(|parent| tree.contains(&parent)))
+            .collect();
+        if found.is_empty() {
+            return tree[1..].iter().map(|p| Pid::from_raw(*p)).collect();
+        }
+        for p in &found {
+            let _gone = signal::kill(Pid::from_raw(*p), Signal::SIGSTOP);
+        }
+        tree.extend(found);
+    }
 }
 
 /// Runs `meshctl` with `args`; returns its pid, exit success, stdout and stderr.
@@ -54,7 +93,8 @@ fn run_meshctl(args: &[&str]) -> (u32, bool, String, String) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // A group of its own, so a hung demo can be killed with its build.
+        // A group of its own, so a hung demo can be killed with the processes it
+        // started in it (its build, in a group of its own, is killed as a descendant).
         .process_group(0)
         .spawn()
         .expect("run meshctl");

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::os::fd::AsFd;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,32 +118,16 @@ async fn malformed_messages_get_an_error_ack_and_the_session_goes_on() {
     app.shutdown().await;
 }
 
-/// A network namespace made for the test, removed at the end.
-struct TestNetns(String);
+/// A network namespace made for the test, removed (with what runs inside) at the end.
+struct TestNetns(mesh_core::testing::netns::TestNetns);
 
 impl TestNetns {
-    fn new(tag: &str) -> Self {
-        let name = format!("ambit-zdst-{}-{tag}", std::process::id());
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let netns = Self(name);
-        assert!(
-            Command::new("ip")
-                .args(["-n", &netns.0, "link", "set", "lo", "up"])
-                .status()
-                .unwrap()
-                .success()
-        );
-        netns
+    fn new() -> Self {
+        Self(mesh_core::testing::netns::TestNetns::create("zdst"))
     }
 
     fn open(&self) -> NetNs {
-        NetNs::open(format!("/run/netns/{}", self.0)).unwrap()
+        NetNs::open(self.0.path()).unwrap()
     }
 
     /// A TCP connection from inside the namespace to its own `port` on loopback.
@@ -155,14 +138,8 @@ impl TestNetns {
     }
 }
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// A ztunnel (drain deadline `drain`) serving pod-a and pod-b, each in a
-/// namespace of its own (`tag` names them apart), over a session still open.
+/// namespace of its own, over a session still open.
 struct TwoPods {
     ns_a: TestNetns,
     ns_b: TestNetns,
@@ -172,11 +149,8 @@ struct TwoPods {
     _dir: tempfile::TempDir,
 }
 
-async fn two_pods(tag: &str, drain: &str) -> TwoPods {
-    let (ns_a, ns_b) = (
-        TestNetns::new(&format!("{tag}a")),
-        TestNetns::new(&format!("{tag}b")),
-    );
+async fn two_pods(drain: &str) -> TwoPods {
+    let (ns_a, ns_b) = (TestNetns::new(), TestNetns::new());
     let dir = tempfile::tempdir().unwrap();
     let (app, listener) = start(dir.path(), drain).await;
     let conn = session(&listener).await;
@@ -222,7 +196,7 @@ async fn pods_survive_an_agent_reconnect_and_the_snapshot_drops_the_rest() {
         listener,
         conn,
         _dir,
-    } = two_pods("", "1s").await;
+    } = two_pods("1s").await;
     let mut pods = app.pod_uids().await;
     pods.sort();
     assert_eq!(pods, ["pod-a", "pod-b"]);
@@ -268,7 +242,7 @@ async fn re_sent_pods_keep_their_connections_and_acks_never_wait_for_a_drain() {
         listener,
         conn,
         _dir,
-    } = two_pods("k", "30s").await;
+    } = two_pods("30s").await;
     // A connection to each pod's HBONE listener, held open: it is in flight
     // (waiting for its TLS handshake), so a drain would wait for it.
     let held_a = ns_a.connect(15008).unwrap();
@@ -331,7 +305,7 @@ async fn a_pod_moved_to_a_namespace_where_it_cannot_start_is_not_served_from_the
         listener: _listener,
         conn,
         _dir,
-    } = two_pods("m", "1s").await;
+    } = two_pods("1s").await;
     conn.send(&add("pod-a"), Some(ns_b.open().as_fd()))
         .await
         .unwrap();

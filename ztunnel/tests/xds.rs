@@ -68,16 +68,20 @@ async fn config_dump(app: &App) -> Value {
     serde_json::from_str(&get(app.admin_addr, "/config_dump").await.1).unwrap()
 }
 
-/// Polls the config dump until `what` holds.
+/// Polls the config dump until `what` holds; fails after 20 s.
 async fn wait_dump(app: &App, what: impl Fn(&Value) -> bool) -> Value {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
         let dump = config_dump(app).await;
         if what(&dump) {
             return dump;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in 20 s; last dump: {dump:#}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("condition not met; last dump: {:#}", config_dump(app).await);
 }
 
 struct Fixture {
@@ -161,12 +165,12 @@ async fn state_comes_from_xds_and_a_bad_workload_is_nacked_keeping_the_last_good
                 res(
                     "shop/cart-1",
                     "1",
-                    &pod("cart-1", "cart", vec![10, 1, 0, 1]),
+                    &pod("cart-1", "cart", vec![198, 18, 1, 1]),
                 ),
                 res(
                     "shop/cart-2",
                     "1",
-                    &pod("cart-2", "cart", vec![10, 1, 0, 2]),
+                    &pod("cart-2", "cart", vec![198, 18, 1, 2]),
                 ),
             ],
             vec![],
@@ -178,7 +182,7 @@ async fn state_comes_from_xds_and_a_bad_workload_is_nacked_keeping_the_last_good
         namespace: "shop".into(),
         hostname: "cart.shop.svc.cluster.local".into(),
         addresses: vec![workload::NetworkAddress {
-            address: vec![10, 96, 0, 1],
+            address: vec![198, 19, 0, 1],
             ..Default::default()
         }],
         ports: vec![workload::Port {
@@ -261,11 +265,11 @@ async fn state_comes_from_xds_and_a_bad_workload_is_nacked_keeping_the_last_good
             WORKLOAD_TYPE_URL,
             "w2",
             vec![
-                res("shop/cart-1", "2", &pod("cart-1", "cart", vec![10, 1, 0])),
+                res("shop/cart-1", "2", &pod("cart-1", "cart", vec![198, 18, 1])),
                 res(
                     "shop/cart-3",
                     "1",
-                    &pod("cart-3", "cart", vec![10, 1, 0, 3]),
+                    &pod("cart-3", "cart", vec![198, 18, 1, 3]),
                 ),
             ],
             vec![],
@@ -282,7 +286,7 @@ async fn state_comes_from_xds_and_a_bad_workload_is_nacked_keeping_the_last_good
     let dump = config_dump(&f.app).await;
     let workloads = dump["workloads"].as_array().unwrap();
     let cart1 = workloads.iter().find(|w| w["uid"] == "cart-1").unwrap();
-    assert_eq!(cart1["addresses"], serde_json::json!(["10.1.0.1"]));
+    assert_eq!(cart1["addresses"], serde_json::json!(["198.18.1.1"]));
     assert!(workloads.iter().any(|w| w["uid"] == "cart-3"));
     let types = &dump["xds"]["types"][WORKLOAD_TYPE_URL];
     assert_eq!(types["resources"], 3);

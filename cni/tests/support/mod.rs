@@ -6,7 +6,6 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ambit_cni::agent::{Agent, AgentConfig};
@@ -18,9 +17,18 @@ use mesh_core::os::SeqPacket;
 /// Upper bound on any wait for an event; reaching it fails the test.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// True when running as root. Otherwise: a panic under CI=true, else a loud skip.
-#[allow(unused_imports)] // not every test file that shares this module needs root
-pub use mesh_core::testing::require_root as have_root;
+/// True when running as root, with the tools the tests run inside their namespaces
+/// (`ip`, `sysctl`, `iptables`: installed by the e2e harness's check, once per
+/// process). Without root: a panic under CI=true, else a loud skip.
+pub fn have_root(test: &str) -> bool {
+    if !mesh_core::testing::require_root(test) {
+        return false;
+    }
+    if let Err(e) = ambit_e2e::packages::ensure() {
+        panic!("{test}: {e}");
+    }
+    true
+}
 
 /// Waits until `done` holds, checking every 10 ms; fails after [`EVENT_TIMEOUT`].
 pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -34,26 +42,24 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A network namespace of the test's own, deleted on drop (even on panic).
+/// A network namespace of the test's own; dropping it (even on panic) kills what
+/// runs inside and deletes it.
 pub struct TestNetns {
     pub name: String,
+    _guard: mesh_core::testing::netns::TestNetns,
 }
 
 impl TestNetns {
     pub fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("ambit-cnit-{}-{n}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip netns add {name}: {out:?}");
-        Self { name }
+        let guard = mesh_core::testing::netns::TestNetns::create("cnit");
+        Self {
+            name: guard.name().to_owned(),
+            _guard: guard,
+        }
     }
 
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
+        self._guard.path()
     }
 
     /// Runs a command inside the namespace; its stdout, which must succeed.
@@ -98,14 +104,6 @@ impl TestNetns {
             .unwrap()
             .inode()
             .unwrap()
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

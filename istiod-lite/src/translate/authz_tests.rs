@@ -271,10 +271,10 @@ fn operations_and_conditions() {
         }],
         when: vec![
             when("source.ip", &["198.18.0.0/16"], &["198.18.1.1"]),
-            when("remote.ip", &["10.0.0.0/8"], &[]),
+            when("remote.ip", &["198.18.0.0/15"], &[]),
             when("source.namespace", &["shop"], &["dev-*"]),
             when("source.principal", &["*"], &["cluster.local/ns/x/sa/y"]),
-            when("destination.ip", &["10.96.0.10"], &["10.96.0.0/24"]),
+            when("destination.ip", &["198.19.0.10"], &["198.19.0.0/24"]),
             when("destination.port", &["80"], &["81"]),
         ],
         ..Default::default()
@@ -292,7 +292,7 @@ fn operations_and_conditions() {
     );
     assert_eq!(m(1).source_ips, [block(&[198, 18, 0, 0], 16)]);
     assert_eq!(m(1).not_source_ips, [block(&[198, 18, 1, 1], 32)]);
-    assert_eq!(m(2).source_ips, [block(&[10, 0, 0, 0], 8)]);
+    assert_eq!(m(2).source_ips, [block(&[198, 18, 0, 0], 15)]);
     assert_eq!(m(3).namespaces, [exact("shop")]);
     assert_eq!(
         m(3).not_namespaces[0].match_type,
@@ -303,8 +303,8 @@ fn operations_and_conditions() {
         Some(MatchType::Presence(true))
     );
     assert_eq!(m(4).not_principals, [exact("cluster.local/ns/x/sa/y")]);
-    assert_eq!(m(5).destination_ips, [block(&[10, 96, 0, 10], 32)]);
-    assert_eq!(m(5).not_destination_ips, [block(&[10, 96, 0, 0], 24)]);
+    assert_eq!(m(5).destination_ips, [block(&[198, 19, 0, 10], 32)]);
+    assert_eq!(m(5).not_destination_ips, [block(&[198, 19, 0, 0], 24)]);
     assert_eq!(
         (
             m(6).destination_ports.clone(),

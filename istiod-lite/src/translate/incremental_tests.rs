@@ -21,7 +21,7 @@ fn namespace_relabel_enrolls_its_pods_and_touches_nothing_else() {
             "shop",
             "web",
             Some(&[("app", "web")]),
-            "10.96.0.10",
+            "198.19.0.10",
         )),
         up_pod(pod("other", "c", "198.18.0.3", &[])),
     ]);
@@ -53,7 +53,7 @@ fn one_change_recomputes_only_what_depends_on_it() {
             "ns-0",
             &app,
             Some(&[("app", app.as_str())]),
-            &format!("10.96.1.{s}"),
+            &format!("198.19.1.{s}"),
         )));
         for p in 0..10 {
             let ip = format!("198.18.{s}.{p}");
@@ -80,7 +80,7 @@ fn one_change_recomputes_only_what_depends_on_it() {
 
     // One service's selector moves from app-5 to app-6: the service and the 20
     // pods of both selectors.
-    let moved = service("ns-0", "app-5", Some(&[("app", "app-6")]), "10.96.1.5");
+    let moved = service("ns-0", "app-5", Some(&[("app", "app-6")]), "198.19.1.5");
     let updates = summary(&t.apply(vec![up_svc(moved)]));
     assert_eq!(updates.len(), 21);
     assert!(updates.iter().all(|(ty, name, _)| *ty == "service"
@@ -110,7 +110,7 @@ fn equal_content_encodes_to_equal_bytes() {
                 "shop",
                 &format!("s{i}"),
                 Some(&[(*k, *v)]),
-                &format!("10.96.0.{i}"),
+                &format!("198.19.0.{i}"),
             )));
         }
         let updates = t.apply(batch);

@@ -305,7 +305,7 @@ fn pod_removal_and_uid_change_remove_the_workload() {
 #[test]
 fn service_fields_ports_and_headless() {
     let mut t = translator();
-    let mut svc = service("shop", "web", Some(&[("app", "web")]), "10.96.0.10");
+    let mut svc = service("shop", "web", Some(&[("app", "web")]), "198.19.0.10");
     svc.ports = vec![
         tcp("http", 80, TargetPort::Number(8080)),
         tcp("grpc", 9000, TargetPort::Name("grpc".into())),
@@ -325,7 +325,7 @@ fn service_fields_ports_and_headless() {
     let s = service_of(&updates, "shop/web.shop.svc.cluster.local");
     assert_eq!((s.name.as_str(), s.namespace.as_str()), ("web", "shop"));
     assert_eq!(s.hostname, "web.shop.svc.cluster.local");
-    assert_eq!(s.addresses[0].address, vec![10, 96, 0, 10]);
+    assert_eq!(s.addresses[0].address, vec![198, 19, 0, 10]);
     let ports: Vec<_> = s
         .ports
         .iter()
@@ -348,7 +348,7 @@ fn service_fields_ports_and_headless() {
 #[test]
 fn endpoints_by_selector_with_named_target_ports() {
     let mut t = translator();
-    let mut svc = service("shop", "web", Some(&[("app", "web")]), "10.96.0.10");
+    let mut svc = service("shop", "web", Some(&[("app", "web")]), "198.19.0.10");
     svc.ports = vec![
         tcp("http", 80, TargetPort::Number(8080)),
         tcp("grpc", 9000, TargetPort::Name("grpc".into())),
@@ -386,7 +386,7 @@ fn endpoints_by_selector_with_named_target_ports() {
 fn endpoints_by_endpoint_slice_for_selector_less_services() {
     let mut t = translator();
     let updates = t.apply(vec![
-        up_svc(service("shop", "ext", None, "10.96.0.20")),
+        up_svc(service("shop", "ext", None, "198.19.0.20")),
         up_pod(pod("shop", "a", "198.18.0.1", &[])),
         up_pod(pod("shop", "b", "198.18.0.2", &[])),
         slice("shop", "ext-1", "ext", &["a"]),
@@ -417,7 +417,7 @@ fn endpoints_by_endpoint_slice_for_selector_less_services() {
         "shop",
         "sel",
         Some(&[("x", "y")]),
-        "10.96.0.21",
+        "198.19.0.21",
     ))]);
     assert!(
         t.apply(vec![slice("shop", "sel-1", "sel", &["a"])])

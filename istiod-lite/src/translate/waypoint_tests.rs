@@ -22,7 +22,7 @@ fn waypoint_host(w: Option<&pb::GatewayAddress>) -> Option<(String, String, u32)
 #[test]
 fn waypoint_labels() {
     let mut t = translator();
-    let mut own = service("shop", "own", None, "10.96.0.31");
+    let mut own = service("shop", "own", None, "198.19.0.31");
     own.meta.labels = labels(&[("istio.io/use-waypoint", "svc-wp")]);
     let updates = t.apply(vec![
         namespace(
@@ -54,7 +54,7 @@ fn waypoint_labels() {
             "198.18.0.4",
             &[("gateway.networking.k8s.io/gateway-name", "wp")],
         )),
-        up_svc(service("shop", "web", None, "10.96.0.30")),
+        up_svc(service("shop", "web", None, "198.19.0.30")),
         up_svc(own),
     ]);
     let wp = |ns: &str, name: &str| {

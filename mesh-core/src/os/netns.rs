@@ -100,29 +100,14 @@ impl AsFd for NetNs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
 
     #[test]
     fn a_socket_made_inside_a_namespace_lives_there() {
         if !crate::testing::require_root("a_socket_made_inside_a_namespace_lives_there") {
             return;
         }
-        let name = format!("ambit-nsut-{}", std::process::id());
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        struct Cleanup(String);
-        impl Drop for Cleanup {
-            fn drop(&mut self) {
-                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-            }
-        }
-        let _cleanup = Cleanup(name.clone());
-        let ns = NetNs::open(format!("/run/netns/{name}")).unwrap();
+        let netns = crate::testing::netns::TestNetns::create("nsut");
+        let ns = NetNs::open(netns.path()).unwrap();
         assert_ne!(
             ns.inode().unwrap(),
             NetNs::current().unwrap().inode().unwrap()

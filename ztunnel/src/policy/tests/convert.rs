@@ -52,7 +52,7 @@ fn full_policy_converts() {
         not_principals: vec![sm(MatchType::Suffix("/sa/bot".into()))],
         namespaces: vec![sm(MatchType::Prefix("sh".into()))],
         not_namespaces: vec![sm(MatchType::Presence(true))],
-        source_ips: vec![block(&[10, 0, 0, 0], 8)],
+        source_ips: vec![block(&[198, 18, 0, 0], 15)],
         not_source_ips: vec![block(
             &[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             8,
@@ -84,7 +84,7 @@ rules:
       notPrincipals: ["*/sa/bot"]
       namespaces: ["sh*"]
       notNamespaces: ["*"]
-      sourceIps: ["10.0.0.0/8"]
+      sourceIps: ["198.18.0.0/15"]
       notSourceIps: ["fd00::/8"]
       destinationIps: ["198.18.0.10/32"]
       notDestinationIps: ["198.19.0.0/16"]
@@ -112,7 +112,7 @@ fn bad_values_name_policy_and_field() {
     let cases: Vec<(proto::Match, &str, Problem)> = vec![
         (
             proto::Match {
-                source_ips: vec![block(&[10, 0, 0, 0], 8), block(&[10, 0, 0], 8)],
+                source_ips: vec![block(&[198, 18, 0, 0], 15), block(&[198, 18, 0], 15)],
                 ..Default::default()
             },
             "source_ips[1]",
@@ -260,7 +260,7 @@ fn bad_top_level_fields() {
 #[test]
 fn error_message_reads_well() {
     let m = proto::Match {
-        source_ips: vec![block(&[10, 0, 0, 0, 0], 8)],
+        source_ips: vec![block(&[198, 18, 0, 0, 0], 15)],
         ..Default::default()
     };
     let err = convert(with_match(m)).unwrap_err();

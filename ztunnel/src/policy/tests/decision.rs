@@ -19,7 +19,7 @@ const NO_SCRAPERS: &str = r#"{name: no-scrapers, namespace: shop, scope: NAMESPA
 #[test]
 fn denied_by_deny_names_policy_rule_and_field() {
     assert_eq!(
-        decide(&[NO_SCRAPERS], Some(("elsewhere", "bot")), "10.0.0.1", 80),
+        decide(&[NO_SCRAPERS], Some(("elsewhere", "bot")), "198.18.0.1", 80),
         r#"denied by DENY policy shop/no-scrapers rule 0: source namespace "elsewhere" matched"#
     );
 }
@@ -30,13 +30,13 @@ fn allowed_by_allow_shows_the_wildcard_pattern() {
       rules: [{}, {clauses: [{matches: [{principals: ["cluster.local/ns/shop/*"]}]}]}]}"#;
     // Rule 0 has no clauses, so it decides first.
     assert_eq!(
-        decide(&[policy], Some(("shop", "cart")), "10.0.0.1", 80),
+        decide(&[policy], Some(("shop", "cart")), "198.18.0.1", 80),
         "allowed by ALLOW policy shop/shop-peers rule 0: the rule has no conditions"
     );
     let policy = r#"{name: shop-peers, namespace: shop, scope: NAMESPACE,
       rules: [{clauses: [{matches: [{principals: ["cluster.local/ns/shop/*"]}]}]}]}"#;
     assert_eq!(
-        decide(&[policy], Some(("shop", "cart")), "10.0.0.1", 80),
+        decide(&[policy], Some(("shop", "cart")), "198.18.0.1", 80),
         r#"allowed by ALLOW policy shop/shop-peers rule 0: source principal "cluster.local/ns/shop/sa/cart" matched "cluster.local/ns/shop/*""#
     );
 }
@@ -53,12 +53,12 @@ fn evidence_for_each_field() {
             r#"source namespace "shop" is not in notNamespaces"#,
         ),
         (
-            r#"{sourceIps: ["10.0.0.0/8"]}"#,
-            "source IP 10.0.0.1 matched 10.0.0.0/8",
+            r#"{sourceIps: ["198.18.0.0/15"]}"#,
+            "source IP 198.18.0.1 matched 198.18.0.0/15",
         ),
         (
             r#"{notSourceIps: ["fd00::/8"]}"#,
-            "source IP 10.0.0.1 is not in notSourceIps",
+            "source IP 198.18.0.1 is not in notSourceIps",
         ),
         (
             r#"{destinationIps: ["198.18.0.0/15"]}"#,
@@ -84,7 +84,7 @@ fn evidence_for_each_field() {
             "{{name: p, namespace: shop, scope: NAMESPACE, action: DENY, \
              rules: [{{clauses: [{{matches: [{m}]}}]}}]}}"
         );
-        let got = decide(&[&policy], Some(("shop", "cart")), "10.0.0.1", 80);
+        let got = decide(&[&policy], Some(("shop", "cart")), "198.18.0.1", 80);
         assert_eq!(
             got,
             format!("denied by DENY policy shop/p rule 0: {reason}"),
@@ -98,7 +98,7 @@ fn plaintext_source_reads_as_no_identity() {
     let policy = r#"{name: mtls-only, namespace: shop, scope: NAMESPACE, action: DENY,
       rules: [{clauses: [{matches: [{notPrincipals: ["*"]}]}]}]}"#;
     assert_eq!(
-        decide(&[policy], None, "10.0.0.1", 80),
+        decide(&[policy], None, "198.18.0.1", 80),
         "denied by DENY policy shop/mtls-only rule 0: source has no identity, so notPrincipals held"
     );
 }
@@ -106,11 +106,11 @@ fn plaintext_source_reads_as_no_identity() {
 #[test]
 fn allowed_without_policy_says_why() {
     assert_eq!(
-        decide(&[], None, "10.0.0.1", 80),
+        decide(&[], None, "198.18.0.1", 80),
         "allowed: no authorization policy applies"
     );
     assert_eq!(
-        decide(&[NO_SCRAPERS], Some(("shop", "cart")), "10.0.0.1", 80),
+        decide(&[NO_SCRAPERS], Some(("shop", "cart")), "198.18.0.1", 80),
         "allowed: no DENY policy matched and no ALLOW policy applies"
     );
 }
@@ -121,7 +121,7 @@ fn dry_run_is_appended() {
       rules: [{clauses: [{matches: [{destinationPorts: [80]}]}]}]}"#;
     let dry_allow = "{name: maybe, namespace: shop, scope: NAMESPACE, dryRun: true}";
     assert_eq!(
-        decide(&[dry, dry_allow], Some(("shop", "cart")), "10.0.0.1", 80),
+        decide(&[dry, dry_allow], Some(("shop", "cart")), "198.18.0.1", 80),
         "allowed: no authorization policy applies; \
          dry-run DENY policy shop/audit would deny (rule 0: destination port 80 matched); \
          dry-run ALLOW policy shop/maybe would not match"
@@ -135,7 +135,7 @@ fn decision_json_for_the_admin_endpoint() {
     let bot = id("elsewhere", "bot");
     let decision = set.evaluate(
         &dst("shop", &none),
-        &conn(Some(&bot), "10.0.0.1", "198.18.0.10", 80),
+        &conn(Some(&bot), "198.18.0.1", "198.18.0.10", 80),
     );
     let json = serde_json::to_value(&decision).unwrap();
     assert_eq!(

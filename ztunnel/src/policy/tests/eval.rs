@@ -72,7 +72,7 @@ const NOT_EVIL: &str = r#"
 
 const NOT_SRC_NET: &str = r#"
 {name: not-lab, namespace: shop, scope: NAMESPACE, action: DENY,
- rules: [{clauses: [{matches: [{notSourceIps: ["10.0.0.0/8", "fd00::/8"]}]}]}]}
+ rules: [{clauses: [{matches: [{notSourceIps: ["198.18.0.0/15", "fd00::/8"]}]}]}]}
 "#;
 
 const NOT_DST_IP: &str = r#"
@@ -87,7 +87,7 @@ const NOT_ADMIN_PORT: &str = r#"
 
 const SRC_NETS: &str = r#"
 {name: lab, namespace: shop, scope: NAMESPACE,
- rules: [{clauses: [{matches: [{sourceIps: ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]}]}]}]}
+ rules: [{clauses: [{matches: [{sourceIps: ["198.18.0.0/15", "fd00::/8", "192.0.2.7"]}]}]}]}
 "#;
 
 const DST_NET_V6: &str = r#"
@@ -169,7 +169,7 @@ rules:
 
 const FIELDS_AND: &str = r#"
 {name: fe-from-lab, namespace: shop, scope: NAMESPACE,
- rules: [{clauses: [{matches: [{namespaces: ["shop"], sourceIps: ["10.0.0.0/8"]}]}]}]}
+ rules: [{clauses: [{matches: [{namespaces: ["shop"], sourceIps: ["198.18.0.0/15"]}]}]}]}
 "#;
 
 fn case(name: &'static str, policies: &'static [&'static str], want: Want) -> Case {
@@ -179,7 +179,7 @@ fn case(name: &'static str, policies: &'static [&'static str], want: Want) -> Ca
         dst_ns: "shop",
         dst_labels: &[],
         src: Some(("shop", "frontend")),
-        src_ip: "10.1.2.3",
+        src_ip: "198.18.2.3",
         dst_ip: "198.18.0.10",
         port: 8080,
         want,
@@ -222,7 +222,7 @@ fn cases() -> Vec<Case> {
         Case { port: 9000, ..case("notDestinationPorts: listed denied", &[NOT_ADMIN_PORT], NoAllowMatched) },
         case("sourceIps v4 block", &[SRC_NETS], AllowedBy("shop/lab", 0)),
         Case { src_ip: "fd12:3456::1", ..case("sourceIps v6 block", &[SRC_NETS], AllowedBy("shop/lab", 0)) },
-        Case { src_ip: "::ffff:10.9.9.9", ..case("sourceIps v4-mapped v6", &[SRC_NETS], AllowedBy("shop/lab", 0)) },
+        Case { src_ip: "::ffff:198.18.9.9", ..case("sourceIps v4-mapped v6", &[SRC_NETS], AllowedBy("shop/lab", 0)) },
         Case { src_ip: "192.0.2.7", ..case("sourceIps bare address", &[SRC_NETS], AllowedBy("shop/lab", 0)) },
         Case { src_ip: "192.0.2.8", ..case("sourceIps bare address is /32", &[SRC_NETS], NoAllowMatched) },
         Case { src_ip: "2001:db8::1", ..case("sourceIps v6 outside", &[SRC_NETS], NoAllowMatched) },
@@ -302,7 +302,7 @@ fn dry_run_results_are_reported() {
     let cart = id("shop", "cart");
     let decision = set.evaluate(
         &dst("shop", &none),
-        &conn(Some(&cart), "10.0.0.1", "198.18.0.10", 80),
+        &conn(Some(&cart), "198.18.0.1", "198.18.0.10", 80),
     );
     assert!(!decision.allowed, "{decision}");
     let reported: Vec<_> = decision
@@ -326,7 +326,7 @@ fn no_allow_matched_lists_the_allow_policies_considered() {
     let cart = id("shop", "cart");
     let decision = set.evaluate(
         &dst("shop", &none),
-        &conn(Some(&cart), "10.0.0.1", "198.18.0.10", 9090),
+        &conn(Some(&cart), "198.18.0.1", "198.18.0.10", 9090),
     );
     assert!(!decision.allowed);
     assert_eq!(
@@ -344,7 +344,7 @@ fn global_policies_come_before_namespace_ones() {
     let fe = id("shop", "frontend");
     let decision = set.evaluate(
         &dst("shop", &none),
-        &conn(Some(&fe), "10.0.0.1", "198.18.0.10", 80),
+        &conn(Some(&fe), "198.18.0.1", "198.18.0.10", 80),
     );
     assert_eq!(decision.policy.as_deref(), Some("istio-system/z-global"));
 }

@@ -17,7 +17,7 @@ rules:
       notPrincipals: ["*/sa/bot"]
     - namespaces: ["*"]
       notNamespaces: ["evil"]
-      sourceIps: ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
+      sourceIps: ["198.18.0.0/15", "fd00::/8", "192.0.2.7"]
   - matches:
     - destinationPorts: [8080, 8443]
       notDestinationIps: ["198.18.0.0/15"]
@@ -138,7 +138,7 @@ fn yaml_refusals() {
             "unknown field `ports`",
         ),
         (
-            "{name: p, namespace: shop, scope: NAMESPACE, rules: [{clauses: [{matches: [{sourceIps: [10.0.0.0/33]}]}]}]}",
+            "{name: p, namespace: shop, scope: NAMESPACE, rules: [{clauses: [{matches: [{sourceIps: [198.18.0.0/33]}]}]}]}",
             "invalid IP block",
         ),
         (
