@@ -239,13 +239,14 @@ pub async fn watch_local_state(
                 );
                 store.replace(state.into_state());
                 let digest = format!("{:016x}", digest(&bytes));
-                tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, %digest, "local state applied");
+                // The status first: whoever reads the log line then sees it.
                 report(&status, None);
+                tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, %digest, "local state applied");
                 synced.send_if_modified(|s| !std::mem::replace(s, true));
             }
             Err(e) => {
-                tracing::error!(error = %e, "local state refused; keeping the last good state");
                 report(&status, Some(e.to_string()));
+                tracing::error!(error = %e, "local state refused; keeping the last good state");
             }
         }
         last = Some(bytes);

@@ -348,7 +348,7 @@ fn bad_files_are_refused_naming_path_item_and_field() {
 async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.yaml");
-    std::fs::write(&path, FILE).unwrap();
+    write_whole(&path, FILE).unwrap();
     let store = Arc::new(StateStore::default());
     let status = Arc::new(Mutex::new(None));
     let (trigger, watcher) = mesh_core::drain::channel();
@@ -367,7 +367,7 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     assert!(*synced.borrow(), "synced at the first state applied");
 
     // A broken file: reported, and the state stays.
-    std::fs::write(&path, "workloads: [").unwrap();
+    write_whole(&path, "workloads: [").unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while status.lock().unwrap().is_none() {
         assert!(
@@ -387,7 +387,7 @@ async fn the_watcher_applies_changes_and_keeps_the_last_good_state() {
     assert_eq!(store.snapshot().workloads().count(), 4);
 
     // Fixed: applied, and the report clears.
-    std::fs::write(&path, FILE.replace("  - uid: legacy", "  - uid: legacy2")).unwrap();
+    write_whole(&path, FILE.replace("  - uid: legacy", "  - uid: legacy2")).unwrap();
     versions.changed().await.unwrap();
     assert!(store.snapshot().workload("legacy2").is_some());
     assert!(status.lock().unwrap().is_none());
@@ -516,4 +516,12 @@ fn mesh_wide_policies_come_from_the_configured_root_namespace() {
     );
     store.replace(state(&deny_all_in("mesh-root")));
     assert!(!allowed(&store), "replacements keep the root namespace");
+}
+
+/// Writes `text` to `path` whole: a temp file renamed over it, so the watcher
+/// never reads a half-written (or truncated, empty: a valid empty state) file.
+fn write_whole(path: &std::path::Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
