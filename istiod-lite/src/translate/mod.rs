@@ -326,7 +326,11 @@ fn mark(store: &Store, key: &ObjectKey, old: Option<&Object>, dirty: &mut Dirty)
                 }
             }
         }
-        Kind::ServiceAccount | Kind::Gateway | Kind::HttpRoute | Kind::DestinationRule => {}
+        Kind::ServiceAccount
+        | Kind::Gateway
+        | Kind::HttpRoute
+        | Kind::DestinationRule
+        | Kind::PeerAuthentication => {}
     }
 }
 
