@@ -115,6 +115,7 @@ fn object_json(o: &Object) -> serde_json::Value {
         Object::Gateway(x) => serde_json::to_value(x),
         Object::HttpRoute(x) => serde_json::to_value(x),
         Object::AuthorizationPolicy(x) => serde_json::to_value(x),
+        Object::PeerAuthentication(x) => serde_json::to_value(x),
         Object::DestinationRule(x) => serde_json::to_value(x),
     };
     json!({ "key": o.key().to_string(), "object": value.unwrap_or_default() })

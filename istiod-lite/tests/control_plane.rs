@@ -419,3 +419,67 @@ async fn a_restarted_istiod_resumes_clients_without_resending() {
     assert_eq!(sent, 1, "{debug:?}");
     app.shutdown().await;
 }
+
+/// A PeerAuthentication in the config directory reaches ztunnel as the DENY
+/// policy that refuses plaintext; a namespace override changes its scope; a
+/// malformed one is reported with its field while the last good one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_authentication_reaches_a_client_as_a_plaintext_deny() {
+    let s = setup();
+    let strict = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+";
+    write(&s.config, "mesh-pa.yaml", strict);
+    let app = App::start(Config::try_parse_from(&s.args).unwrap())
+        .await
+        .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let (_status, _client) = start_client(&control_plane(&app, "token-one"), recorder.clone());
+    let global = "istio-system/istio_converted_static_strict";
+    eventually("the mesh-wide STRICT policy", || {
+        recorder.names(A).contains(&global.to_string())
+    })
+    .await;
+    let a = recorder.authorization(global).unwrap();
+    assert_eq!(a.scope, ambit_proto::security::Scope::Global as i32);
+    assert_eq!(a.action, ambit_proto::security::Action::Deny as i32);
+    assert!(format!("{a:?}").contains("Presence(true)"), "{a:?}");
+
+    // shop opts out: no GLOBAL policy any more, shop's pods take plaintext.
+    let open = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: open, namespace: shop}
+spec: {mtls: {mode: PERMISSIVE}}
+";
+    write(&s.config, "shop-pa.yaml", open);
+    eventually("the GLOBAL policy withdrawn", || {
+        let names = recorder.names(A);
+        !names.contains(&global.to_string())
+            && names.contains(&"istio-system/istio_converted_namespace_strict".to_string())
+            && !names.iter().any(|n| n.starts_with("shop/istio_converted"))
+    })
+    .await;
+
+    // A typo in the mode is reported with its field; the last good policy stays.
+    write(
+        &s.config,
+        "shop-pa.yaml",
+        &open.replace("PERMISSIVE", "permissive"),
+    );
+    let mut errors = String::new();
+    for _ in 0..200 {
+        errors = get(app.admin_addr, "/debug/errors").await;
+        if errors.contains("spec.mtls.mode") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        errors.contains("shop-pa.yaml") && errors.contains("spec.mtls.mode"),
+        "{errors}"
+    );
+    assert!(!recorder.names(A).contains(&global.to_string()));
+    app.shutdown().await;
+}

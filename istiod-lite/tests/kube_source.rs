@@ -338,6 +338,22 @@ async fn authorization_policies_are_read_from_v1beta1_when_v1_is_not_served() {
 }
 
 #[tokio::test]
+async fn peer_authentications_are_read_from_v1beta1_when_v1_is_not_served() {
+    let server = FakeApiServer::start().await;
+    server.serve_at("PeerAuthentication", "security.istio.io/v1beta1");
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    }));
+    let mut h = Harness::start(server).await;
+    h.synced().await;
+    let strict = key(Kind::PeerAuthentication, "shop", "strict");
+    assert!(h.seen.objects.contains_key(&strict), "in the first view");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn no_authorization_policy_api_is_an_error_not_an_empty_list() {
     let server = FakeApiServer::start().await;
     server.set_served("AuthorizationPolicy", false);

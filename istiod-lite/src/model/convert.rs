@@ -7,6 +7,7 @@
 //! object as far as its metadata could be read.
 
 mod cluster;
+mod peer_auth;
 mod policy;
 mod traffic;
 
@@ -96,7 +97,9 @@ fn served_versions(kind: Kind) -> &'static [&'static str] {
             "gateway.networking.k8s.io/v1",
             "gateway.networking.k8s.io/v1beta1",
         ],
-        Kind::AuthorizationPolicy => &["security.istio.io/v1", "security.istio.io/v1beta1"],
+        Kind::AuthorizationPolicy | Kind::PeerAuthentication => {
+            &["security.istio.io/v1", "security.istio.io/v1beta1"]
+        }
         Kind::DestinationRule => &[
             "networking.istio.io/v1",
             "networking.istio.io/v1beta1",
@@ -170,6 +173,9 @@ fn decode(kind: Kind, value: Value) -> Checked<Object> {
         Kind::DestinationRule => traffic::destination_rule(value).map(Object::DestinationRule),
         Kind::AuthorizationPolicy => {
             policy::authorization_policy(value).map(Object::AuthorizationPolicy)
+        }
+        Kind::PeerAuthentication => {
+            peer_auth::peer_authentication(value).map(Object::PeerAuthentication)
         }
     }
 }

@@ -7,11 +7,13 @@
 
 mod convert;
 mod objects;
+mod peer_auth;
 
 use std::fmt;
 
 pub use convert::from_json;
 pub use objects::*;
+pub use peer_auth::*;
 
 /// The kinds istiod-lite reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -24,12 +26,13 @@ pub enum Kind {
     Gateway,
     HttpRoute,
     AuthorizationPolicy,
+    PeerAuthentication,
     DestinationRule,
 }
 
 impl Kind {
     /// Every kind, in the order a source should load them (namespaces first).
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Pod,
@@ -38,6 +41,7 @@ impl Kind {
         Kind::Gateway,
         Kind::HttpRoute,
         Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
         Kind::DestinationRule,
     ];
 
@@ -52,6 +56,7 @@ impl Kind {
             Kind::Gateway => ("gateway.networking.k8s.io/v1", "Gateway"),
             Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRoute"),
             Kind::AuthorizationPolicy => ("security.istio.io/v1", "AuthorizationPolicy"),
+            Kind::PeerAuthentication => ("security.istio.io/v1", "PeerAuthentication"),
             Kind::DestinationRule => ("networking.istio.io/v1", "DestinationRule"),
         }
     }
@@ -107,6 +112,7 @@ pub enum Object {
     Gateway(Gateway),
     HttpRoute(HttpRoute),
     AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
     DestinationRule(DestinationRule),
 }
 
@@ -121,6 +127,7 @@ impl Object {
             Object::Gateway(o) => &o.meta,
             Object::HttpRoute(o) => &o.meta,
             Object::AuthorizationPolicy(o) => &o.meta,
+            Object::PeerAuthentication(o) => &o.meta,
             Object::DestinationRule(o) => &o.meta,
         }
     }
@@ -135,6 +142,7 @@ impl Object {
             Object::Gateway(_) => Kind::Gateway,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }

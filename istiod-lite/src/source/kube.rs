@@ -52,20 +52,23 @@ pub fn api_resource(kind: Kind) -> ApiResource {
 }
 
 /// The versions a kind is watched at, in order of preference: an
-/// AuthorizationPolicy falls back to `v1beta1`, the only one Istio before 1.22
-/// serves (same schema).
+/// AuthorizationPolicy or PeerAuthentication falls back to `v1beta1`, the only
+/// one Istio before 1.22 serves (same schema).
 fn watched_versions(kind: Kind) -> Vec<&'static str> {
     match kind {
-        Kind::AuthorizationPolicy => vec!["security.istio.io/v1", "security.istio.io/v1beta1"],
+        Kind::AuthorizationPolicy | Kind::PeerAuthentication => {
+            vec!["security.istio.io/v1", "security.istio.io/v1beta1"]
+        }
         _ => vec![kind.api().0],
     }
 }
 
 /// A kind that must be listed before the source reports synced, even when the
 /// API server does not serve it: without AuthorizationPolicies, the proxies
-/// would allow what the policies deny.
+/// would allow what the policies deny; without PeerAuthentications, they would
+/// accept plaintext that a STRICT policy refuses.
 fn required_when_missing(kind: Kind) -> bool {
-    kind == Kind::AuthorizationPolicy
+    matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
 }
 
 /// The API resource of a kind at one of its versions.
@@ -81,6 +84,7 @@ fn api_resource_at(kind: Kind, api_version: &str) -> ApiResource {
         Kind::Gateway => "gateways",
         Kind::HttpRoute => "httproutes",
         Kind::AuthorizationPolicy => "authorizationpolicies",
+        Kind::PeerAuthentication => "peerauthentications",
         Kind::DestinationRule => "destinationrules",
     };
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind_name), plural)
@@ -177,9 +181,10 @@ impl KubeSource {
     /// [`SourceEvent::Synced`] once every kind has finished its first list; a
     /// kind whose resource does not exist (CRD not installed) counts as listed
     /// and empty, and is retried with backoff until it appears. Except
-    /// AuthorizationPolicy: read at `v1`, else `v1beta1`; served at neither, it
-    /// is reported (origin `kube:AuthorizationPolicy:api`) and the source does not
-    /// sync until it is, since proxies without their policies would fail open.
+    /// AuthorizationPolicy and PeerAuthentication: read at `v1`, else `v1beta1`;
+    /// served at neither, it is reported (origin `kube:<Kind>:api`) and the
+    /// source does not sync until it is, since proxies without their policies
+    /// would fail open.
     pub async fn run(self, tx: mpsc::Sender<SourceEvent>, drain: DrainWatcher) {
         let (listed_tx, mut listed_rx) = mpsc::channel::<Kind>(Kind::ALL.len());
         let mut tasks = JoinSet::new();
@@ -523,6 +528,12 @@ mod tests {
         let ap = api_resource(Kind::AuthorizationPolicy);
         assert_eq!(ap.api_version, "security.istio.io/v1");
         assert_eq!(ap.plural, "authorizationpolicies");
+        let pa = api_resource_at(Kind::PeerAuthentication, "security.istio.io/v1beta1");
+        assert_eq!(pa.api_version, "security.istio.io/v1beta1");
+        assert_eq!(pa.plural, "peerauthentications");
+        // Without PeerAuthentications, ztunnel would accept plaintext STRICT refuses.
+        assert!(required_when_missing(Kind::PeerAuthentication));
+        assert_eq!(watched_versions(Kind::PeerAuthentication).len(), 2);
         let route = api_resource(Kind::HttpRoute);
         assert_eq!(route.group, "gateway.networking.k8s.io");
         assert_eq!(route.kind, "HTTPRoute");

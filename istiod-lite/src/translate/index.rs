@@ -55,6 +55,14 @@ impl Store {
         Some(old)
     }
 
+    /// Every object of one kind, in namespace and name order.
+    pub(super) fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> {
+        self.objects
+            .range(ObjectKey::new(kind, "", "")..)
+            .take_while(move |(k, _)| k.kind == kind)
+            .map(|(_, o)| o)
+    }
+
     /// The objects of one kind in one namespace, in name order.
     fn in_namespace<'a>(
         &'a self,

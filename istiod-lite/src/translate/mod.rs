@@ -12,12 +12,15 @@
 //!   waypoint labels);
 //! - an EndpointSlice of a selector-less service: the workloads of the pods it
 //!   names (old and new);
-//! - an AuthorizationPolicy: that authorization.
+//! - an AuthorizationPolicy: that authorization;
+//! - a PeerAuthentication, or a pod or namespace while PeerAuthentications
+//!   exist: every PeerAuthentication's authorizations (see `peer_auth`).
 
 mod authz;
 mod encode;
 mod index;
 mod owner;
+mod peer_auth;
 mod service;
 mod workload;
 
@@ -25,6 +28,8 @@ mod workload;
 mod authz_tests;
 #[cfg(test)]
 mod incremental_tests;
+#[cfg(test)]
+mod peer_auth_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -87,6 +92,8 @@ pub struct Translator {
     services: HashSet<String>,
     /// Names of the Authorization resources sent and not removed.
     authorizations: HashSet<String>,
+    /// The Authorizations translated from PeerAuthentications, as last sent.
+    peer_auth: BTreeMap<String, bytes::Bytes>,
     /// Current translation problems, by the object they are about.
     reports: BTreeMap<ObjectKey, Vec<Report>>,
 }
@@ -99,6 +106,7 @@ impl Translator {
             workloads: HashMap::new(),
             services: HashSet::new(),
             authorizations: HashSet::new(),
+            peer_auth: BTreeMap::new(),
             reports: BTreeMap::new(),
         }
     }
@@ -113,6 +121,7 @@ impl Translator {
     /// equal content.
     pub fn apply(&mut self, changes: Vec<ObjectChange>) -> Vec<ResourceUpdate> {
         let mut dirty = Dirty::default();
+        let mut peer_auth_inputs = false;
         for change in changes {
             let (key, old) = match change {
                 ObjectChange::Upsert(object) => (object.key(), self.store.insert(object)),
@@ -122,6 +131,10 @@ impl Translator {
                 }
             };
             mark(&self.store, &key, old.as_ref(), &mut dirty);
+            peer_auth_inputs |= matches!(
+                key.kind,
+                Kind::PeerAuthentication | Kind::Pod | Kind::Namespace
+            );
             if let Some(problem) = waypoint_only(key.kind) {
                 let present = self.store.get(&key).is_some();
                 let problems = present.then(|| authz::Problem {
@@ -140,6 +153,9 @@ impl Translator {
         }
         for (ns, name) in &dirty.policies {
             updates.extend(self.update_authorization(ns, name));
+        }
+        if peer_auth_inputs {
+            updates.extend(self.update_peer_authentications());
         }
         updates
     }
@@ -169,7 +185,7 @@ impl Translator {
         (
             self.workloads.len(),
             self.services.len(),
-            self.authorizations.len(),
+            self.authorizations.len() + self.peer_auth.len(),
         )
     }
 
@@ -326,7 +342,11 @@ fn mark(store: &Store, key: &ObjectKey, old: Option<&Object>, dirty: &mut Dirty)
                 }
             }
         }
-        Kind::ServiceAccount | Kind::Gateway | Kind::HttpRoute | Kind::DestinationRule => {}
+        Kind::ServiceAccount
+        | Kind::Gateway
+        | Kind::HttpRoute
+        | Kind::DestinationRule
+        | Kind::PeerAuthentication => {}
     }
 }
 

@@ -25,7 +25,7 @@ type Body = BoxBody<Bytes, std::io::Error>;
 type WatchTx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::io::Error>>;
 
 /// `(apiVersion, kind, plural)` of every kind served.
-const RESOURCES: [(&str, &str, &str); 9] = [
+const RESOURCES: [(&str, &str, &str); 10] = [
     ("v1", "Namespace", "namespaces"),
     ("v1", "Pod", "pods"),
     ("v1", "Service", "services"),
@@ -37,6 +37,11 @@ const RESOURCES: [(&str, &str, &str); 9] = [
         "security.istio.io/v1",
         "AuthorizationPolicy",
         "authorizationpolicies",
+    ),
+    (
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        "peerauthentications",
     ),
     (
         "networking.istio.io/v1",

@@ -1,4 +1,5 @@
-//! `admit`: what a connection captured by a pod's 15006 may be relayed to.
+//! `admit`: what a connection captured by a pod's 15006 may be relayed to, and
+//! the policy a PeerAuthentication STRICT becomes refusing it.
 
 use std::net::IpAddr;
 
@@ -135,5 +136,113 @@ async fn only_the_pods_own_addresses_are_relayed() {
         text.contains("ambit_connections_denied_total{reason=\"no_original_destination\"} 1"),
         "{text}"
     );
+    app.shutdown().await;
+}
+
+/// istiod-lite's translation of a mesh-wide PeerAuthentication STRICT: a GLOBAL
+/// DENY of any connection without a peer identity, leaving out (by address) a
+/// workload whose own policy is PERMISSIVE.
+fn strict_state(cart: IpAddr, legacy: IpAddr) -> String {
+    format!(
+        r#"
+workloads:
+  - {{uid: cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: node-1, addresses: ["{cart}"]}}
+  - {{uid: legacy-1, name: legacy-1, namespace: shop, serviceAccount: legacy, node: node-1, addresses: ["{legacy}"]}}
+policies:
+  - name: istio_converted_static_strict
+    namespace: istio-system
+    scope: GLOBAL
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - notPrincipals: ["*"]
+                notDestinationIps: ["{legacy}/32"]
+"#
+    )
+}
+
+/// Under PeerAuthentication STRICT, plaintext captured on 15006 is refused by the
+/// converted policy while a connection with a peer identity (HBONE, mTLS) is
+/// allowed by the same policy set; a workload left PERMISSIVE still takes plaintext.
+#[tokio::test]
+async fn peer_authentication_strict_refuses_plaintext_and_allows_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.yaml");
+    std::fs::write(&state, strict_state(ip(23), ip(24))).unwrap();
+    let local = SocketAddr::new(ip(21), 0).to_string();
+    let config = Config::try_parse_from([
+        "ztunnel",
+        "--node-name",
+        "node-1",
+        "--local-state",
+        state.to_str().unwrap(),
+        "--admin-addr",
+        &local,
+        "--metrics-addr",
+        &local,
+        "--readiness-addr",
+        &local,
+        "--node-agent-socket",
+        dir.path().join("none.sock").to_str().unwrap(),
+    ])
+    .unwrap();
+    let app = App::start(config).await.unwrap();
+    let passthrough = |uid: &str, sa: &str, own_port| {
+        let pod = Pod {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        };
+        let net = PodNet::local(0).without_source_spoofing();
+        InboundPassthrough::new(pod, net, app.inputs.clone(), [own_port; 3])
+    };
+    for (uid, sa, addr, refused) in [
+        ("cart-1", "cart", ip(23), true),
+        ("legacy-1", "legacy", ip(24), false),
+    ] {
+        let inbound = TcpListener::bind(SocketAddr::new(addr, 0)).await.unwrap();
+        let own_port = inbound.local_addr().unwrap().port();
+        let app_port = TcpListener::bind(SocketAddr::new(addr, 0)).await.unwrap();
+        let _caller = TcpStream::connect(inbound.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (captured, src) = inbound.accept().await.unwrap();
+        let dst = app_port.local_addr().unwrap();
+        let admitted = passthrough(uid, sa, own_port)
+            .admit(&captured, src, dst, own_port)
+            .await;
+        match admitted {
+            Err(r) if refused => {
+                assert_eq!(r.reason, reason::POLICY, "{}", r.explanation);
+                assert_eq!(
+                    r.policy.as_deref(),
+                    Some("istio-system/istio_converted_static_strict")
+                );
+            }
+            Ok(_) if !refused => {}
+            Err(r) => panic!("{uid}: plaintext refused: {}", r.explanation),
+            Ok(_) => panic!("{uid}: plaintext admitted under STRICT"),
+        }
+    }
+
+    // The same connection with a verified peer identity (what HBONE carries).
+    let state = app.inputs.state.snapshot();
+    let labels = std::collections::BTreeMap::new();
+    let frontend = mesh_core::SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+    let decision = state.policies().evaluate(
+        &Destination {
+            namespace: "shop",
+            labels: &labels,
+        },
+        &Connection {
+            src_identity: Some(&frontend),
+            src_ip: ip(2),
+            dst_ip: ip(23),
+            dst_port: 8080,
+        },
+    );
+    assert!(decision.allowed, "mTLS refused: {decision}");
     app.shutdown().await;
 }

@@ -9,6 +9,7 @@ use super::from_json;
 use crate::model::{Object, ObjectError, PolicyAction, TargetPort};
 
 mod fuzz;
+mod peer_auth;
 mod policy;
 
 fn yaml(text: &str) -> Value {
