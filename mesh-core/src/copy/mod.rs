@@ -8,7 +8,9 @@
 //!
 //! A direction starts with a small buffer (cheap for the many idle connections of a
 //! node) and doubles it each time a few reads in a row fill it, up to a cap, so bulk
-//! transfers move large chunks per syscall and per HTTP/2 frame.
+//! transfers move large chunks per syscall and per HTTP/2 frame. A grown buffer is
+//! let go whenever its source runs dry (the size stays), so an idle connection
+//! holds none.
 //!
 //! This module adapts streams to the splice ([`SpliceIo`]) and counts its bytes;
 //! `splice` is the two-way copy itself ([`copy_bidirectional`]).

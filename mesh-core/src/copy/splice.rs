@@ -143,9 +143,10 @@ struct HalfCopy {
     // Where a copying reader puts its bytes. Its spare capacity is never zeroed (a
     // connection that moves 64 bytes touches one page, not 16 KiB), and once the
     // chunks split off it are written and dropped, it reuses the same allocation.
-    // Grown for a burst, it is let go when the source runs dry with a partial
-    // read, so a long-lived connection that once moved a bulk transfer does not
-    // keep `MAX_BUFFER` for the rest of its life.
+    // Grown past the first size, it is let go whenever the source runs dry (the
+    // size it grew to stays: the next burst allocates once, at that size), so a
+    // long-lived connection that once moved a bulk transfer holds no large
+    // buffer while it idles.
     buf: BytesMut,
     // What a read may take now: `INITIAL_BUFFER`, doubling up to `MAX_BUFFER`.
     size: usize,
@@ -211,7 +212,7 @@ impl HalfCopy {
                         }));
                     }
                     Poll::Pending => {
-                        self.shrink_if_drained();
+                        self.release_if_grown();
                         // Nothing more to read now: push out what was written.
                         if self.need_flush {
                             ready!(writer.poll_flush_chunks(cx)).map_err(write_err)?;
@@ -264,7 +265,9 @@ impl HalfCopy {
             return;
         }
         for _ in 0..TURNS_BEFORE_YIELD {
-            self.buf.reserve(self.size);
+            if reader.reads_into_buffer() {
+                self.buf.reserve(self.size);
+            }
             match reader.poll_read_chunk(cx, &mut self.buf) {
                 Poll::Ready(Ok(chunk)) if !chunk.is_empty() => drop(chunk),
                 Poll::Ready(_) => {
@@ -277,12 +280,11 @@ impl HalfCopy {
         cx.waker().wake_by_ref();
     }
 
-    /// The source has nothing more now and the last read did not fill the
-    /// buffer: the burst is over. A grown buffer goes (an idle connection holds
-    /// none beyond the first size), and the next burst grows it again.
-    fn shrink_if_drained(&mut self) {
-        if self.full_reads == 0 && self.size > INITIAL_BUFFER {
-            self.size = INITIAL_BUFFER;
+    /// The source has nothing more now: a buffer grown past the first size is
+    /// let go, so an idle connection holds none. The size stays, and the next
+    /// read allocates it anew, once.
+    fn release_if_grown(&mut self) {
+        if self.buf.capacity() > INITIAL_BUFFER {
             self.buf = BytesMut::new();
         }
     }
@@ -385,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn a_grown_buffer_goes_once_the_burst_is_over() {
+    fn a_grown_buffer_is_let_go_while_idle_and_the_next_burst_reads_large_at_once() {
         let mut h = HalfCopy::new();
         let mut reads: VecDeque<_> = std::iter::repeat_n(Some(usize::MAX), 16).collect();
         reads.extend([Some(10), None]);
@@ -399,12 +401,32 @@ mod tests {
             "the buffer never grew: {:?}",
             reader.room
         );
-        assert_eq!(h.size, INITIAL_BUFFER);
-        assert_eq!(h.buf.capacity(), 0, "the grown buffer is still held");
-        // The next read starts small again.
-        reader.reads = [Some(usize::MAX)].into();
-        assert!(matches!(run(&mut h, &mut reader), Poll::Ready(Ok(_))));
-        assert!(*reader.room.last().unwrap() < MAX_BUFFER);
+        assert_eq!(h.buf.capacity(), 0, "the grown buffer is held while idle");
+        // The next burst, however it starts, reads at the size learned.
+        reader.reads = [Some(10), None].into();
+        assert!(run(&mut h, &mut reader).is_pending());
+        assert!(
+            *reader.room.last().unwrap() >= MAX_BUFFER,
+            "{:?}",
+            reader.room
+        );
+        assert_eq!(h.size, MAX_BUFFER);
+    }
+
+    #[test]
+    fn a_small_buffer_is_kept_while_idle() {
+        let mut h = HalfCopy::new();
+        let mut reader = Script {
+            reads: [Some(64), None, Some(64)].into(),
+            ..Script::default()
+        };
+        assert!(run(&mut h, &mut reader).is_pending());
+        assert_eq!(h.buf.capacity(), INITIAL_BUFFER, "the small buffer is kept");
+        assert!(matches!(run(&mut h, &mut reader), Poll::Ready(Ok(128))));
+        assert_eq!(
+            reader.at[0], reader.at[1],
+            "the same buffer serves both reads"
+        );
     }
 
     #[test]
