@@ -206,10 +206,13 @@ pub enum PolicyAction {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyRule {
+    /// `None` when absent (no condition on the source); a list written empty is
+    /// refused, as Istio's validation does, rather than read as "any source".
     #[serde(default)]
-    pub from: Vec<RuleFrom>,
+    pub from: Option<Vec<RuleFrom>>,
+    /// As `from`: absent is no condition, empty is refused.
     #[serde(default)]
-    pub to: Vec<RuleTo>,
+    pub to: Option<Vec<RuleTo>>,
     #[serde(default)]
     pub when: Vec<Condition>,
 }

@@ -163,18 +163,32 @@ impl Stripped {
 /// `remoteIpBlocks` share no address).
 fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Rule> {
     let mut clauses = Vec::new();
-    let from: Vec<pb::Match> = rule
-        .from
+    // The model refuses an empty `from` / `to`; should one get here, it is not
+    // read as "no condition" silently: it is handled as a field ztunnel cannot
+    // check (the ALLOW rule drops, the DENY rule ignores it).
+    for (name, empty) in [
+        ("from", rule.from.as_ref().is_some_and(Vec::is_empty)),
+        ("to", rule.to.as_ref().is_some_and(Vec::is_empty)),
+    ] {
+        if empty {
+            stripped.push(Stripped {
+                path: format!("{path}.{name}"),
+                why: "an empty list is invalid in Istio;".into(),
+            });
+        }
+    }
+    let rule_from = rule.from.as_deref().unwrap_or_default();
+    let from: Vec<pb::Match> = rule_from
         .iter()
         .enumerate()
         .filter_map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), stripped))
         .collect();
-    if from.is_empty() && !rule.from.is_empty() {
+    if from.is_empty() && !rule_from.is_empty() {
         // Every source can never match: neither can the rule.
         return None;
     }
     clauses.extend(clause_of(from));
-    let to = rule.to.iter().enumerate().map(|(j, t)| {
+    let to = rule.to.iter().flatten().enumerate().map(|(j, t)| {
         operation_match(&t.operation, &format!("{path}.to[{j}].operation"), stripped)
     });
     clauses.extend(clause_of(to.collect()));

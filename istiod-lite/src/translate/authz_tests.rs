@@ -44,20 +44,23 @@ fn one(spec: AuthorizationPolicySpec) -> sec::Authorization {
 
 fn rule_from(sources: Vec<Source>) -> PolicyRule {
     PolicyRule {
-        from: sources
-            .into_iter()
-            .map(|source| RuleFrom { source })
-            .collect(),
+        from: Some(
+            sources
+                .into_iter()
+                .map(|source| RuleFrom { source })
+                .collect(),
+        ),
         ..Default::default()
     }
 }
 
 fn rule_to(ops: Vec<Operation>) -> PolicyRule {
     PolicyRule {
-        to: ops
-            .into_iter()
-            .map(|operation| RuleTo { operation })
-            .collect(),
+        to: Some(
+            ops.into_iter()
+                .map(|operation| RuleTo { operation })
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -262,13 +265,13 @@ fn sources_with_wildcards_and_not_forms() {
 #[test]
 fn operations_and_conditions() {
     let rule = PolicyRule {
-        to: vec![RuleTo {
+        to: Some(vec![RuleTo {
             operation: Operation {
                 ports: strings(&["80", "443"]),
                 not_ports: strings(&["8080"]),
                 ..Default::default()
             },
-        }],
+        }]),
         when: vec![
             when("source.ip", &["198.18.0.0/16"], &["198.18.1.1"]),
             when("remote.ip", &["10.0.0.0/8"], &[]),
@@ -317,7 +320,7 @@ fn operations_and_conditions() {
 #[test]
 fn from_and_to_lists_are_one_clause_each() {
     let rule = PolicyRule {
-        from: vec![
+        from: Some(vec![
             RuleFrom {
                 source: Source {
                     namespaces: strings(&["a"]),
@@ -330,8 +333,8 @@ fn from_and_to_lists_are_one_clause_each() {
                     ..Default::default()
                 },
             },
-        ],
-        to: vec![
+        ]),
+        to: Some(vec![
             RuleTo {
                 operation: Operation {
                     ports: strings(&["80"]),
@@ -344,7 +347,7 @@ fn from_and_to_lists_are_one_clause_each() {
                     ..Default::default()
                 },
             },
-        ],
+        ]),
         when: vec![],
     };
     let a = one(spec(PolicyAction::Allow, vec![rule, PolicyRule::default()]));
@@ -370,18 +373,18 @@ fn from_and_to_lists_are_one_clause_each() {
 fn l7_in_allow_drops_the_rule_and_is_reported() {
     let mut t = Translator::new(TranslateSettings::default());
     let l7 = PolicyRule {
-        from: vec![RuleFrom {
+        from: Some(vec![RuleFrom {
             source: Source {
                 principals: strings(&["x"]),
                 ..Default::default()
             },
-        }],
-        to: vec![RuleTo {
+        }]),
+        to: Some(vec![RuleTo {
             operation: Operation {
                 methods: strings(&["GET"]),
                 ..Default::default()
             },
-        }],
+        }]),
         when: vec![when("request.headers[x-a]", &["1"], &[])],
     };
     let l4 = rule_from(vec![Source {
@@ -420,19 +423,19 @@ fn l7_in_deny_is_ignored_so_it_denies_more() {
     let mut t = Translator::new(TranslateSettings::default());
     // DENY GET from x: ztunnel denies everything from x.
     let rule = PolicyRule {
-        from: vec![RuleFrom {
+        from: Some(vec![RuleFrom {
             source: Source {
                 principals: strings(&["x"]),
                 not_request_principals: strings(&["*"]),
                 ..Default::default()
             },
-        }],
-        to: vec![RuleTo {
+        }]),
+        to: Some(vec![RuleTo {
             operation: Operation {
                 not_paths: strings(&["/health"]),
                 ..Default::default()
             },
-        }],
+        }]),
         when: vec![when("request.auth.claims[iss]", &["a"], &[])],
     };
     let a = translate(&mut t, "shop", spec(PolicyAction::Deny, vec![rule])).unwrap();
@@ -532,4 +535,19 @@ fn disjoint_ip_and_remote_ip_blocks_never_match() {
     let m = only_match(&a);
     assert_eq!(m.principals, [exact("cluster.local/ns/shop/sa/web")]);
     assert!(m.source_ips.is_empty());
+}
+
+/// An empty `from` built past the model's check is never read as "any
+/// source": the ALLOW rule drops, and it is reported.
+#[test]
+fn empty_from_is_not_any_source() {
+    let mut t = Translator::new(TranslateSettings::default());
+    let empty = PolicyRule {
+        from: Some(vec![]),
+        ..Default::default()
+    };
+    let a = translate(&mut t, "shop", spec(PolicyAction::Allow, vec![empty])).unwrap();
+    assert!(a.rules.is_empty(), "{:?}", a.rules);
+    let fields: Vec<_> = t.reports().into_iter().map(|r| r.error.field).collect();
+    assert_eq!(fields, ["spec.rules[0].from"]);
 }

@@ -63,10 +63,23 @@ fn check_spec(spec: &AuthorizationPolicySpec) -> Checked<()> {
     }
     for (r, rule) in spec.rules.iter().enumerate() {
         let base = format!("spec.rules[{r}]");
-        for (f, from) in rule.from.iter().enumerate() {
+        // Istio refuses an empty `from` or `to`: read as "no condition" it would
+        // match every connection, the opposite of what a list of none says.
+        for (name, empty) in [
+            ("from", rule.from.as_ref().is_some_and(Vec::is_empty)),
+            ("to", rule.to.as_ref().is_some_and(Vec::is_empty)),
+        ] {
+            if empty {
+                return Err(Fault::new(
+                    format!("{base}.{name}"),
+                    format!("`{name}` must not be empty: remove it to set no condition"),
+                ));
+            }
+        }
+        for (f, from) in rule.from.iter().flatten().enumerate() {
             check_source(&format!("{base}.from[{f}].source"), &from.source)?;
         }
-        for (t, to) in rule.to.iter().enumerate() {
+        for (t, to) in rule.to.iter().flatten().enumerate() {
             check_operation(&format!("{base}.to[{t}].operation"), &to.operation)?;
         }
         for (w, condition) in rule.when.iter().enumerate() {

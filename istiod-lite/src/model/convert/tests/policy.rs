@@ -38,10 +38,13 @@ fn l4_policy_is_read() {
     };
     assert_eq!(p.spec.action, PolicyAction::Deny);
     assert_eq!(p.spec.selector.as_ref().unwrap().match_labels["app"], "web");
-    let source = &p.spec.rules[0].from[0].source;
+    let source = &p.spec.rules[0].from.as_ref().unwrap()[0].source;
     assert_eq!(source.ip_blocks.len(), 2);
     assert_eq!(source.ip_blocks[1].0.to_string(), "198.19.0.1/32");
-    assert_eq!(p.spec.rules[0].to[0].operation.ports, vec!["8080"]);
+    assert_eq!(
+        p.spec.rules[0].to.as_ref().unwrap()[0].operation.ports,
+        vec!["8080"]
+    );
     assert_eq!(p.spec.rules[0].when.len(), 3);
 }
 
@@ -61,7 +64,10 @@ spec:
     };
     assert_eq!(p.meta.namespace, "default");
     assert_eq!(p.spec.target_refs[0].name, "web");
-    assert_eq!(p.spec.rules[0].to[0].operation.methods, vec!["GET"]);
+    assert_eq!(
+        p.spec.rules[0].to.as_ref().unwrap()[0].operation.methods,
+        vec!["GET"]
+    );
 }
 
 #[test]
@@ -186,4 +192,26 @@ fn principals_and_namespaces_must_be_non_empty() {
     let (field, problem) = spec_err("{rules: [{from: [{source: {principals: [null]}}]}]}");
     assert_eq!(field, "spec.rules[0].from[0].source.principals[0]");
     assert!(problem.contains("null"), "{problem}");
+}
+
+/// Istio refuses `from: []` and `to: []`; read as "no condition" they would
+/// match every connection. Absent (or null) stays "no condition".
+#[test]
+fn empty_from_or_to_is_refused() {
+    let (field, problem) = spec_err("{rules: [{to: [{operation: {ports: ['80']}}]}, {from: []}]}");
+    assert_eq!(field, "spec.rules[1].from");
+    assert!(problem.contains("must not be empty"), "{problem}");
+    let (field, _) = spec_err("{rules: [{from: [{source: {namespaces: [a]}}], to: []}]}");
+    assert_eq!(field, "spec.rules[0].to");
+    let Object::AuthorizationPolicy(p) =
+        ok(&format!("{HEAD}spec: {{rules: [{{from: null}}, {{}}]}}"))
+    else {
+        panic!()
+    };
+    assert!(
+        p.spec
+            .rules
+            .iter()
+            .all(|r| r.from.is_none() && r.to.is_none())
+    );
 }
