@@ -14,14 +14,18 @@
 //! proven to match, so it allows nothing, and an ALLOW policy left without rules
 //! allows nothing at all); in a DENY policy the field is ignored, so the rule
 //! matches (and denies) more.
+//!
+//! A principal written with `spiffe://` never matches in Istio (ztunnel strips
+//! the scheme from the peer's identity, not from the pattern): it is reported
+//! and never sent; a source or condition left without principals never matches.
+
+mod fields;
 
 use ambit_proto::security as pb;
-use ambit_proto::security::string_match::MatchType;
-use ipnet::IpNet;
 
 use super::TranslateSettings;
-use super::service::ip_bytes;
-use crate::model::{AuthorizationPolicy, Condition, Operation, PolicyAction, PolicyRule, Source};
+use crate::model::{AuthorizationPolicy, PolicyAction, PolicyRule};
+use fields::{condition_match, operation_match, source_match};
 
 /// Marks a policy that is evaluated and logged but never decides.
 pub(super) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -96,10 +100,11 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
     };
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
-        let mut stripped = Vec::new();
-        let converted = convert_rule(rule, &format!("spec.rules[{i}]"), &mut stripped);
-        let enforce_without = stripped.is_empty() || action == pb::Action::Deny;
-        for field in stripped {
+        let mut found = Findings::default();
+        let converted = convert_rule(rule, &format!("spec.rules[{i}]"), &mut found);
+        out.problems.append(&mut found.notes);
+        let enforce_without = found.stripped.is_empty() || action == pb::Action::Deny;
+        for field in found.stripped {
             let effect = match action {
                 pb::Action::Allow => {
                     "the rule is dropped from this ALLOW policy (it allows nothing)"
@@ -115,8 +120,15 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
             Some(converted) if enforce_without => rules.push(converted),
             Some(_) => {}
             None => out.problems.push(Problem {
-                field: format!("spec.rules[{i}].from"),
-                problem: "no source can match: each one's ipBlocks and remoteIpBlocks share no address, so this rule never matches".into(),
+                field: format!("spec.rules[{i}]"),
+                problem: format!(
+                    "this rule never matches (see the reports on its fields), so it is left \
+                     out: {}",
+                    match action {
+                        pb::Action::Allow => "it allows nothing",
+                        pb::Action::Deny => "it denies nothing",
+                    }
+                ),
             }),
         }
     }
@@ -136,6 +148,14 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
             .unwrap_or_default(),
     });
     out
+}
+
+/// What translating one rule found: fields ztunnel cannot check, and notes on
+/// values that can never match as written.
+#[derive(Default)]
+struct Findings {
+    stripped: Vec<Stripped>,
+    notes: Vec<Problem>,
 }
 
 /// A field left out of a match because ztunnel cannot check it.
@@ -159,9 +179,9 @@ impl Stripped {
 /// the L7 part ignored it matches everything, so its clause is left out (a rule
 /// without clauses matches every connection).
 ///
-/// `None` when the rule can never match (e.g. a source whose `ipBlocks` and
-/// `remoteIpBlocks` share no address).
-fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Rule> {
+/// `None` when the rule can never match: every source, or one condition, can
+/// never match (e.g. only `spiffe://` principals).
+fn convert_rule(rule: &PolicyRule, path: &str, found: &mut Findings) -> Option<pb::Rule> {
     let mut clauses = Vec::new();
     // The model refuses an empty `from` / `to`; should one get here, it is not
     // read as "no condition" silently: it is handled as a field ztunnel cannot
@@ -171,7 +191,7 @@ fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> 
         ("to", rule.to.as_ref().is_some_and(Vec::is_empty)),
     ] {
         if empty {
-            stripped.push(Stripped {
+            found.stripped.push(Stripped {
                 path: format!("{path}.{name}"),
                 why: "an empty list is invalid in Istio;".into(),
             });
@@ -181,19 +201,21 @@ fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> 
     let from: Vec<pb::Match> = rule_from
         .iter()
         .enumerate()
-        .filter_map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), stripped))
+        .filter_map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), found))
         .collect();
     if from.is_empty() && !rule_from.is_empty() {
         // Every source can never match: neither can the rule.
         return None;
     }
     clauses.extend(clause_of(from));
-    let to = rule.to.iter().flatten().enumerate().map(|(j, t)| {
-        operation_match(&t.operation, &format!("{path}.to[{j}].operation"), stripped)
-    });
+    let to =
+        rule.to.iter().flatten().enumerate().map(|(j, t)| {
+            operation_match(&t.operation, &format!("{path}.to[{j}].operation"), found)
+        });
     clauses.extend(clause_of(to.collect()));
     for (j, condition) in rule.when.iter().enumerate() {
-        let m = condition_match(condition, &format!("{path}.when[{j}]"), stripped);
+        // A condition that can never match makes the whole rule never match.
+        let m = condition_match(condition, &format!("{path}.when[{j}]"), found)?;
         clauses.extend(clause_of(vec![m]));
     }
     Some(pb::Rule { clauses })
@@ -212,207 +234,5 @@ fn is_empty(m: &pb::Match) -> bool {
     *m == pb::Match::default()
 }
 
-/// `None` when the source can never match.
-fn source_match(source: &Source, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Match> {
-    let l7 = [
-        ("requestPrincipals", &source.request_principals),
-        ("notRequestPrincipals", &source.not_request_principals),
-    ];
-    for (field, values) in l7 {
-        if !values.is_empty() {
-            stripped.push(Stripped::l7(format!("{path}.{field}")));
-        }
-    }
-    // ztunnel sees one source address (no proxy in front adds another), so the
-    // peer's and the remote address blocks test the same address. The fields of
-    // a source all must hold: the address must be in both lists (their
-    // intersection), and in neither of the `not` lists (their union).
-    let source_ips = match (&source.ip_blocks[..], &source.remote_ip_blocks[..]) {
-        (only, []) | ([], only) => only.iter().map(|c| ip_block(&c.0)).collect(),
-        (a, b) => {
-            let common = intersect(a, b);
-            if common.is_empty() {
-                return None;
-            }
-            common.iter().map(ip_block).collect()
-        }
-    };
-    let not_blocks = |a: &[crate::model::Cidr], b: &[crate::model::Cidr]| {
-        a.iter().chain(b).map(|c| ip_block(&c.0)).collect()
-    };
-    Some(pb::Match {
-        principals: source.principals.iter().map(|p| principal(p)).collect(),
-        not_principals: source.not_principals.iter().map(|p| principal(p)).collect(),
-        namespaces: source.namespaces.iter().map(|n| string_match(n)).collect(),
-        not_namespaces: source
-            .not_namespaces
-            .iter()
-            .map(|n| string_match(n))
-            .collect(),
-        source_ips,
-        not_source_ips: not_blocks(&source.not_ip_blocks, &source.not_remote_ip_blocks),
-        ..Default::default()
-    })
-}
-
-/// The addresses in a block of `a` and in a block of `b`, as blocks: of two
-/// blocks that overlap, one contains the other.
-fn intersect(a: &[crate::model::Cidr], b: &[crate::model::Cidr]) -> Vec<IpNet> {
-    let mut common: Vec<IpNet> = Vec::new();
-    for x in a.iter().map(|c| c.0) {
-        for y in b.iter().map(|c| c.0) {
-            let inner = if x.contains(&y) {
-                y
-            } else if y.contains(&x) {
-                x
-            } else {
-                continue;
-            };
-            if !common.contains(&inner) {
-                common.push(inner);
-            }
-        }
-    }
-    common
-}
-
-fn operation_match(op: &Operation, path: &str, stripped: &mut Vec<Stripped>) -> pb::Match {
-    let l7 = [
-        ("hosts", &op.hosts),
-        ("notHosts", &op.not_hosts),
-        ("methods", &op.methods),
-        ("notMethods", &op.not_methods),
-        ("paths", &op.paths),
-        ("notPaths", &op.not_paths),
-    ];
-    for (field, values) in l7 {
-        if !values.is_empty() {
-            stripped.push(Stripped::l7(format!("{path}.{field}")));
-        }
-    }
-    let mut ports = |field: &str, values: &[String]| {
-        let parsed: Option<Vec<u32>> = values.iter().map(|v| port(v)).collect();
-        parsed.unwrap_or_else(|| {
-            stripped.push(Stripped {
-                path: format!("{path}.{field}"),
-                why: "a value is not a port 1-65535;".into(),
-            });
-            Vec::new()
-        })
-    };
-    pb::Match {
-        destination_ports: ports("ports", &op.ports),
-        not_destination_ports: ports("notPorts", &op.not_ports),
-        ..Default::default()
-    }
-}
-
-/// One `when` condition. Keys ztunnel can check: `source.ip`, `remote.ip`,
-/// `source.namespace`, `source.principal`, `destination.ip`, `destination.port`.
-fn condition_match(c: &Condition, path: &str, stripped: &mut Vec<Stripped>) -> pb::Match {
-    let mut m = pb::Match::default();
-    let parsed = match c.key.as_str() {
-        "source.ip" | "remote.ip" => blocks(c).map(|(yes, no)| {
-            m.source_ips = yes;
-            m.not_source_ips = no;
-        }),
-        "destination.ip" => blocks(c).map(|(yes, no)| {
-            m.destination_ips = yes;
-            m.not_destination_ips = no;
-        }),
-        "destination.port" => {
-            let yes: Option<Vec<u32>> = c.values.iter().map(|v| port(v)).collect();
-            let no: Option<Vec<u32>> = c.not_values.iter().map(|v| port(v)).collect();
-            yes.zip(no).map(|(yes, no)| {
-                m.destination_ports = yes;
-                m.not_destination_ports = no;
-            })
-        }
-        "source.namespace" => {
-            m.namespaces = c.values.iter().map(|v| string_match(v)).collect();
-            m.not_namespaces = c.not_values.iter().map(|v| string_match(v)).collect();
-            Some(())
-        }
-        "source.principal" => {
-            m.principals = c.values.iter().map(|v| principal(v)).collect();
-            m.not_principals = c.not_values.iter().map(|v| principal(v)).collect();
-            Some(())
-        }
-        key => {
-            let why = if key.starts_with("request.") || key.starts_with("experimental.") {
-                format!("condition key {key:?} is an L7 (HTTP) attribute and needs a waypoint;")
-            } else {
-                format!("condition key {key:?} is not one ztunnel knows;")
-            };
-            stripped.push(Stripped {
-                path: format!("{path}.key"),
-                why,
-            });
-            return pb::Match::default();
-        }
-    };
-    if parsed.is_none() {
-        stripped.push(Stripped {
-            path: format!("{path}.values"),
-            why: format!("a value does not parse for key {:?};", c.key),
-        });
-        return pb::Match::default();
-    }
-    m
-}
-
-/// A condition's values and notValues as CIDR blocks; `None` if one does not parse.
-fn blocks(c: &Condition) -> Option<(Vec<pb::IpBlock>, Vec<pb::IpBlock>)> {
-    let parse = |values: &[String]| -> Option<Vec<pb::IpBlock>> {
-        values
-            .iter()
-            .map(|v| cidr(v).map(|n| ip_block(&n)))
-            .collect()
-    };
-    Some((parse(&c.values)?, parse(&c.not_values)?))
-}
-
-fn cidr(text: &str) -> Option<IpNet> {
-    let text = text.trim();
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
-fn port(text: &str) -> Option<u32> {
-    text.trim()
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .map(u32::from)
-}
-
-fn ip_block(net: &IpNet) -> pb::IpBlock {
-    pb::IpBlock {
-        address: ip_bytes(&net.network()),
-        length: net.prefix_len().into(),
-    }
-}
-
-/// Istio's string patterns: `*` alone is presence, `*x` a suffix, `x*` a prefix,
-/// anything else exact.
-pub(super) fn string_match(pattern: &str) -> pb::StringMatch {
-    let match_type = if pattern == "*" {
-        MatchType::Presence(true)
-    } else if let Some(suffix) = pattern.strip_prefix('*') {
-        MatchType::Suffix(suffix.to_string())
-    } else if let Some(prefix) = pattern.strip_suffix('*') {
-        MatchType::Prefix(prefix.to_string())
-    } else {
-        MatchType::Exact(pattern.to_string())
-    };
-    pb::StringMatch {
-        match_type: Some(match_type),
-    }
-}
-
-/// A principal pattern; a leading `spiffe://` (which Istio's schema leaves out
-/// and ztunnel refuses) is dropped.
-fn principal(pattern: &str) -> pb::StringMatch {
-    string_match(pattern.strip_prefix("spiffe://").unwrap_or(pattern))
-}
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,140 @@
+//! Istio's own reading of what ztunnel gets: `spiffe://` principals.
+//! The shared helpers are in `translate/authz_tests.rs`.
+
+use ambit_proto::security as sec;
+
+use crate::model::{PolicyAction, PolicyRule, Source};
+use crate::translate::authz_tests::{exact, one, rule_from, spec, strings, translate, when};
+use crate::translate::{TranslateSettings, Translator};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+fn fields(t: &Translator) -> Vec<String> {
+    t.reports().into_iter().map(|r| r.error.field).collect()
+}
+
+fn holds_no_scheme(a: &sec::Authorization) {
+    assert!(!format!("{a:?}").contains("spiffe://"), "{a:?}");
+}
+
+/// ztunnel strips `spiffe://` from the peer's identity, not from the pattern:
+/// `ALLOW principals: [spiffe://...]` allows nobody.
+#[test]
+fn allow_with_spiffe_principal_allows_nobody() {
+    let mut t = Translator::new(TranslateSettings::default());
+    let src = Source {
+        principals: strings(&[WEB]),
+        ..Default::default()
+    };
+    let a = translate(
+        &mut t,
+        "shop",
+        spec(PolicyAction::Allow, vec![rule_from(vec![src])]),
+    )
+    .unwrap();
+    assert!(a.rules.is_empty(), "{:?}", a.rules);
+    assert_eq!(
+        fields(&t),
+        [
+            "spec.rules[0].from[0].source.principals[0]",
+            "spec.rules[0]"
+        ]
+    );
+    let problem = &t.reports()[0].error.problem;
+    assert!(
+        problem.contains("never matches") && problem.contains("\"cluster.local/ns/shop/sa/web\""),
+        "{problem}"
+    );
+
+    // Beside a pattern written without the scheme, only that one is kept.
+    let src = Source {
+        principals: strings(&[WEB, "cluster.local/ns/shop/sa/api"]),
+        ..Default::default()
+    };
+    let a = one(spec(PolicyAction::Allow, vec![rule_from(vec![src])]));
+    holds_no_scheme(&a);
+    assert_eq!(
+        a.rules[0].clauses[0].matches[0].principals,
+        [exact("cluster.local/ns/shop/sa/api")]
+    );
+}
+
+/// `DENY notPrincipals: [spiffe://.../good]` excludes nobody: it denies every
+/// peer. `DENY principals: [spiffe://...]` denies nobody.
+#[test]
+fn deny_with_spiffe_principals() {
+    let mut t = Translator::new(TranslateSettings::default());
+    let src = Source {
+        not_principals: strings(&["spiffe://cluster.local/ns/shop/sa/good"]),
+        ..Default::default()
+    };
+    let a = translate(
+        &mut t,
+        "shop",
+        spec(PolicyAction::Deny, vec![rule_from(vec![src])]),
+    )
+    .unwrap();
+    assert_eq!(a.rules, [sec::Rule { clauses: vec![] }], "denies everyone");
+    assert_eq!(
+        fields(&t),
+        ["spec.rules[0].from[0].source.notPrincipals[0]"]
+    );
+    assert!(t.reports()[0].error.problem.contains("every peer"));
+
+    let only_web = Source {
+        principals: strings(&[WEB]),
+        ..Default::default()
+    };
+    let other = Source {
+        namespaces: strings(&["other"]),
+        ..Default::default()
+    };
+    let a = one(spec(
+        PolicyAction::Deny,
+        vec![rule_from(vec![only_web.clone()])],
+    ));
+    assert!(a.rules.is_empty(), "denies nobody: {:?}", a.rules);
+    // Beside another source, that source alone is left out of the clause.
+    let a = one(spec(
+        PolicyAction::Deny,
+        vec![rule_from(vec![only_web, other])],
+    ));
+    let clause = &a.rules[0].clauses[0];
+    assert_eq!(clause.matches.len(), 1);
+    assert_eq!(clause.matches[0].namespaces, [exact("other")]);
+}
+
+/// `when: source.principal` follows the same rule: values with the scheme
+/// never match, notValues with it never exclude.
+#[test]
+fn spiffe_principal_conditions() {
+    let mut t = Translator::new(TranslateSettings::default());
+    let rule = PolicyRule {
+        when: vec![when("source.principal", &[WEB], &[])],
+        ..Default::default()
+    };
+    let a = translate(&mut t, "shop", spec(PolicyAction::Allow, vec![rule])).unwrap();
+    assert!(a.rules.is_empty());
+    assert_eq!(
+        fields(&t),
+        ["spec.rules[0].when[0].values[0]", "spec.rules[0]"]
+    );
+
+    let rule = PolicyRule {
+        when: vec![
+            when("source.principal", &[], &[WEB]),
+            when("source.namespace", &["shop"], &[]),
+        ],
+        ..Default::default()
+    };
+    let a = translate(&mut t, "shop", spec(PolicyAction::Deny, vec![rule])).unwrap();
+    holds_no_scheme(&a);
+    let clauses = &a.rules[0].clauses;
+    assert_eq!(
+        clauses.len(),
+        1,
+        "the notValues condition holds for everyone"
+    );
+    assert_eq!(clauses[0].matches[0].namespaces, [exact("shop")]);
+    assert_eq!(fields(&t), ["spec.rules[0].when[0].notValues[0]"]);
+}
