@@ -7,13 +7,13 @@
 //! is one clause, its `to` list (OR of operations) another, and each `when`
 //! condition one more.
 //!
-//! What ztunnel cannot check (methods, paths, hosts, request principals,
-//! `request.*` keys, values that do not parse) is reported and handled as Istio's
-//! ambient control plane does, so the result is never more permissive than the
-//! policy: in an ALLOW policy the rule holding it is dropped (it can never be
-//! proven to match, so it allows nothing, and an ALLOW policy left without rules
-//! allows nothing at all); in a DENY policy the field is ignored, so the rule
-//! matches (and denies) more.
+//! What ztunnel cannot check (methods, paths, hosts, request principals, remote
+//! IPs, `request.*` and `remote.ip` keys, values that do not parse) is reported
+//! and handled as Istio's ambient control plane does, so the result is never
+//! more permissive than the policy: in an ALLOW policy the rule holding it is
+//! dropped (it can never be proven to match, so it allows nothing, and an ALLOW
+//! policy left without rules allows nothing at all); in a DENY policy the field
+//! is ignored, so the rule matches (and denies) more.
 //!
 //! A principal written with `spiffe://` never matches in Istio (ztunnel strips
 //! the scheme from the peer's identity, not from the pattern): it is reported
@@ -169,6 +169,19 @@ impl Stripped {
         Stripped {
             path,
             why: "an L7 (HTTP) attribute needs a waypoint (use targetRefs);".into(),
+        }
+    }
+
+    /// `remoteIpBlocks` and `remote.ip`: the client's address as reported by a
+    /// proxy in front (X-Forwarded-For, PROXY protocol), which only HTTP carries;
+    /// Istio's ztunnel handles it as L7, not as the peer's address.
+    fn remote_ip(path: String) -> Self {
+        Stripped {
+            path,
+            why: "the remote IP is the client's address as HTTP reports it (X-Forwarded-For, \
+                  PROXY protocol), an L7 attribute that needs a waypoint (use targetRefs; \
+                  ipBlocks is the peer's address);"
+                .into(),
         }
     }
 }

@@ -216,10 +216,8 @@ fn sources_with_wildcards_and_not_forms() {
         not_principals: strings(&["cluster.local/ns/shop/sa/bad"]),
         namespaces: strings(&["shop", "team-*"]),
         not_namespaces: strings(&["kube-system"]),
-        ip_blocks: cidrs(&["198.18.0.0/16"]),
-        remote_ip_blocks: cidrs(&["198.18.1.0/24", "198.19.0.0/15", "198.18.0.0/16"]),
-        not_ip_blocks: cidrs(&["198.18.9.0/24"]),
-        not_remote_ip_blocks: cidrs(&["fd00::/8"]),
+        ip_blocks: cidrs(&["198.18.1.0/24", "198.18.0.0/16"]),
+        not_ip_blocks: cidrs(&["198.18.9.0/24", "fd00::/8"]),
         ..Default::default()
     };
     let a = one(spec(PolicyAction::Allow, vec![rule_from(vec![src])]));
@@ -242,7 +240,6 @@ fn sources_with_wildcards_and_not_forms() {
         ]
     );
     assert_eq!(m.not_namespaces, [exact("kube-system")]);
-    // ipBlocks and remoteIpBlocks both hold: the addresses in both lists.
     assert_eq!(
         m.source_ips,
         [block(&[198, 18, 1, 0], 24), block(&[198, 18, 0, 0], 16)]
@@ -268,7 +265,7 @@ fn operations_and_conditions() {
         }]),
         when: vec![
             when("source.ip", &["198.18.0.0/16"], &["198.18.1.1"]),
-            when("remote.ip", &["10.0.0.0/8"], &[]),
+            when("source.ip", &["10.0.0.0/8"], &[]),
             when("source.namespace", &["shop"], &["dev-*"]),
             when("source.principal", &["*"], &["cluster.local/ns/x/sa/y"]),
             when("destination.ip", &["10.96.0.10"], &["10.96.0.0/24"]),
@@ -486,48 +483,6 @@ fn each_policy_change_recomputes_only_that_authorization() {
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0].name, "shop/p7");
     assert_eq!(t.counts(), (0, 0, 50));
-}
-
-/// `ipBlocks` and `remoteIpBlocks` of one source must both hold (Istio ANDs a
-/// source's fields): with no address in common that source never matches, and
-/// a rule whose every source never matches allows (or denies) nothing.
-#[test]
-fn disjoint_ip_and_remote_ip_blocks_never_match() {
-    let disjoint = Source {
-        ip_blocks: cidrs(&["198.18.0.0/24"]),
-        remote_ip_blocks: cidrs(&["198.19.0.0/24"]),
-        ..Default::default()
-    };
-    for action in [PolicyAction::Allow, PolicyAction::Deny] {
-        let a = one(spec(action, vec![rule_from(vec![disjoint.clone()])]));
-        assert!(a.rules.is_empty(), "{action:?}: {:?}", a.rules);
-    }
-    // Said, since an ALLOW policy may now allow nothing.
-    let mut t = Translator::new(TranslateSettings::default());
-    translate(
-        &mut t,
-        "shop",
-        spec(PolicyAction::Allow, vec![rule_from(vec![disjoint.clone()])]),
-    );
-    let reports = t.reports();
-    assert!(
-        reports
-            .iter()
-            .any(|r| r.error.field == "spec.rules[0]" && r.error.problem.contains("never matches")),
-        "{reports:?}"
-    );
-    // Beside a source that can match, only that one is left.
-    let web = Source {
-        principals: strings(&["cluster.local/ns/shop/sa/web"]),
-        ..Default::default()
-    };
-    let a = one(spec(
-        PolicyAction::Allow,
-        vec![rule_from(vec![disjoint, web])],
-    ));
-    let m = only_match(&a);
-    assert_eq!(m.principals, [exact("cluster.local/ns/shop/sa/web")]);
-    assert!(m.source_ips.is_empty());
 }
 
 /// An empty `from` built past the model's check is never read as "any

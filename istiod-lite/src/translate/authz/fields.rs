@@ -21,23 +21,20 @@ pub(super) fn source_match(source: &Source, path: &str, found: &mut Findings) ->
             found.stripped.push(Stripped::l7(format!("{path}.{field}")));
         }
     }
-    // ztunnel sees one source address (no proxy in front adds another), so the
-    // peer's and the remote address blocks test the same address. The fields of
-    // a source all must hold: the address must be in both lists (their
-    // intersection), and in neither of the `not` lists (their union).
-    let source_ips = match (&source.ip_blocks[..], &source.remote_ip_blocks[..]) {
-        (only, []) | ([], only) => only.iter().map(|c| ip_block(&c.0)).collect(),
-        (a, b) => {
-            let common = intersect(a, b);
-            if common.is_empty() {
-                return None;
-            }
-            common.iter().map(ip_block).collect()
+    // The remote address is the client's as an HTTP proxy in front reports it
+    // (X-Forwarded-For, PROXY protocol): Istio's ztunnel treats it as L7.
+    let remote = [
+        ("remoteIpBlocks", &source.remote_ip_blocks),
+        ("notRemoteIpBlocks", &source.not_remote_ip_blocks),
+    ];
+    for (field, blocks) in remote {
+        if !blocks.is_empty() {
+            found
+                .stripped
+                .push(Stripped::remote_ip(format!("{path}.{field}")));
         }
-    };
-    let not_blocks = |a: &[crate::model::Cidr], b: &[crate::model::Cidr]| {
-        a.iter().chain(b).map(|c| ip_block(&c.0)).collect()
-    };
+    }
+    let ip_blocks = |blocks: &[crate::model::Cidr]| blocks.iter().map(|c| ip_block(&c.0)).collect();
     let principals_at = |field: &str| format!("{path}.{field}");
     let not_principals = principals(
         &source.not_principals,
@@ -60,31 +57,10 @@ pub(super) fn source_match(source: &Source, path: &str, found: &mut Findings) ->
             .iter()
             .map(|n| string_match(n))
             .collect(),
-        source_ips,
-        not_source_ips: not_blocks(&source.not_ip_blocks, &source.not_remote_ip_blocks),
+        source_ips: ip_blocks(&source.ip_blocks),
+        not_source_ips: ip_blocks(&source.not_ip_blocks),
         ..Default::default()
     })
-}
-
-/// The addresses in a block of `a` and in a block of `b`, as blocks: of two
-/// blocks that overlap, one contains the other.
-fn intersect(a: &[crate::model::Cidr], b: &[crate::model::Cidr]) -> Vec<IpNet> {
-    let mut common: Vec<IpNet> = Vec::new();
-    for x in a.iter().map(|c| c.0) {
-        for y in b.iter().map(|c| c.0) {
-            let inner = if x.contains(&y) {
-                y
-            } else if y.contains(&x) {
-                x
-            } else {
-                continue;
-            };
-            if !common.contains(&inner) {
-                common.push(inner);
-            }
-        }
-    }
-    common
 }
 
 pub(super) fn operation_match(op: &Operation, path: &str, found: &mut Findings) -> pb::Match {
@@ -118,7 +94,7 @@ pub(super) fn operation_match(op: &Operation, path: &str, found: &mut Findings) 
     }
 }
 
-/// One `when` condition. Keys ztunnel can check: `source.ip`, `remote.ip`,
+/// One `when` condition. Keys ztunnel can check: `source.ip`,
 /// `source.namespace`, `source.principal`, `destination.ip`, `destination.port`.
 ///
 /// `None` when the condition can never match (only `spiffe://` principals).
@@ -129,7 +105,13 @@ pub(super) fn condition_match(
 ) -> Option<pb::Match> {
     let mut m = pb::Match::default();
     let parsed = match c.key.as_str() {
-        "source.ip" | "remote.ip" => blocks(c).map(|(yes, no)| {
+        "remote.ip" => {
+            found
+                .stripped
+                .push(Stripped::remote_ip(format!("{path}.key")));
+            return Some(pb::Match::default());
+        }
+        "source.ip" => blocks(c).map(|(yes, no)| {
             m.source_ips = yes;
             m.not_source_ips = no;
         }),

@@ -1,10 +1,12 @@
-//! Istio's own reading of what ztunnel gets: `spiffe://` principals.
+//! Istio's own reading of what ztunnel gets: `spiffe://` principals, remote IPs.
 //! The shared helpers are in `translate/authz_tests.rs`.
 
 use ambit_proto::security as sec;
 
 use crate::model::{PolicyAction, PolicyRule, Source};
-use crate::translate::authz_tests::{exact, one, rule_from, spec, strings, translate, when};
+use crate::translate::authz_tests::{
+    block, cidrs, exact, one, only_match, rule_from, spec, strings, translate, when,
+};
 use crate::translate::{TranslateSettings, Translator};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -137,4 +139,76 @@ fn spiffe_principal_conditions() {
     );
     assert_eq!(clauses[0].matches[0].namespaces, [exact("shop")]);
     assert_eq!(fields(&t), ["spec.rules[0].when[0].notValues[0]"]);
+}
+
+/// `remoteIpBlocks`, `notRemoteIpBlocks` and `remote.ip` are the client's address
+/// as HTTP reports it: L7 in Istio's ztunnel, never the peer's address.
+#[test]
+fn remote_ip_is_l7() {
+    let mut t = Translator::new(TranslateSettings::default());
+    // ALLOW on a remote IP alone allows nothing.
+    let remote = Source {
+        remote_ip_blocks: cidrs(&["198.18.0.0/16"]),
+        ..Default::default()
+    };
+    let a = translate(
+        &mut t,
+        "shop",
+        spec(PolicyAction::Allow, vec![rule_from(vec![remote])]),
+    )
+    .unwrap();
+    assert!(a.rules.is_empty(), "{:?}", a.rules);
+    assert_eq!(fields(&t), ["spec.rules[0].from[0].source.remoteIpBlocks"]);
+    let problem = &t.reports()[0].error.problem;
+    assert!(
+        problem.contains("X-Forwarded-For") && problem.contains("allows nothing"),
+        "{problem}"
+    );
+
+    // DENY from istio-ingress unless the remote IP is listed: every connection
+    // from istio-ingress is denied.
+    let ingress = Source {
+        namespaces: strings(&["istio-ingress"]),
+        not_remote_ip_blocks: cidrs(&["198.18.5.0/24"]),
+        ..Default::default()
+    };
+    let a = translate(
+        &mut t,
+        "shop",
+        spec(PolicyAction::Deny, vec![rule_from(vec![ingress])]),
+    )
+    .unwrap();
+    let m = only_match(&a);
+    assert_eq!(m.namespaces, [exact("istio-ingress")]);
+    assert!(m.not_source_ips.is_empty(), "{m:?}");
+    assert_eq!(
+        fields(&t),
+        ["spec.rules[0].from[0].source.notRemoteIpBlocks"]
+    );
+    assert!(t.reports()[0].error.problem.contains("denies more"));
+
+    // DENY ipBlocks A and remoteIpBlocks B denies A.
+    let both = Source {
+        ip_blocks: cidrs(&["198.18.0.0/24"]),
+        remote_ip_blocks: cidrs(&["198.19.0.0/24"]),
+        ..Default::default()
+    };
+    let a = one(spec(PolicyAction::Deny, vec![rule_from(vec![both])]));
+    assert_eq!(only_match(&a).source_ips, [block(&[198, 18, 0, 0], 24)]);
+
+    // when: remote.ip, the same.
+    let rule = PolicyRule {
+        when: vec![when("remote.ip", &["198.18.0.0/16"], &[])],
+        ..Default::default()
+    };
+    let a = translate(
+        &mut t,
+        "shop",
+        spec(PolicyAction::Allow, vec![rule.clone()]),
+    )
+    .unwrap();
+    assert!(a.rules.is_empty());
+    assert_eq!(fields(&t), ["spec.rules[0].when[0].key"]);
+    let a = one(spec(PolicyAction::Deny, vec![rule]));
+    assert_eq!(a.rules, [sec::Rule { clauses: vec![] }]);
 }
