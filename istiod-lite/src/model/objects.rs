@@ -247,6 +247,11 @@ pub struct Source {
     pub remote_ip_blocks: Vec<Cidr>,
     #[serde(default)]
     pub not_remote_ip_blocks: Vec<Cidr>,
+    /// `ns/sa`, or a bare `sa` in the policy's namespace (istio/api#3340).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -101,7 +101,8 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let mut found = Findings::default();
-        let converted = convert_rule(rule, &format!("spec.rules[{i}]"), &mut found);
+        let at = format!("spec.rules[{i}]");
+        let converted = convert_rule(rule, namespace, &at, &mut found);
         out.problems.append(&mut found.notes);
         let enforce_without = found.stripped.is_empty() || action == pb::Action::Deny;
         for field in found.stripped {
@@ -194,7 +195,12 @@ impl Stripped {
 ///
 /// `None` when the rule can never match: every source, or one condition, can
 /// never match (e.g. only `spiffe://` principals).
-fn convert_rule(rule: &PolicyRule, path: &str, found: &mut Findings) -> Option<pb::Rule> {
+fn convert_rule(
+    rule: &PolicyRule,
+    namespace: &str,
+    path: &str,
+    found: &mut Findings,
+) -> Option<pb::Rule> {
     let mut clauses = Vec::new();
     // The model refuses an empty `from` / `to`; should one get here, it is not
     // read as "no condition" silently: it is handled as a field ztunnel cannot
@@ -214,7 +220,14 @@ fn convert_rule(rule: &PolicyRule, path: &str, found: &mut Findings) -> Option<p
     let from: Vec<pb::Match> = rule_from
         .iter()
         .enumerate()
-        .filter_map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), found))
+        .filter_map(|(j, f)| {
+            source_match(
+                &f.source,
+                namespace,
+                &format!("{path}.from[{j}].source"),
+                found,
+            )
+        })
         .collect();
     if from.is_empty() && !rule_from.is_empty() {
         // Every source can never match: neither can the rule.

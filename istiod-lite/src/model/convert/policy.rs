@@ -115,15 +115,65 @@ fn check_source(field: &str, source: &Source) -> Checked<()> {
     for (name, values) in lists {
         check_strings(&format!("{field}.{name}"), values)?;
     }
+    let accounts = [
+        ("serviceAccounts", &source.service_accounts),
+        ("notServiceAccounts", &source.not_service_accounts),
+    ];
+    for (name, values) in accounts {
+        check_service_accounts(&format!("{field}.{name}"), values)?;
+    }
+    let identity = lists[..2].iter().chain(&lists[4..]);
+    if accounts.iter().any(|(_, v)| !v.is_empty())
+        && let Some((name, _)) = identity.clone().find(|(_, v)| !v.is_empty())
+    {
+        return Err(Fault::new(
+            format!("{field}.{name}"),
+            "cannot be set with serviceAccounts or notServiceAccounts (as in Istio)",
+        ));
+    }
     let blocks: [&Vec<Cidr>; 4] = [
         &source.ip_blocks,
         &source.not_ip_blocks,
         &source.remote_ip_blocks,
         &source.not_remote_ip_blocks,
     ];
-    let empty = lists.iter().all(|(_, v)| v.is_empty()) && blocks.iter().all(|b| b.is_empty());
+    let empty = lists.iter().all(|(_, v)| v.is_empty())
+        && accounts.iter().all(|(_, v)| v.is_empty())
+        && blocks.iter().all(|b| b.is_empty());
     if empty {
         return Err(Fault::new(field, "must set at least one field"));
+    }
+    Ok(())
+}
+
+/// Istio's limit on `serviceAccounts` and `notServiceAccounts`.
+const MAX_SERVICE_ACCOUNTS: usize = 16;
+
+/// Each entry is `namespace/account` or a bare `account` (in the policy's
+/// namespace), both parts non-empty, no wildcard: Istio matches them exactly.
+fn check_service_accounts(field: &str, values: &[String]) -> Checked<()> {
+    if values.len() > MAX_SERVICE_ACCOUNTS {
+        return Err(Fault::new(
+            field,
+            format!(
+                "{} entries; at most {MAX_SERVICE_ACCOUNTS} are allowed",
+                values.len()
+            ),
+        ));
+    }
+    for (i, value) in values.iter().enumerate() {
+        let parts: Vec<&str> = value.split('/').collect();
+        let problem = if value.contains('*') {
+            "wildcards are not allowed: write `namespace/account` or `account`"
+        } else if parts.len() > 2 || parts.iter().any(|p| p.trim().is_empty()) {
+            "must be `namespace/account`, or `account` for the policy's namespace"
+        } else {
+            continue;
+        };
+        return Err(Fault::new(
+            format!("{field}[{i}]"),
+            format!("{value:?}: {problem}"),
+        ));
     }
     Ok(())
 }

@@ -10,8 +10,14 @@ use super::{Findings, Problem, Stripped};
 use crate::model::{Condition, Operation, Source};
 use crate::translate::service::ip_bytes;
 
-/// `None` when the source can never match.
-pub(super) fn source_match(source: &Source, path: &str, found: &mut Findings) -> Option<pb::Match> {
+/// `None` when the source can never match. `namespace` is the policy's: a bare
+/// service account is in it.
+pub(super) fn source_match(
+    source: &Source,
+    namespace: &str,
+    path: &str,
+    found: &mut Findings,
+) -> Option<pb::Match> {
     let l7 = [
         ("requestPrincipals", &source.request_principals),
         ("notRequestPrincipals", &source.not_request_principals),
@@ -57,10 +63,26 @@ pub(super) fn source_match(source: &Source, path: &str, found: &mut Findings) ->
             .iter()
             .map(|n| string_match(n))
             .collect(),
+        service_accounts: service_accounts(&source.service_accounts, namespace),
+        not_service_accounts: service_accounts(&source.not_service_accounts, namespace),
         source_ips: ip_blocks(&source.ip_blocks),
         not_source_ips: ip_blocks(&source.not_ip_blocks),
         ..Default::default()
     })
+}
+
+/// `ns/sa`, or a bare `sa` in `namespace` (checked when the policy was read).
+fn service_accounts(values: &[String], namespace: &str) -> Vec<pb::ServiceAccountMatch> {
+    values
+        .iter()
+        .map(|value| {
+            let (ns, sa) = value.split_once('/').unwrap_or((namespace, value));
+            pb::ServiceAccountMatch {
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+            }
+        })
+        .collect()
 }
 
 pub(super) fn operation_match(op: &Operation, path: &str, found: &mut Findings) -> pb::Match {

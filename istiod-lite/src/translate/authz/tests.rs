@@ -212,3 +212,22 @@ fn remote_ip_is_l7() {
     let a = one(spec(PolicyAction::Deny, vec![rule]));
     assert_eq!(a.rules, [sec::Rule { clauses: vec![] }]);
 }
+
+/// `serviceAccounts` become `ServiceAccountMatch`es; a bare account is in the
+/// policy's namespace.
+#[test]
+fn service_accounts_are_sent() {
+    let src = Source {
+        service_accounts: strings(&["shop/api", "web"]),
+        not_service_accounts: strings(&["other/x"]),
+        ..Default::default()
+    };
+    let a = one(spec(PolicyAction::Allow, vec![rule_from(vec![src])]));
+    let m = only_match(&a);
+    let sa = |ns: &str, sa: &str| sec::ServiceAccountMatch {
+        namespace: ns.into(),
+        service_account: sa.into(),
+    };
+    assert_eq!(m.service_accounts, [sa("shop", "api"), sa("shop", "web")]);
+    assert_eq!(m.not_service_accounts, [sa("other", "x")]);
+}

@@ -215,3 +215,46 @@ fn empty_from_or_to_is_refused() {
             .all(|r| r.from.is_none() && r.to.is_none())
     );
 }
+
+/// `serviceAccounts` / `notServiceAccounts` (istio/api#3340): `ns/sa` or a bare
+/// `sa`, at most 16, no wildcard, not beside principals or namespaces.
+#[test]
+fn service_accounts_are_read_and_checked() {
+    let Object::AuthorizationPolicy(p) = ok(&format!(
+        "{HEAD}spec: {{rules: [{{from: [{{source: {{serviceAccounts: [shop/api, web], notServiceAccounts: [other/x]}}}}]}}]}}"
+    )) else {
+        panic!()
+    };
+    let source = &p.spec.rules[0].from.as_ref().unwrap()[0].source;
+    assert_eq!(source.service_accounts, ["shop/api", "web"]);
+    assert_eq!(source.not_service_accounts, ["other/x"]);
+
+    for (accounts, field, says) in [
+        ("[shop/*]", "serviceAccounts[0]", "wildcards"),
+        ("[a, '*']", "serviceAccounts[1]", "wildcards"),
+        ("[a/b/c]", "serviceAccounts[0]", "namespace/account"),
+        ("['/api']", "serviceAccounts[0]", "namespace/account"),
+        ("['shop/']", "serviceAccounts[0]", "namespace/account"),
+    ] {
+        let (f, problem) = spec_err(&format!(
+            "{{rules: [{{from: [{{source: {{serviceAccounts: {accounts}}}}}]}}]}}"
+        ));
+        assert_eq!(
+            f,
+            format!("spec.rules[0].from[0].source.{field}"),
+            "{accounts}"
+        );
+        assert!(problem.contains(says), "{problem}");
+    }
+    let seventeen: Vec<String> = (0..17).map(|i| format!("sa{i}")).collect();
+    let (f, problem) = spec_err(&format!(
+        "{{rules: [{{from: [{{source: {{notServiceAccounts: [{}]}}}}]}}]}}",
+        seventeen.join(", ")
+    ));
+    assert_eq!(f, "spec.rules[0].from[0].source.notServiceAccounts");
+    assert!(problem.contains("16"), "{problem}");
+    let (f, problem) =
+        spec_err("{rules: [{from: [{source: {serviceAccounts: [api], notNamespaces: [x]}}]}]}");
+    assert_eq!(f, "spec.rules[0].from[0].source.notNamespaces");
+    assert!(problem.contains("serviceAccounts"), "{problem}");
+}
