@@ -168,6 +168,24 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
+impl AuthorizationPolicy {
+    /// Marks a policy that is evaluated and logged but never decides.
+    pub const DRY_RUN_ANNOTATION: &'static str = "istio.io/dry-run";
+
+    /// The dry-run annotation read as Istio reads it (Go's `strconv.ParseBool`);
+    /// `Err` with the value when it is not one of those booleans.
+    pub fn dry_run(&self) -> Result<bool, &str> {
+        match self.meta.annotations.get(Self::DRY_RUN_ANNOTATION) {
+            None => Ok(false),
+            Some(value) => match value.as_str() {
+                "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+                "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {

@@ -27,9 +27,6 @@ use super::TranslateSettings;
 use crate::model::{AuthorizationPolicy, PolicyAction, PolicyRule};
 use fields::{condition_match, operation_match, source_match};
 
-/// Marks a policy that is evaluated and logged but never decides.
-pub(super) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
-
 /// One thing in a policy ztunnel cannot honour as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Problem {
@@ -87,6 +84,21 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
             return out;
         }
     };
+    // The model refuses any other value; should one get here, the policy is
+    // not applied rather than enforced when it may have been meant as a dry run.
+    let dry_run = match policy.dry_run() {
+        Ok(dry_run) => dry_run,
+        Err(value) => {
+            out.problems.push(Problem {
+                field: format!(
+                    "metadata.annotations[{}]",
+                    AuthorizationPolicy::DRY_RUN_ANNOTATION
+                ),
+                problem: format!("{value:?} is not a boolean; the policy is not applied"),
+            });
+            return out;
+        }
+    };
     let selector = spec
         .selector
         .as_ref()
@@ -139,11 +151,7 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
         scope: scope.into(),
         action: action.into(),
         rules,
-        dry_run: policy
-            .meta
-            .annotations
-            .get(DRY_RUN_ANNOTATION)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        dry_run,
         selector: selector
             .map(|labels| labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default(),

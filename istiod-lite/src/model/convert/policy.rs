@@ -18,7 +18,22 @@ pub(super) fn authorization_policy(value: Value) -> Checked<AuthorizationPolicy>
     let meta = reduce_meta(Kind::AuthorizationPolicy, envelope.metadata)?;
     let spec = envelope.spec.unwrap_or_default();
     check_spec(&spec)?;
-    Ok(AuthorizationPolicy { meta, spec })
+    let policy = AuthorizationPolicy { meta, spec };
+    // Refused rather than enforced: a value Istio refuses may well have been
+    // meant as a dry run.
+    if let Err(value) = policy.dry_run() {
+        return Err(Fault::new(
+            format!(
+                "metadata.annotations[{}]",
+                AuthorizationPolicy::DRY_RUN_ANNOTATION
+            ),
+            format!(
+                "{value:?} is not a boolean; write \"true\" or \"false\" (also 1, t, T, TRUE, \
+                 True, 0, f, F, FALSE, False)"
+            ),
+        ));
+    }
+    Ok(policy)
 }
 
 fn check_spec(spec: &AuthorizationPolicySpec) -> Checked<()> {

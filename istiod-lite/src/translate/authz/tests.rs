@@ -2,11 +2,13 @@
 //! The shared helpers are in `translate/authz_tests.rs`.
 
 use ambit_proto::security as sec;
+use prost::Message;
 
-use crate::model::{PolicyAction, PolicyRule, Source};
+use crate::model::{AuthorizationPolicy, Object, ObjectChange, PolicyAction, PolicyRule, Source};
 use crate::translate::authz_tests::{
     block, cidrs, exact, one, only_match, rule_from, spec, strings, translate, when,
 };
+use crate::translate::tests::meta;
 use crate::translate::{TranslateSettings, Translator};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -230,4 +232,32 @@ fn service_accounts_are_sent() {
     };
     assert_eq!(m.service_accounts, [sa("shop", "api"), sa("shop", "web")]);
     assert_eq!(m.not_service_accounts, [sa("other", "x")]);
+}
+
+/// The dry-run flag follows Istio's booleans; a value that is none is never
+/// enforced as if it were "false".
+#[test]
+fn dry_run_values() {
+    let mut t = Translator::new(TranslateSettings::default());
+    for (value, want) in [
+        ("True", Some(true)),
+        ("1", Some(true)),
+        ("F", Some(false)),
+        ("yes", None),
+    ] {
+        let mut p = AuthorizationPolicy {
+            meta: meta("shop", "p", &[]),
+            spec: spec(PolicyAction::Deny, vec![PolicyRule::default()]),
+        };
+        p.meta
+            .annotations
+            .insert("istio.io/dry-run".into(), value.into());
+        let updates = t.apply(vec![ObjectChange::Upsert(Object::AuthorizationPolicy(p))]);
+        let sent = updates
+            .first()
+            .and_then(|u| u.body.clone())
+            .map(|b| sec::Authorization::decode(b).unwrap());
+        assert_eq!(sent.map(|a| a.dry_run), want, "{value}");
+    }
+    assert_eq!(fields(&t), ["metadata.annotations[istio.io/dry-run]"]);
 }

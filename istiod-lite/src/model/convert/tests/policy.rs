@@ -258,3 +258,42 @@ fn service_accounts_are_read_and_checked() {
     assert_eq!(f, "spec.rules[0].from[0].source.notNamespaces");
     assert!(problem.contains("serviceAccounts"), "{problem}");
 }
+
+/// `istio.io/dry-run` is read as Go's `strconv.ParseBool`, as Istio does; any
+/// other value refuses the policy (it may have been meant as a dry run).
+#[test]
+fn dry_run_annotation_is_a_go_boolean() {
+    let with = |value: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop, annotations: {{istio.io/dry-run: '{value}'}}}}\nspec: {{}}\n"
+        )
+    };
+    for (value, want) in [
+        ("1", true),
+        ("t", true),
+        ("T", true),
+        ("TRUE", true),
+        ("true", true),
+        ("True", true),
+        ("0", false),
+        ("f", false),
+        ("F", false),
+        ("FALSE", false),
+        ("false", false),
+        ("False", false),
+    ] {
+        let Object::AuthorizationPolicy(p) = ok(&with(value)) else {
+            panic!()
+        };
+        assert_eq!(p.dry_run(), Ok(want), "{value}");
+    }
+    for value in ["yes", "tRUE", "", " true", "on"] {
+        let e = err(&with(value));
+        assert_eq!(
+            (e.name.as_str(), e.field.as_str()),
+            ("p", "metadata.annotations[istio.io/dry-run]"),
+            "{value:?}"
+        );
+        assert!(e.problem.contains("not a boolean"), "{}", e.problem);
+    }
+}
