@@ -99,11 +99,19 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
             return out;
         }
     };
-    let selector = spec
-        .selector
-        .as_ref()
-        .map(|s| &s.match_labels)
-        .filter(|labels| !labels.is_empty());
+    // `selector: {}` (or empty matchLabels) is not "no selector": Istio's ambient
+    // control plane attaches such a policy to no workload at all.
+    let selector = spec.selector.as_ref().map(|s| &s.match_labels);
+    if selector.is_some_and(|labels| labels.is_empty()) {
+        out.problems.push(Problem {
+            field: "spec.selector".into(),
+            problem: "an empty selector selects no workload (as in Istio ambient), so this \
+                      policy applies to nothing; remove `selector` to apply it to the whole \
+                      namespace (in the root namespace, the mesh)"
+                .into(),
+        });
+        return out;
+    }
     let namespace = &policy.meta.namespace;
     let scope = match selector {
         Some(_) => pb::Scope::WorkloadSelector,

@@ -4,9 +4,11 @@
 use ambit_proto::security as sec;
 use prost::Message;
 
-use crate::model::{AuthorizationPolicy, Object, ObjectChange, PolicyAction, PolicyRule, Source};
+use crate::model::{
+    AuthorizationPolicy, Object, ObjectChange, PolicyAction, PolicyRule, Source, WorkloadSelector,
+};
 use crate::translate::authz_tests::{
-    block, cidrs, exact, one, only_match, rule_from, spec, strings, translate, when,
+    block, cidrs, exact, one, only_match, policy, rule_from, spec, strings, translate, when,
 };
 use crate::translate::tests::meta;
 use crate::translate::{TranslateSettings, Translator};
@@ -260,4 +262,25 @@ fn dry_run_values() {
         assert_eq!(sent.map(|a| a.dry_run), want, "{value}");
     }
     assert_eq!(fields(&t), ["metadata.annotations[istio.io/dry-run]"]);
+}
+
+/// `selector: {}` attaches the policy to no workload (Istio ambient), where no
+/// selector at all means the whole namespace.
+#[test]
+fn empty_selector_applies_to_nothing() {
+    let mut t = Translator::new(TranslateSettings::default());
+    let allow_nothing = || spec(PolicyAction::Allow, vec![]);
+    assert!(translate(&mut t, "shop", allow_nothing()).is_some());
+    let mut s = allow_nothing();
+    s.selector = Some(WorkloadSelector::default());
+    // The namespace-wide copy ztunnel had is removed, and it is said.
+    let updates = t.apply(vec![policy("shop", "p", s)]);
+    assert_eq!(updates.len(), 1);
+    assert!(updates[0].body.is_none());
+    assert_eq!(fields(&t), ["spec.selector"]);
+    assert!(t.reports()[0].error.problem.contains("applies to nothing"));
+    // Back to no selector: the namespace again.
+    let a = translate(&mut t, "shop", allow_nothing()).unwrap();
+    assert_eq!(a.scope, sec::Scope::Namespace as i32);
+    assert!(t.reports().is_empty());
 }
