@@ -137,6 +137,11 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
                 field: field.path,
             });
         }
+        if let (pb::Action::Deny, Some(rule)) = (action, &converted) {
+            for l7 in &found.l7_only {
+                out.problems.push(deny_widened(l7, rule));
+            }
+        }
         match converted {
             Some(converted) if enforce_without => rules.push(converted),
             Some(_) => {}
@@ -167,12 +172,64 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
     out
 }
 
-/// What translating one rule found: fields ztunnel cannot check, and notes on
-/// values that can never match as written.
+/// What translating one rule found: fields ztunnel cannot check, notes on
+/// values that can never match as written, and the `from` / `to` alternatives
+/// left with nothing once their L7 fields were set aside.
 #[derive(Default)]
 struct Findings {
     stripped: Vec<Stripped>,
     notes: Vec<Problem>,
+    l7_only: Vec<L7Only>,
+}
+
+/// A `from` / `to` alternative made only of what ztunnel cannot check: set
+/// aside, it matches every connection, so its whole list adds no condition.
+struct L7Only {
+    /// `spec.rules[0].to[1]`.
+    path: String,
+    /// How many alternatives its list has (more than one: Istio would differ).
+    alternatives: usize,
+}
+
+impl Findings {
+    /// Records `m` as L7-only when it came out empty because fields were set
+    /// aside while building it (since `stripped_before`).
+    fn note_l7_only(
+        &mut self,
+        m: &pb::Match,
+        stripped_before: usize,
+        path: String,
+        alternatives: usize,
+    ) {
+        if is_empty(m) && self.stripped.len() > stripped_before {
+            self.l7_only.push(L7Only { path, alternatives });
+        }
+    }
+}
+
+/// What an L7-only alternative does to a DENY rule, said plainly: Ambit fails
+/// closed where Istio's ztunnel skips the alternative (istio/istio#61126).
+fn deny_widened(l7: &L7Only, rule: &pb::Rule) -> Problem {
+    let reach = if rule.clauses.is_empty() {
+        "this DENY rule now refuses EVERY connection in the policy's scope"
+    } else {
+        "this DENY rule now refuses every connection its other conditions match, whatever \
+         the port or peer this list named"
+    };
+    let istio = if l7.alternatives > 1 {
+        " Istio's ztunnel skips such an alternative and denies only what the others match \
+         (istio/istio#61126); Ambit fails closed instead. Give this alternative an L4 field \
+         (ports, principals...) or move it to a waypoint policy to narrow the rule."
+    } else {
+        ""
+    };
+    Problem {
+        field: l7.path.clone(),
+        problem: format!(
+            "only L7 fields: ignored, this alternative matches every connection, so its list \
+             no longer narrows the rule; {reach}.{istio}"
+        ),
+    }
 }
 
 /// A field left out of a match because ztunnel cannot check it.
@@ -233,28 +290,31 @@ fn convert_rule(
         }
     }
     let rule_from = rule.from.as_deref().unwrap_or_default();
-    let from: Vec<pb::Match> = rule_from
-        .iter()
-        .enumerate()
-        .filter_map(|(j, f)| {
-            source_match(
-                &f.source,
-                namespace,
-                &format!("{path}.from[{j}].source"),
-                found,
-            )
-        })
-        .collect();
+    let mut from = Vec::new();
+    for (j, f) in rule_from.iter().enumerate() {
+        let at = format!("{path}.from[{j}]");
+        let before = found.stripped.len();
+        let m = source_match(&f.source, namespace, &format!("{at}.source"), found);
+        if let Some(m) = m {
+            found.note_l7_only(&m, before, at, rule_from.len());
+            from.push(m);
+        }
+    }
     if from.is_empty() && !rule_from.is_empty() {
         // Every source can never match: neither can the rule.
         return None;
     }
     clauses.extend(clause_of(from));
-    let to =
-        rule.to.iter().flatten().enumerate().map(|(j, t)| {
-            operation_match(&t.operation, &format!("{path}.to[{j}].operation"), found)
-        });
-    clauses.extend(clause_of(to.collect()));
+    let rule_to = rule.to.as_deref().unwrap_or_default();
+    let mut to = Vec::new();
+    for (j, t) in rule_to.iter().enumerate() {
+        let at = format!("{path}.to[{j}]");
+        let before = found.stripped.len();
+        let m = operation_match(&t.operation, &format!("{at}.operation"), found);
+        found.note_l7_only(&m, before, at, rule_to.len());
+        to.push(m);
+    }
+    clauses.extend(clause_of(to));
     for (j, condition) in rule.when.iter().enumerate() {
         // A condition that can never match makes the whole rule never match.
         let m = condition_match(condition, &format!("{path}.when[{j}]"), found)?;

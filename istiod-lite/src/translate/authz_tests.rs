@@ -428,7 +428,8 @@ fn l7_in_deny_is_ignored_so_it_denies_more() {
     let a = translate(&mut t, "shop", spec(PolicyAction::Deny, vec![rule])).unwrap();
     assert_eq!(a.action, sec::Action::Deny as i32);
     assert_eq!(only_match(&a).principals, [exact("x")]);
-    assert_eq!(t.reports().len(), 3);
+    // Three fields set aside, and the `to` alternative left with nothing.
+    assert_eq!(t.reports().len(), 4);
     assert!(t.reports()[0].error.problem.contains("denies more"));
 
     // DENY on hosts only: every connection is denied.
@@ -445,11 +446,12 @@ fn l7_in_deny_is_ignored_so_it_denies_more() {
     )
     .unwrap();
     assert_eq!(a.rules, vec![sec::Rule { clauses: vec![] }]);
-    assert_eq!(t.reports().len(), 1);
+    let fields: Vec<_> = t.reports().into_iter().map(|r| r.error.field).collect();
     assert_eq!(
-        t.reports()[0].error.field,
-        "spec.rules[0].to[0].operation.hosts"
+        fields,
+        ["spec.rules[0].to[0].operation.hosts", "spec.rules[0].to[0]"]
     );
+    assert!(t.reports()[1].error.problem.contains("EVERY connection"));
 
     // An unknown key or a bad value is handled the same way.
     let bad = PolicyRule {

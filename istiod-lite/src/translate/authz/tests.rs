@@ -5,10 +5,12 @@ use ambit_proto::security as sec;
 use prost::Message;
 
 use crate::model::{
-    AuthorizationPolicy, Object, ObjectChange, PolicyAction, PolicyRule, Source, WorkloadSelector,
+    AuthorizationPolicy, Object, ObjectChange, Operation, PolicyAction, PolicyRule, Source,
+    WorkloadSelector,
 };
 use crate::translate::authz_tests::{
-    block, cidrs, exact, one, only_match, policy, rule_from, spec, strings, translate, when,
+    block, cidrs, exact, one, only_match, policy, rule_from, rule_to, spec, strings, translate,
+    when,
 };
 use crate::translate::tests::meta;
 use crate::translate::{TranslateSettings, Translator};
@@ -283,4 +285,67 @@ fn empty_selector_applies_to_nothing() {
     let a = translate(&mut t, "shop", allow_nothing()).unwrap();
     assert_eq!(a.scope, sec::Scope::Namespace as i32);
     assert!(t.reports().is_empty());
+}
+
+/// A DENY `to` list with an L7-only alternative beside an L4 one: Ambit fails
+/// closed (the list stops narrowing the rule, so the DENY refuses every
+/// connection in scope) where Istio skips the alternative (istio/istio#61126);
+/// the report says so plainly.
+#[test]
+fn deny_with_an_l7_only_alternative_says_it_denies_everything() {
+    let mut t = Translator::new(TranslateSettings::default());
+    let rule = rule_to(vec![
+        Operation {
+            ports: strings(&["22"]),
+            ..Default::default()
+        },
+        Operation {
+            methods: strings(&["POST"]),
+            ..Default::default()
+        },
+    ]);
+    let a = translate(&mut t, "shop", spec(PolicyAction::Deny, vec![rule])).unwrap();
+    assert_eq!(a.rules, [sec::Rule { clauses: vec![] }], "fails closed");
+    let reports = t.reports();
+    let note = reports
+        .iter()
+        .find(|r| r.error.field == "spec.rules[0].to[1]")
+        .expect("the L7-only alternative is reported");
+    let problem = &note.error.problem;
+    assert!(
+        problem.contains("refuses EVERY connection in the policy's scope")
+            && problem.contains("istio/istio#61126"),
+        "{problem}"
+    );
+
+    // With a `from` clause left, the DENY refuses all its sources' connections.
+    let mut rule = rule_to(vec![
+        Operation {
+            ports: strings(&["22"]),
+            ..Default::default()
+        },
+        Operation {
+            paths: strings(&["/admin"]),
+            ..Default::default()
+        },
+    ]);
+    rule.from = rule_from(vec![Source {
+        namespaces: strings(&["guest"]),
+        ..Default::default()
+    }])
+    .from;
+    let a = translate(&mut t, "shop", spec(PolicyAction::Deny, vec![rule])).unwrap();
+    assert_eq!(a.rules[0].clauses.len(), 1, "only the from clause is left");
+    let reports = t.reports();
+    let note = reports
+        .iter()
+        .find(|r| r.error.field == "spec.rules[0].to[1]")
+        .unwrap();
+    assert!(
+        note.error
+            .problem
+            .contains("every connection its other conditions match"),
+        "{}",
+        note.error.problem
+    );
 }
