@@ -29,6 +29,8 @@ fn pod(uid: &str, sa: &str, ip: Vec<u8>) -> workload::Workload {
         namespace: "shop".into(),
         service_account: sa.into(),
         node: "node-1".into(),
+        // In the mesh: its identity's certificate is fetched ahead.
+        tunnel_protocol: workload::TunnelProtocol::Hbone.into(),
         addresses: vec![ip],
         services: [(
             "shop/cart.shop.svc.cluster.local".to_string(),

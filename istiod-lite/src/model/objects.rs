@@ -168,6 +168,24 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
+impl AuthorizationPolicy {
+    /// Marks a policy that is evaluated and logged but never decides.
+    pub const DRY_RUN_ANNOTATION: &'static str = "istio.io/dry-run";
+
+    /// The dry-run annotation read as Istio reads it (Go's `strconv.ParseBool`);
+    /// `Err` with the value when it is not one of those booleans.
+    pub fn dry_run(&self) -> Result<bool, &str> {
+        match self.meta.annotations.get(Self::DRY_RUN_ANNOTATION) {
+            None => Ok(false),
+            Some(value) => match value.as_str() {
+                "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+                "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
@@ -206,10 +224,13 @@ pub enum PolicyAction {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyRule {
+    /// `None` when absent (no condition on the source); a list written empty is
+    /// refused, as Istio's validation does, rather than read as "any source".
     #[serde(default)]
-    pub from: Vec<RuleFrom>,
+    pub from: Option<Vec<RuleFrom>>,
+    /// As `from`: absent is no condition, empty is refused.
     #[serde(default)]
-    pub to: Vec<RuleTo>,
+    pub to: Option<Vec<RuleTo>>,
     #[serde(default)]
     pub when: Vec<Condition>,
 }
@@ -244,6 +265,11 @@ pub struct Source {
     pub remote_ip_blocks: Vec<Cidr>,
     #[serde(default)]
     pub not_remote_ip_blocks: Vec<Cidr>,
+    /// `ns/sa`, or a bare `sa` in the policy's namespace (istio/api#3340).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,24 +7,26 @@
 //! is one clause, its `to` list (OR of operations) another, and each `when`
 //! condition one more.
 //!
-//! What ztunnel cannot check (methods, paths, hosts, request principals,
-//! `request.*` keys, values that do not parse) is reported and handled as Istio's
-//! ambient control plane does, so the result is never more permissive than the
-//! policy: in an ALLOW policy the rule holding it is dropped (it can never be
-//! proven to match, so it allows nothing, and an ALLOW policy left without rules
-//! allows nothing at all); in a DENY policy the field is ignored, so the rule
-//! matches (and denies) more.
+//! What ztunnel cannot check (methods, paths, hosts, request principals, remote
+//! IPs, `request.*` and `remote.ip` keys, values that do not parse) is reported
+//! and handled as Istio's ambient control plane does, so the result is never
+//! more permissive than the policy: in an ALLOW policy the rule holding it is
+//! dropped (it can never be proven to match, so it allows nothing, and an ALLOW
+//! policy left without rules allows nothing at all); in a DENY policy the field
+//! is ignored, so the rule matches (and denies) more.
+//!
+//! A principal written with `spiffe://` never matches in Istio (ztunnel strips
+//! the scheme from the peer's identity, not from the pattern): it is reported
+//! and never sent; a source or condition left without principals never matches.
+
+mod fields;
 
 use ambit_proto::security as pb;
-use ambit_proto::security::string_match::MatchType;
-use ipnet::IpNet;
 
 use super::TranslateSettings;
-use super::service::ip_bytes;
-use crate::model::{AuthorizationPolicy, Condition, Operation, PolicyAction, PolicyRule, Source};
-
-/// Marks a policy that is evaluated and logged but never decides.
-pub(super) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+use crate::model::{AuthorizationPolicy, PolicyAction, PolicyRule};
+pub(super) use fields::string_match;
+use fields::{condition_match, operation_match, source_match};
 
 /// One thing in a policy ztunnel cannot honour as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,11 +85,34 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
             return out;
         }
     };
-    let selector = spec
-        .selector
-        .as_ref()
-        .map(|s| &s.match_labels)
-        .filter(|labels| !labels.is_empty());
+    // The model refuses any other value; should one get here, the policy is
+    // not applied rather than enforced when it may have been meant as a dry run.
+    let dry_run = match policy.dry_run() {
+        Ok(dry_run) => dry_run,
+        Err(value) => {
+            out.problems.push(Problem {
+                field: format!(
+                    "metadata.annotations[{}]",
+                    AuthorizationPolicy::DRY_RUN_ANNOTATION
+                ),
+                problem: format!("{value:?} is not a boolean; the policy is not applied"),
+            });
+            return out;
+        }
+    };
+    // `selector: {}` (or empty matchLabels) is not "no selector": Istio's ambient
+    // control plane attaches such a policy to no workload at all.
+    let selector = spec.selector.as_ref().map(|s| &s.match_labels);
+    if selector.is_some_and(|labels| labels.is_empty()) {
+        out.problems.push(Problem {
+            field: "spec.selector".into(),
+            problem: "an empty selector selects no workload (as in Istio ambient), so this \
+                      policy applies to nothing; remove `selector` to apply it to the whole \
+                      namespace (in the root namespace, the mesh)"
+                .into(),
+        });
+        return out;
+    }
     let namespace = &policy.meta.namespace;
     let scope = match selector {
         Some(_) => pb::Scope::WorkloadSelector,
@@ -96,10 +121,12 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
     };
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
-        let mut stripped = Vec::new();
-        let converted = convert_rule(rule, &format!("spec.rules[{i}]"), &mut stripped);
-        let enforce_without = stripped.is_empty() || action == pb::Action::Deny;
-        for field in stripped {
+        let mut found = Findings::default();
+        let at = format!("spec.rules[{i}]");
+        let converted = convert_rule(rule, namespace, &at, &mut found);
+        out.problems.append(&mut found.notes);
+        let enforce_without = found.stripped.is_empty() || action == pb::Action::Deny;
+        for field in found.stripped {
             let effect = match action {
                 pb::Action::Allow => {
                     "the rule is dropped from this ALLOW policy (it allows nothing)"
@@ -111,12 +138,24 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
                 field: field.path,
             });
         }
+        if let (pb::Action::Deny, Some(rule)) = (action, &converted) {
+            for l7 in &found.l7_only {
+                out.problems.push(deny_widened(l7, rule));
+            }
+        }
         match converted {
             Some(converted) if enforce_without => rules.push(converted),
             Some(_) => {}
             None => out.problems.push(Problem {
-                field: format!("spec.rules[{i}].from"),
-                problem: "no source can match: each one's ipBlocks and remoteIpBlocks share no address, so this rule never matches".into(),
+                field: format!("spec.rules[{i}]"),
+                problem: format!(
+                    "this rule never matches (see the reports on its fields), so it is left \
+                     out: {}",
+                    match action {
+                        pb::Action::Allow => "it allows nothing",
+                        pb::Action::Deny => "it denies nothing",
+                    }
+                ),
             }),
         }
     }
@@ -126,16 +165,72 @@ pub(super) fn build(settings: &TranslateSettings, policy: &AuthorizationPolicy) 
         scope: scope.into(),
         action: action.into(),
         rules,
-        dry_run: policy
-            .meta
-            .annotations
-            .get(DRY_RUN_ANNOTATION)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        dry_run,
         selector: selector
             .map(|labels| labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default(),
     });
     out
+}
+
+/// What translating one rule found: fields ztunnel cannot check, notes on
+/// values that can never match as written, and the `from` / `to` alternatives
+/// left with nothing once their L7 fields were set aside.
+#[derive(Default)]
+struct Findings {
+    stripped: Vec<Stripped>,
+    notes: Vec<Problem>,
+    l7_only: Vec<L7Only>,
+}
+
+/// A `from` / `to` alternative made only of what ztunnel cannot check: set
+/// aside, it matches every connection, so its whole list adds no condition.
+struct L7Only {
+    /// `spec.rules[0].to[1]`.
+    path: String,
+    /// How many alternatives its list has (more than one: Istio would differ).
+    alternatives: usize,
+}
+
+impl Findings {
+    /// Records `m` as L7-only when it came out empty because fields were set
+    /// aside while building it (since `stripped_before`).
+    fn note_l7_only(
+        &mut self,
+        m: &pb::Match,
+        stripped_before: usize,
+        path: String,
+        alternatives: usize,
+    ) {
+        if is_empty(m) && self.stripped.len() > stripped_before {
+            self.l7_only.push(L7Only { path, alternatives });
+        }
+    }
+}
+
+/// What an L7-only alternative does to a DENY rule, said plainly: Ambit fails
+/// closed where Istio's ztunnel skips the alternative (istio/istio#61126).
+fn deny_widened(l7: &L7Only, rule: &pb::Rule) -> Problem {
+    let reach = if rule.clauses.is_empty() {
+        "this DENY rule now refuses EVERY connection in the policy's scope"
+    } else {
+        "this DENY rule now refuses every connection its other conditions match, whatever \
+         the port or peer this list named"
+    };
+    let istio = if l7.alternatives > 1 {
+        " Istio's ztunnel skips such an alternative and denies only what the others match \
+         (istio/istio#61126); Ambit fails closed instead. Give this alternative an L4 field \
+         (ports, principals...) or move it to a waypoint policy to narrow the rule."
+    } else {
+        ""
+    };
+    Problem {
+        field: l7.path.clone(),
+        problem: format!(
+            "only L7 fields: ignored, this alternative matches every connection, so its list \
+             no longer narrows the rule; {reach}.{istio}"
+        ),
+    }
 }
 
 /// A field left out of a match because ztunnel cannot check it.
@@ -151,6 +246,19 @@ impl Stripped {
             why: "an L7 (HTTP) attribute needs a waypoint (use targetRefs);".into(),
         }
     }
+
+    /// `remoteIpBlocks` and `remote.ip`: the client's address as reported by a
+    /// proxy in front (X-Forwarded-For, PROXY protocol), which only HTTP carries;
+    /// Istio's ztunnel handles it as L7, not as the peer's address.
+    fn remote_ip(path: String) -> Self {
+        Stripped {
+            path,
+            why: "the remote IP is the client's address as HTTP reports it (X-Forwarded-For, \
+                  PROXY protocol), an L7 attribute that needs a waypoint (use targetRefs; \
+                  ipBlocks is the peer's address);"
+                .into(),
+        }
+    }
 }
 
 /// One Istio rule as ztunnel's; what had to be left out lands in `stripped`.
@@ -159,27 +267,58 @@ impl Stripped {
 /// the L7 part ignored it matches everything, so its clause is left out (a rule
 /// without clauses matches every connection).
 ///
-/// `None` when the rule can never match (e.g. a source whose `ipBlocks` and
-/// `remoteIpBlocks` share no address).
-fn convert_rule(rule: &PolicyRule, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Rule> {
+/// `None` when the rule can never match: every source, or one condition, can
+/// never match (e.g. only `spiffe://` principals).
+fn convert_rule(
+    rule: &PolicyRule,
+    namespace: &str,
+    path: &str,
+    found: &mut Findings,
+) -> Option<pb::Rule> {
     let mut clauses = Vec::new();
-    let from: Vec<pb::Match> = rule
-        .from
-        .iter()
-        .enumerate()
-        .filter_map(|(j, f)| source_match(&f.source, &format!("{path}.from[{j}].source"), stripped))
-        .collect();
-    if from.is_empty() && !rule.from.is_empty() {
+    // The model refuses an empty `from` / `to`; should one get here, it is not
+    // read as "no condition" silently: it is handled as a field ztunnel cannot
+    // check (the ALLOW rule drops, the DENY rule ignores it).
+    for (name, empty) in [
+        ("from", rule.from.as_ref().is_some_and(Vec::is_empty)),
+        ("to", rule.to.as_ref().is_some_and(Vec::is_empty)),
+    ] {
+        if empty {
+            found.stripped.push(Stripped {
+                path: format!("{path}.{name}"),
+                why: "an empty list is invalid in Istio;".into(),
+            });
+        }
+    }
+    let rule_from = rule.from.as_deref().unwrap_or_default();
+    let mut from = Vec::new();
+    for (j, f) in rule_from.iter().enumerate() {
+        let at = format!("{path}.from[{j}]");
+        let before = found.stripped.len();
+        let m = source_match(&f.source, namespace, &format!("{at}.source"), found);
+        if let Some(m) = m {
+            found.note_l7_only(&m, before, at, rule_from.len());
+            from.push(m);
+        }
+    }
+    if from.is_empty() && !rule_from.is_empty() {
         // Every source can never match: neither can the rule.
         return None;
     }
     clauses.extend(clause_of(from));
-    let to = rule.to.iter().enumerate().map(|(j, t)| {
-        operation_match(&t.operation, &format!("{path}.to[{j}].operation"), stripped)
-    });
-    clauses.extend(clause_of(to.collect()));
+    let rule_to = rule.to.as_deref().unwrap_or_default();
+    let mut to = Vec::new();
+    for (j, t) in rule_to.iter().enumerate() {
+        let at = format!("{path}.to[{j}]");
+        let before = found.stripped.len();
+        let m = operation_match(&t.operation, &format!("{at}.operation"), found);
+        found.note_l7_only(&m, before, at, rule_to.len());
+        to.push(m);
+    }
+    clauses.extend(clause_of(to));
     for (j, condition) in rule.when.iter().enumerate() {
-        let m = condition_match(condition, &format!("{path}.when[{j}]"), stripped);
+        // A condition that can never match makes the whole rule never match.
+        let m = condition_match(condition, &format!("{path}.when[{j}]"), found)?;
         clauses.extend(clause_of(vec![m]));
     }
     Some(pb::Rule { clauses })
@@ -198,207 +337,5 @@ fn is_empty(m: &pb::Match) -> bool {
     *m == pb::Match::default()
 }
 
-/// `None` when the source can never match.
-fn source_match(source: &Source, path: &str, stripped: &mut Vec<Stripped>) -> Option<pb::Match> {
-    let l7 = [
-        ("requestPrincipals", &source.request_principals),
-        ("notRequestPrincipals", &source.not_request_principals),
-    ];
-    for (field, values) in l7 {
-        if !values.is_empty() {
-            stripped.push(Stripped::l7(format!("{path}.{field}")));
-        }
-    }
-    // ztunnel sees one source address (no proxy in front adds another), so the
-    // peer's and the remote address blocks test the same address. The fields of
-    // a source all must hold: the address must be in both lists (their
-    // intersection), and in neither of the `not` lists (their union).
-    let source_ips = match (&source.ip_blocks[..], &source.remote_ip_blocks[..]) {
-        (only, []) | ([], only) => only.iter().map(|c| ip_block(&c.0)).collect(),
-        (a, b) => {
-            let common = intersect(a, b);
-            if common.is_empty() {
-                return None;
-            }
-            common.iter().map(ip_block).collect()
-        }
-    };
-    let not_blocks = |a: &[crate::model::Cidr], b: &[crate::model::Cidr]| {
-        a.iter().chain(b).map(|c| ip_block(&c.0)).collect()
-    };
-    Some(pb::Match {
-        principals: source.principals.iter().map(|p| principal(p)).collect(),
-        not_principals: source.not_principals.iter().map(|p| principal(p)).collect(),
-        namespaces: source.namespaces.iter().map(|n| string_match(n)).collect(),
-        not_namespaces: source
-            .not_namespaces
-            .iter()
-            .map(|n| string_match(n))
-            .collect(),
-        source_ips,
-        not_source_ips: not_blocks(&source.not_ip_blocks, &source.not_remote_ip_blocks),
-        ..Default::default()
-    })
-}
-
-/// The addresses in a block of `a` and in a block of `b`, as blocks: of two
-/// blocks that overlap, one contains the other.
-fn intersect(a: &[crate::model::Cidr], b: &[crate::model::Cidr]) -> Vec<IpNet> {
-    let mut common: Vec<IpNet> = Vec::new();
-    for x in a.iter().map(|c| c.0) {
-        for y in b.iter().map(|c| c.0) {
-            let inner = if x.contains(&y) {
-                y
-            } else if y.contains(&x) {
-                x
-            } else {
-                continue;
-            };
-            if !common.contains(&inner) {
-                common.push(inner);
-            }
-        }
-    }
-    common
-}
-
-fn operation_match(op: &Operation, path: &str, stripped: &mut Vec<Stripped>) -> pb::Match {
-    let l7 = [
-        ("hosts", &op.hosts),
-        ("notHosts", &op.not_hosts),
-        ("methods", &op.methods),
-        ("notMethods", &op.not_methods),
-        ("paths", &op.paths),
-        ("notPaths", &op.not_paths),
-    ];
-    for (field, values) in l7 {
-        if !values.is_empty() {
-            stripped.push(Stripped::l7(format!("{path}.{field}")));
-        }
-    }
-    let mut ports = |field: &str, values: &[String]| {
-        let parsed: Option<Vec<u32>> = values.iter().map(|v| port(v)).collect();
-        parsed.unwrap_or_else(|| {
-            stripped.push(Stripped {
-                path: format!("{path}.{field}"),
-                why: "a value is not a port 1-65535;".into(),
-            });
-            Vec::new()
-        })
-    };
-    pb::Match {
-        destination_ports: ports("ports", &op.ports),
-        not_destination_ports: ports("notPorts", &op.not_ports),
-        ..Default::default()
-    }
-}
-
-/// One `when` condition. Keys ztunnel can check: `source.ip`, `remote.ip`,
-/// `source.namespace`, `source.principal`, `destination.ip`, `destination.port`.
-fn condition_match(c: &Condition, path: &str, stripped: &mut Vec<Stripped>) -> pb::Match {
-    let mut m = pb::Match::default();
-    let parsed = match c.key.as_str() {
-        "source.ip" | "remote.ip" => blocks(c).map(|(yes, no)| {
-            m.source_ips = yes;
-            m.not_source_ips = no;
-        }),
-        "destination.ip" => blocks(c).map(|(yes, no)| {
-            m.destination_ips = yes;
-            m.not_destination_ips = no;
-        }),
-        "destination.port" => {
-            let yes: Option<Vec<u32>> = c.values.iter().map(|v| port(v)).collect();
-            let no: Option<Vec<u32>> = c.not_values.iter().map(|v| port(v)).collect();
-            yes.zip(no).map(|(yes, no)| {
-                m.destination_ports = yes;
-                m.not_destination_ports = no;
-            })
-        }
-        "source.namespace" => {
-            m.namespaces = c.values.iter().map(|v| string_match(v)).collect();
-            m.not_namespaces = c.not_values.iter().map(|v| string_match(v)).collect();
-            Some(())
-        }
-        "source.principal" => {
-            m.principals = c.values.iter().map(|v| principal(v)).collect();
-            m.not_principals = c.not_values.iter().map(|v| principal(v)).collect();
-            Some(())
-        }
-        key => {
-            let why = if key.starts_with("request.") || key.starts_with("experimental.") {
-                format!("condition key {key:?} is an L7 (HTTP) attribute and needs a waypoint;")
-            } else {
-                format!("condition key {key:?} is not one ztunnel knows;")
-            };
-            stripped.push(Stripped {
-                path: format!("{path}.key"),
-                why,
-            });
-            return pb::Match::default();
-        }
-    };
-    if parsed.is_none() {
-        stripped.push(Stripped {
-            path: format!("{path}.values"),
-            why: format!("a value does not parse for key {:?};", c.key),
-        });
-        return pb::Match::default();
-    }
-    m
-}
-
-/// A condition's values and notValues as CIDR blocks; `None` if one does not parse.
-fn blocks(c: &Condition) -> Option<(Vec<pb::IpBlock>, Vec<pb::IpBlock>)> {
-    let parse = |values: &[String]| -> Option<Vec<pb::IpBlock>> {
-        values
-            .iter()
-            .map(|v| cidr(v).map(|n| ip_block(&n)))
-            .collect()
-    };
-    Some((parse(&c.values)?, parse(&c.not_values)?))
-}
-
-fn cidr(text: &str) -> Option<IpNet> {
-    let text = text.trim();
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
-fn port(text: &str) -> Option<u32> {
-    text.trim()
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .map(u32::from)
-}
-
-fn ip_block(net: &IpNet) -> pb::IpBlock {
-    pb::IpBlock {
-        address: ip_bytes(&net.network()),
-        length: net.prefix_len().into(),
-    }
-}
-
-/// Istio's string patterns: `*` alone is presence, `*x` a suffix, `x*` a prefix,
-/// anything else exact.
-pub(super) fn string_match(pattern: &str) -> pb::StringMatch {
-    let match_type = if pattern == "*" {
-        MatchType::Presence(true)
-    } else if let Some(suffix) = pattern.strip_prefix('*') {
-        MatchType::Suffix(suffix.to_string())
-    } else if let Some(prefix) = pattern.strip_suffix('*') {
-        MatchType::Prefix(prefix.to_string())
-    } else {
-        MatchType::Exact(pattern.to_string())
-    };
-    pb::StringMatch {
-        match_type: Some(match_type),
-    }
-}
-
-/// A principal pattern; a leading `spiffe://` (which Istio's schema leaves out
-/// and ztunnel refuses) is dropped.
-fn principal(pattern: &str) -> pb::StringMatch {
-    string_match(pattern.strip_prefix("spiffe://").unwrap_or(pattern))
-}
+#[cfg(test)]
+mod tests;

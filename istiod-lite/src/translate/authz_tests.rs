@@ -12,7 +12,7 @@ use crate::model::{
     PolicyAction, PolicyRule, RuleFrom, RuleTo, Source, WorkloadSelector,
 };
 
-fn policy(ns: &str, name: &str, spec: AuthorizationPolicySpec) -> ObjectChange {
+pub(super) fn policy(ns: &str, name: &str, spec: AuthorizationPolicySpec) -> ObjectChange {
     ObjectChange::Upsert(Object::AuthorizationPolicy(AuthorizationPolicy {
         meta: meta(ns, name, &[]),
         spec,
@@ -20,7 +20,7 @@ fn policy(ns: &str, name: &str, spec: AuthorizationPolicySpec) -> ObjectChange {
 }
 
 /// Translates one policy; `None` when no resource is sent.
-fn translate(
+pub(super) fn translate(
     t: &mut Translator,
     ns: &str,
     spec: AuthorizationPolicySpec,
@@ -33,7 +33,7 @@ fn translate(
     Some(sec::Authorization::decode(u.body.clone()?).unwrap())
 }
 
-fn one(spec: AuthorizationPolicySpec) -> sec::Authorization {
+pub(super) fn one(spec: AuthorizationPolicySpec) -> sec::Authorization {
     translate(
         &mut Translator::new(TranslateSettings::default()),
         "shop",
@@ -42,27 +42,30 @@ fn one(spec: AuthorizationPolicySpec) -> sec::Authorization {
     .unwrap()
 }
 
-fn rule_from(sources: Vec<Source>) -> PolicyRule {
+pub(super) fn rule_from(sources: Vec<Source>) -> PolicyRule {
     PolicyRule {
-        from: sources
-            .into_iter()
-            .map(|source| RuleFrom { source })
-            .collect(),
+        from: Some(
+            sources
+                .into_iter()
+                .map(|source| RuleFrom { source })
+                .collect(),
+        ),
         ..Default::default()
     }
 }
 
-fn rule_to(ops: Vec<Operation>) -> PolicyRule {
+pub(super) fn rule_to(ops: Vec<Operation>) -> PolicyRule {
     PolicyRule {
-        to: ops
-            .into_iter()
-            .map(|operation| RuleTo { operation })
-            .collect(),
+        to: Some(
+            ops.into_iter()
+                .map(|operation| RuleTo { operation })
+                .collect(),
+        ),
         ..Default::default()
     }
 }
 
-fn when(key: &str, values: &[&str], not_values: &[&str]) -> Condition {
+pub(super) fn when(key: &str, values: &[&str], not_values: &[&str]) -> Condition {
     Condition {
         key: key.into(),
         values: values.iter().map(|v| v.to_string()).collect(),
@@ -70,7 +73,7 @@ fn when(key: &str, values: &[&str], not_values: &[&str]) -> Condition {
     }
 }
 
-fn spec(action: PolicyAction, rules: Vec<PolicyRule>) -> AuthorizationPolicySpec {
+pub(super) fn spec(action: PolicyAction, rules: Vec<PolicyRule>) -> AuthorizationPolicySpec {
     AuthorizationPolicySpec {
         action,
         rules,
@@ -78,21 +81,21 @@ fn spec(action: PolicyAction, rules: Vec<PolicyRule>) -> AuthorizationPolicySpec
     }
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
+pub(super) fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-fn cidrs(v: &[&str]) -> Vec<Cidr> {
+pub(super) fn cidrs(v: &[&str]) -> Vec<Cidr> {
     v.iter().map(|s| Cidr(s.parse().unwrap())).collect()
 }
 
-fn exact(s: &str) -> sec::StringMatch {
+pub(super) fn exact(s: &str) -> sec::StringMatch {
     sec::StringMatch {
         match_type: Some(MatchType::Exact(s.into())),
     }
 }
 
-fn block(addr: &[u8], length: u32) -> sec::IpBlock {
+pub(super) fn block(addr: &[u8], length: u32) -> sec::IpBlock {
     sec::IpBlock {
         address: addr.to_vec(),
         length,
@@ -100,7 +103,7 @@ fn block(addr: &[u8], length: u32) -> sec::IpBlock {
 }
 
 /// The single match of a rule's single clause.
-fn only_match(a: &sec::Authorization) -> &sec::Match {
+pub(super) fn only_match(a: &sec::Authorization) -> &sec::Match {
     assert_eq!(a.rules.len(), 1);
     assert_eq!(a.rules[0].clauses.len(), 1);
     assert_eq!(a.rules[0].clauses[0].matches.len(), 1);
@@ -134,10 +137,6 @@ fn scope_action_selector_and_dry_run() {
         "{{}} matches everything"
     );
     assert!(!a.dry_run);
-    s.selector = Some(WorkloadSelector::default());
-    let a = translate(&mut t, "shop", s).unwrap();
-    assert_eq!(a.scope, sec::Scope::Namespace as i32, "empty matchLabels");
-    assert!(a.selector.is_empty());
 
     let mut dry = AuthorizationPolicy {
         meta: meta("shop", "dry", &[]),
@@ -209,19 +208,12 @@ fn target_refs_audit_and_custom_send_nothing() {
 #[test]
 fn sources_with_wildcards_and_not_forms() {
     let src = Source {
-        principals: strings(&[
-            "*",
-            "*/sa/web",
-            "cluster.local/ns/shop/*",
-            "spiffe://td/ns/a/sa/b",
-        ]),
+        principals: strings(&["*", "*/sa/web", "cluster.local/ns/shop/*"]),
         not_principals: strings(&["cluster.local/ns/shop/sa/bad"]),
         namespaces: strings(&["shop", "team-*"]),
         not_namespaces: strings(&["kube-system"]),
-        ip_blocks: cidrs(&["198.18.0.0/16"]),
-        remote_ip_blocks: cidrs(&["198.18.1.0/24", "198.19.0.0/15", "198.18.0.0/16"]),
-        not_ip_blocks: cidrs(&["198.18.9.0/24"]),
-        not_remote_ip_blocks: cidrs(&["fd00::/8"]),
+        ip_blocks: cidrs(&["198.18.1.0/24", "198.18.0.0/16"]),
+        not_ip_blocks: cidrs(&["198.18.9.0/24", "fd00::/8"]),
         ..Default::default()
     };
     let a = one(spec(PolicyAction::Allow, vec![rule_from(vec![src])]));
@@ -233,7 +225,6 @@ fn sources_with_wildcards_and_not_forms() {
             MatchType::Presence(true),
             MatchType::Suffix("/sa/web".into()),
             MatchType::Prefix("cluster.local/ns/shop/".into()),
-            MatchType::Exact("td/ns/a/sa/b".into()),
         ]
     );
     assert_eq!(m.not_principals, [exact("cluster.local/ns/shop/sa/bad")]);
@@ -245,7 +236,6 @@ fn sources_with_wildcards_and_not_forms() {
         ]
     );
     assert_eq!(m.not_namespaces, [exact("kube-system")]);
-    // ipBlocks and remoteIpBlocks both hold: the addresses in both lists.
     assert_eq!(
         m.source_ips,
         [block(&[198, 18, 1, 0], 24), block(&[198, 18, 0, 0], 16)]
@@ -262,16 +252,16 @@ fn sources_with_wildcards_and_not_forms() {
 #[test]
 fn operations_and_conditions() {
     let rule = PolicyRule {
-        to: vec![RuleTo {
+        to: Some(vec![RuleTo {
             operation: Operation {
                 ports: strings(&["80", "443"]),
                 not_ports: strings(&["8080"]),
                 ..Default::default()
             },
-        }],
+        }]),
         when: vec![
             when("source.ip", &["198.18.0.0/16"], &["198.18.1.1"]),
-            when("remote.ip", &["198.18.0.0/15"], &[]),
+            when("source.ip", &["198.18.0.0/15"], &[]),
             when("source.namespace", &["shop"], &["dev-*"]),
             when("source.principal", &["*"], &["cluster.local/ns/x/sa/y"]),
             when("destination.ip", &["198.19.0.10"], &["198.19.0.0/24"]),
@@ -317,7 +307,7 @@ fn operations_and_conditions() {
 #[test]
 fn from_and_to_lists_are_one_clause_each() {
     let rule = PolicyRule {
-        from: vec![
+        from: Some(vec![
             RuleFrom {
                 source: Source {
                     namespaces: strings(&["a"]),
@@ -330,8 +320,8 @@ fn from_and_to_lists_are_one_clause_each() {
                     ..Default::default()
                 },
             },
-        ],
-        to: vec![
+        ]),
+        to: Some(vec![
             RuleTo {
                 operation: Operation {
                     ports: strings(&["80"]),
@@ -344,7 +334,7 @@ fn from_and_to_lists_are_one_clause_each() {
                     ..Default::default()
                 },
             },
-        ],
+        ]),
         when: vec![],
     };
     let a = one(spec(PolicyAction::Allow, vec![rule, PolicyRule::default()]));
@@ -370,18 +360,18 @@ fn from_and_to_lists_are_one_clause_each() {
 fn l7_in_allow_drops_the_rule_and_is_reported() {
     let mut t = Translator::new(TranslateSettings::default());
     let l7 = PolicyRule {
-        from: vec![RuleFrom {
+        from: Some(vec![RuleFrom {
             source: Source {
                 principals: strings(&["x"]),
                 ..Default::default()
             },
-        }],
-        to: vec![RuleTo {
+        }]),
+        to: Some(vec![RuleTo {
             operation: Operation {
                 methods: strings(&["GET"]),
                 ..Default::default()
             },
-        }],
+        }]),
         when: vec![when("request.headers[x-a]", &["1"], &[])],
     };
     let l4 = rule_from(vec![Source {
@@ -420,25 +410,26 @@ fn l7_in_deny_is_ignored_so_it_denies_more() {
     let mut t = Translator::new(TranslateSettings::default());
     // DENY GET from x: ztunnel denies everything from x.
     let rule = PolicyRule {
-        from: vec![RuleFrom {
+        from: Some(vec![RuleFrom {
             source: Source {
                 principals: strings(&["x"]),
                 not_request_principals: strings(&["*"]),
                 ..Default::default()
             },
-        }],
-        to: vec![RuleTo {
+        }]),
+        to: Some(vec![RuleTo {
             operation: Operation {
                 not_paths: strings(&["/health"]),
                 ..Default::default()
             },
-        }],
+        }]),
         when: vec![when("request.auth.claims[iss]", &["a"], &[])],
     };
     let a = translate(&mut t, "shop", spec(PolicyAction::Deny, vec![rule])).unwrap();
     assert_eq!(a.action, sec::Action::Deny as i32);
     assert_eq!(only_match(&a).principals, [exact("x")]);
-    assert_eq!(t.reports().len(), 3);
+    // Three fields set aside, and the `to` alternative left with nothing.
+    assert_eq!(t.reports().len(), 4);
     assert!(t.reports()[0].error.problem.contains("denies more"));
 
     // DENY on hosts only: every connection is denied.
@@ -455,11 +446,12 @@ fn l7_in_deny_is_ignored_so_it_denies_more() {
     )
     .unwrap();
     assert_eq!(a.rules, vec![sec::Rule { clauses: vec![] }]);
-    assert_eq!(t.reports().len(), 1);
+    let fields: Vec<_> = t.reports().into_iter().map(|r| r.error.field).collect();
     assert_eq!(
-        t.reports()[0].error.field,
-        "spec.rules[0].to[0].operation.hosts"
+        fields,
+        ["spec.rules[0].to[0].operation.hosts", "spec.rules[0].to[0]"]
     );
+    assert!(t.reports()[1].error.problem.contains("EVERY connection"));
 
     // An unknown key or a bad value is handled the same way.
     let bad = PolicyRule {
@@ -491,45 +483,17 @@ fn each_policy_change_recomputes_only_that_authorization() {
     assert_eq!(t.counts(), (0, 0, 50));
 }
 
-/// `ipBlocks` and `remoteIpBlocks` of one source must both hold (Istio ANDs a
-/// source's fields): with no address in common that source never matches, and
-/// a rule whose every source never matches allows (or denies) nothing.
+/// An empty `from` built past the model's check is never read as "any
+/// source": the ALLOW rule drops, and it is reported.
 #[test]
-fn disjoint_ip_and_remote_ip_blocks_never_match() {
-    let disjoint = Source {
-        ip_blocks: cidrs(&["198.18.0.0/24"]),
-        remote_ip_blocks: cidrs(&["198.19.0.0/24"]),
-        ..Default::default()
-    };
-    for action in [PolicyAction::Allow, PolicyAction::Deny] {
-        let a = one(spec(action, vec![rule_from(vec![disjoint.clone()])]));
-        assert!(a.rules.is_empty(), "{action:?}: {:?}", a.rules);
-    }
-    // Said, since an ALLOW policy may now allow nothing.
+fn empty_from_is_not_any_source() {
     let mut t = Translator::new(TranslateSettings::default());
-    translate(
-        &mut t,
-        "shop",
-        spec(PolicyAction::Allow, vec![rule_from(vec![disjoint.clone()])]),
-    );
-    let reports = t.reports();
-    assert!(
-        reports
-            .iter()
-            .any(|r| r.error.field == "spec.rules[0].from"
-                && r.error.problem.contains("never matches")),
-        "{reports:?}"
-    );
-    // Beside a source that can match, only that one is left.
-    let web = Source {
-        principals: strings(&["cluster.local/ns/shop/sa/web"]),
+    let empty = PolicyRule {
+        from: Some(vec![]),
         ..Default::default()
     };
-    let a = one(spec(
-        PolicyAction::Allow,
-        vec![rule_from(vec![disjoint, web])],
-    ));
-    let m = only_match(&a);
-    assert_eq!(m.principals, [exact("cluster.local/ns/shop/sa/web")]);
-    assert!(m.source_ips.is_empty());
+    let a = translate(&mut t, "shop", spec(PolicyAction::Allow, vec![empty])).unwrap();
+    assert!(a.rules.is_empty(), "{:?}", a.rules);
+    let fields: Vec<_> = t.reports().into_iter().map(|r| r.error.field).collect();
+    assert_eq!(fields, ["spec.rules[0].from"]);
 }

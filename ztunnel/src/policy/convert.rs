@@ -10,7 +10,7 @@ use ambit_proto::security::string_match::MatchType;
 use ipnet::IpNet;
 
 use super::error::{FieldError, PolicyError, Problem};
-use super::model::{Action, Authorization, Clause, Match, Rule, Scope};
+use super::model::{Action, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch};
 use super::string_match::StringMatch;
 
 impl TryFrom<proto::Authorization> for Authorization {
@@ -129,6 +129,8 @@ impl TryFrom<proto::Match> for Match {
             not_destination_ips: ip_blocks("not_destination_ips", &m.not_destination_ips)?,
             destination_ports: ports("destination_ports", &m.destination_ports)?,
             not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+            service_accounts: service_accounts("service_accounts", m.service_accounts)?,
+            not_service_accounts: service_accounts("not_service_accounts", m.not_service_accounts)?,
         })
     }
 }
@@ -211,6 +213,34 @@ fn ports(field: &str, ports: &[u32]) -> Result<Vec<u16>, FieldError> {
         .map(|(i, &p)| match u16::try_from(p) {
             Ok(port) if port != 0 => Ok(port),
             _ => Err(FieldError::new(format!("{field}[{i}]"), Problem::Port(p))),
+        })
+        .collect()
+}
+
+/// Service accounts, both parts non-empty (an empty one would match no peer and
+/// only hide a translation bug).
+fn service_accounts(
+    field: &str,
+    accounts: Vec<proto::ServiceAccountMatch>,
+) -> Result<Vec<ServiceAccountMatch>, FieldError> {
+    accounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let part = if a.namespace.is_empty() {
+                "namespace"
+            } else if a.service_account.is_empty() {
+                "service_account"
+            } else {
+                return Ok(ServiceAccountMatch {
+                    namespace: a.namespace,
+                    service_account: a.service_account,
+                });
+            };
+            Err(FieldError::new(
+                format!("{field}[{i}].{part}"),
+                Problem::Empty,
+            ))
         })
         .collect()
 }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use mesh_core::SpiffeId;
 
-use super::model::{Authorization, Clause, Match, Rule, Scope};
+use super::model::{Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch};
 use super::string_match::StringMatch;
 
 /// What ztunnel knows about an inbound connection when it authorizes it.
@@ -50,6 +50,13 @@ pub enum Evidence<'a> {
         pattern: &'a StringMatch,
     },
     NotPrincipal {
+        principal: Option<&'a SpiffeId>,
+    },
+    ServiceAccount {
+        principal: &'a SpiffeId,
+        account: &'a ServiceAccountMatch,
+    },
+    NotServiceAccount {
         principal: Option<&'a SpiffeId>,
     },
     Namespace {
@@ -152,6 +159,21 @@ impl Match {
                 }
             }
             first.get_or_insert(Evidence::NotPrincipal { principal: id });
+        }
+
+        if !self.service_accounts.is_empty() {
+            let principal = id?;
+            let account = self
+                .service_accounts
+                .iter()
+                .find(|a| a.matches(principal))?;
+            first.get_or_insert(Evidence::ServiceAccount { principal, account });
+        }
+        if !self.not_service_accounts.is_empty() {
+            if id.is_some_and(|p| self.not_service_accounts.iter().any(|a| a.matches(p))) {
+                return None;
+            }
+            first.get_or_insert(Evidence::NotServiceAccount { principal: id });
         }
 
         let ns = id.map(SpiffeId::namespace);
@@ -264,6 +286,19 @@ impl fmt::Display for Evidence<'_> {
             ),
             Evidence::NotPrincipal { principal: None } => {
                 f.write_str("source has no identity, so notPrincipals held")
+            }
+            Evidence::ServiceAccount { principal, account } => write!(
+                f,
+                "source principal {} is service account {account}",
+                Principal(principal)
+            ),
+            Evidence::NotServiceAccount { principal: Some(p) } => write!(
+                f,
+                "source principal {} is not in notServiceAccounts",
+                Principal(p)
+            ),
+            Evidence::NotServiceAccount { principal: None } => {
+                f.write_str("source has no identity, so notServiceAccounts held")
             }
             Evidence::Namespace { namespace, pattern } => write!(
                 f,

@@ -1,5 +1,6 @@
 //! L4 authorization: Istio's `AuthorizationPolicy` as ztunnel enforces it on
-//! inbound connections (peer identity, namespace, IP blocks, destination port).
+//! inbound connections (peer identity, namespace, service account, IP blocks,
+//! destination port).
 //!
 //! [`PolicySet`] holds every policy, indexed by namespace so that a connection
 //! only looks at the root namespace's and its destination's own policies.
@@ -21,7 +22,7 @@ use serde::Serialize;
 pub use decision::{Decision, DryRunResult};
 pub use error::{FieldError, PolicyError, Problem};
 pub use eval::{Connection, Destination, Evidence, RuleMatch};
-pub use model::{Action, Authorization, Clause, Match, Rule, Scope};
+pub use model::{Action, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch};
 pub use string_match::StringMatch;
 
 /// Istio's default root namespace: its GLOBAL policies apply mesh-wide.

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use mesh_core::SpiffeId;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::error::{PolicyError, Problem};
@@ -121,6 +122,43 @@ pub struct Match {
     pub destination_ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ports: Vec<u16>,
+    /// The peer's namespace and service account, from its identity, whatever
+    /// its trust domain (Istio's `serviceAccounts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
+}
+
+/// One Kubernetes service account, both parts matched exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl ServiceAccountMatch {
+    /// True when `id` is this account, in any trust domain.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        id.namespace() == self.namespace && id.service_account() == self.service_account
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, Problem)> {
+        if self.namespace.is_empty() {
+            return Err(("namespace", Problem::Empty));
+        }
+        if self.service_account.is_empty() {
+            return Err(("serviceAccount", Problem::Empty));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ServiceAccountMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
 }
 
 impl Authorization {
@@ -169,6 +207,8 @@ impl Match {
             && self.not_destination_ips.is_empty()
             && self.destination_ports.is_empty()
             && self.not_destination_ports.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
     }
 
     fn validate(&self) -> Result<(), (String, Problem)> {
@@ -179,6 +219,17 @@ impl Match {
         for (field, ports) in ports {
             if let Some(i) = ports.iter().position(|p| *p == 0) {
                 return Err((format!("{field}[{i}]"), Problem::Port(0)));
+            }
+        }
+        let accounts = [
+            ("serviceAccounts", &self.service_accounts),
+            ("notServiceAccounts", &self.not_service_accounts),
+        ];
+        for (field, accounts) in accounts {
+            for (i, account) in accounts.iter().enumerate() {
+                if let Err((part, problem)) = account.validate() {
+                    return Err((format!("{field}[{i}].{part}"), problem));
+                }
             }
         }
         let principals = [

@@ -18,7 +18,22 @@ pub(super) fn authorization_policy(value: Value) -> Checked<AuthorizationPolicy>
     let meta = reduce_meta(Kind::AuthorizationPolicy, envelope.metadata)?;
     let spec = envelope.spec.unwrap_or_default();
     check_spec(&spec)?;
-    Ok(AuthorizationPolicy { meta, spec })
+    let policy = AuthorizationPolicy { meta, spec };
+    // Refused rather than enforced: a value Istio refuses may well have been
+    // meant as a dry run.
+    if let Err(value) = policy.dry_run() {
+        return Err(Fault::new(
+            format!(
+                "metadata.annotations[{}]",
+                AuthorizationPolicy::DRY_RUN_ANNOTATION
+            ),
+            format!(
+                "{value:?} is not a boolean; write \"true\" or \"false\" (also 1, t, T, TRUE, \
+                 True, 0, f, F, FALSE, False)"
+            ),
+        ));
+    }
+    Ok(policy)
 }
 
 fn check_spec(spec: &AuthorizationPolicySpec) -> Checked<()> {
@@ -63,10 +78,23 @@ fn check_spec(spec: &AuthorizationPolicySpec) -> Checked<()> {
     }
     for (r, rule) in spec.rules.iter().enumerate() {
         let base = format!("spec.rules[{r}]");
-        for (f, from) in rule.from.iter().enumerate() {
+        // Istio refuses an empty `from` or `to`: read as "no condition" it would
+        // match every connection, the opposite of what a list of none says.
+        for (name, empty) in [
+            ("from", rule.from.as_ref().is_some_and(Vec::is_empty)),
+            ("to", rule.to.as_ref().is_some_and(Vec::is_empty)),
+        ] {
+            if empty {
+                return Err(Fault::new(
+                    format!("{base}.{name}"),
+                    format!("`{name}` must not be empty: remove it to set no condition"),
+                ));
+            }
+        }
+        for (f, from) in rule.from.iter().flatten().enumerate() {
             check_source(&format!("{base}.from[{f}].source"), &from.source)?;
         }
-        for (t, to) in rule.to.iter().enumerate() {
+        for (t, to) in rule.to.iter().flatten().enumerate() {
             check_operation(&format!("{base}.to[{t}].operation"), &to.operation)?;
         }
         for (w, condition) in rule.when.iter().enumerate() {
@@ -102,15 +130,65 @@ fn check_source(field: &str, source: &Source) -> Checked<()> {
     for (name, values) in lists {
         check_strings(&format!("{field}.{name}"), values)?;
     }
+    let accounts = [
+        ("serviceAccounts", &source.service_accounts),
+        ("notServiceAccounts", &source.not_service_accounts),
+    ];
+    for (name, values) in accounts {
+        check_service_accounts(&format!("{field}.{name}"), values)?;
+    }
+    let identity = lists[..2].iter().chain(&lists[4..]);
+    if accounts.iter().any(|(_, v)| !v.is_empty())
+        && let Some((name, _)) = identity.clone().find(|(_, v)| !v.is_empty())
+    {
+        return Err(Fault::new(
+            format!("{field}.{name}"),
+            "cannot be set with serviceAccounts or notServiceAccounts (as in Istio)",
+        ));
+    }
     let blocks: [&Vec<Cidr>; 4] = [
         &source.ip_blocks,
         &source.not_ip_blocks,
         &source.remote_ip_blocks,
         &source.not_remote_ip_blocks,
     ];
-    let empty = lists.iter().all(|(_, v)| v.is_empty()) && blocks.iter().all(|b| b.is_empty());
+    let empty = lists.iter().all(|(_, v)| v.is_empty())
+        && accounts.iter().all(|(_, v)| v.is_empty())
+        && blocks.iter().all(|b| b.is_empty());
     if empty {
         return Err(Fault::new(field, "must set at least one field"));
+    }
+    Ok(())
+}
+
+/// Istio's limit on `serviceAccounts` and `notServiceAccounts`.
+const MAX_SERVICE_ACCOUNTS: usize = 16;
+
+/// Each entry is `namespace/account` or a bare `account` (in the policy's
+/// namespace), both parts non-empty, no wildcard: Istio matches them exactly.
+fn check_service_accounts(field: &str, values: &[String]) -> Checked<()> {
+    if values.len() > MAX_SERVICE_ACCOUNTS {
+        return Err(Fault::new(
+            field,
+            format!(
+                "{} entries; at most {MAX_SERVICE_ACCOUNTS} are allowed",
+                values.len()
+            ),
+        ));
+    }
+    for (i, value) in values.iter().enumerate() {
+        let parts: Vec<&str> = value.split('/').collect();
+        let problem = if value.contains('*') {
+            "wildcards are not allowed: write `namespace/account` or `account`"
+        } else if parts.len() > 2 || parts.iter().any(|p| p.trim().is_empty()) {
+            "must be `namespace/account`, or `account` for the policy's namespace"
+        } else {
+            continue;
+        };
+        return Err(Fault::new(
+            format!("{field}[{i}]"),
+            format!("{value:?}: {problem}"),
+        ));
     }
     Ok(())
 }

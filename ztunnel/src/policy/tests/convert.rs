@@ -61,6 +61,14 @@ fn full_policy_converts() {
         not_destination_ips: vec![block(&[198, 19, 0, 0], 16)],
         destination_ports: vec![8080, 65535],
         not_destination_ports: vec![1],
+        service_accounts: vec![proto::ServiceAccountMatch {
+            namespace: "shop".into(),
+            service_account: "api".into(),
+        }],
+        not_service_accounts: vec![proto::ServiceAccountMatch {
+            namespace: "other".into(),
+            service_account: "x".into(),
+        }],
     };
     let mut p = with_match(m);
     p.scope = proto::Scope::WorkloadSelector as i32;
@@ -90,6 +98,8 @@ rules:
       notDestinationIps: ["198.19.0.0/16"]
       destinationPorts: [8080, 65535]
       notDestinationPorts: [1]
+      serviceAccounts: [{namespace: shop, serviceAccount: api}]
+      notServiceAccounts: [{namespace: other, serviceAccount: x}]
 "#,
     );
     assert_eq!(got, want);
@@ -190,6 +200,17 @@ fn bad_values_name_policy_and_field() {
             },
             "not_namespaces[0]",
             Problem::PresenceFalse,
+        ),
+        (
+            proto::Match {
+                not_service_accounts: vec![proto::ServiceAccountMatch {
+                    namespace: "shop".into(),
+                    service_account: String::new(),
+                }],
+                ..Default::default()
+            },
+            "not_service_accounts[0].service_account",
+            Problem::Empty,
         ),
         (
             proto::Match {

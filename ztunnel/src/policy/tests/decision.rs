@@ -73,6 +73,14 @@ fn evidence_for_each_field() {
             "{notDestinationPorts: [22]}",
             "destination port 80 is not in notDestinationPorts",
         ),
+        (
+            "{serviceAccounts: [{namespace: shop, serviceAccount: cart}]}",
+            r#"source principal "cluster.local/ns/shop/sa/cart" is service account shop/cart"#,
+        ),
+        (
+            "{notServiceAccounts: [{namespace: shop, serviceAccount: api}]}",
+            r#"source principal "cluster.local/ns/shop/sa/cart" is not in notServiceAccounts"#,
+        ),
         // The first field that is set is the one reported.
         (
             r#"{destinationPorts: [80], namespaces: ["sh*"]}"#,
@@ -100,6 +108,16 @@ fn plaintext_source_reads_as_no_identity() {
     assert_eq!(
         decide(&[policy], None, "198.18.0.1", 80),
         "denied by DENY policy shop/mtls-only rule 0: source has no identity, so notPrincipals held"
+    );
+}
+
+#[test]
+fn plaintext_holds_not_service_accounts() {
+    let policy = r#"{name: not-api, namespace: shop, scope: NAMESPACE, action: DENY,
+      rules: [{clauses: [{matches: [{notServiceAccounts: [{namespace: shop, serviceAccount: api}]}]}]}]}"#;
+    assert_eq!(
+        decide(&[policy], None, "198.18.0.1", 80),
+        "denied by DENY policy shop/not-api rule 0: source has no identity, so notServiceAccounts held"
     );
 }
 

@@ -172,6 +172,16 @@ const FIELDS_AND: &str = r#"
  rules: [{clauses: [{matches: [{namespaces: ["shop"], sourceIps: ["198.18.0.0/15"]}]}]}]}
 "#;
 
+const API_SA: &str = r#"
+{name: api-only, namespace: shop, scope: NAMESPACE,
+ rules: [{clauses: [{matches: [{serviceAccounts: [{namespace: shop, serviceAccount: api}]}]}]}]}
+"#;
+
+const NOT_API_SA: &str = r#"
+{name: not-api, namespace: shop, scope: NAMESPACE,
+ rules: [{clauses: [{matches: [{notServiceAccounts: [{namespace: shop, serviceAccount: api}]}]}]}]}
+"#;
+
 fn case(name: &'static str, policies: &'static [&'static str], want: Want) -> Case {
     Case {
         name,
@@ -268,6 +278,13 @@ fn cases() -> Vec<Case> {
         Case { port: 80, ..case("clauses AND: one fails", &[AND_CLAUSES], NoAllowMatched) },
         case("fields AND: both hold", &[FIELDS_AND], AllowedBy("shop/fe-from-lab", 0)),
         Case { src_ip: "192.168.0.1", ..case("fields AND: one fails", &[FIELDS_AND], NoAllowMatched) },
+        from(case("serviceAccounts: listed sa allowed", &[API_SA], AllowedBy("shop/api-only", 0)), "shop", "api"),
+        from(case("serviceAccounts: other sa denied", &[API_SA], NoAllowMatched), "shop", "other"),
+        from(case("serviceAccounts: same sa other ns denied", &[API_SA], NoAllowMatched), "bank", "api"),
+        plaintext(case("serviceAccounts: plaintext denied", &[API_SA], NoAllowMatched)),
+        from(case("notServiceAccounts: listed sa denied", &[NOT_API_SA], NoAllowMatched), "shop", "api"),
+        from(case("notServiceAccounts: other sa allowed", &[NOT_API_SA], AllowedBy("shop/not-api", 0)), "shop", "other"),
+        plaintext(case("notServiceAccounts: plaintext holds", &[NOT_API_SA], AllowedBy("shop/not-api", 0))),
         case("no policy at all", &[], Allowed),
     ]
 }
@@ -347,4 +364,17 @@ fn global_policies_come_before_namespace_ones() {
         &conn(Some(&fe), "198.18.0.1", "198.18.0.10", 80),
     );
     assert_eq!(decision.policy.as_deref(), Some("istio-system/z-global"));
+}
+
+/// A service account matches whatever the peer's trust domain, as in Istio.
+#[test]
+fn service_accounts_ignore_the_trust_domain() {
+    let set = super::set_of(&[API_SA]);
+    let none = labels(&[]);
+    let other_td = mesh_core::SpiffeId::parse("spiffe://other.example/ns/shop/sa/api").unwrap();
+    let decision = set.evaluate(
+        &dst("shop", &none),
+        &conn(Some(&other_td), "198.18.0.1", "198.18.0.10", 80),
+    );
+    assert!(decision.allowed, "{decision}");
 }

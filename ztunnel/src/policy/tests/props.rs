@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use crate::policy::{
     Action, Authorization, Clause, Connection, Destination, Match, PolicySet, Rule, Scope,
-    StringMatch,
+    ServiceAccountMatch, StringMatch,
 };
 
 const NAMESPACES: [&str; 3] = ["istio-system", "shop", "bank"];
@@ -59,23 +59,38 @@ fn a_match() -> impl Strategy<Value = Match> {
     let strings = || vec(string_match(), 0..3);
     let blocks = || vec(ip_block(), 0..2);
     let ports = || vec(port(), 0..3);
+    let accounts = || vec(service_account(), 0..2);
     (
         (strings(), strings(), strings(), strings()),
         (blocks(), blocks(), blocks(), blocks()),
         (ports(), ports()),
+        (accounts(), accounts()),
     )
-        .prop_map(|((p, np, n, nn), (s, ns, d, nd), (dp, ndp))| Match {
-            principals: p,
-            not_principals: np,
-            namespaces: n,
-            not_namespaces: nn,
-            source_ips: s,
-            not_source_ips: ns,
-            destination_ips: d,
-            not_destination_ips: nd,
-            destination_ports: dp,
-            not_destination_ports: ndp,
-        })
+        .prop_map(
+            |((p, np, n, nn), (s, ns, d, nd), (dp, ndp), (sa, nsa))| Match {
+                principals: p,
+                not_principals: np,
+                namespaces: n,
+                not_namespaces: nn,
+                source_ips: s,
+                not_source_ips: ns,
+                destination_ips: d,
+                not_destination_ips: nd,
+                destination_ports: dp,
+                not_destination_ports: ndp,
+                service_accounts: sa,
+                not_service_accounts: nsa,
+            },
+        )
+}
+
+fn service_account() -> impl Strategy<Value = ServiceAccountMatch> {
+    (namespace(), prop::sample::select(&["default", "web"][..])).prop_map(|(namespace, sa)| {
+        ServiceAccountMatch {
+            namespace,
+            service_account: sa.to_string(),
+        }
+    })
 }
 
 fn rule() -> impl Strategy<Value = Rule> {

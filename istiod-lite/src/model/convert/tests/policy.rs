@@ -38,10 +38,13 @@ fn l4_policy_is_read() {
     };
     assert_eq!(p.spec.action, PolicyAction::Deny);
     assert_eq!(p.spec.selector.as_ref().unwrap().match_labels["app"], "web");
-    let source = &p.spec.rules[0].from[0].source;
+    let source = &p.spec.rules[0].from.as_ref().unwrap()[0].source;
     assert_eq!(source.ip_blocks.len(), 2);
     assert_eq!(source.ip_blocks[1].0.to_string(), "198.19.0.1/32");
-    assert_eq!(p.spec.rules[0].to[0].operation.ports, vec!["8080"]);
+    assert_eq!(
+        p.spec.rules[0].to.as_ref().unwrap()[0].operation.ports,
+        vec!["8080"]
+    );
     assert_eq!(p.spec.rules[0].when.len(), 3);
 }
 
@@ -61,7 +64,10 @@ spec:
     };
     assert_eq!(p.meta.namespace, "default");
     assert_eq!(p.spec.target_refs[0].name, "web");
-    assert_eq!(p.spec.rules[0].to[0].operation.methods, vec!["GET"]);
+    assert_eq!(
+        p.spec.rules[0].to.as_ref().unwrap()[0].operation.methods,
+        vec!["GET"]
+    );
 }
 
 #[test]
@@ -186,4 +192,108 @@ fn principals_and_namespaces_must_be_non_empty() {
     let (field, problem) = spec_err("{rules: [{from: [{source: {principals: [null]}}]}]}");
     assert_eq!(field, "spec.rules[0].from[0].source.principals[0]");
     assert!(problem.contains("null"), "{problem}");
+}
+
+/// Istio refuses `from: []` and `to: []`; read as "no condition" they would
+/// match every connection. Absent (or null) stays "no condition".
+#[test]
+fn empty_from_or_to_is_refused() {
+    let (field, problem) = spec_err("{rules: [{to: [{operation: {ports: ['80']}}]}, {from: []}]}");
+    assert_eq!(field, "spec.rules[1].from");
+    assert!(problem.contains("must not be empty"), "{problem}");
+    let (field, _) = spec_err("{rules: [{from: [{source: {namespaces: [a]}}], to: []}]}");
+    assert_eq!(field, "spec.rules[0].to");
+    let Object::AuthorizationPolicy(p) =
+        ok(&format!("{HEAD}spec: {{rules: [{{from: null}}, {{}}]}}"))
+    else {
+        panic!()
+    };
+    assert!(
+        p.spec
+            .rules
+            .iter()
+            .all(|r| r.from.is_none() && r.to.is_none())
+    );
+}
+
+/// `serviceAccounts` / `notServiceAccounts` (istio/api#3340): `ns/sa` or a bare
+/// `sa`, at most 16, no wildcard, not beside principals or namespaces.
+#[test]
+fn service_accounts_are_read_and_checked() {
+    let Object::AuthorizationPolicy(p) = ok(&format!(
+        "{HEAD}spec: {{rules: [{{from: [{{source: {{serviceAccounts: [shop/api, web], notServiceAccounts: [other/x]}}}}]}}]}}"
+    )) else {
+        panic!()
+    };
+    let source = &p.spec.rules[0].from.as_ref().unwrap()[0].source;
+    assert_eq!(source.service_accounts, ["shop/api", "web"]);
+    assert_eq!(source.not_service_accounts, ["other/x"]);
+
+    for (accounts, field, says) in [
+        ("[shop/*]", "serviceAccounts[0]", "wildcards"),
+        ("[a, '*']", "serviceAccounts[1]", "wildcards"),
+        ("[a/b/c]", "serviceAccounts[0]", "namespace/account"),
+        ("['/api']", "serviceAccounts[0]", "namespace/account"),
+        ("['shop/']", "serviceAccounts[0]", "namespace/account"),
+    ] {
+        let (f, problem) = spec_err(&format!(
+            "{{rules: [{{from: [{{source: {{serviceAccounts: {accounts}}}}}]}}]}}"
+        ));
+        assert_eq!(
+            f,
+            format!("spec.rules[0].from[0].source.{field}"),
+            "{accounts}"
+        );
+        assert!(problem.contains(says), "{problem}");
+    }
+    let seventeen: Vec<String> = (0..17).map(|i| format!("sa{i}")).collect();
+    let (f, problem) = spec_err(&format!(
+        "{{rules: [{{from: [{{source: {{notServiceAccounts: [{}]}}}}]}}]}}",
+        seventeen.join(", ")
+    ));
+    assert_eq!(f, "spec.rules[0].from[0].source.notServiceAccounts");
+    assert!(problem.contains("16"), "{problem}");
+    let (f, problem) =
+        spec_err("{rules: [{from: [{source: {serviceAccounts: [api], notNamespaces: [x]}}]}]}");
+    assert_eq!(f, "spec.rules[0].from[0].source.notNamespaces");
+    assert!(problem.contains("serviceAccounts"), "{problem}");
+}
+
+/// `istio.io/dry-run` is read as Go's `strconv.ParseBool`, as Istio does; any
+/// other value refuses the policy (it may have been meant as a dry run).
+#[test]
+fn dry_run_annotation_is_a_go_boolean() {
+    let with = |value: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop, annotations: {{istio.io/dry-run: '{value}'}}}}\nspec: {{}}\n"
+        )
+    };
+    for (value, want) in [
+        ("1", true),
+        ("t", true),
+        ("T", true),
+        ("TRUE", true),
+        ("true", true),
+        ("True", true),
+        ("0", false),
+        ("f", false),
+        ("F", false),
+        ("FALSE", false),
+        ("false", false),
+        ("False", false),
+    ] {
+        let Object::AuthorizationPolicy(p) = ok(&with(value)) else {
+            panic!()
+        };
+        assert_eq!(p.dry_run(), Ok(want), "{value}");
+    }
+    for value in ["yes", "tRUE", "", " true", "on"] {
+        let e = err(&with(value));
+        assert_eq!(
+            (e.name.as_str(), e.field.as_str()),
+            ("p", "metadata.annotations[istio.io/dry-run]"),
+            "{value:?}"
+        );
+        assert!(e.problem.contains("not a boolean"), "{}", e.problem);
+    }
 }
