@@ -24,7 +24,7 @@ pub fn have_root(test: &str) -> bool {
     if !mesh_core::testing::require_root(test) {
         return false;
     }
-    if let Err(e) = ambit_e2e::packages::ensure() {
+    if let Err(e) = ambit_e2e::packages::ensure_for(ambit_e2e::packages::Needs::Redirection) {
         panic!("{test}: {e}");
     }
     true

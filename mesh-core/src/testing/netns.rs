@@ -48,10 +48,18 @@ fn is_stale(root: &str, name: &str) -> bool {
         .next()
         .and_then(|p| p.strip_prefix('t'))
         .and_then(|t| t.parse().ok());
+    // Only a pid that is certainly free makes the name stale: any other failure
+    // to read the process (another pid namespace, a procfs mount) keeps it.
+    let gone = matches!(
+        std::fs::metadata(format!("/proc/{pid}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    );
+    if gone {
+        return true;
+    }
     match (start_time(pid), then) {
-        (None, _) => true,
         (Some(now), Some(then)) => now != then,
-        (Some(_), None) => false,
+        _ => false,
     }
 }
 
@@ -99,9 +107,13 @@ impl TestNetns {
         static SWEPT: Mutex<Vec<String>> = Mutex::new(Vec::new());
         let root = format!("ambit-{tool}-");
         let me = std::process::id();
-        let start = start_time(me).unwrap_or(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{root}{me}-t{start}-{n}");
+        // Without a start time of its own, the pid-only form: never swept while
+        // this process lives.
+        let name = match start_time(me) {
+            Some(start) => format!("{root}{me}-t{start}-{n}"),
+            None => format!("{root}{me}-{n}"),
+        };
         let _serial = create_lock();
         let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
         if !swept.contains(&root) {
