@@ -191,7 +191,10 @@ pub fn load_local_state(path: &Path, trust_domain: &str) -> Result<ProxyState, L
 /// Polls the file every `interval` and applies each valid change to `store`
 /// (a workload without a trust domain is in the store's). The
 /// last error (if the current file is bad) is kept in `status` for the admin view;
-/// `synced` turns true at the first state applied (and stays true).
+/// `synced` turns true at the first state applied (and stays true). A change is
+/// applied once two reads in a row see the same bytes: a file written in place
+/// (`cat >`, an editor that truncates first) may be read half-written, empty or
+/// cut at a line, which can parse as a state with fewer workloads and policies.
 pub async fn watch_local_state(
     path: PathBuf,
     store: Arc<StateStore>,
@@ -200,7 +203,7 @@ pub async fn watch_local_state(
     interval: Duration,
     drain: DrainWatcher,
 ) {
-    let mut last: Option<Vec<u8>> = None;
+    let mut reads = Settle::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -223,13 +226,13 @@ pub async fn watch_local_state(
                 );
                 // The file may come back as it was: judged again then, so the
                 // error clears (or a refusal is reported again).
-                last = None;
+                reads.unreadable();
                 continue;
             }
         };
-        if last.as_deref() == Some(bytes.as_slice()) {
+        let Some(bytes) = reads.read(bytes) else {
             continue;
-        }
+        };
         match LocalState::parse_bytes(&path, bytes.clone(), store.trust_domain()) {
             Ok(state) => {
                 let (w, s, p) = (
@@ -249,7 +252,38 @@ pub async fn watch_local_state(
                 tracing::error!(error = %e, "local state refused; keeping the last good state");
             }
         }
-        last = Some(bytes);
+    }
+}
+
+/// Which reads of the state file are judged: a change, once the next read sees
+/// the same bytes (a file written in place may be read half-written).
+#[derive(Debug, Default)]
+struct Settle {
+    /// The bytes judged last (applied or refused).
+    last: Option<Vec<u8>>,
+    /// A change read once.
+    pending: Option<Vec<u8>>,
+}
+
+impl Settle {
+    /// The bytes to judge now, if any.
+    fn read(&mut self, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        if self.last.as_deref() == Some(bytes.as_slice()) {
+            self.pending = None;
+            return None;
+        }
+        if self.pending.as_deref() != Some(bytes.as_slice()) {
+            self.pending = Some(bytes);
+            return None;
+        }
+        self.pending = None;
+        self.last = Some(bytes.clone());
+        Some(bytes)
+    }
+
+    /// The file could not be read: whatever comes next is a change.
+    fn unreadable(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -263,4 +297,36 @@ pub fn digest(bytes: &[u8]) -> u64 {
 
 fn report(status: &Mutex<Option<String>>, error: Option<String>) {
     *status.lock().unwrap_or_else(|e| e.into_inner()) = error;
+}
+
+#[cfg(test)]
+mod settle_tests {
+    use super::Settle;
+
+    #[test]
+    fn a_change_is_judged_once_two_reads_agree() {
+        let mut reads = Settle::default();
+        let full = b"workloads: [a, b]".to_vec();
+        assert_eq!(
+            reads.read(full.clone()),
+            None,
+            "read once: may be half-written"
+        );
+        assert_eq!(reads.read(full.clone()), Some(full.clone()));
+        assert_eq!(reads.read(full.clone()), None, "unchanged");
+        // Written in place: read empty, then cut, then whole.
+        let cut = b"workloads: [a]".to_vec();
+        assert_eq!(reads.read(Vec::new()), None);
+        assert_eq!(reads.read(cut.clone()), None);
+        let next = b"workloads: [a, c]".to_vec();
+        assert_eq!(reads.read(next.clone()), None);
+        assert_eq!(reads.read(next.clone()), Some(next.clone()));
+        // A write undone before it settled: nothing to judge.
+        assert_eq!(reads.read(cut), None);
+        assert_eq!(reads.read(next.clone()), None);
+        // After a read error, the same file is judged again (its error clears).
+        reads.unreadable();
+        assert_eq!(reads.read(next.clone()), None);
+        assert_eq!(reads.read(next.clone()), Some(next));
+    }
 }

@@ -438,7 +438,7 @@ async fn a_read_error_clears_when_the_same_file_comes_back() {
         s.as_ref().is_some_and(|e| e.contains("cannot read"))
     })
     .await;
-    std::fs::write(&path, FILE).unwrap();
+    write_whole(&path, FILE).unwrap();
     wait_status(&status, Option::is_none).await;
     assert_eq!(store.snapshot().workloads().count(), 4);
     trigger.drain(Duration::from_secs(5)).await;
