@@ -14,28 +14,19 @@ fn ip(host: u8) -> IpAddr {
     IpAddr::from([127, 51, 0, host])
 }
 
-/// Every inbound TCP segment of a pod is captured, whatever its destination: a
-/// forged one naming loopback or another host must not be relayed there from
-/// inside the pod. Only the pod's own addresses, on an app port, are admitted.
-#[tokio::test]
-async fn only_the_pods_own_addresses_are_relayed() {
+/// A ztunnel of node-1 on the local state `state`, its admin, metrics and
+/// readiness listeners on `admin_ip`; the temp dir lives as long as it is held.
+async fn start_app(state: &str, admin_ip: IpAddr) -> (tempfile::TempDir, App) {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.yaml");
-    std::fs::write(
-        &state,
-        format!(
-            "workloads:\n  - {{uid: cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: node-1, addresses: [\"{}\"]}}\n",
-            ip(3)
-        ),
-    )
-    .unwrap();
-    let local = SocketAddr::new(ip(1), 0).to_string();
+    let path = dir.path().join("state.yaml");
+    std::fs::write(&path, state).unwrap();
+    let local = SocketAddr::new(admin_ip, 0).to_string();
     let config = Config::try_parse_from([
         "ztunnel",
         "--node-name",
         "node-1",
         "--local-state",
-        state.to_str().unwrap(),
+        path.to_str().unwrap(),
         "--admin-addr",
         &local,
         "--metrics-addr",
@@ -47,6 +38,22 @@ async fn only_the_pods_own_addresses_are_relayed() {
     ])
     .unwrap();
     let app = App::start(config).await.unwrap();
+    (dir, app)
+}
+
+/// Every inbound TCP segment of a pod is captured, whatever its destination: a
+/// forged one naming loopback or another host must not be relayed there from
+/// inside the pod. Only the pod's own addresses, on an app port, are admitted.
+#[tokio::test]
+async fn only_the_pods_own_addresses_are_relayed() {
+    let (_dir, app) = start_app(
+        &format!(
+            "workloads:\n  - {{uid: cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: node-1, addresses: [\"{}\"]}}\n",
+            ip(3)
+        ),
+        ip(1),
+    )
+    .await;
     let pod = Pod {
         uid: "cart-1".into(),
         name: "cart-1".into(),
@@ -167,27 +174,7 @@ policies:
 /// allowed by the same policy set; a workload left PERMISSIVE still takes plaintext.
 #[tokio::test]
 async fn peer_authentication_strict_refuses_plaintext_and_allows_mtls() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.yaml");
-    std::fs::write(&state, strict_state(ip(23), ip(24))).unwrap();
-    let local = SocketAddr::new(ip(21), 0).to_string();
-    let config = Config::try_parse_from([
-        "ztunnel",
-        "--node-name",
-        "node-1",
-        "--local-state",
-        state.to_str().unwrap(),
-        "--admin-addr",
-        &local,
-        "--metrics-addr",
-        &local,
-        "--readiness-addr",
-        &local,
-        "--node-agent-socket",
-        dir.path().join("none.sock").to_str().unwrap(),
-    ])
-    .unwrap();
-    let app = App::start(config).await.unwrap();
+    let (_dir, app) = start_app(&strict_state(ip(23), ip(24)), ip(21)).await;
     let passthrough = |uid: &str, sa: &str, own_port| {
         let pod = Pod {
             uid: uid.into(),
