@@ -293,9 +293,12 @@ pub(super) fn build(settings: &TranslateSettings, store: &Store) -> Converted {
 
 impl Translator {
     /// Recomputes every PeerAuthentication's authorizations and reports; returns
-    /// the resources that changed or went away. Nothing to do while there are no
-    /// PeerAuthentications and nothing from them was sent.
+    /// the resources that changed or went away. Nothing to build while there are
+    /// no PeerAuthentications and nothing from them was sent, but the reports of
+    /// deleted ones (which may have sent nothing) still go.
     pub(super) fn update_peer_authentications(&mut self) -> Vec<ResourceUpdate> {
+        self.reports
+            .retain(|k, _| k.kind != Kind::PeerAuthentication);
         let none = self
             .store
             .of_kind(Kind::PeerAuthentication)
@@ -305,8 +308,6 @@ impl Translator {
             return Vec::new();
         }
         let converted = build(&self.settings, &self.store);
-        self.reports
-            .retain(|k, _| k.kind != Kind::PeerAuthentication);
         for (key, problems) in converted.problems {
             self.set_reports(key, problems);
         }

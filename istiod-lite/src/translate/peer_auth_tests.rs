@@ -433,6 +433,9 @@ fn a_selector_in_the_root_namespace_is_ignored_and_reported() {
     let reports = mesh.t.reports();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].error.field, "spec.selector");
+    // Deleting it clears its report, though it never sent anything.
+    mesh.apply(vec![delete(ROOT, "web")]);
+    assert!(mesh.t.reports().is_empty(), "{:?}", mesh.t.reports());
 }
 
 #[test]
