@@ -22,9 +22,9 @@
 //! known, or an address shared with a pod that stays STRICT, gets the broader
 //! policy, so a race errs toward refusing plaintext, never toward accepting it.
 //! DISABLE is PERMISSIVE in ambient (reported), except at port level under an
-//! UNSET workload mode, where it keeps the inherited mode (as Istio). The result depends on pods, so it
-//! is recomputed whole when a pod, namespace or PeerAuthentication changes while
-//! PeerAuthentications exist.
+//! UNSET workload mode, where it keeps the inherited mode (as Istio). The result
+//! depends on pods, so it is recomputed whole when a pod, namespace or
+//! PeerAuthentication changes while PeerAuthentications exist.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
