@@ -21,9 +21,10 @@
 //! Every address left out is one whose pods all need leaving out: a pod not yet
 //! known, or an address shared with a pod that stays STRICT, gets the broader
 //! policy, so a race errs toward refusing plaintext, never toward accepting it.
-//! DISABLE is PERMISSIVE in ambient (reported). The result depends on pods, so it
-//! is recomputed whole when a pod, namespace or PeerAuthentication changes while
-//! PeerAuthentications exist.
+//! DISABLE is PERMISSIVE in ambient (reported), except at port level under an
+//! UNSET workload mode, where it keeps the inherited mode (as Istio). The result
+//! depends on pods, so it is recomputed whole when a pod, namespace or
+//! PeerAuthentication changes while PeerAuthentications exist.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -71,13 +72,18 @@ impl Profile {
         }
     }
 
-    /// A selector policy's profile in a namespace whose mode is `parent`.
+    /// A selector policy's profile in a namespace whose mode is `parent`. Under
+    /// an inherited mode (UNSET) a port-level DISABLE keeps that mode, as in
+    /// Istio's ambient controller: there only PERMISSIVE makes a port accept
+    /// plaintext that an inherited STRICT refuses.
     fn of(pa: &PeerAuthentication, parent: MtlsMode) -> Self {
         let base = pa.mode.or(parent);
         let strict = base.is_strict();
+        let inherits = pa.mode == MtlsMode::Unset;
         let except = pa
             .port_level
             .iter()
+            .filter(|(_, mode)| !(inherits && **mode == MtlsMode::Disable))
             .filter(|(_, mode)| mode.or(base).is_strict() != strict)
             .map(|(port, _)| *port)
             .collect();
@@ -293,9 +299,12 @@ pub(super) fn build(settings: &TranslateSettings, store: &Store) -> Converted {
 
 impl Translator {
     /// Recomputes every PeerAuthentication's authorizations and reports; returns
-    /// the resources that changed or went away. Nothing to do while there are no
-    /// PeerAuthentications and nothing from them was sent.
+    /// the resources that changed or went away. Nothing to build while there are
+    /// no PeerAuthentications and nothing from them was sent, but the reports of
+    /// deleted ones (which may have sent nothing) still go.
     pub(super) fn update_peer_authentications(&mut self) -> Vec<ResourceUpdate> {
+        self.reports
+            .retain(|k, _| k.kind != Kind::PeerAuthentication);
         let none = self
             .store
             .of_kind(Kind::PeerAuthentication)
@@ -305,8 +314,6 @@ impl Translator {
             return Vec::new();
         }
         let converted = build(&self.settings, &self.store);
-        self.reports
-            .retain(|k, _| k.kind != Kind::PeerAuthentication);
         for (key, problems) in converted.problems {
             self.set_reports(key, problems);
         }
@@ -423,13 +430,21 @@ fn report_disable(pa: &PeerAuthentication, problems: &mut BTreeMap<ObjectKey, Ve
     if pa.mode == MtlsMode::Disable {
         problem(problems, pa, "spec.mtls.mode", WHY.into());
     }
+    const INHERITED: &str = "DISABLE under an inherited mode (mtls.mode UNSET) keeps \
+                             that mode on this port, as in Istio's ambient: an inherited \
+                             STRICT still refuses plaintext; set PERMISSIVE to accept it";
+    let why = if pa.mode == MtlsMode::Unset {
+        INHERITED
+    } else {
+        WHY
+    };
     for (port, mode) in &pa.port_level {
         if *mode == MtlsMode::Disable {
             problem(
                 problems,
                 pa,
                 &format!("spec.portLevelMtls.{port}.mode"),
-                WHY.into(),
+                why.into(),
             );
         }
     }

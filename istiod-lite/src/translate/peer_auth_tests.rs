@@ -351,6 +351,52 @@ fn port_level_strict_under_permissive() {
 }
 
 #[test]
+fn port_level_disable_keeps_an_inherited_strict_as_in_istio() {
+    let mut mesh = Mesh::new();
+    let web = web("shop", "198.18.0.1");
+    let api = pod("shop", "api", "198.18.0.2", &[("app", "api")]);
+    mesh.apply(vec![
+        up_pod(web.clone()),
+        up_pod(api.clone()),
+        up(pa(ROOT, "default", &[], MtlsMode::Strict, &[])),
+        up(pa(
+            "shop",
+            "web",
+            &[("app", "web")],
+            MtlsMode::Unset,
+            &[(8080, MtlsMode::Disable), (9090, MtlsMode::Permissive)],
+        )),
+        up(pa(
+            "shop",
+            "api",
+            &[("app", "api")],
+            MtlsMode::Strict,
+            &[(8080, MtlsMode::Disable)],
+        )),
+    ]);
+    assert!(
+        mesh.refused(&web, 8080),
+        "DISABLE under an inherited STRICT"
+    );
+    assert!(!mesh.refused(&web, 9090));
+    assert!(
+        !mesh.refused(&api, 8080),
+        "DISABLE under an explicit STRICT"
+    );
+    let reports = mesh.t.reports();
+    let about = |name: &str| {
+        let r = reports.iter().find(|r| r.error.name == name).unwrap();
+        assert_eq!(r.error.field, "spec.portLevelMtls.8080.mode");
+        r.error.problem.clone()
+    };
+    assert!(about("web").contains("inherited"), "{reports:?}");
+    assert!(
+        about("api").contains("treated as PERMISSIVE"),
+        "{reports:?}"
+    );
+}
+
+#[test]
 fn the_oldest_policy_decides_and_the_others_are_reported() {
     let mut mesh = Mesh::new();
     let web = web("shop", "198.18.0.1");
@@ -433,6 +479,9 @@ fn a_selector_in_the_root_namespace_is_ignored_and_reported() {
     let reports = mesh.t.reports();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].error.field, "spec.selector");
+    // Deleting it clears its report, though it never sent anything.
+    mesh.apply(vec![delete(ROOT, "web")]);
+    assert!(mesh.t.reports().is_empty(), "{:?}", mesh.t.reports());
 }
 
 #[test]

@@ -21,6 +21,8 @@ mod store;
 mod walk;
 
 #[cfg(test)]
+mod order_tests;
+#[cfg(test)]
 mod session_tests;
 #[cfg(test)]
 mod tests;

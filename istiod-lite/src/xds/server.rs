@@ -231,9 +231,10 @@ impl XdsServer {
         &self.core.store
     }
 
-    /// Applies the translator's updates (see [`ResourceStore::apply`]).
+    /// Applies the translator's updates, removals last (see
+    /// [`ResourceStore::apply_removals_last`]).
     pub fn apply(&self, updates: Vec<ResourceUpdate>) -> usize {
-        self.core.store.apply(updates)
+        self.core.store.apply_removals_last(updates)
     }
 
     /// The settings in effect.

@@ -199,6 +199,30 @@ impl ResourceStore {
         count
     }
 
+    /// Applies `updates` like [`Self::apply`], but every removal one generation
+    /// after every put; returns how many changed. A client walks the log in
+    /// (generation, name) order, cut into responses, so a removal in the same
+    /// generation as the puts replacing it (a mesh-wide STRICT policy giving way
+    /// to one per namespace) could reach it responses before some of them and
+    /// loosen what it enforces in between. The last update of a name wins, as in
+    /// one apply.
+    pub fn apply_removals_last(&self, updates: Vec<ResourceUpdate>) -> usize {
+        let mut seen = HashSet::new();
+        let (mut puts, mut removals) = (Vec::new(), Vec::new());
+        for update in updates.into_iter().rev() {
+            if !seen.insert((update.type_url, update.name.clone())) {
+                continue;
+            }
+            match update.body {
+                Some(_) => puts.push(update),
+                None => removals.push(update),
+            }
+        }
+        puts.reverse();
+        removals.reverse();
+        self.apply(puts) + self.apply(removals)
+    }
+
     /// The version and bytes of one resource.
     pub fn get(&self, type_url: &str, name: &str) -> Option<(Version, Bytes)> {
         let resources = self.read();

@@ -140,3 +140,38 @@ fn an_unserved_version_is_refused() {
         e.problem
     );
 }
+
+/// The CRD's schema refuses a mode istiod-lite would refuse (`mode: strict`) at
+/// `kubectl apply`, in both served versions, at the policy and the port level.
+#[test]
+fn the_crd_declares_the_modes_istiod_lite_accepts() {
+    const CRD: &str = include_str!("../../../../../manifests/peerauthentication-crd.yaml");
+    const MODES: [&str; 4] = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
+    let crd: serde_json::Value = serde_yaml_ng::from_str(CRD).unwrap();
+    let versions = crd["spec"]["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2);
+    for version in versions {
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let modes = [
+            &spec["properties"]["mtls"]["properties"]["mode"],
+            &spec["properties"]["portLevelMtls"]["additionalProperties"]["properties"]["mode"],
+        ];
+        for mode in modes {
+            assert_eq!(mode["type"], "string", "{}: {mode}", version["name"]);
+            let allowed: Vec<&str> = mode["enum"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{}: no enum in {mode}", version["name"]))
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(allowed, MODES, "{}", version["name"]);
+        }
+    }
+    for mode in MODES {
+        read(&format!(
+            "{HEAD}spec: {{selector: {{matchLabels: {{app: web}}}}, mtls: {{mode: {mode}}}, \
+             portLevelMtls: {{'8080': {{mode: {mode}}}}}}}"
+        ));
+    }
+    spec_err("{mtls: {mode: strict}}");
+}
