@@ -53,6 +53,15 @@ pub struct Pod {
     pub controller: Option<Controller>,
 }
 
+impl Pod {
+    /// Whether a node proxy may act for the pod: not host-networked (such a pod
+    /// shares its node's address and is never captured, as in Istio ambient) and
+    /// not finished (its address may already be another pod's).
+    pub fn captured(&self) -> bool {
+        !self.host_network && !self.terminal
+    }
+}
+
 /// The object that controls a pod (a ReplicaSet, StatefulSet, DaemonSet, Job...).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Controller {

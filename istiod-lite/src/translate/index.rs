@@ -172,7 +172,7 @@ impl Store {
 /// of that account), and captured (a hostNetwork pod never is, as in Istio ambient,
 /// so its node proxy never acts for it).
 fn may_hold_identity(pod: &Pod) -> bool {
-    !pod.node_name.is_empty() && !pod.terminal && !pod.host_network
+    !pod.node_name.is_empty() && pod.captured()
 }
 
 impl Indexes {

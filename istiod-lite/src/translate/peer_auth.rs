@@ -100,11 +100,6 @@ fn age(pa: &PeerAuthentication) -> (Option<i64>, &str) {
     (pa.created, pa.meta.name.as_str())
 }
 
-/// A pod ztunnel may serve: not host-networked, not finished.
-fn captured(pod: &Pod) -> bool {
-    !pod.host_network && !pod.terminal
-}
-
 /// Translates every PeerAuthentication of `store`; see the module doc.
 pub(super) fn build(settings: &TranslateSettings, store: &Store) -> Converted {
     let root = settings.root_namespace.as_str();
@@ -120,7 +115,7 @@ pub(super) fn build(settings: &TranslateSettings, store: &Store) -> Converted {
     let pods: Vec<&Pod> = store
         .of_kind(Kind::Pod)
         .filter_map(|o| match o {
-            Object::Pod(p) if captured(p) => Some(p),
+            Object::Pod(p) if p.captured() => Some(p),
             _ => None,
         })
         .collect();
