@@ -233,7 +233,8 @@ pub async fn watch_local_state(
         let Some(bytes) = reads.read(bytes) else {
             continue;
         };
-        match LocalState::parse_bytes(&path, bytes.clone(), store.trust_domain()) {
+        let digest = format!("{:016x}", digest(&bytes));
+        match LocalState::parse_bytes(&path, bytes, store.trust_domain()) {
             Ok(state) => {
                 let (w, s, p) = (
                     state.workloads.len(),
@@ -241,7 +242,6 @@ pub async fn watch_local_state(
                     state.policies.len(),
                 );
                 store.replace(state.into_state());
-                let digest = format!("{:016x}", digest(&bytes));
                 // The status first: whoever reads the log line then sees it.
                 report(&status, None);
                 tracing::info!(path = %path.display(), workloads = w, services = s, policies = p, %digest, "local state applied");
