@@ -237,6 +237,31 @@ pub struct PodProxy {
     hbone_stats: Arc<ServerStats>,
 }
 
+/// Tries of [`listen_when_free`] on a port in use, [`LISTEN_RETRY`] apart.
+const LISTEN_TRIES: u32 = 20;
+const LISTEN_RETRY: Duration = Duration::from_millis(50);
+
+/// Listens on `addr` in the pod, trying again for about a second while the port
+/// is in use. A pod replaced in place gets the ports its old listeners have just
+/// given up, and a closed listener keeps its port while another copy of its
+/// descriptor lives: a process forked by the same program (the tests run `ip`
+/// beside ztunnel) holds one until its exec. A port that stays taken fails as before.
+async fn listen_when_free(
+    net: &PodNet,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let mut tries = 1;
+    loop {
+        match net.listen(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < LISTEN_TRIES => {
+                tries += 1;
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The listener tasks of a pod proxy being closed (see [`PodProxy::close`]).
 #[derive(Debug)]
 pub struct ClosingListeners(Vec<JoinHandle<()>>);
@@ -276,16 +301,18 @@ impl PodProxy {
         if inputs.certs.get(&identity).is_none() {
             tracing::warn!(pod = %name, %identity, "no certificate within {FIRST_CERTIFICATE_WAIT:?}; it is fetched in the background");
         }
-        let listen = |addr: SocketAddr| {
-            net.listen(addr).map_err(|error| StartError::Listen {
-                pod: name.clone(),
-                addr,
-                error,
-            })
+        let listen = async |addr: SocketAddr| {
+            listen_when_free(&net, addr)
+                .await
+                .map_err(|error| StartError::Listen {
+                    pod: name.clone(),
+                    addr,
+                    error,
+                })
         };
-        let hbone_listener = listen(ports.hbone)?;
-        let outbound_listener = listen(ports.outbound)?;
-        let plaintext_listener = listen(ports.inbound_plaintext)?;
+        let hbone_listener = listen(ports.hbone).await?;
+        let outbound_listener = listen(ports.outbound).await?;
+        let plaintext_listener = listen(ports.inbound_plaintext).await?;
         // Its callers are outside the mesh, on other hosts: keepalive finds the
         // ones that vanish (the pod's own connections to 15001 cannot).
         mesh_core::hbone::keep_alive(&plaintext_listener);
@@ -364,5 +391,35 @@ impl PodProxy {
     /// A watcher of this pod's drain, for tasks started outside `start`.
     pub fn watcher(&self) -> DrainWatcher {
         self.drain.watcher()
+    }
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    /// This test's own loopback net: 127.54.0.0/24.
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 54, 0, 1], 0))
+    }
+
+    #[tokio::test]
+    async fn a_port_freed_a_moment_later_is_taken_and_one_kept_is_refused() {
+        let net = PodNet::local(0);
+        let held = net.listen(addr()).unwrap();
+        let port = held.local_addr().unwrap();
+        // Given up while the new listener is tried: taken once free.
+        let free_later = tokio::spawn(async move {
+            tokio::time::sleep(LISTEN_RETRY * 3).await;
+            drop(held);
+        });
+        let listener = listen_when_free(&net, port).await.unwrap();
+        assert_eq!(listener.local_addr().unwrap(), port);
+        free_later.await.unwrap();
+        // Kept: refused, as before, once the tries are spent.
+        let started = tokio::time::Instant::now();
+        let err = listen_when_free(&net, port).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(started.elapsed() >= LISTEN_RETRY * (LISTEN_TRIES - 1));
     }
 }
